@@ -1,0 +1,401 @@
+"""Image loading and ViT preprocessing, numerically equal to transformers' ViTImageProcessor.
+
+The reference is the model card's code: ``ViTImageProcessor(images=[Image.open(p).convert("RGB")])``.
+Pixels go through the same PIL resize on uint8 RGB that ViTImageProcessor performs; rescaling and
+normalisation, which ViTImageProcessor computes in float64 then float32 per pixel, are done here
+with a per-channel 256-entry table holding exactly those float32 values, so the output is
+bit-identical and cheaper to compute.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import pathlib
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from flax_captioner.errors import ImageReadError, ModelLoadError
+
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+
+# ViTImageProcessor's defaults (IMAGENET_STANDARD_MEAN / _STD are 0.5, not ImageNet's statistics).
+_DEFAULT_SIZE = (224, 224)
+_DEFAULT_MEAN = (0.5, 0.5, 0.5)
+_DEFAULT_STD = (0.5, 0.5, 0.5)
+_IN_MEMORY = "<PIL.Image>"
+# Every exception type PIL's decoders are known to raise on corrupt data.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """What ViTImageProcessor does to an RGB image; defaults are ViTImageProcessor's.
+
+    Attributes:
+      do_resize: resize to ``size`` with PIL.
+      size: (height, width) after resizing.
+      resample: PIL resampling filter (``PIL.Image.Resampling`` value; 2 is bilinear).
+      do_rescale: multiply uint8 pixels by ``rescale_factor``.
+      rescale_factor: usually 1/255.
+      do_normalize: subtract ``image_mean`` and divide by ``image_std`` per channel.
+      image_mean: per-channel (R, G, B) mean.
+      image_std: per-channel (R, G, B) standard deviation.
+    """
+
+    do_resize: bool = True
+    size: tuple[int, int] = _DEFAULT_SIZE
+    resample: int = int(Image.Resampling.BILINEAR)
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = _DEFAULT_MEAN
+    image_std: tuple[float, float, float] = _DEFAULT_STD
+
+    def __post_init__(self) -> None:
+        if len(self.size) != 2 or any(
+            isinstance(side, bool) or not isinstance(side, int) or side < 1 for side in self.size
+        ):
+            raise ValueError(f"size must be (height, width) positive integers, got {self.size!r}")
+        if self.resample not in {int(member) for member in Image.Resampling}:
+            raise ValueError(f"resample must be a PIL.Image.Resampling value, got {self.resample!r}")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError(
+                f"image_mean and image_std need 3 values (R, G, B), got {self.image_mean!r} and {self.image_std!r}"
+            )
+        if self.do_normalize and 0 in self.image_std:
+            raise ValueError(f"image_std has a zero: {self.image_std!r}")
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> PreprocessConfig:
+        """Reads a ``preprocessor_config.json`` dict the way ViTImageProcessor interprets it.
+
+        - ``size``: an int n means (n, n); a list means (height, width); a dict needs
+          ``height`` and ``width``. ViTImageProcessor accepts ``{"shortest_edge": n}`` (and the
+          other aspect-preserving forms) when loading but raises at its first resize; this raises
+          ``ValueError`` at once instead.
+        - ``image_mean`` / ``image_std``: a single float applies to every channel; null means
+          the default (0.5).
+        - null ``resample`` means bilinear; null ``do_*`` flags mean false, as in
+          ViTImageProcessor.preprocess.
+        - Other keys (``feature_extractor_type``, ``image_processor_type``, ``processor_class``,
+          ``do_convert_rgb`` ...) do not change the output: ``load_image`` hands every image to
+          the processor as RGB already, which makes ``do_convert_rgb`` a no-op.
+
+        Raises:
+          ValueError: a value ViTImageProcessor would reject, or one it would fail on.
+        """
+        do_rescale = bool(config.get("do_rescale", True))
+        rescale_factor = config.get("rescale_factor", 1 / 255)
+        if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, (int, float)):
+            if do_rescale:
+                raise ValueError(f"rescale_factor must be a number when do_rescale is true, got {rescale_factor!r}")
+            rescale_factor = 1 / 255  # unused; ViTImageProcessor ignores it too
+        resample = config.get("resample")
+        return cls(
+            do_resize=bool(config.get("do_resize", True)),
+            size=_size_from_config(config.get("size")),
+            resample=int(Image.Resampling.BILINEAR) if resample is None else resample,
+            do_rescale=do_rescale,
+            rescale_factor=float(rescale_factor),
+            do_normalize=bool(config.get("do_normalize", True)),
+            image_mean=_per_channel(config.get("image_mean"), _DEFAULT_MEAN, "image_mean"),
+            image_std=_per_channel(config.get("image_std"), _DEFAULT_STD, "image_std"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``preprocessor_config.json`` dict, in the form ViTImageProcessor itself saves."""
+        height, width = self.size
+        return {
+            "do_normalize": self.do_normalize,
+            "do_rescale": self.do_rescale,
+            "do_resize": self.do_resize,
+            "image_mean": list(self.image_mean),
+            "image_processor_type": "ViTImageProcessor",
+            "image_std": list(self.image_std),
+            "resample": self.resample,
+            "rescale_factor": self.rescale_factor,
+            "size": {"height": height, "width": width},
+        }
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> PreprocessConfig:
+        """Reads ``directory/preprocessor_config.json``.
+
+        Raises:
+          ModelLoadError: the file is missing, is not JSON, or holds a value ViTImageProcessor
+            would not accept; the message names the file.
+        """
+        path = pathlib.Path(directory) / PREPROCESSOR_CONFIG_NAME
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelLoadError(f"{path}: not found") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ModelLoadError(f"{path}: cannot read: {error}") from None
+        except json.JSONDecodeError as error:
+            raise ModelLoadError(f"{path}: invalid JSON: {error}") from None
+        if not isinstance(config, dict):
+            raise ModelLoadError(f"{path}: expected a JSON object, got {type(config).__name__}")
+        try:
+            return cls.from_dict(config)
+        except (ValueError, TypeError) as error:
+            raise ModelLoadError(f"{path}: {error}") from None
+
+    def save_pretrained(self, directory: str | os.PathLike) -> pathlib.Path:
+        """Writes ``directory/preprocessor_config.json`` (creating the directory); returns its path."""
+        path = pathlib.Path(directory) / PREPROCESSOR_CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return path
+
+
+class DecodedBatch(NamedTuple):
+    """A batch of which some inputs may have failed.
+
+    Attributes:
+      pixel_values: float32 [G, 3, H, W], the G readable inputs in input order.
+      errors: one entry per input: None where it was read (its row is the next one of
+        ``pixel_values``), else the ImageReadError saying why not.
+    """
+
+    pixel_values: np.ndarray
+    errors: list[ImageReadError | None]
+
+
+def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
+    """Decodes an image fully and converts it to RGB, as the model card does.
+
+    Every mode goes through ``image.convert("RGB")``: palette and alpha modes drop the alpha
+    channel (no compositing onto white), CMYK uses PIL's conversion, and the high-depth modes
+    I;16, I and F are clipped to 0..255 without scaling (F is truncated towards zero), so a
+    16-bit photo mostly saturates to white exactly as it does for the card. EXIF orientation is
+    NOT applied (no ``ImageOps.exif_transpose``), because the card's code does not apply it.
+
+    Args:
+      source: a path, or an in-memory PIL image.
+
+    Returns:
+      A loaded RGB image (the image itself when it is a loaded RGB image already).
+
+    Raises:
+      ImageReadError: naming the path (``"<PIL.Image>"`` or the image's file name for images in
+        memory) and the cause: missing, a directory, empty, not an image, truncated or corrupt,
+        or, for paths, over PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``,
+        checked before decoding; PIL itself may also print its DecompressionBombWarning).
+    """
+    if isinstance(source, Image.Image):
+        return _decode_rgb(source, getattr(source, "filename", "") or _IN_MEMORY)
+    path = os.fspath(source)
+    name = str(path)
+    try:
+        image = Image.open(path)
+    except FileNotFoundError:
+        raise ImageReadError(name, "no such file") from None
+    except IsADirectoryError:
+        raise ImageReadError(name, "is a directory, not an image file") from None
+    except PermissionError:
+        raise ImageReadError(name, "permission denied") from None
+    except UnidentifiedImageError:
+        reason = "empty file (0 bytes)" if os.path.getsize(path) == 0 else "not an image PIL can identify"
+        raise ImageReadError(name, reason) from None
+    except Image.DecompressionBombError as error:
+        raise ImageReadError(name, f"over PIL's decompression-bomb limit: {error}") from None
+    except _DECODE_ERRORS as error:
+        raise ImageReadError(name, f"cannot open: {error}") from None
+    with image:
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse before decoding instead.
+        # Read at call time and never set, so a caller's own limit applies.
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and image.width * image.height > limit:
+            raise ImageReadError(
+                name, f"{image.width}x{image.height} pixels is over PIL's decompression-bomb limit of {limit} pixels"
+            )
+        return _decode_rgb(image, name)
+
+
+def preprocess(images: Sequence[Image.Image], config: PreprocessConfig) -> np.ndarray:
+    """Turns images into the encoder's pixel values.
+
+    Equal to ``ViTImageProcessor(**config)(images, return_tensors="np",
+    input_data_format="channels_last").pixel_values`` for RGB images (ViTImageProcessor left
+    to guess the layout mistakes images 1 or 3 pixels high for channels-first ones). Images that
+    are not RGB are converted with ``convert("RGB")`` first, as by ``load_image``. Runs in the
+    calling thread; ``load_and_preprocess`` decodes on a thread pool.
+
+    Args:
+      images: B PIL images.
+      config: what to do to them.
+
+    Returns:
+      float32 [B, 3, H, W]; (H, W) is ``config.size``, or the images' common size when
+      ``config.do_resize`` is false.
+
+    Raises:
+      ValueError: ``do_resize`` is false and the images differ in size.
+    """
+    rgb_images = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
+    height, width = config.size if config.do_resize else _common_size(rgb_images, config)
+    pixel_lut = _pixel_lut(config)
+    pixel_values = np.empty((len(rgb_images), 3, height, width), np.float32)
+    for image, row in zip(rgb_images, pixel_values):
+        _pixel_values_into(image, config, pixel_lut, row)
+    return pixel_values
+
+
+def load_and_preprocess_one(source: str | os.PathLike | Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """``load_image`` then ``preprocess`` for one image; safe to call from many threads at once.
+
+    Returns:
+      float32 [3, H, W].
+
+    Raises:
+      ImageReadError: see ``load_image``.
+    """
+    return _load_and_preprocess(source, config, _pixel_lut(config))
+
+
+def load_and_preprocess(
+    sources: Sequence[str | os.PathLike | Image.Image],
+    config: PreprocessConfig,
+    *,
+    num_threads: int | None = None,
+) -> DecodedBatch:
+    """Decodes and preprocesses a batch on a thread pool; unreadable inputs do not stop the rest.
+
+    PIL releases the GIL while decoding, converting and resizing, so threads scale with cores.
+
+    Args:
+      sources: N paths or PIL images.
+      config: what to do to them.
+      num_threads: worker threads; None means one per CPU core, 1 decodes in the calling thread.
+
+    Returns:
+      A DecodedBatch: float32 [G, 3, H, W] for the G readable inputs, and N per-input errors.
+
+    Raises:
+      ValueError: ``num_threads`` is below 1, or ``do_resize`` is false and the readable images
+        differ in size.
+    """
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"num_threads must be at least 1, got {num_threads}")
+    pixel_lut = _pixel_lut(config)
+
+    def load_or_error(source: str | os.PathLike | Image.Image) -> np.ndarray | ImageReadError:
+        try:
+            return _load_and_preprocess(source, config, pixel_lut)
+        except ImageReadError as error:
+            return error
+
+    workers = min(num_threads or os.cpu_count() or 1, max(len(sources), 1))
+    if workers == 1:
+        results = [load_or_error(source) for source in sources]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as executor:
+            results = list(executor.map(load_or_error, sources))
+    errors = [result if isinstance(result, ImageReadError) else None for result in results]
+    rows = [result for result in results if not isinstance(result, ImageReadError)]
+    if not rows:
+        height, width = config.size
+        return DecodedBatch(np.empty((0, 3, height, width), np.float32), errors)
+    if len({row.shape for row in rows}) > 1:
+        raise ValueError(
+            f"do_resize is false and the images differ in size: {sorted({row.shape[1:] for row in rows})}"
+        )
+    return DecodedBatch(np.stack(rows), errors)
+
+
+def _size_from_config(size: Any) -> tuple[int, int]:
+    """(height, width) from the forms ViTImageProcessor's get_size_dict accepts."""
+    if size is None:
+        return _DEFAULT_SIZE
+    if isinstance(size, int) and not isinstance(size, bool):
+        return (size, size)
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return (size[0], size[1])
+    if isinstance(size, Mapping):
+        if set(size) == {"height", "width"}:
+            return (size["height"], size["width"])
+        raise ValueError(
+            f"size {dict(size)!r}: ViTImageProcessor resizes to a fixed height and width, "
+            "so size needs the keys 'height' and 'width'"
+        )
+    raise ValueError(f"size must be an int, [height, width] or {{'height', 'width'}}, got {size!r}")
+
+
+def _per_channel(value: Any, default: tuple[float, float, float], name: str) -> tuple[float, float, float]:
+    """A 3-tuple of floats from a float (one value for every channel), a list, or null."""
+    if value is None:
+        return default
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (float(value),) * 3
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        return tuple(float(channel) for channel in value)
+    raise ValueError(f"{name} must be a number or 3 numbers (R, G, B), got {value!r}")
+
+
+def _pixel_lut(config: PreprocessConfig) -> np.ndarray:
+    """float32 [3, 256]: the output value of each uint8 level in each channel.
+
+    Computed the way ViTImageProcessor computes every pixel: rescale in float64, cast to
+    float32, then normalise in float32 arithmetic.
+    """
+    levels = np.arange(256, dtype=np.float64)
+    if config.do_rescale:
+        levels = levels * config.rescale_factor
+    levels = np.broadcast_to(levels.astype(np.float32), (3, 256))
+    if config.do_normalize:
+        mean = np.asarray(config.image_mean, np.float32)[:, None]
+        std = np.asarray(config.image_std, np.float32)[:, None]
+        levels = (levels - mean) / std
+    return np.ascontiguousarray(levels, np.float32)
+
+
+def _decode_rgb(image: Image.Image, name: str) -> Image.Image:
+    """Fully decodes ``image`` (so truncation shows now) and converts it to RGB."""
+    try:
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except _DECODE_ERRORS as error:
+        raise ImageReadError(name, f"cannot decode: {error}") from None
+
+
+def _load_and_preprocess(
+    source: str | os.PathLike | Image.Image, config: PreprocessConfig, pixel_lut: np.ndarray
+) -> np.ndarray:
+    """float32 [3, H, W] for one source; raises ImageReadError."""
+    image = load_image(source)
+    height, width = config.size if config.do_resize else (image.height, image.width)
+    pixel_values = np.empty((3, height, width), np.float32)
+    _pixel_values_into(image, config, pixel_lut, pixel_values)
+    return pixel_values
+
+
+def _pixel_values_into(
+    image: Image.Image, config: PreprocessConfig, pixel_lut: np.ndarray, out: np.ndarray
+) -> None:
+    """Writes the pixel values of one RGB image into ``out`` [3, H, W].
+
+    ViTImageProcessor round-trips the uint8 image through numpy and back to PIL before the same
+    ``Image.resize`` call; resizing the PIL image directly gives the same uint8 pixels.
+    """
+    if config.do_resize:
+        height, width = config.size
+        image = image.resize((width, height), resample=config.resample)
+    pixels = np.asarray(image)  # [H, W, 3] uint8
+    for channel in range(3):
+        np.take(pixel_lut[channel], pixels[..., channel], out=out[channel])
+
+
+def _common_size(images: Sequence[Image.Image], config: PreprocessConfig) -> tuple[int, int]:
+    """(height, width) shared by every image, for ``do_resize`` false."""
+    sizes = {(image.height, image.width) for image in images}
+    if len(sizes) > 1:
+        raise ValueError(f"do_resize is false and the images differ in size (height, width): {sorted(sizes)}")
+    return sizes.pop() if sizes else config.size

@@ -1,0 +1,150 @@
+"""Decode + preprocess throughput: transformers' ViTImageProcessor against flax_captioner.preprocess.
+
+Generates photo-like JPEGs (smooth colour fields plus grain) in a temporary directory, then times,
+best of --repeats runs each:
+
+  decode only            Image.open(p).convert("RGB"), one thread: the floor both sides share
+  reference, per image   ViTImageProcessor(Image.open(p).convert("RGB")) one image per call (the card)
+  reference, batched     the same, --batch-size images per call
+  ours, 1 thread         load_and_preprocess(batch, num_threads=1)
+  ours, all cores        load_and_preprocess(batch, num_threads=os.cpu_count())
+
+and checks that both sides produce the same pixel values. Prints images/s and ratios to the
+two reference rows; ``--json`` prints one JSON object instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+from transformers import ViTImageProcessor
+
+from flax_captioner.preprocess import PreprocessConfig, load_and_preprocess
+
+NLPCONNECT_CONFIG = {
+    "do_normalize": True,
+    "do_resize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "resample": 2,
+    "size": 224,
+}
+
+
+def write_photo_like_jpegs(directory: pathlib.Path, count: int, width: int, height: int) -> list[pathlib.Path]:
+    """``count`` JPEGs of smooth random colour fields with grain, which compress like photos."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(count):
+        coarse = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
+        field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.float32)
+        grain = rng.normal(0, 8, (height, width, 3))
+        path = directory / f"photo{index:04d}.jpg"
+        Image.fromarray(np.clip(field + grain, 0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def batches(paths: Sequence[pathlib.Path], batch_size: int) -> list[Sequence[pathlib.Path]]:
+    return [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
+
+
+def best_seconds(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Each method's fastest of ``repeats`` runs, taking turns so that load from other processes
+    on the machine falls on every method alike."""
+    timings: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, run in methods.items():
+            start = time.perf_counter()
+            run()
+            timings[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in timings.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=96)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args()
+
+    processor = ViTImageProcessor.from_dict(NLPCONNECT_CONFIG)
+    config = PreprocessConfig.from_dict(NLPCONNECT_CONFIG)
+    cores = os.cpu_count() or 1
+
+    with tempfile.TemporaryDirectory() as directory:
+        paths = write_photo_like_jpegs(pathlib.Path(directory), args.num_images, args.width, args.height)
+        chunks = batches(paths, args.batch_size)
+
+        def decode_only() -> None:
+            for path in paths:
+                Image.open(path).convert("RGB")
+
+        def reference_per_image() -> np.ndarray:
+            return np.concatenate(
+                [processor(Image.open(path).convert("RGB"), return_tensors="np").pixel_values for path in paths]
+            )
+
+        def reference_batched() -> np.ndarray:
+            return np.concatenate(
+                [
+                    processor([Image.open(path).convert("RGB") for path in chunk], return_tensors="np").pixel_values
+                    for chunk in chunks
+                ]
+            )
+
+        def ours(num_threads: int) -> Callable[[], np.ndarray]:
+            return lambda: np.concatenate(
+                [load_and_preprocess(chunk, config, num_threads=num_threads).pixel_values for chunk in chunks]
+            )
+
+        max_abs_difference = float(np.abs(ours(cores)() - reference_per_image()).max())
+        methods = {
+            "decode only": decode_only,
+            "reference, per image": reference_per_image,
+            "reference, batched": reference_batched,
+            "ours, 1 thread": ours(1),
+            f"ours, {cores} threads": ours(cores),
+        }
+        seconds = best_seconds(methods, args.repeats)
+
+    images_per_second = {name: args.num_images / value for name, value in seconds.items()}
+    baseline = images_per_second["reference, per image"]
+    batched_baseline = images_per_second["reference, batched"]
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {cores} cores",
+        "num_images": args.num_images,
+        "image_size": [args.width, args.height],
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "max_abs_difference": max_abs_difference,
+        "images_per_second": images_per_second,
+        "ratio_to_reference_per_image": {name: value / baseline for name, value in images_per_second.items()},
+        "ratio_to_reference_batched": {name: value / batched_baseline for name, value in images_per_second.items()},
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(
+        f"{args.num_images} JPEGs {args.width}x{args.height} -> 224x224, batch {args.batch_size}, "
+        f"best of {args.repeats}, {report['machine']}; max |ours - reference| = {max_abs_difference:.2e}"
+    )
+    print(f"{'method':<24}{'images/s':>10}{'vs ref per image':>18}{'vs ref batched':>16}")
+    for name, value in images_per_second.items():
+        print(f"{name:<24}{value:>10.1f}{value / baseline:>17.2f}x{value / batched_baseline:>15.2f}x")
+
+
+if __name__ == "__main__":
+    main()
