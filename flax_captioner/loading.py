@@ -197,7 +197,7 @@ def _load_flax_model(directory: Path, weights: Path, dtype: Any) -> Any:
     from transformers import FlaxVisionEncoderDecoderModel
 
     from_pt = weights.name != FLAX_WEIGHTS
-    if weights.name == PYTORCH_WEIGHTS and not _torch_available():
+    if weights.name == PYTORCH_WEIGHTS and not torch_available():
         raise ModelLoadError(
             f"{weights}: PyTorch pickle weights need PyTorch to read; install it "
             "(pip install 'flax-captioner[torch]') or convert once elsewhere with "
@@ -218,7 +218,7 @@ def _load_tokenizer(directory: Path) -> Any:
         raise ModelLoadError(f"{directory}: no usable tokenizer files ({error})") from None
 
 
-def _torch_available() -> bool:
+def torch_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("torch") is not None
@@ -241,7 +241,7 @@ def save_checkpoint(
     PyTorch here). ``params`` defaults to ``model.params``.
     """
     destination = Path(destination)
-    if pytorch and not _torch_available():
+    if pytorch and not torch_available():
         raise ModelLoadError(f"{destination}: writing PyTorch weights needs PyTorch; install it "
                              "(pip install 'flax-captioner[torch]')")
     destination.mkdir(parents=True, exist_ok=True)
@@ -258,19 +258,24 @@ def save_checkpoint(
     return destination
 
 
-def _write_pytorch_weights(directory: Path, params: Any) -> None:
-    """Writes ``params`` as PyTorch ``model.safetensors`` into ``directory`` (config already there).
+def pytorch_model(directory: str | os.PathLike, params: Any) -> Any:
+    """A PyTorch ``VisionEncoderDecoderModel`` (eval mode) with the Flax ``params``.
 
-    transformers' ``from_pretrained(from_flax=True)`` builds the model on the meta device and
-    fails to copy into it (4.57), so the PyTorch model is built from the config and filled.
+    ``directory`` supplies ``config.json``. transformers' ``from_pretrained(from_flax=True)``
+    builds the model on the meta device and then fails to copy into it (4.57), so the model
+    is built from the config and filled.
     """
     from transformers import VisionEncoderDecoderConfig, VisionEncoderDecoderModel
     from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
 
     config = VisionEncoderDecoderConfig.from_pretrained(directory)
-    torch_model = load_flax_weights_in_pytorch_model(VisionEncoderDecoderModel(config), params)
+    return load_flax_weights_in_pytorch_model(VisionEncoderDecoderModel(config), params).eval()
+
+
+def _write_pytorch_weights(directory: Path, params: Any) -> None:
+    """Writes ``params`` as PyTorch ``model.safetensors`` into ``directory`` (config already there)."""
     with tempfile.TemporaryDirectory() as scratch:
-        torch_model.save_pretrained(scratch, safe_serialization=True)
+        pytorch_model(directory, params).save_pretrained(scratch, safe_serialization=True)
         shutil.copy(Path(scratch) / SAFETENSORS_WEIGHTS, directory / SAFETENSORS_WEIGHTS)
 
 

@@ -90,7 +90,7 @@ def test_config_that_is_not_vision_encoder_decoder(tmp_path):
 
 
 def test_bin_weights_without_pytorch(tiny_bin_checkpoint, monkeypatch):
-    monkeypatch.setattr(loading, "_torch_available", lambda: False)
+    monkeypatch.setattr(loading, "torch_available", lambda: False)
     with pytest.raises(ModelLoadError, match="need PyTorch"):
         loading.load_checkpoint(tiny_bin_checkpoint)
 

@@ -1,0 +1,339 @@
+"""Pure functions for the ViT encoder and one cached GPT-2 decoder step.
+
+They run on the parameter tree of transformers' ``FlaxVisionEncoderDecoderModel``
+(``model.params``: ``{"encoder": ViT, "decoder": GPT-2 LM head}``) and follow PyTorch's
+numerics, the reference for captions: attention scores are scaled after ``q @ k``, masked with
+the dtype minimum, softmax and layer norms run in float32, ViT uses exact GELU and GPT-2 the
+tanh approximation.
+
+Shapes: B images, K beams per image, S encoder positions (patches + CLS), T cache length
+(the generation ``max_length``), L decoder layers, H heads, Dh head size, D hidden size,
+V vocabulary. ``dtype`` is the matmul compute dtype (float32, or bfloat16 for the fast mode);
+the residual stream, softmax, layer norms and logits stay float32.
+
+Unlike HF Flax, cross-attention keys and values are computed once per image (``cross_kv``)
+and shared by that image's K beams through a beam axis on the queries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from transformers.modeling_flax_utils import ACT2FN
+
+from flax_captioner.errors import ModelLoadError
+
+Params = Any  # the nested dict of FlaxVisionEncoderDecoderModel.params
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSpec:
+    """The architecture numbers the functions need; hashable, so static under ``jax.jit``."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    n_positions: int
+    layer_norm_epsilon: float
+    activation: str
+    encoder_num_layers: int
+    encoder_num_heads: int
+    encoder_head_dim: int
+    encoder_hidden_size: int
+    encoder_layer_norm_eps: float
+    encoder_activation: str
+    image_size: int
+    patch_size: int
+    num_channels: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> "DecoderSpec":
+        """Reads a ``VisionEncoderDecoderConfig`` (ViT encoder, GPT-2 decoder).
+
+        Raises:
+          ModelLoadError: the config uses a feature these functions do not implement.
+        """
+        encoder, decoder = config.encoder, config.decoder
+        unsupported = []
+        if encoder.model_type != "vit" or decoder.model_type != "gpt2":
+            unsupported.append(f"encoder {encoder.model_type!r} / decoder {decoder.model_type!r}"
+                               " (only vit / gpt2)")
+        if not decoder.add_cross_attention:
+            unsupported.append("decoder without cross-attention")
+        if encoder.hidden_size != decoder.hidden_size:
+            unsupported.append("encoder and decoder hidden sizes differ (enc_to_dec_proj)")
+        if not decoder.scale_attn_weights or decoder.scale_attn_by_inverse_layer_idx:
+            unsupported.append("non-default GPT-2 attention scaling")
+        if not decoder.tie_word_embeddings:
+            unsupported.append("untied GPT-2 lm_head")
+        for name in (encoder.hidden_act, decoder.activation_function):
+            if name not in ACT2FN:
+                unsupported.append(f"activation {name!r}")
+        if unsupported:
+            raise ModelLoadError(f"model config: unsupported {'; '.join(unsupported)}")
+        return cls(
+            num_layers=decoder.n_layer,
+            num_heads=decoder.n_head,
+            head_dim=decoder.n_embd // decoder.n_head,
+            hidden_size=decoder.n_embd,
+            vocab_size=decoder.vocab_size,
+            n_positions=decoder.n_positions,
+            layer_norm_epsilon=decoder.layer_norm_epsilon,
+            activation=decoder.activation_function,
+            encoder_num_layers=encoder.num_hidden_layers,
+            encoder_num_heads=encoder.num_attention_heads,
+            encoder_head_dim=encoder.hidden_size // encoder.num_attention_heads,
+            encoder_hidden_size=encoder.hidden_size,
+            encoder_layer_norm_eps=encoder.layer_norm_eps,
+            encoder_activation=encoder.hidden_act,
+            image_size=encoder.image_size,
+            patch_size=encoder.patch_size,
+            num_channels=encoder.num_channels,
+        )
+
+    @property
+    def encoder_length(self) -> int:
+        """S: patches plus the CLS position."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@flax.struct.dataclass
+class CrossKV:
+    """Cross-attention keys and values of every decoder layer, one copy per image.
+
+    Attributes:
+      key: [L, B, H, S, Dh] in the compute dtype.
+      value: [L, B, H, S, Dh] in the compute dtype.
+    """
+
+    key: jax.Array
+    value: jax.Array
+
+
+@flax.struct.dataclass
+class SelfAttentionCache:
+    """Fixed-length self-attention cache; slot ``t`` holds the keys/values of position ``t``.
+
+    Attributes:
+      key: [L, B, K, H, T, Dh] in the compute dtype.
+      value: [L, B, K, H, T, Dh] in the compute dtype.
+    """
+
+    key: jax.Array
+    value: jax.Array
+
+
+def cast_params(params: Params, dtype: jnp.dtype) -> Params:
+    """Casts matmul kernels and embeddings to ``dtype`` once, before any compiled loop.
+
+    Biases, layer-norm parameters, the CLS token and ViT position embeddings stay float32
+    (they enter float32 computations). The functions below cast at use as well, so unprepared
+    float32 params also work, at the cost of a cast per call.
+    """
+    def cast(path, leaf):
+        name = getattr(path[-1], "key", None)
+        return leaf.astype(dtype) if name in ("kernel", "embedding") else leaf
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def _layer_norm(x: jax.Array, norm: Params, epsilon: float) -> jax.Array:
+    """PyTorch's LayerNorm in float32 (biased variance of the centred input). [..., D]."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    variance = jnp.square(centred).mean(axis=-1, keepdims=True)
+    normed = centred * jax.lax.rsqrt(variance + epsilon)
+    return normed * norm["scale"].astype(jnp.float32) + norm["bias"].astype(jnp.float32)
+
+
+def _dense(x: jax.Array, dense: Params, dtype: jnp.dtype) -> jax.Array:
+    """Flax ``nn.Dense`` (kernel [D_in, D_out]): [..., D_in] -> [..., D_out] float32."""
+    y = jnp.matmul(x.astype(dtype), dense["kernel"].astype(dtype),
+                   preferred_element_type=jnp.float32)
+    return y + dense["bias"].astype(jnp.float32)
+
+
+def _conv1d(x: jax.Array, conv: Params, dtype: jnp.dtype) -> jax.Array:
+    """GPT-2 ``Conv1D`` as stored by Flax (kernel [D_out, D_in]): [..., D_in] -> [..., D_out].
+
+    Contracts with the kernel's second axis directly, so no transposed copy is made per step.
+    """
+    y = jax.lax.dot_general(x.astype(dtype), conv["kernel"].astype(dtype),
+                            (((x.ndim - 1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return y + conv["bias"].astype(jnp.float32)
+
+
+def _softmax_attention(scores: jax.Array, values: jax.Array, equation: str,
+                       dtype: jnp.dtype) -> jax.Array:
+    """float32 softmax over the last axis of ``scores``, then ``einsum(equation, probs, values)``.
+
+    The result is in ``dtype``: it only feeds the output projection, and XLA:CPU cannot run
+    every batched bfloat16 x bfloat16 -> float32 layout this einsum may be given.
+    """
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    return jnp.einsum(equation, probs.astype(dtype), values.astype(dtype),
+                      preferred_element_type=dtype)
+
+
+def encode(params: Params, pixel_values: jax.Array, spec: DecoderSpec,
+           dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """The ViT encoder: pixels [B, C, H, W] (normalized, float) -> hidden [B, S, D] float32.
+
+    Equals ``VisionEncoderDecoderModel.encoder(pixel_values).last_hidden_state``.
+    """
+    vit = params["encoder"]
+    batch = pixel_values.shape[0]
+    patch, grid = spec.patch_size, spec.image_size // spec.patch_size
+    heads, head_dim = spec.encoder_num_heads, spec.encoder_head_dim
+    activation = ACT2FN[spec.encoder_activation]
+
+    # The patch convolution as one matmul over flattened (row, column, channel) patches, the
+    # order of Flax's HWIO conv kernel.
+    patches = pixel_values.reshape(batch, spec.num_channels, grid, patch, grid, patch)
+    patches = patches.transpose(0, 2, 4, 3, 5, 1).reshape(batch, grid * grid, -1)
+    projection = vit["embeddings"]["patch_embeddings"]["projection"]
+    kernel = projection["kernel"].reshape(-1, spec.encoder_hidden_size)
+    embedded = _dense(patches, {"kernel": kernel, "bias": projection["bias"]}, dtype)
+    cls_token = jnp.broadcast_to(vit["embeddings"]["cls_token"].astype(jnp.float32),
+                                 (batch, 1, spec.encoder_hidden_size))
+    hidden = jnp.concatenate([cls_token, embedded], axis=1)
+    hidden = hidden + vit["embeddings"]["position_embeddings"].astype(jnp.float32)
+
+    def split_heads(x):  # [B, S, D] -> [B, H, S, Dh]
+        return x.reshape(batch, -1, heads, head_dim).transpose(0, 2, 1, 3)
+
+    for index in range(spec.encoder_num_layers):
+        layer = vit["encoder"]["layer"][str(index)]
+        attention = layer["attention"]["attention"]
+        normed = _layer_norm(hidden, layer["layernorm_before"], spec.encoder_layer_norm_eps)
+        query = split_heads(_dense(normed, attention["query"], dtype))
+        key = split_heads(_dense(normed, attention["key"], dtype))
+        value = split_heads(_dense(normed, attention["value"], dtype))
+        scores = jnp.einsum("bhqd,bhkd->bhqk", query.astype(dtype), key.astype(dtype),
+                            preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+        context = _softmax_attention(scores, value, "bhqk,bhkd->bqhd", dtype)
+        context = context.reshape(batch, -1, spec.encoder_hidden_size)
+        hidden = hidden + _dense(context, layer["attention"]["output"]["dense"], dtype)
+        normed = _layer_norm(hidden, layer["layernorm_after"], spec.encoder_layer_norm_eps)
+        intermediate = activation(_dense(normed, layer["intermediate"]["dense"], dtype))
+        hidden = hidden + _dense(intermediate, layer["output"]["dense"], dtype)
+    return _layer_norm(hidden, vit["layernorm"], spec.encoder_layer_norm_eps)
+
+
+def cross_kv(params: Params, encoder_hidden: jax.Array, spec: DecoderSpec,
+             dtype: jnp.dtype = jnp.float32) -> CrossKV:
+    """Cross-attention keys/values of all decoder layers from ``encoder_hidden`` [B, S, D].
+
+    Run once per image; returns ``CrossKV`` with key/value [L, B, H, S, Dh] in ``dtype``.
+    """
+    batch, length = encoder_hidden.shape[:2]
+    keys, values = [], []
+    for index in range(spec.num_layers):
+        projection = params["decoder"]["transformer"]["h"][str(index)]["crossattention"]["c_attn"]
+        key_value = _conv1d(encoder_hidden, projection, dtype)  # [B, S, 2D]
+        key_value = key_value.reshape(batch, length, 2, spec.num_heads, spec.head_dim)
+        key_value = key_value.transpose(2, 0, 3, 1, 4).astype(dtype)  # [2, B, H, S, Dh]
+        keys.append(key_value[0])
+        values.append(key_value[1])
+    return CrossKV(key=jnp.stack(keys), value=jnp.stack(values))
+
+
+def init_cache(batch: int, beams: int, max_length: int, spec: DecoderSpec,
+               dtype: jnp.dtype = jnp.float32) -> SelfAttentionCache:
+    """An all-zero cache with key/value [L, B, K, H, T=max_length, Dh] in ``dtype``."""
+    if max_length > spec.n_positions:
+        raise ValueError(f"max_length {max_length} exceeds the decoder's n_positions "
+                         f"{spec.n_positions}")
+    shape = (spec.num_layers, batch, beams, spec.num_heads, max_length, spec.head_dim)
+    return SelfAttentionCache(key=jnp.zeros(shape, dtype), value=jnp.zeros(shape, dtype))
+
+
+def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
+                cache: SelfAttentionCache, cross: CrossKV, spec: DecoderSpec,
+                dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, SelfAttentionCache]:
+    """One GPT-2 step for every beam: returns (logits [B, K, V] float32, updated cache).
+
+    Args:
+      tokens: [B, K] int32, the tokens at ``position`` (the decoder start token at 0).
+      position: int32 scalar; the step writes cache slot ``position`` and attends to slots
+        ``<= position``.
+      cache: key/value [L, B, K, H, T, Dh].
+      cross: key/value [L, B, H, S, Dh], shared by the K beams of each image.
+    """
+    gpt2 = params["decoder"]["transformer"]
+    batch, beams = tokens.shape
+    heads, head_dim = spec.num_heads, spec.head_dim
+    cache_length = cache.key.shape[4]
+    activation = ACT2FN[spec.activation]
+    scale = math.sqrt(head_dim)
+
+    wte = gpt2["wte"]["embedding"]
+    position_embedding = jax.lax.dynamic_index_in_dim(gpt2["wpe"]["embedding"], position,
+                                                      keepdims=False)
+    hidden = (wte[tokens].astype(jnp.float32)
+              + position_embedding.astype(jnp.float32))  # [B, K, D]
+    # Slots after `position` hold zeros (or stale beams); PyTorch masks with the dtype minimum.
+    visible = jnp.arange(cache_length) <= position  # [T]
+    mask_value = jnp.finfo(jnp.float32).min
+
+    def split_heads(x):  # [B, K, D] -> [B, K, H, Dh]
+        return x.reshape(batch, beams, heads, head_dim)
+
+    cache_key, cache_value = cache.key, cache.value
+    for index in range(spec.num_layers):
+        layer = gpt2["h"][str(index)]
+        normed = _layer_norm(hidden, layer["ln_1"], spec.layer_norm_epsilon)
+        query, key, value = jnp.split(_conv1d(normed, layer["attn"]["c_attn"], dtype), 3, -1)
+        slot = (index, 0, 0, 0, position, 0)
+        new_key = split_heads(key).astype(cache_key.dtype)[None, :, :, :, None, :]
+        new_value = split_heads(value).astype(cache_value.dtype)[None, :, :, :, None, :]
+        cache_key = jax.lax.dynamic_update_slice(cache_key, new_key, slot)
+        cache_value = jax.lax.dynamic_update_slice(cache_value, new_value, slot)
+        scores = jnp.einsum("bkhd,bkhtd->bkht", split_heads(query).astype(dtype),
+                            cache_key[index], preferred_element_type=jnp.float32) / scale
+        scores = jnp.where(visible, scores, mask_value)
+        context = _softmax_attention(scores, cache_value[index], "bkht,bkhtd->bkhd", dtype)
+        hidden = hidden + _conv1d(context.reshape(batch, beams, -1), layer["attn"]["c_proj"],
+                                  dtype)
+
+        cross_attention = layer["crossattention"]
+        normed = _layer_norm(hidden, layer["ln_cross_attn"], spec.layer_norm_epsilon)
+        query = split_heads(_conv1d(normed, cross_attention["q_attn"], dtype))
+        scores = jnp.einsum("bkhd,bhsd->bkhs", query.astype(dtype), cross.key[index],
+                            preferred_element_type=jnp.float32) / scale
+        context = _softmax_attention(scores, cross.value[index], "bkhs,bhsd->bkhd", dtype)
+        hidden = hidden + _conv1d(context.reshape(batch, beams, -1), cross_attention["c_proj"],
+                                  dtype)
+
+        normed = _layer_norm(hidden, layer["ln_2"], spec.layer_norm_epsilon)
+        intermediate = activation(_conv1d(normed, layer["mlp"]["c_fc"], dtype))
+        hidden = hidden + _conv1d(intermediate, layer["mlp"]["c_proj"], dtype)
+
+    normed = _layer_norm(hidden, gpt2["ln_f"], spec.layer_norm_epsilon)
+    # The lm_head is tied to wte: [B, K, D] x [V, D] -> [B, K, V].
+    logits = jax.lax.dot_general(normed.astype(dtype), wte.astype(dtype),
+                                 (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return logits, SelfAttentionCache(key=cache_key, value=cache_value)
+
+
+def reorder_cache(cache: SelfAttentionCache, beam_indices: jax.Array) -> SelfAttentionCache:
+    """Selects beams: ``beam_indices`` [B, K'] int32 into a cache [L, B, K, H, T, Dh].
+
+    Returns [L, B, K', H, T, Dh]; with K = 1 and zero indices this expands the single live
+    beam of step one to K' beams.
+    """
+    indices = beam_indices[None, :, :, None, None, None]
+
+    def select(x):
+        return jnp.take_along_axis(x, indices, axis=2, mode="clip")
+
+    return SelfAttentionCache(key=select(cache.key), value=select(cache.value))

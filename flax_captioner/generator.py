@@ -1,0 +1,184 @@
+"""The compiled generator: pixels -> encoder -> cross K/V (once per image) -> search -> tokens.
+
+``build_generate_fn`` returns one pure function, so the whole caption search compiles to one
+XLA program that ``jax.jit``, a mesh-sharded ``jit`` or ``pmap`` can wrap (batch axis 0 in
+and out). ``Generator`` is the one stateful piece: parameters on device and a cache of
+compiled programs keyed by (batch bucket, settings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_captioner import decoder, search
+from flax_captioner.search import GenerationSettings
+
+__all__ = ["GenerationOutput", "GenerationSettings", "Generator", "build_generate_fn",
+           "bucket_size", "enable_compilation_cache", "image_keys"]
+
+GenerateFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """What ``Generator.generate`` returns; N = images x num_return_sequences, image-major.
+
+    Attributes:
+      sequences: np.int32 [N, max_length], ``decoder_start`` first, padded with pad.
+      scores: np.float32 [N]: beam search, PyTorch's ``sequences_scores`` (summed processed
+        log-probs / generated_length ** length_penalty); greedy and sampling, the summed
+        log-probabilities of the generated tokens, EOS included (see ``search.SamplingState``).
+    """
+
+    sequences: np.ndarray
+    scores: np.ndarray
+
+
+def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
+                      dtype: Any = jnp.float32) -> GenerateFn:
+    """The whole search as one pure function of (params, pixels, keys).
+
+    Returns ``fn(params, pixel_values [B, 3, H, W] float32, row_keys [B, 2] uint32) ->
+    (sequences int32 [B * R, T], scores float32 [B * R])``; ``row_keys`` only matter when
+    sampling. Cross-attention keys/values are computed once per image and shared by its
+    beams; step one runs on B rows, the search expands the cache to K beams after it.
+    """
+
+    def generate_fn(params: Any, pixel_values: jax.Array,
+                    row_keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+        batch = pixel_values.shape[0]
+        encoder_hidden = decoder.encode(params, pixel_values, spec, dtype)
+        cross = decoder.cross_kv(params, encoder_hidden, spec, dtype)
+        cache = decoder.init_cache(batch, 1, settings.max_length, spec, dtype)
+
+        def step_fn(tokens, position, cache):
+            return decoder.decode_step(params, tokens, position, cache, cross, spec, dtype)
+
+        return search.search(step_fn, decoder.reorder_cache, cache, batch, settings,
+                             row_keys if settings.do_sample else None)
+
+    return generate_fn
+
+
+def bucket_size(batch: int, num_shards: int = 1) -> int:
+    """The padded batch a program is compiled for: the next power of two, then rounded up to
+    a multiple of ``num_shards`` (so a few programs serve every batch size)."""
+    bucket = 1 << max(batch - 1, 0).bit_length()
+    return -(-bucket // num_shards) * num_shards
+
+
+def image_keys(rng: jax.Array, first_index: int, count: int) -> np.ndarray:
+    """uint32 [count, 2]: image ``first_index + i`` gets ``fold_in(rng, first_index + i)``,
+    so its samples do not depend on how images are batched."""
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    indices = jnp.arange(first_index, first_index + count, dtype=jnp.uint32)
+    return np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices))
+
+
+def enable_compilation_cache(path: str | os.PathLike) -> None:
+    """Switches on JAX's persistent compilation cache in ``path`` (every program is cached,
+    so a restarted process skips recompiling the search)."""
+    jax.config.update("jax_compilation_cache_dir", os.fspath(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+class Generator:
+    """Parameters on device plus compiled searches, one per (batch bucket, settings).
+
+    Args:
+      model_or_params: a ``FlaxVisionEncoderDecoderModel`` or its ``params`` tree.
+      config: the ``VisionEncoderDecoderConfig``.
+      dtype: matmul compute dtype: ``jnp.float32`` (parity) or ``jnp.bfloat16`` (fast).
+      data_parallel: a ``sharding.DataParallel`` placement; ``None`` runs ``jax.jit`` on the
+        default device with ahead-of-time compilation.
+    """
+
+    def __init__(self, model_or_params: Any, config: Any, *, dtype: Any = jnp.float32,
+                 data_parallel: Any = None):
+        params = getattr(model_or_params, "params", model_or_params)
+        self.spec = decoder.DecoderSpec.from_config(config)
+        self.dtype = jnp.dtype(dtype)
+        if self.dtype != jnp.float32:
+            params = decoder.cast_params(params, self.dtype)
+        self.data_parallel = data_parallel
+        self.num_shards = data_parallel.num_shards if data_parallel is not None else 1
+        self.params = (data_parallel.replicate(params) if data_parallel is not None
+                       else jax.device_put(params))
+        self._programs: dict[tuple[int, GenerationSettings, Any], Callable] = {}
+
+    def check(self, settings: GenerationSettings) -> None:
+        """Raises ValueError (one line) for settings this model cannot run."""
+        vocab = self.spec.vocab_size
+        for name in ("decoder_start_token_id", "pad_token_id", "eos_token_id"):
+            if getattr(settings, name) >= vocab:
+                raise ValueError(f"{name} {getattr(settings, name)} is outside the vocabulary "
+                                 f"(size {vocab})")
+        out_of_range = sorted({t for word in settings.bad_words_ids for t in word if t >= vocab})
+        if out_of_range:
+            raise ValueError(f"bad_words_ids {out_of_range} are outside the vocabulary "
+                             f"(size {vocab})")
+        if settings.max_length > self.spec.n_positions:
+            raise ValueError(f"max_length {settings.max_length} exceeds the decoder's "
+                             f"{self.spec.n_positions} positions")
+
+    def program(self, bucket: int, settings: GenerationSettings) -> Callable:
+        """The compiled search for ``bucket`` images (compiled on first use, then cached)."""
+        # Compiled under the matmul precision in force (parity runs use "highest").
+        key = (bucket, settings, jax.config.jax_default_matmul_precision)
+        if key not in self._programs:
+            self.check(settings)
+            generate_fn = build_generate_fn(self.spec, settings, self.dtype)
+            if self.data_parallel is not None:
+                self._programs[key] = self.data_parallel.wrap(generate_fn)
+            else:
+                size = self.spec.image_size
+                pixels = jax.ShapeDtypeStruct((bucket, self.spec.num_channels, size, size),
+                                              jnp.float32)
+                keys = jax.ShapeDtypeStruct((bucket, 2), jnp.uint32)
+                self._programs[key] = (jax.jit(generate_fn)
+                                       .lower(self.params, pixels, keys).compile())
+        return self._programs[key]
+
+    def generate(self, pixel_values: np.ndarray | jax.Array, settings: GenerationSettings, *,
+                 rng: jax.Array | None = None, first_index: int = 0) -> GenerationOutput:
+        """Captions a batch of preprocessed images.
+
+        Args:
+          pixel_values: float [B, 3, H, W] (normalized as the checkpoint's preprocessor does).
+          settings: validated ``GenerationSettings``.
+          rng: PRNG key for sampling (default ``PRNGKey(0)``); ignored otherwise.
+          first_index: global index of the first image; image ``i`` samples with
+            ``fold_in(rng, first_index + i)``, so results do not depend on batching.
+
+        Returns:
+          ``GenerationOutput`` with N = B x num_return_sequences rows, image-major.
+
+        Raises:
+          ValueError: one line naming the bad input (pixel shape, out-of-vocabulary ids, ...).
+        """
+        pixel_values = np.asarray(pixel_values, np.float32)
+        size, channels = self.spec.image_size, self.spec.num_channels
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (channels, size, size):
+            raise ValueError(f"pixel_values must have shape [B, {channels}, {size}, {size}], "
+                             f"got {list(pixel_values.shape)}")
+        rows = settings.num_return_sequences
+        batch = pixel_values.shape[0]
+        if batch == 0:
+            return GenerationOutput(np.zeros((0, settings.max_length), np.int32),
+                                    np.zeros((0,), np.float32))
+        bucket = bucket_size(batch, self.num_shards)
+        program = self.program(bucket, settings)
+        # Padding repeats the last image: in a deterministic search the copies finish with it,
+        # so they never keep the loop running.
+        padded = np.concatenate([pixel_values, np.repeat(pixel_values[-1:], bucket - batch, 0)])
+        keys = image_keys(rng if rng is not None else jax.random.PRNGKey(0), first_index, bucket)
+        sequences, scores = program(self.params, padded, keys)
+        return GenerationOutput(sequences=np.asarray(sequences)[:batch * rows],
+                                scores=np.asarray(scores)[:batch * rows])

@@ -1,0 +1,172 @@
+"""Data parallelism over a process's local devices, and the slicing of inputs across processes.
+
+Three placements share one small protocol (``DataParallel``) that the generator uses:
+
+- ``"mesh"`` (default): ``jax.jit`` over a 1-D ``Mesh`` of the local devices; the batch is
+  split along a ``"data"`` axis (``NamedSharding``), parameters are replicated.
+- ``"pmap"``: ``jax.pmap`` as in the Flax training recipe the checkpoint came from;
+  parameters are stacked once per device, the batch is reshaped ``[D, B / D, ...]`` and back.
+- ``"none"``: ``jax.jit`` on one device.
+
+Multi-host (``jax.distributed.initialize()``): every process places work on its own local
+devices only and handles ``process_slice(items, jax.process_index(), jax.process_count())``
+of the inputs; no computation spans hosts, so hosts need no fast interconnect.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol, TypeVar
+
+import jax
+import numpy as np
+from flax import jax_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MODES = ("mesh", "pmap", "none")
+DATA_AXIS = "data"
+
+Item = TypeVar("Item")
+# fn(params, *batch_args) -> pytree of outputs; every batch arg and output has batch axis 0.
+BatchFn = Callable[..., Any]
+
+
+class DataParallel(Protocol):
+    """How a batch function is placed on devices.
+
+    ``wrap(fn)`` turns ``fn(params, *batch_args)`` (batch axis 0 on every argument after
+    ``params`` and on every output) into a compiled function of *global* batches whose size
+    is a multiple of ``num_shards``; its outputs are global arrays (``np.asarray`` fetches
+    them). ``params`` must come from ``replicate``.
+    """
+
+    num_shards: int
+
+    def replicate(self, params: Any) -> Any:
+        """Places ``params`` where the wrapped functions expect them."""
+
+    def wrap(self, fn: BatchFn) -> BatchFn:
+        """Compiles ``fn`` for this placement."""
+
+
+def _check_divisible(batch_args: Sequence[Any], num_shards: int) -> None:
+    for array in batch_args:
+        if array.shape[0] % num_shards:
+            raise ValueError(
+                f"batch of {array.shape[0]} rows does not split over {num_shards} devices; "
+                f"pad it to a multiple of {num_shards} first (sharding.pad_to_multiple)")
+
+
+class SingleDevice:
+    """``jax.jit`` on one device (``"none"``)."""
+
+    num_shards = 1
+
+    def __init__(self, device: jax.Device | None = None):
+        self.device = device or jax.local_devices()[0]
+
+    def replicate(self, params: Any) -> Any:
+        return jax.device_put(params, self.device)
+
+    def wrap(self, fn: BatchFn) -> BatchFn:
+        compiled = jax.jit(fn)
+
+        def on_device(params: Any, *batch_args: Any) -> Any:
+            return compiled(params, *jax.device_put(batch_args, self.device))
+
+        return on_device
+
+
+class MeshDataParallel:
+    """``jax.jit`` over a 1-D mesh of local devices, batch split on the ``"data"`` axis."""
+
+    def __init__(self, devices: Sequence[jax.Device]):
+        self.mesh = Mesh(np.asarray(devices), (DATA_AXIS,))
+        self.num_shards = len(devices)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch_split = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+
+    def replicate(self, params: Any) -> Any:
+        return jax.device_put(params, self.replicated)
+
+    def wrap(self, fn: BatchFn) -> BatchFn:
+        # The batch args travel as one tuple so a single sharding prefix covers any number.
+        compiled = jax.jit(
+            lambda params, batch_args: fn(params, *batch_args),
+            in_shardings=(self.replicated, self.batch_split),
+            out_shardings=self.batch_split)
+
+        def sharded(params: Any, *batch_args: Any) -> Any:
+            _check_divisible(batch_args, self.num_shards)
+            # Explicit placement: under jax.distributed, jit refuses host arrays for sharded
+            # inputs, while device_put onto local devices is always allowed.
+            return compiled(params, jax.device_put(batch_args, self.batch_split))
+
+        return sharded
+
+
+class PmapDataParallel:
+    """``jax.pmap`` over local devices: params stacked per device, batch ``[D, B / D, ...]``."""
+
+    def __init__(self, devices: Sequence[jax.Device]):
+        self.devices = list(devices)
+        self.num_shards = len(self.devices)
+
+    def replicate(self, params: Any) -> Any:
+        return jax_utils.replicate(params, devices=self.devices)
+
+    def wrap(self, fn: BatchFn) -> BatchFn:
+        mapped = jax.pmap(lambda params, batch_args: fn(params, *batch_args),
+                          axis_name=DATA_AXIS, devices=self.devices)
+
+        def sharded(params: Any, *batch_args: Any) -> Any:
+            _check_divisible(batch_args, self.num_shards)
+            per_device = tuple(array.reshape((self.num_shards, -1) + array.shape[1:])
+                               for array in batch_args)
+            outputs = mapped(params, per_device)
+            return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), outputs)
+
+        return sharded
+
+
+def data_parallel(mode: str = "mesh",
+                  devices: Sequence[jax.Device] | None = None) -> DataParallel:
+    """The placement for ``mode`` (``"mesh"``, ``"pmap"`` or ``"none"``) over ``devices``.
+
+    ``devices`` defaults to this process's local devices (all of them for ``"mesh"`` and
+    ``"pmap"``, the first for ``"none"``).
+    """
+    if mode not in MODES:
+        raise ValueError(f"parallelism must be one of {', '.join(MODES)}; got {mode!r}")
+    devices = list(devices) if devices is not None else jax.local_devices()
+    if mode == "none":
+        return SingleDevice(devices[0])
+    if mode == "pmap":
+        return PmapDataParallel(devices)
+    return MeshDataParallel(devices)
+
+
+def pad_to_multiple(batch: np.ndarray, multiple: int) -> np.ndarray:
+    """Pads ``batch [B, ...]`` along axis 0 to a multiple of ``multiple`` by repeating row 0.
+
+    Repeating a real row (rather than zeros) keeps padded rows numerically ordinary; the
+    caller drops outputs past ``B``.
+    """
+    missing = -batch.shape[0] % multiple
+    if not missing:
+        return batch
+    return np.concatenate([batch, np.repeat(batch[:1], missing, axis=0)], axis=0)
+
+
+def process_slice(items: Iterable[Item], process_index: int,
+                  process_count: int) -> Iterator[Item]:
+    """The items process ``process_index`` of ``process_count`` handles: every
+    ``process_count``-th one, starting at ``process_index``.
+
+    Striding (rather than contiguous blocks) needs no item count, so inputs can stream;
+    the per-process outputs interleave back into input order round-robin.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process index {process_index} outside 0..{process_count - 1}")
+    return itertools.islice(items, process_index, None, process_count)

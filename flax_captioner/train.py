@@ -1,0 +1,637 @@
+"""Fine-tuning a FlaxVisionEncoderDecoderModel with optax: data-parallel, resumable, evaluated.
+
+The recipe is the one the nlpconnect checkpoint was trained with (transformers'
+``run_image_captioning_flax.py``): AdamW whose weight decay skips biases and LayerNorm, a
+linear warmup then linear decay, optional label smoothing, the loss summed over tokens and
+divided by the token count of the whole global batch. On top of it: gradient accumulation
+(``optax.MultiSteps``), gradient clipping, ``jax.jit`` over a device ``Mesh`` instead of
+``pmap``, orbax checkpoints that resume bit-identically, and a stop on a non-finite loss.
+
+A run's position is one integer, ``micro_step`` (micro-batches consumed); the epoch, the
+batch within it (the order is a pure function of seed and epoch) and the optimizer step all
+derive from it, so a checkpoint of (params, optimizer state, rng, micro_step) is a complete
+snapshot of the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from flax_captioner import loading, metrics, train_data
+from flax_captioner.decoder import DecoderSpec
+from flax_captioner.errors import CaptionerError, DataError, ModelLoadError
+from flax_captioner.generator import GenerationSettings, build_generate_fn
+from flax_captioner.preprocess import PreprocessConfig, load_image, preprocess
+
+logger = logging.getLogger(__name__)
+
+DATA_AXIS = "data"
+
+
+class NonFiniteLossError(CaptionerError):
+    """Training produced a NaN or infinite loss, gradient or parameter; nothing was saved."""
+
+
+def _field(default: Any, help_text: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; plain data (the CLI builds one flag per field).
+
+    String fields left empty mean "not set". Step counts are optimizer steps (one step =
+    ``gradient_accumulation_steps`` micro-batches of ``batch_size`` rows).
+    """
+
+    train_file: str = _field("", "training data: .jsonl or .csv with image and caption "
+                                 "columns, or a COCO captions .json")
+    validation_file: str = _field("", "validation data (same formats); evaluated every "
+                                      "--eval-every steps and at the end")
+    output_dir: str = _field("captioner-run", "run folder: checkpoints/, evals/, export/")
+    model: str = _field("", "checkpoint to fine-tune (hub id or directory)")
+    encoder: str = _field("", "pretrained ViT (hub id or directory), with --decoder, to start "
+                              "from fresh cross-attention instead of --model")
+    decoder: str = _field("", "pretrained GPT-2 (hub id or directory), with --encoder")
+    image_root: str = _field("", "folder that relative image paths are under (default: the "
+                                 "data file's folder)")
+    image_column: str = _field("image", "image path column (JSONL/CSV)")
+    caption_column: str = _field("caption", "caption column (JSONL/CSV)")
+    max_target_length: int = _field(32, "caption length in tokens, EOS included; longer "
+                                         "captions are cut")
+    batch_size: int = _field(32, "rows per micro-batch, over all devices (padded to a "
+                                 "multiple of the device count with zero-weight rows)")
+    gradient_accumulation_steps: int = _field(1, "micro-batches per optimizer step")
+    num_epochs: float = _field(3.0, "passes over the training data (unless --max-steps)")
+    max_steps: int = _field(0, "optimizer steps to train; 0: from --num-epochs")
+    learning_rate: float = _field(5e-5, "peak learning rate")
+    warmup_steps: int = _field(0, "linear warmup steps from 0; then linear decay to 0")
+    weight_decay: float = _field(0.0, "AdamW weight decay (not on biases and LayerNorm)")
+    adam_beta1: float = _field(0.9, "AdamW beta1")
+    adam_beta2: float = _field(0.999, "AdamW beta2")
+    adam_epsilon: float = _field(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _field(1.0, "clip gradients to this global norm; 0: no clipping")
+    label_smoothing: float = _field(0.0, "label smoothing factor")
+    seed: int = _field(42, "seed of data order and dropout")
+    save_every: int = _field(500, "save a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = _field(3, "checkpoints kept (the newest)")
+    eval_every: int = _field(0, "evaluate every N steps; 0: at the end only")
+    eval_batch_size: int = _field(64, "rows per evaluation batch")
+    max_eval_images: int = _field(0, "images captioned per evaluation; 0: all")
+    num_beams: int = _field(4, "beams for evaluation captions")
+    max_length: int = _field(16, "evaluation caption length, decoder start token included")
+    export_dir: str = _field("", "where the final model is exported (default: "
+                                 "OUTPUT_DIR/export)")
+    stop_at_step: int = _field(0, "save a checkpoint and stop at this step, to resume later "
+                                  "(time-sliced jobs); 0: train to the end")
+    progress: bool = _field(True, "show a progress bar")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """One evaluation: teacher-forced loss, captions and their scores.
+
+    Attributes:
+      step: optimizer step evaluated.
+      loss: token-mean cross-entropy (label-smoothed as in training) on every validation row.
+      scores: ``bleu4``, ``rougeL``, ``cider`` and ``exact_match`` of the captions.
+      predictions: image path -> generated caption.
+    """
+
+    step: int
+    loss: float
+    scores: dict[str, float]
+    predictions: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What ``train`` returns.
+
+    Attributes:
+      step: optimizer steps done (the total, counting steps before a resume).
+      train_loss: mean training loss over the last logged steps (nan if no step ran here).
+      evaluations: every evaluation of this invocation, in order.
+      export_dir: the exported Hugging Face checkpoint; None when stopped at ``stop_at_step``.
+      checkpoint_dir: the orbax checkpoints.
+      skipped_images: unreadable images dropped, by split.
+      seconds: wall time of this invocation.
+    """
+
+    step: int
+    train_loss: float
+    evaluations: list[EvalResult]
+    export_dir: Path | None
+    checkpoint_dir: Path
+    skipped_images: dict[str, int]
+    seconds: float
+
+    def summary(self) -> str:
+        """One line for the command line: step, losses, scores, where the model went."""
+        parts = [f"step {self.step}", f"train loss {self.train_loss:.4f}"]
+        if self.evaluations:
+            final = self.evaluations[-1]
+            parts.append(f"eval loss {final.loss:.4f}")
+            parts.extend(f"{name} {value:.4f}" for name, value in final.scores.items())
+        skipped = sum(self.skipped_images.values())
+        if skipped:
+            parts.append(f"{skipped} unreadable image(s) skipped")
+        parts.append(f"exported to {self.export_dir}" if self.export_dir
+                     else f"stopped; resume from {self.checkpoint_dir}")
+        return f"{', '.join(parts)} ({self.seconds:.0f} s)"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """The complete, checkpointed state of a run.
+
+    Attributes:
+      micro_step: micro-batches consumed (int32 scalar); gives epoch, batch and step.
+      params: model parameters.
+      opt_state: ``optax.MultiSteps`` state (accumulated gradients, AdamW moments, counts).
+      rng: dropout PRNG key (uint32 [2]), split once per micro-step.
+    """
+
+    micro_step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBundle:
+    """A model to train and what belongs with it (token ids are the model config's)."""
+
+    model: Any
+    tokenizer: Any
+    preprocess_config: PreprocessConfig
+
+
+def build_model(config: TrainConfig) -> ModelBundle:
+    """Loads ``config.model``, or joins ``config.encoder`` and ``config.decoder``.
+
+    A joined model gets fresh cross-attention and, as in the recipe, decoder_start = bos
+    and pad = eos of the decoder.
+
+    Raises:
+      ModelLoadError: neither or both ways given, or a checkpoint that does not load.
+    """
+    if bool(config.model) == bool(config.encoder and config.decoder):
+        raise ModelLoadError("training needs either --model, or --encoder and --decoder")
+    if config.model:
+        checkpoint = loading.load_checkpoint(config.model)
+        return ModelBundle(checkpoint.model, checkpoint.tokenizer, checkpoint.preprocess_config)
+    from transformers import AutoTokenizer, FlaxVisionEncoderDecoderModel
+
+    try:
+        model = FlaxVisionEncoderDecoderModel.from_encoder_decoder_pretrained(
+            config.encoder, config.decoder)
+        tokenizer = AutoTokenizer.from_pretrained(config.decoder)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{config.encoder} + {config.decoder}: could not be loaded "
+                             f"({str(error).strip().splitlines()[0]})") from error
+    decoder = model.config.decoder
+    model.config.decoder_start_token_id = decoder.bos_token_id
+    model.config.pad_token_id = decoder.eos_token_id
+    model.config.eos_token_id = decoder.eos_token_id
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return ModelBundle(model, tokenizer, PreprocessConfig.from_pretrained(
+        loading.resolve_directory(config.encoder)))
+
+
+def decay_mask(params: Any) -> Any:
+    """True for parameters that get weight decay: every one but biases and LayerNorm."""
+    flat = traverse_util.flatten_dict(params)
+    layer_norm_names = ("layernorm", "layer_norm", "ln")
+    layer_norm_paths = {path[-2:] for path in flat
+                        if any(name in "".join(path).lower() for name in layer_norm_names)}
+    return traverse_util.unflatten_dict(
+        {path: path[-1] != "bias" and path[-2:] not in layer_norm_paths for path in flat})
+
+
+def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup 0 -> peak over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
+    warmup = min(config.warmup_steps, total_steps)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)),
+         optax.linear_schedule(config.learning_rate, 0.0, max(total_steps - warmup, 1))],
+        [warmup])
+
+
+def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """Clipping + AdamW (masked decay) on the schedule, accumulated over micro-batches."""
+    adamw = optax.adamw(learning_rate_schedule(config, total_steps), b1=config.adam_beta1,
+                        b2=config.adam_beta2, eps=config.adam_epsilon,
+                        weight_decay=config.weight_decay, mask=decay_mask)
+    chain = (optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+             if config.max_grad_norm > 0 else adamw)
+    return optax.MultiSteps(chain, every_k_schedule=config.gradient_accumulation_steps)
+
+
+def token_loss(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array,
+               label_smoothing: float) -> tuple[jax.Array, jax.Array]:
+    """Label-smoothed cross-entropy summed over unmasked tokens, and their count.
+
+    As in the recipe, the soft target's entropy is subtracted so a perfect prediction
+    scores 0 whatever the smoothing.
+
+    Args:
+      logits: [B, T, V] float32.
+      labels: [B, T] int32.
+      loss_mask: [B, T] float32, 0 on padding tokens and padding rows.
+
+    Returns:
+      (loss_sum, token_count), float32 scalars.
+    """
+    vocab_size = logits.shape[-1]
+    confidence = 1.0 - label_smoothing
+    low_confidence = label_smoothing / (vocab_size - 1)
+    entropy = -(confidence * math.log(confidence)
+                + (vocab_size - 1) * low_confidence * math.log(low_confidence + 1e-20))
+    soft_labels = jax.nn.one_hot(labels, vocab_size) * (confidence - low_confidence) + low_confidence
+    losses = optax.softmax_cross_entropy(logits, soft_labels) - entropy
+    return jnp.sum(losses * loss_mask), jnp.sum(loss_mask)
+
+
+def _model_logits(model: Any, params: Any, batch: dict[str, jax.Array], *, train: bool,
+                  dropout_rng: jax.Array | None = None) -> jax.Array:
+    return model(pixel_values=batch["pixel_values"], decoder_input_ids=batch["decoder_input_ids"],
+                 decoder_attention_mask=batch["decoder_attention_mask"], params=params,
+                 dropout_rng=dropout_rng, train=train).logits
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Any,
+               optimizer: optax.GradientTransformation, label_smoothing: float
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One micro-batch: gradients of the global-token-mean loss, fed to the optimizer.
+
+    Under ``jax.jit`` with the batch sharded over a mesh, the sums run over the global batch,
+    so the loss is normalised by the global token count, as the recipe's ``psum`` does.
+
+    Args:
+      state: the run state (replicated).
+      batch: ``pixel_values [B, 3, H, W]``, ``decoder_input_ids``, ``decoder_attention_mask``,
+        ``labels`` [B, T] int32, ``loss_mask`` [B, T] float32.
+
+    Returns:
+      (new state, metrics): ``loss``, ``grad_norm`` and ``finite`` (loss, gradients and new
+      parameters all finite).
+    """
+    rng, dropout_rng = jax.random.split(state.rng)
+
+    def mean_loss(params: Any) -> jax.Array:
+        logits = _model_logits(model, params, batch, train=True, dropout_rng=dropout_rng)
+        loss_sum, count = token_loss(logits, batch["labels"], batch["loss_mask"], label_smoothing)
+        return loss_sum / count
+
+    loss, grads = jax.value_and_grad(mean_loss)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
+    new_state = TrainState(micro_step=state.micro_step + 1, params=params,
+                           opt_state=opt_state, rng=rng)
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+
+def eval_loss_step(params: Any, batch: dict[str, jax.Array], *, model: Any,
+                   label_smoothing: float) -> tuple[jax.Array, jax.Array]:
+    """Teacher-forced (loss_sum, token_count) of one batch (shapes as in ``train_step``)."""
+    logits = _model_logits(model, params, batch, train=False)
+    return token_loss(logits, batch["labels"], batch["loss_mask"], label_smoothing)
+
+
+def make_caption_fn(model_config: Any, *, num_beams: int, max_length: int
+                    ) -> Callable[[Any, jax.Array], jax.Array]:
+    """A jitted ``(params, pixel_values [B, 3, H, W]) -> token ids [B, max_length]``.
+
+    The project's beam search (``generator.build_generate_fn``, PyTorch ``generate``'s
+    captions token for token), built once and fed each evaluation's parameters.
+    """
+    settings = GenerationSettings.resolve(loading.generation_defaults(model_config),
+                                          num_beams=num_beams, max_length=max_length)
+    generate_fn = build_generate_fn(DecoderSpec.from_config(model_config), settings)
+
+    def caption_ids(params: Any, pixel_values: jax.Array) -> jax.Array:
+        # Row keys only matter when sampling; evaluation searches deterministically.
+        row_keys = jnp.zeros((pixel_values.shape[0], 2), jnp.uint32)
+        return generate_fn(params, pixel_values, row_keys)[0]
+
+    return jax.jit(caption_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where arrays live: parameters replicated, batches split along the data axis."""
+
+    mesh: Mesh
+    replicated: NamedSharding
+    batch: NamedSharding
+
+    @classmethod
+    def over_local_devices(cls) -> "Placement":
+        mesh = Mesh(np.array(jax.local_devices()), (DATA_AXIS,))
+        return cls(mesh, NamedSharding(mesh, PartitionSpec()),
+                   NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+    def padded_batch_size(self, batch_size: int) -> int:
+        """``batch_size`` rounded up to a multiple of the device count."""
+        return -(-batch_size // self.num_devices) * self.num_devices
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return jax.device_put(batch, self.batch)
+
+
+def _pad_indices(indices: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([indices, np.full(size - len(indices), -1, indices.dtype)])
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """How many micro-batches and optimizer steps the run takes."""
+
+    batches_per_epoch: int
+    total_steps: int
+
+    def position(self, micro_step: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of a micro-step."""
+        return divmod(micro_step, self.batches_per_epoch)
+
+
+def plan_run(config: TrainConfig, num_rows: int) -> RunPlan:
+    """Steps from ``max_steps`` or ``num_epochs`` (at least one step)."""
+    per_epoch = train_data.batches_per_epoch(num_rows, config.batch_size)
+    steps = config.max_steps or math.ceil(
+        config.num_epochs * per_epoch / config.gradient_accumulation_steps)
+    return RunPlan(per_epoch, max(steps, 1))
+
+
+def _checkpoint_manager(directory: Path, keep: int) -> ocp.CheckpointManager:
+    # Synchronous saves: a checkpoint is complete (renamed from its temporary name) when
+    # save returns, so a kill at any moment leaves only whole checkpoints behind.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def _save(manager: ocp.CheckpointManager, step: int, state: TrainState, plan: RunPlan) -> None:
+    micro_step = int(state.micro_step)
+    epoch, batch = plan.position(micro_step)
+    position = {"micro_step": micro_step, "epoch": epoch, "batch_in_epoch": batch}
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               position=ocp.args.JsonSave(position)))
+
+
+def _restore(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
+    return restored.state
+
+
+def initial_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """Step 0: the model's parameters, a fresh optimizer state, the dropout key of ``seed``."""
+    return TrainState(micro_step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params),
+                      rng=jax.random.PRNGKey(seed))
+
+
+class Trainer:
+    """A training run: data, model, compiled steps and checkpoints of one ``TrainConfig``.
+
+    ``run()`` trains to the planned step (resuming from the newest checkpoint in
+    ``output_dir/checkpoints`` if there is one), evaluates and exports.
+    """
+
+    def __init__(self, config: TrainConfig):
+        if not config.train_file:
+            raise DataError("training needs --train-file")
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.bundle = build_model(config)
+        model_config = self.bundle.model.config
+        self.token_ids = {
+            "decoder_start_token_id": int(model_config.decoder_start_token_id),
+            "pad_token_id": int(model_config.pad_token_id),
+            "eos_token_id": int(model_config.eos_token_id),
+        }
+        self.train_set = self._load(config.train_file)
+        self.validation_set = self._load(config.validation_file) if config.validation_file else None
+        self.plan = plan_run(config, len(self.train_set))
+        self.placement = Placement.over_local_devices()
+        self.optimizer = make_optimizer(config, self.plan.total_steps)
+        self.schedule = learning_rate_schedule(config, self.plan.total_steps)
+        model = self.bundle.model
+        self.train_step_fn = jax.jit(
+            functools.partial(train_step, model=model, optimizer=self.optimizer,
+                              label_smoothing=config.label_smoothing),
+            donate_argnums=0)
+        self.eval_loss_fn = jax.jit(functools.partial(
+            eval_loss_step, model=model, label_smoothing=config.label_smoothing))
+        self.caption_ids_fn = make_caption_fn(model.config, num_beams=config.num_beams,
+                                              max_length=config.max_length)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+
+    def _load(self, path: str) -> train_data.CaptionDataset:
+        config = self.config
+        return train_data.load_caption_dataset(
+            path, self.bundle.tokenizer, self.bundle.preprocess_config,
+            max_target_length=config.max_target_length, image_root=config.image_root or None,
+            image_column=config.image_column, caption_column=config.caption_column,
+            **self.token_ids)
+
+    def start_state(self, manager: ocp.CheckpointManager) -> TrainState:
+        """The newest checkpoint's state, or step 0; replicated over the mesh."""
+        state = initial_state(self.bundle.model.params, self.optimizer, self.config.seed)
+        state = jax.device_put(state, self.placement.replicated)
+        if manager.latest_step() is not None:
+            state = _restore(manager, state)
+            logger.info("resumed from %s at step %d (micro-step %d)", manager.directory,
+                        manager.latest_step(), int(state.micro_step))
+        return state
+
+    def train_batch(self, micro_step: int) -> dict[str, np.ndarray]:
+        """The host batch of a micro-step: a pure function of (seed, micro_step)."""
+        epoch, batch = self.plan.position(micro_step)
+        indices = train_data.epoch_batch_indices(
+            len(self.train_set), self.config.batch_size, seed=self.config.seed, epoch=epoch)[batch]
+        indices = _pad_indices(indices, self.placement.padded_batch_size(self.config.batch_size))
+        return train_data.make_batch(self.train_set, indices)
+
+    def run(self) -> TrainResult:
+        """Trains to the planned step (or ``stop_at_step``), evaluating and checkpointing on the
+        way; at the planned end, evaluates and exports."""
+        started = time.perf_counter()
+        config = self.config
+        manager = _checkpoint_manager(self.checkpoint_dir, config.keep_checkpoints)
+        state = self.start_state(manager)
+        accumulation = config.gradient_accumulation_steps
+        step = int(state.micro_step) // accumulation
+        total = self.plan.total_steps
+        target = min(config.stop_at_step, total) if config.stop_at_step > 0 else total
+        evaluations = []
+        recent_losses: list[float] = []
+        progress = tqdm(total=total, initial=step, desc="training",
+                        disable=not config.progress, dynamic_ncols=True)
+        with progress:
+            while step < target:
+                micro_step = int(state.micro_step)
+                batch = self.placement.put_batch(self.train_batch(micro_step))
+                state, step_metrics = self.train_step_fn(state, batch)
+                loss = float(step_metrics["loss"])
+                if not bool(step_metrics["finite"]):
+                    raise NonFiniteLossError(self._divergence_message(manager, step, loss))
+                recent_losses = (recent_losses + [loss])[-20 * accumulation:]
+                if (micro_step + 1) % accumulation:
+                    continue
+                step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{float(self.schedule(step - 1)):.2e}")
+                if step % config.save_every == 0 or step == target:
+                    _save(manager, step, state, self.plan)
+                if (self.validation_set and config.eval_every and step % config.eval_every == 0
+                        and step < total):
+                    evaluations.append(self.evaluate(state.params, step, np.mean(recent_losses)))
+        if manager.latest_step() != step:
+            _save(manager, step, state, self.plan)
+        manager.close()
+        train_loss = float(np.mean(recent_losses)) if recent_losses else float("nan")
+        export_dir = None
+        if step == total:
+            if self.validation_set:
+                evaluations.append(self.evaluate(state.params, step, train_loss))
+            export_dir = self.export(state.params)
+        return TrainResult(
+            step=step, train_loss=train_loss, evaluations=evaluations,
+            export_dir=export_dir, checkpoint_dir=self.checkpoint_dir,
+            skipped_images={"train": self.train_set.skipped_images,
+                            "validation": self.validation_set.skipped_images
+                            if self.validation_set else 0},
+            seconds=time.perf_counter() - started)
+
+    def _divergence_message(self, manager: ocp.CheckpointManager, step: int, loss: float) -> str:
+        last_good = manager.latest_step()
+        kept = (f"the last good checkpoint (step {last_good}) in {manager.directory} is intact"
+                if last_good is not None else "no checkpoint had been saved yet")
+        return (f"{self.config.train_file}: training diverged at step {step + 1} (loss {loss}, "
+                f"or a gradient or parameter, is not finite); stopped without saving; {kept}; "
+                "lower --learning-rate or raise --warmup-steps")
+
+    def evaluate(self, params: Any, step: int, train_loss: float) -> EvalResult:
+        """Validation loss, beam-search captions and their scores; logged and written."""
+        dataset = self.validation_set
+        size = self.placement.padded_batch_size(self.config.eval_batch_size)
+        loss_sum, count = 0.0, 0.0
+        for start in range(0, len(dataset), size):
+            indices = _pad_indices(np.arange(start, min(start + size, len(dataset))), size)
+            batch = self.placement.put_batch(train_data.make_batch(dataset, indices))
+            batch_sum, batch_count = self.eval_loss_fn(params, batch)
+            loss_sum, count = loss_sum + float(batch_sum), count + float(batch_count)
+        references = train_data.references_by_image(dataset.rows)
+        images = list(references)[: self.config.max_eval_images or None]
+        predictions = self.caption(params, images, batch_size=size)
+        references = {image: references[image] for image in images}
+        scores = metrics.caption_scores(predictions, references)
+        scores["exact_match"] = metrics.exact_match(predictions, references)
+        result = EvalResult(step=step, loss=loss_sum / count, scores=scores, predictions=predictions)
+        self._log_eval(result, train_loss, references)
+        return result
+
+    def caption(self, params: Any, images: list[str], *, batch_size: int) -> dict[str, str]:
+        """Beam-search captions of image paths, in padded batches of ``batch_size``."""
+        captions = {}
+        for start in range(0, len(images), batch_size):
+            chunk = images[start: start + batch_size]
+            pixels = preprocess([load_image(image) for image in chunk],
+                                self.bundle.preprocess_config)
+            padded = np.concatenate([pixels, np.repeat(pixels[:1], batch_size - len(chunk), 0)])
+            ids = np.asarray(self.caption_ids_fn(params, self.placement.put_batch(padded)))
+            texts = self.bundle.tokenizer.batch_decode(ids[: len(chunk)], skip_special_tokens=True)
+            captions.update({image: text.strip() for image, text in zip(chunk, texts)})
+        return captions
+
+    def _log_eval(self, result: EvalResult, train_loss: float,
+                  references: dict[str, list[str]]) -> None:
+        record = {"step": result.step, "train_loss": train_loss, "eval_loss": result.loss,
+                  **result.scores}
+        logger.info("step %d: %s", result.step, ", ".join(
+            f"{key} {value:.4f}" for key, value in record.items() if key != "step"))
+        evals_dir = self.output_dir / "evals"
+        evals_dir.mkdir(parents=True, exist_ok=True)
+        with (evals_dir / "log.jsonl").open("a") as log:
+            log.write(json.dumps(record) + "\n")
+        with (evals_dir / f"step_{result.step:07d}.jsonl").open("w") as captions:
+            for image, prediction in result.predictions.items():
+                captions.write(json.dumps({"image": image, "prediction": prediction,
+                                           "references": references[image]}) + "\n")
+
+    def export(self, params: Any) -> Path:
+        """Writes a Hugging Face directory with Flax and PyTorch weights."""
+        destination = Path(self.config.export_dir or self.output_dir / "export")
+        loading.save_checkpoint(self.bundle.model, self.bundle.tokenizer,
+                                self.bundle.preprocess_config, destination,
+                                params=jax.device_get(params), flax=True)
+        write_pytorch_weights(destination)
+        logger.info("exported %s", destination)
+        return destination
+
+
+def write_pytorch_weights(directory: Path) -> Path:
+    """Adds ``model.safetensors`` converted from the ``flax_model.msgpack`` in ``directory``.
+
+    The model is built from its config and filled in place: transformers 4.57's
+    ``from_pretrained(..., from_flax=True)`` leaves every tensor on the meta device.
+    """
+    from transformers import VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+    from transformers.modeling_flax_pytorch_utils import load_flax_checkpoint_in_pytorch_model
+
+    torch_model = VisionEncoderDecoderModel(VisionEncoderDecoderConfig.from_pretrained(directory))
+    torch_model = load_flax_checkpoint_in_pytorch_model(
+        torch_model, str(directory / loading.FLAX_WEIGHTS))
+    torch_model.tie_weights()
+    weights = directory / loading.SAFETENSORS_WEIGHTS
+    with tempfile.TemporaryDirectory() as scratch:
+        # save_pretrained names tied weights the way from_pretrained expects them.
+        torch_model.save_pretrained(scratch, safe_serialization=True)
+        shutil.copy(Path(scratch) / loading.SAFETENSORS_WEIGHTS, weights)
+    return weights
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Runs (or resumes) a training run described by ``config``; see ``Trainer``.
+
+    Raises:
+      DataError: unusable data file (missing caption column, empty), named.
+      ModelLoadError: the model to start from does not load.
+      NonFiniteLossError: the loss diverged; the last good checkpoint is kept.
+    """
+    return Trainer(config).run()

@@ -1,0 +1,203 @@
+"""End-to-end captioning throughput: JPEG files on disk -> captions, this pipeline vs PyTorch.
+
+For each model, the same JPEG files go through ``flax_captioner.pipeline.run_pipeline``
+(decoding threads + compiled generator; decode and device time reported separately) and
+through transformers' ``pipeline("image-to-text")`` in PyTorch with the same batch size and
+search settings. Both are warmed up first (compilation and first-call costs are excluded).
+
+Models:
+  shapes  examples/shapes-captioner (skipped when absent)
+  full    the nlpconnect architecture (ViT-B/16 + GPT-2 12x768) with random weights, built
+          with tests/checkpoints.make_full_size_checkpoint in a temporary directory
+  PATH    any checkpoint directory
+
+Usage:
+  python scripts/benchmark_pipeline.py --models shapes full --images 64 --batch-size 8
+  python scripts/benchmark_pipeline.py --models full --images 16 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES_MODEL = REPO / "examples" / "shapes-captioner"
+
+
+def write_photo_jpegs(directory: Path, count: int, size: tuple[int, int] = (640, 480)) -> list[str]:
+    """Photo-sized JPEGs (COCO's typical 640x480): smooth colour fields plus noise, so they
+    compress and decode like photographs rather than like flat colour or pure noise."""
+    directory.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    paths = []
+    for index in range(count):
+        rng = np.random.default_rng(index)
+        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC),
+                            np.int16)
+        noisy = smooth + rng.integers(-12, 13, smooth.shape, dtype=np.int16)
+        path = directory / f"photo_{index:05d}.jpg"
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def write_shapes_jpegs(directory: Path, count: int) -> list[str]:
+    """Images of the shapes dataset, saved as JPEG."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_shapes_dataset import render_example
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(count):
+        image, _ = render_example(rng)
+        path = directory / f"shapes_{index:05d}.jpg"
+        image.convert("RGB").save(path, quality=95)
+        paths.append(str(path))
+    return paths
+
+
+def benchmark_flax(model_dir: str, paths: list[str], args: argparse.Namespace,
+                   work_dir: Path) -> dict:
+    from flax_captioner.captioner import Captioner
+    from flax_captioner.pipeline import run_pipeline
+
+    captioner = Captioner.from_pretrained(model_dir, parallelism=args.parallelism)
+    settings = {"num_beams": args.num_beams, "max_length": args.max_length}
+    common = dict(batch_size=args.batch_size, num_threads=args.threads, settings=settings,
+                  resume=False, progress=False)
+    # Compiles the full-batch program; the timed run's last batch is padded to reuse it.
+    run_pipeline(captioner, paths[: args.batch_size], str(work_dir / "warmup.jsonl"), **common)
+    output = work_dir / "flax.jsonl"
+    stats = run_pipeline(captioner, paths, str(output), **common)
+    captions = [json.loads(line).get("caption") for line in output.read_text().splitlines()]
+    return {
+        "images_per_second": stats.images_per_second,
+        "wall_seconds": stats.wall_seconds,
+        "decode_seconds": stats.decode_seconds,
+        "decode_threads": stats.decode_threads,
+        "device_seconds": stats.device_seconds,
+        "input_wait_seconds": stats.input_wait_seconds,
+        "errors": stats.errors,
+        "captions": captions,
+    }
+
+
+def benchmark_torch(model_dir: str, paths: list[str], args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import ViTImageProcessor, pipeline
+
+    captioner = pipeline("image-to-text", model=model_dir, device="cpu",
+                         torch_dtype=torch.float32)
+    generate_kwargs = {"num_beams": args.num_beams, "max_length": args.max_length}
+    captioner(paths[: args.batch_size], batch_size=args.batch_size,
+              generate_kwargs=generate_kwargs)
+    started = time.perf_counter()
+    outputs = captioner(paths, batch_size=args.batch_size, generate_kwargs=generate_kwargs)
+    wall = time.perf_counter() - started
+    # Decoding + preprocessing alone, as the PyTorch pipeline does it (one thread).
+    processor = ViTImageProcessor.from_pretrained(model_dir)
+    started = time.perf_counter()
+    for path in paths:
+        with Image.open(path) as image:
+            processor(images=image.convert("RGB"), return_tensors="pt")
+    decode = time.perf_counter() - started
+    return {
+        "images_per_second": len(paths) / wall,
+        "wall_seconds": wall,
+        "decode_seconds": decode,
+        "torch_threads": torch.get_num_threads(),
+        "captions": [output[0]["generated_text"].strip() for output in outputs],
+    }
+
+
+def resolve_model(name: str, work_dir: Path) -> tuple[str | None, str]:
+    """(checkpoint directory or None when unavailable, kind of images to caption)."""
+    if name == "shapes":
+        return (str(SHAPES_MODEL) if SHAPES_MODEL.is_dir() else None), "shapes"
+    if name == "full":
+        sys.path.insert(0, str(REPO / "tests"))
+        from checkpoints import make_full_size_checkpoint
+
+        return str(make_full_size_checkpoint(work_dir / "full-size-random")), "photos"
+    return name, "photos"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["shapes", "full"],
+                        help="shapes, full, or checkpoint directories [shapes full]")
+    parser.add_argument("--images", type=int, default=64, help="JPEG files per model [64]")
+    parser.add_argument("--image-dir", default=None,
+                        help="caption these JPEGs instead of generated ones")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="decoding threads of this pipeline [all cores]")
+    parser.add_argument("--parallelism", default="mesh", choices=("mesh", "pmap", "none"))
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    args = parser.parse_args()
+
+    results = []
+    with tempfile.TemporaryDirectory() as temporary:
+        work_dir = Path(temporary)
+        for name in args.models:
+            model_dir, image_kind = resolve_model(name, work_dir)
+            if model_dir is None:
+                print(f"{name}: {SHAPES_MODEL} not found, skipped", file=sys.stderr)
+                continue
+            if args.image_dir:
+                paths = sorted(str(path) for path in Path(args.image_dir).glob("*.jp*g"))
+                paths = paths[: args.images]
+            elif image_kind == "shapes":
+                paths = write_shapes_jpegs(work_dir / "shapes", args.images)
+            else:
+                paths = write_photo_jpegs(work_dir / "photos", args.images)
+            result = {"model": name, "images": len(paths), "batch_size": args.batch_size,
+                      "num_beams": args.num_beams, "max_length": args.max_length,
+                      "flax": benchmark_flax(model_dir, paths, args, work_dir)}
+            if not args.no_torch:
+                result["torch"] = benchmark_torch(model_dir, paths, args)
+                result["speedup"] = (result["flax"]["images_per_second"]
+                                     / result["torch"]["images_per_second"])
+                result["same_captions"] = sum(
+                    flax == torch for flax, torch in
+                    zip(result["flax"]["captions"], result["torch"]["captions"]))
+            results.append(result)
+
+    machine = f"{os.cpu_count()} CPU cores"
+    if args.json:
+        print(json.dumps({"machine": machine, "results": results}, indent=2))
+        return
+    print(f"end-to-end captioning, JPEG files -> captions ({machine})")
+    header = (f"{'model':<8} {'images':>6} {'flax img/s':>10} {'decode s':>9} {'device s':>9} "
+              f"{'wait s':>7} {'torch img/s':>11} {'torch decode s':>14} {'ratio':>6} "
+              f"{'same captions':>13}")
+    print(header)
+    for result in results:
+        flax, torch = result["flax"], result.get("torch")
+        torch_columns = (f"{torch['images_per_second']:>11.2f} {torch['decode_seconds']:>14.2f} "
+                         f"{result['speedup']:>5.2f}x "
+                         f"{result['same_captions']:>6}/{result['images']:<6}"
+                         if torch else f"{'-':>11} {'-':>14} {'-':>6} {'-':>13}")
+        print(f"{result['model']:<8} {result['images']:>6} {flax['images_per_second']:>10.2f} "
+              f"{flax['decode_seconds']:>9.2f} {flax['device_seconds']:>9.2f} "
+              f"{flax['input_wait_seconds']:>7.2f} {torch_columns}")
+    print("decode s: image decoding + preprocessing, summed over decoding threads; device s: "
+          "generate until outputs are on the host; wait s: device loop idle for input")
+
+
+if __name__ == "__main__":
+    main()

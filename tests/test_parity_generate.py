@@ -1,0 +1,165 @@
+"""Captions equal PyTorch ``VisionEncoderDecoderModel.generate``'s, token for token.
+
+Three tiny random checkpoints with a large decoder init (a chaotic next-token distribution,
+so EOS lands at varied steps), eight images each, float32 at the highest matmul precision.
+One compiled program per settings serves all three checkpoints (same shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+
+from checkpoints import make_checkpoint
+from flax_captioner import parity
+from flax_captioner.decoder import DecoderSpec
+from flax_captioner.generator import GenerationSettings, Generator, build_generate_fn
+
+VOCAB = 32
+EOS = VOCAB - 1
+IMAGES = 8
+SCORE_TOLERANCE = 1e-4
+# Seeds whose captions end at many different steps (checked by test_eos_lands_at_varied_steps).
+CHECKPOINT_SEEDS = (1, 5, 6)
+
+
+@dataclasses.dataclass
+class TinyModel:
+    torch_model: Any
+    params: Any
+    config: Any
+    pixels: np.ndarray
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> list[TinyModel]:
+    from transformers import FlaxVisionEncoderDecoderModel, VisionEncoderDecoderModel
+
+    loaded = []
+    for seed in CHECKPOINT_SEEDS:
+        directory = make_checkpoint(tmp_path_factory.mktemp(f"chaotic{seed}") / "model",
+                                    seed=seed, vocab_size=VOCAB, initializer_range=0.5)
+        flax_model = FlaxVisionEncoderDecoderModel.from_pretrained(directory, from_pt=True)
+        pixels = np.random.default_rng(seed).standard_normal((IMAGES, 3, 32, 32))
+        loaded.append(TinyModel(VisionEncoderDecoderModel.from_pretrained(directory).eval(),
+                                flax_model.params, flax_model.config,
+                                pixels.astype(np.float32)))
+    return loaded
+
+
+def settings_for(**overrides) -> GenerationSettings:
+    defaults = dict(decoder_start_token_id=EOS, pad_token_id=EOS, eos_token_id=EOS)
+    return GenerationSettings.resolve(type("Defaults", (), defaults), **overrides)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_search(spec: DecoderSpec, settings: GenerationSettings):
+    return jax.jit(build_generate_fn(spec, settings))
+
+
+def generate(model: TinyModel, settings: GenerationSettings) -> parity.GenerationOutput:
+    spec = DecoderSpec.from_config(model.config)
+    keys = np.zeros((len(model.pixels), 2), np.uint32)
+    sequences, scores = compiled_search(spec, settings)(model.params, model.pixels, keys)
+    return parity.GenerationOutput(np.asarray(sequences), np.asarray(scores))
+
+
+def assert_parity(models: list[TinyModel], settings: GenerationSettings) -> list[np.ndarray]:
+    """Checks every caption of every checkpoint; returns our sequences per checkpoint."""
+    all_sequences = []
+    for seed, model in zip(CHECKPOINT_SEEDS, models):
+        ours = generate(model, settings)
+        report = parity.compare_outputs(parity.pytorch_generate(model.torch_model, model.pixels,
+                                                                settings), ours, settings)
+        assert report.all_match, f"checkpoint seed {seed}, {settings}\n" + parity.format_report(
+            report)
+        assert report.max_score_difference <= SCORE_TOLERANCE, parity.format_report(report)
+        all_sequences.append(ours.sequences)
+    return all_sequences
+
+
+def caption_lengths(sequences: np.ndarray) -> list[int]:
+    """Generated tokens up to and including EOS (max_length - 1 when there is no EOS)."""
+    generated = sequences[:, 1:] == EOS
+    return [int(np.argmax(row)) + 1 if row.any() else len(row) for row in generated]
+
+
+LENGTH_PENALTIES = (0.5, 1.0, 2.0)
+EARLY_STOPPING = (True, False, "never")
+
+# Every (num_beams, early_stopping), (num_beams, length_penalty) and
+# (early_stopping, length_penalty) pair, with the other settings varied along.
+COVERING_GRID = [
+    dict(num_beams=beams, early_stopping=early, length_penalty=LENGTH_PENALTIES[(beams + i) % 3],
+         max_length=(10, 14, 18)[i], num_return_sequences=1 + (beams + i) % beams,
+         min_length=(0, 5)[(beams + i) % 2], no_repeat_ngram_size=(0, 0, 2, 3)[(beams + i) % 4])
+    for beams in (2, 3, 4, 5) for i, early in enumerate(EARLY_STOPPING)
+] + [
+    dict(num_beams=1, max_length=16),
+    dict(num_beams=1, max_length=20, min_length=6, no_repeat_ngram_size=2),
+    dict(num_beams=1, max_length=12, repetition_penalty=1.3, bad_words_ids=((3,), (5, 6))),
+    dict(num_beams=4, max_length=14, repetition_penalty=1.5, num_return_sequences=2),
+    dict(num_beams=3, max_length=12, bad_words_ids=((2,), (7, 8), (EOS,)), min_length=3),
+]
+
+
+@pytest.mark.parametrize("overrides", COVERING_GRID, ids=str)
+def test_captions_equal_pytorch_generate(models, overrides):
+    assert_parity(models, settings_for(**overrides))
+
+
+def test_eos_lands_at_varied_steps(models):
+    """The checkpoints exercise finishing: captions end early, at many different steps."""
+    lengths = []
+    for sequences in assert_parity(models, settings_for(num_beams=4, max_length=20,
+                                                        num_return_sequences=4)):
+        lengths += caption_lengths(sequences)
+    early = [length for length in lengths if length < 19]
+    assert len(set(early)) >= 6, lengths
+    assert len(early) >= len(lengths) // 4, lengths
+
+
+FULL_GRID = [dict(num_beams=1, max_length=20)] + [
+    dict(num_beams=beams, length_penalty=penalty, early_stopping=early, max_length=20,
+         num_return_sequences=beams)
+    for beams, penalty, early in itertools.product((2, 3, 4, 5), LENGTH_PENALTIES,
+                                                   EARLY_STOPPING)
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", FULL_GRID, ids=str)
+def test_full_grid_equals_pytorch_generate(models, overrides):
+    assert_parity(models, settings_for(**overrides))
+
+
+def test_image_result_is_independent_of_batch_and_bucket(models):
+    model = models[1]
+    generator = Generator(model.params, model.config)
+    settings = settings_for(num_beams=3, max_length=16, num_return_sequences=2)
+    full = generator.generate(model.pixels, settings)
+    assert full.sequences.shape == (2 * IMAGES, 16) and full.scores.shape == (2 * IMAGES,)
+    for subset in ([5], [2, 7, 0], [6, 1, 3, 4, 5]):  # buckets 1, 4 and 8 with padding
+        part = generator.generate(model.pixels[subset], settings)
+        rows = np.array([[2 * i, 2 * i + 1] for i in subset]).ravel()
+        np.testing.assert_array_equal(part.sequences, full.sequences[rows])
+        # Other batch sizes may sum matmuls in another order: scores agree to float noise.
+        np.testing.assert_allclose(part.scores, full.scores[rows], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(full.sequences, generate(model, settings).sequences)
+
+
+def test_generator_rejects_bad_input_with_one_line(models):
+    model = models[0]
+    generator = Generator(model.params, model.config)
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \[B, 3, 32, 32\]"):
+        generator.generate(np.zeros((2, 3, 16, 16), np.float32), settings_for())
+    with pytest.raises(ValueError, match="bad_words_ids \\[40\\] are outside the vocabulary"):
+        generator.generate(model.pixels[:1], settings_for(bad_words_ids=[[40]]))
+    with pytest.raises(ValueError, match="max_length 80 exceeds the decoder's 64 positions"):
+        generator.generate(model.pixels[:1], settings_for(max_length=80))

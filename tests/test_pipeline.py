@@ -1,0 +1,440 @@
+"""The batch-captioning pipeline: every input kind, both output formats, resume after SIGKILL
+and SIGTERM, torn lines, bad inputs, unwritable outputs, multi-process merging."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from flax_captioner.errors import DataError
+from flax_captioner.pipeline import (PipelineStats, _decoded_batches, merge_shards,
+                                     part_path, run_pipeline)
+from flax_captioner.sources import InputItem
+from flax_captioner.writers import OutputError, read_rows
+
+BEAM_SETTINGS = {"num_beams": 2, "max_length": 6}
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (20, 14)) -> Path:
+    """A random-noise RGB image; the format follows the suffix."""
+    pixels = np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def image_bytes(seed: int, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.RandomState(seed).randint(0, 256, (12, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar shard holding ``members`` (name, bytes) in order, like img2dataset's."""
+    with tarfile.open(path, "w") as archive:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def webdataset_members(seeds: list[int]) -> list[tuple[str, bytes]]:
+    members = []
+    for seed in seeds:
+        key = f"{seed:09d}"
+        members += [(f"{key}.jpg", image_bytes(seed)), (f"{key}.txt", b"a caption"),
+                    (f"{key}.json", json.dumps({"key": key}).encode())]
+    return members
+
+
+def jsonl_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run(captioner, inputs, output, **kwargs) -> PipelineStats:
+    kwargs.setdefault("batch_size", 4)
+    kwargs.setdefault("settings", BEAM_SETTINGS)
+    kwargs.setdefault("num_threads", 2)
+    return run_pipeline(captioner, [str(spec) for spec in inputs],
+                        None if output is None else str(output), **kwargs)
+
+
+@pytest.fixture()
+def image_dir(tmp_path) -> Path:
+    """13 images, nested, mixed formats and sizes, plus files that are not images."""
+    root = tmp_path / "images"
+    for seed in range(13):
+        suffix = (".jpg", ".png", ".webp")[seed % 3]
+        folder = root / ("b" if seed % 2 else "a") / ("deep" if seed % 5 == 0 else "")
+        write_image(folder / f"img{seed:02d}{suffix}", seed, size=(16 + seed, 12 + 2 * seed))
+    (root / "notes.txt").write_text("not an image")
+    (root / "a" / "meta.json").write_text("{}")
+    return root
+
+
+def sorted_images(root: Path) -> list[str]:
+    """What the pipeline must list for a directory: image files, depth first, sorted."""
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        found += [os.path.join(folder, name) for name in sorted(files)
+                  if name.endswith((".jpg", ".png", ".webp"))]
+    return found
+
+
+def test_directory_rows_follow_input_order_and_match_direct_generation(captioner, image_dir,
+                                                                       tmp_path):
+    output = tmp_path / "out.jsonl"
+    stats = run(captioner, [image_dir], output, batch_size=16)
+    rows = jsonl_rows(output)
+    expected_images = sorted_images(image_dir)
+    assert [row["image"] for row in rows] == expected_images
+    assert stats.captioned == 13 and stats.errors == 0 and stats.resumed == 0
+    # One batch of 13 holds every image, so a direct call sees exactly the same batch.
+    pixel_values = captioner.preprocess(expected_images)
+    direct = captioner.generate(pixel_values, **BEAM_SETTINGS)
+    per_image = len(direct.scores) // 13
+    assert [row["caption"] for row in rows] == captioner.decode(direct.sequences[::per_image])
+    np.testing.assert_allclose([row["score"] for row in rows],
+                               np.asarray(direct.scores)[::per_image], rtol=1e-6)
+
+
+def test_every_input_kind_gives_the_same_captions(captioner, image_dir, tmp_path):
+    images = sorted_images(image_dir)
+    reference_output = tmp_path / "reference.jsonl"
+    run(captioner, images, reference_output)
+    reference = {row["image"]: row for row in jsonl_rows(reference_output)}
+
+    (tmp_path / "list.txt").write_text(
+        "# images\n" + "\n".join(os.path.relpath(path, tmp_path) for path in images[:5]) + "\n\n")
+    with open(tmp_path / "list.csv", "w") as handle:
+        handle.write("caption,image\n")
+        handle.writelines(f"x,{os.path.relpath(path, tmp_path)}\n" for path in images[5:8])
+    glob_pattern = str(image_dir / "b" / "*.png")
+    kinds = [images[8], str(tmp_path / "list.txt"), str(tmp_path / "list.csv"), glob_pattern,
+             str(image_dir / "a")]
+    output = tmp_path / "kinds.jsonl"
+    run(captioner, kinds, output)
+    rows = jsonl_rows(output)
+    globbed = sorted(str(path) for path in (image_dir / "b").glob("*.png"))
+    from_dir = sorted_images(image_dir / "a")
+    listed = [os.path.join(str(tmp_path), os.path.relpath(path, tmp_path)) for path in images[:8]]
+    assert [row["image"] for row in rows] == [images[8], *listed, *globbed, *from_dir]
+    for row in rows:
+        expected = reference[os.path.normpath(row["image"])]
+        assert (row["caption"], row["score"]) == (expected["caption"], expected["score"])
+
+
+def test_tar_shards_caption_members_like_files(captioner, tmp_path):
+    seeds = [3, 1, 4, 1_5, 9, 2]
+    shard = write_tar(tmp_path / "00000.tar", webdataset_members(seeds))
+    files = []
+    for seed in seeds:
+        path = tmp_path / "files" / f"{seed:09d}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(image_bytes(seed))
+        files.append(path)
+    run(captioner, [shard], tmp_path / "tar.jsonl")
+    run(captioner, files, tmp_path / "files.jsonl")
+    tar_rows, file_rows = jsonl_rows(tmp_path / "tar.jsonl"), jsonl_rows(tmp_path / "files.jsonl")
+    assert [row["image"] for row in tar_rows] == [f"{shard}/{seed:09d}.jpg" for seed in seeds]
+    assert [(r["caption"], r["score"]) for r in tar_rows] == \
+        [(r["caption"], r["score"]) for r in file_rows]
+
+
+def test_parquet_output_holds_the_jsonl_rows(captioner, image_dir, tmp_path):
+    (image_dir / "broken.jpg").write_bytes(b"not a jpeg")
+    run(captioner, [image_dir], tmp_path / "out.jsonl")
+    stats = run(captioner, [image_dir], tmp_path / "out.parquet")
+    assert stats.errors == 1
+    assert not (tmp_path / "out.parquet.chunks").exists()
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.column_names == ["image", "caption", "score", "error"]
+    assert list(read_rows(str(tmp_path / "out.parquet"), "parquet")) == \
+        jsonl_rows(tmp_path / "out.jsonl")
+
+
+def test_stdout_output_is_jsonl(captioner, image_dir, capsys):
+    stats = run(captioner, [image_dir / "a" / "deep"], None)
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [row["image"] for row in rows] == sorted_images(image_dir / "a" / "deep")
+    assert stats.captioned == len(rows) == 2
+    assert "images/s" in captured.err and "device" in captured.err
+
+
+def test_bad_inputs_become_error_rows_and_the_rest_goes_on(captioner, tmp_path):
+    good = [write_image(tmp_path / f"good{seed}.png", seed) for seed in range(3)]
+    (tmp_path / "text.jpg").write_text("plain text")
+    (tmp_path / "empty.png").write_bytes(b"")
+    truncated = image_bytes(7, "PNG")
+    (tmp_path / "truncated.png").write_bytes(truncated[: len(truncated) // 2])
+    (tmp_path / "list.txt").write_text("good0.png\nmissing.jpg\n")
+    corrupt_member = write_tar(tmp_path / "corrupt.tar", webdataset_members([1]) + [
+        ("000000002.jpg", b"\xff\xd8 garbage"), *webdataset_members([3])])
+    full = webdataset_members([4, 5, 6])
+    ends_early = tmp_path / "ends_early.tar"
+    payload = write_tar(tmp_path / "whole.tar", full).read_bytes()
+    # Cut inside the second image's data, 100 bytes after its 512-byte header.
+    cut = payload.find(b"000000005.jpg") + 512 + 100
+    ends_early.write_bytes(payload[:cut])
+    bad_header = bytearray(payload)
+    second_header = payload.find(b"000000005.jpg")
+    bad_header[second_header:second_header + 512] = b"\x07" * 512
+    (tmp_path / "bad_header.tar").write_bytes(bytes(bad_header))
+
+    inputs = [*good[:2], tmp_path / "text.jpg", tmp_path / "empty.png",
+              tmp_path / "truncated.png", tmp_path / "list.txt", tmp_path / "nothere.png",
+              corrupt_member, ends_early, tmp_path / "bad_header.tar", good[2]]
+    output = tmp_path / "out.jsonl"
+    stats = run(captioner, inputs, output, batch_size=2)
+    rows = jsonl_rows(output)
+    by_image = {row["image"]: row for row in rows}
+    errors = {image: row["error"] for image, row in by_image.items() if "error" in row}
+    assert set(errors) == {
+        str(tmp_path / "text.jpg"), str(tmp_path / "empty.png"), str(tmp_path / "truncated.png"),
+        str(tmp_path / "missing.jpg"), str(tmp_path / "nothere.png"),
+        f"{corrupt_member}/000000002.jpg", f"{ends_early}/000000005.jpg", str(ends_early),
+        str(tmp_path / "bad_header.tar")}
+    assert "no such file" in errors[str(tmp_path / "missing.jpg")]
+    assert "empty" in errors[str(tmp_path / "empty.png")]
+    assert "ends early" in errors[str(ends_early)]
+    assert "invalid tar header" in errors[str(tmp_path / "bad_header.tar")]
+    captioned = [row["image"] for row in rows if "caption" in row]
+    assert captioned == [
+        str(good[0]), str(good[1]), str(tmp_path / "good0.png"),
+        f"{corrupt_member}/000000001.jpg", f"{corrupt_member}/000000003.jpg",
+        f"{ends_early}/000000004.jpg", f"{tmp_path / 'bad_header.tar'}/000000004.jpg",
+        str(good[2])]
+    assert (stats.captioned, stats.errors) == (len(captioned), len(errors)) == (8, 9)
+
+
+def test_unwritable_output_fails_before_any_work(image_dir, tmp_path):
+    class NeverCalled:
+        @property
+        def preprocess_config(self):
+            raise AssertionError("the pipeline started work")
+
+    (tmp_path / "a_file").write_text("")
+    for output, cause in [(tmp_path / "missing_dir" / "out.jsonl", "does not exist"),
+                          (tmp_path / "a_file" / "out.jsonl", "does not exist"),
+                          (image_dir, "is a directory")]:
+        with pytest.raises(OutputError, match=cause) as raised:
+            run(NeverCalled(), [image_dir], output)
+        assert "\n" not in str(raised.value) and str(output) in str(raised.value)
+
+
+def test_glob_without_match_fails_before_any_work(tmp_path, captioner):
+    with pytest.raises(DataError, match="no files match"):
+        run(captioner, [tmp_path / "*.jpg"], tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_torn_last_line_is_repaired_on_resume(captioner, image_dir, tmp_path):
+    images = sorted_images(image_dir)
+    reference = tmp_path / "reference.jsonl"
+    run(captioner, images, reference)
+    output = tmp_path / "out.jsonl"
+    run(captioner, images[:8], output)
+    with open(output, "a") as handle:
+        handle.write('{"image": "half a ro')  # what a kill in mid-write leaves
+    stats = run(captioner, images, output)
+    assert stats.resumed == 8 and stats.captioned == 5
+    assert output.read_text() == reference.read_text()
+
+
+def test_resume_rejects_an_output_of_other_inputs(captioner, image_dir, tmp_path):
+    images = sorted_images(image_dir)
+    output = tmp_path / "out.jsonl"
+    run(captioner, images[:4], output)
+    with pytest.raises(OutputError, match="do not match these inputs"):
+        run(captioner, images[1:], output)
+    stats = run(captioner, images[1:], output, resume=False)
+    assert stats.resumed == 0 and len(jsonl_rows(output)) == 12
+
+
+def test_finished_parquet_output_extends_on_resume(captioner, image_dir, tmp_path):
+    images = sorted_images(image_dir)
+    run(captioner, images, tmp_path / "reference.parquet")
+    output = tmp_path / "out.parquet"
+    run(captioner, images[:6], output)
+    stats = run(captioner, images, output)
+    assert stats.resumed == 6
+    assert pq.read_table(output).equals(pq.read_table(tmp_path / "reference.parquet"))
+
+
+def test_final_partial_batch_reuses_the_full_batch_program(captioner, image_dir, tmp_path):
+    shapes = []
+    generate = captioner.generate
+
+    def recording_generate(pixel_values, **settings):
+        shapes.append(pixel_values.shape[0])
+        return generate(pixel_values, **settings)
+
+    captioner.generate = recording_generate
+    try:
+        run(captioner, [image_dir], tmp_path / "out.jsonl", batch_size=4)
+        run(captioner, sorted_images(image_dir)[:3], tmp_path / "small.jsonl", batch_size=4)
+    finally:
+        del captioner.generate
+    # 13 images: three full batches, then the last image padded to the full batch size;
+    # a run smaller than one batch compiles only its own size.
+    assert shapes == [4, 4, 4, 4, 3]
+    assert len(jsonl_rows(tmp_path / "out.jsonl")) == 13
+
+
+def test_decoding_streams_with_bounded_read_ahead(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flax_captioner.preprocess import PreprocessConfig
+
+    image = str(write_image(tmp_path / "one.png", 0))
+    listed = []
+
+    def endless_items():
+        for index in itertools.count():
+            listed.append(index)
+            yield InputItem(index, image)
+
+    with ThreadPoolExecutor(2) as executor:
+        batches = _decoded_batches(endless_items(), PreprocessConfig(size=(4, 4)), 4, executor,
+                                   window=8)
+        first, second = next(batches), next(batches)
+    assert [item.index for item in first.items + second.items] == list(range(8))
+    assert second.pixel_values.shape == (4, 3, 4, 4)
+    # Two batches of 4 taken, at most a window of 8 more listed (and submitted).
+    assert len(listed) <= 8 + 8
+
+
+def test_merge_interleaves_parts_in_input_order(tmp_path):
+    output = str(tmp_path / "out.jsonl")
+    rows = [{"image": f"img{index}", "caption": f"c{index}", "score": -1.0} for index in range(7)]
+    for process in range(3):
+        with open(part_path(output, process, 3), "w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows[process::3])
+    assert merge_shards(output) == 7
+    assert jsonl_rows(Path(output)) == rows
+    assert not list(tmp_path.glob("out.jsonl.part-*"))
+
+
+def test_merge_refuses_unfinished_parts(tmp_path):
+    output = str(tmp_path / "out.jsonl")
+    with pytest.raises(OutputError, match="no part files"):
+        merge_shards(output)
+    for process, count in [(0, 3), (1, 1)]:
+        with open(part_path(output, process, 2), "w") as handle:
+            handle.writelines('{"image": "x", "error": "e"}\n' for _ in range(count))
+    with pytest.raises(OutputError, match="resume the processes"):
+        merge_shards(output)
+    os.remove(part_path(output, 1, 2))
+    with pytest.raises(OutputError, match=r"parts \[1\] of 2 are missing"):
+        merge_shards(output)
+
+
+# A subprocess that captions slowly enough to be killed mid-run.
+SLOW_RUN_SCRIPT = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[1])
+    from test_pipeline import make_captioner
+    from flax_captioner.pipeline import run_pipeline
+    from flax_captioner.errors import CaptionerError
+
+    captioner = make_captioner(sys.argv[2])
+    generate = captioner.generate
+    def slow_generate(pixel_values, **settings):
+        time.sleep(0.3)
+        return generate(pixel_values, **settings)
+    captioner.generate = slow_generate
+    try:
+        run_pipeline(captioner, [sys.argv[3]], sys.argv[4], batch_size=2,
+                     settings={"num_beams": 2, "max_length": 6}, num_threads=1,
+                     flush_seconds=0)
+    except CaptionerError as error:
+        print(error, file=sys.stderr)
+        sys.exit(3)
+""")
+
+
+def start_slow_run(checkpoint, inputs: Path, output: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_RUN_SCRIPT, str(Path(__file__).parent), str(checkpoint),
+         str(inputs), str(output)], stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_rows(output: Path, count: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        chunks = output.with_name(output.name + ".chunks")
+        done = (len(list(chunks.glob("chunk-*.parquet"))) * 2 if chunks.exists()
+                else len(output.read_bytes().splitlines()) if output.exists() else 0)
+        if done >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{output} never reached {count} rows")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_resume_after_sigkill_and_sigterm_loses_and_repeats_nothing(
+        captioner, captioner_source, subprocess_env, image_dir, tmp_path, suffix):
+    reference = tmp_path / f"reference{suffix}"
+    run(captioner, [image_dir], reference, batch_size=2, num_threads=1)
+    output = tmp_path / f"out{suffix}"
+    killed = start_slow_run(captioner_source, image_dir, output, subprocess_env)
+    wait_for_rows(output, 4, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+
+    stopped = start_slow_run(captioner_source, image_dir, output, subprocess_env)
+    wait_for_rows(output, 8, stopped)
+    stopped.send_signal(signal.SIGTERM)
+    _, stderr = stopped.communicate(timeout=120)
+    assert stopped.returncode == 3 and "run again with the same output to resume" in stderr
+
+    stats = run(captioner, [image_dir], output, batch_size=2, num_threads=1)
+    assert 0 < stats.resumed < 13 and stats.resumed + stats.captioned == 13
+    if suffix == ".jsonl":
+        assert output.read_text() == reference.read_text()
+    else:
+        assert pq.read_table(output).equals(pq.read_table(reference))
+
+
+def make_captioner(checkpoint: str):
+    """The tiny checkpoint's Captioner (also what the subprocesses build)."""
+    from flax_captioner.captioner import Captioner
+
+    return Captioner.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def captioner_source(tiny_checkpoint) -> str:
+    return str(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def captioner(captioner_source):
+    return make_captioner(captioner_source)
+
+
+@pytest.fixture(scope="module")
+def subprocess_env(tmp_path_factory) -> dict[str, str]:
+    """Subprocesses share a persistent compilation cache: only the first one compiles."""
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
