@@ -83,14 +83,23 @@ class Captioner:
         return pixel_values
 
     def generate(
-        self, pixel_values: np.ndarray | jax.Array, *, rng: jax.Array | None = None, **settings: Any
+        self,
+        pixel_values: np.ndarray | jax.Array,
+        *,
+        rng: jax.Array | None = None,
+        first_index: int = 0,
+        **settings: Any,
     ) -> GenerationOutput:
         """Runs the compiled search on ``pixel_values [B, 3, H, W]``.
+
+        Sampling draws image ``i`` from ``fold_in(rng, first_index + i)``, so a caption does
+        not depend on how images are batched.
 
         Returns ``sequences`` int32 ``[B * num_return_sequences, max_length]`` (starting with
         decoder_start, padded with pad) and ``scores`` float32 ``[B * num_return_sequences]``.
         """
-        return self.generator.generate(pixel_values, self.settings(**settings), rng=rng)
+        return self.generator.generate(pixel_values, self.settings(**settings), rng=rng,
+                                       first_index=first_index)
 
     def decode(self, sequences: np.ndarray) -> list[str]:
         """Token rows ``[N, T]`` -> captions (special tokens skipped, whitespace stripped)."""
@@ -118,8 +127,8 @@ class Captioner:
         captions: list[str] = []
         for start in range(0, len(images), batch_size):
             pixel_values = self.preprocess(images[start:start + batch_size])
-            output = self.generate(pixel_values, num_beams=num_beams, max_length=max_length,
-                                   **settings)
+            output = self.generate(pixel_values, first_index=start, num_beams=num_beams,
+                                   max_length=max_length, **settings)
             captions.extend(self.decode(output.sequences))
         return captions
 

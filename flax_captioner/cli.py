@@ -102,8 +102,13 @@ def _load_captioner(args: argparse.Namespace) -> Any:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from flax_captioner.pipeline import run_pipeline
+    from flax_captioner.pipeline import check_run, run_pipeline
 
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    check_run(args.inputs, args.output, args.format)  # bad inputs fail before the model loads
     captioner = _load_captioner(args)
     stats = run_pipeline(
         captioner, args.inputs, args.output, batch_size=args.batch_size,
@@ -198,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="image decoding threads [all cores]")
     caption.add_argument("--no-resume", action="store_true",
                          help="start over instead of continuing an existing --output")
+    caption.add_argument("--distributed", action="store_true",
+                         help="multi-host: call jax.distributed.initialize() first; each "
+                              "process captions its slice, process 0 merges the shards")
     _add_runtime_flags(caption)
     _add_generation_flags(caption)
     caption.set_defaults(handler=cmd_caption)

@@ -157,7 +157,7 @@ def run_pipeline(
 
     Args:
       captioner: a ``Captioner`` (anything with ``preprocess_config``,
-        ``generate(pixel_values, rng=..., **settings)`` and ``decode(sequences)``).
+        ``generate(pixel_values, rng=..., first_index=..., **settings)`` and ``decode(sequences)``).
       inputs: image files, directories, globs, .txt/.csv path lists, .tar shards
         (see ``sources.iter_inputs``).
       output: a .jsonl or .parquet file; None writes JSONL to stdout (no resume).
@@ -167,8 +167,8 @@ def run_pipeline(
       resume: continue after the rows ``output`` already holds (the default); False starts
         over.
       num_threads: image decoding threads (None: one per CPU core).
-      seed: sampling seed; each batch folds in the index of its first item, so a resumed run
-        samples what an uninterrupted one would.
+      seed: sampling seed; each batch passes its first input index as ``first_index``, so a
+        resumed run samples what an uninterrupted one would.
       settings: generation settings passed to ``captioner.generate`` (num_beams, ...).
       progress: show a tqdm bar on stderr; None shows it on a terminal, and elsewhere only
         once a run has lasted 30 s.
@@ -272,8 +272,8 @@ def _caption_batches(captioner: Any, batches: Iterator[InputBatch], writer: RowW
             if decoded < batch_size and compiled_full_batch:
                 pixel_values = sharding.pad_to_multiple(pixel_values, batch_size)
             started = time.perf_counter()
-            rng = jax.random.fold_in(base_key, batch.items[0].index)
-            generated = captioner.generate(pixel_values, rng=rng, **settings)
+            generated = captioner.generate(pixel_values, rng=base_key,
+                                           first_index=batch.items[0].index, **settings)
             sequences = np.asarray(generated.sequences)
             all_scores = np.asarray(generated.scores)
             stats.device_seconds += time.perf_counter() - started

@@ -2,7 +2,8 @@
 
 The search is written against an abstract decoder step, so it knows nothing about the model::
 
-    step_fn(tokens [B, K] int32, position int32 [], model_state) -> (logits [B, K, V] f32, model_state)
+    step_fn(tokens [B, K] int32, position int32 [], model_state)
+        -> (logits [B, K, V] float32, model_state)
     reorder_fn(model_state, beam_indices [B, K] int32) -> model_state
 
 ``position`` is the index of the fed token in the sequence (0 for ``decoder_start``).
@@ -171,7 +172,7 @@ def _is_number(value: Any) -> bool:
 
 def _as_token_tuples(words: Any) -> tuple[tuple[int, ...], ...]:
     try:
-        return tuple(tuple(int(token) for token in word) for word in words or ())
+        return tuple(tuple(word) for word in words or ())
     except (TypeError, ValueError):
         raise ValueError(f"bad_words_ids must be a list of token-id lists, got {words!r}") from None
 

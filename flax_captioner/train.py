@@ -355,7 +355,11 @@ class Placement:
 
     @classmethod
     def over_local_devices(cls) -> "Placement":
-        mesh = Mesh(np.array(jax.local_devices()), (DATA_AXIS,))
+        return cls.over_devices(jax.local_devices())
+
+    @classmethod
+    def over_devices(cls, devices: list[jax.Device]) -> "Placement":
+        mesh = Mesh(np.array(devices), (DATA_AXIS,))
         return cls(mesh, NamedSharding(mesh, PartitionSpec()),
                    NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
 
@@ -419,7 +423,12 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
 
 
 def initial_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    """Step 0: the model's parameters, a fresh optimizer state, the dropout key of ``seed``."""
+    """Step 0: a copy of ``params``, a fresh optimizer state, the dropout key of ``seed``.
+
+    The copy is the state's own: train steps donate their input state, and must not delete
+    the model's parameters.
+    """
+    params = jax.tree.map(lambda leaf: jnp.array(leaf, copy=True), params)
     return TrainState(micro_step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params),
                       rng=jax.random.PRNGKey(seed))

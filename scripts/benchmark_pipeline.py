@@ -98,8 +98,10 @@ def benchmark_torch(model_dir: str, paths: list[str], args: argparse.Namespace) 
     from transformers import ViTImageProcessor, pipeline
 
     captioner = pipeline("image-to-text", model=model_dir, device="cpu",
-                         torch_dtype=torch.float32)
-    generate_kwargs = {"num_beams": args.num_beams, "max_length": args.max_length}
+                         dtype=torch.float32)
+    # The image-to-text pipeline sets max_new_tokens=256, which overrides max_length; the
+    # decoder prompt is [decoder_start], so max_length - 1 new tokens is the same limit.
+    generate_kwargs = {"num_beams": args.num_beams, "max_new_tokens": args.max_length - 1}
     captioner(paths[: args.batch_size], batch_size=args.batch_size,
               generate_kwargs=generate_kwargs)
     started = time.perf_counter()
@@ -165,7 +167,7 @@ def main() -> None:
                 paths = write_shapes_jpegs(work_dir / "shapes", args.images)
             else:
                 paths = write_photo_jpegs(work_dir / "photos", args.images)
-            result = {"model": name, "images": len(paths), "batch_size": args.batch_size,
+            result = {"model": Path(name).name, "images": len(paths), "batch_size": args.batch_size,
                       "num_beams": args.num_beams, "max_length": args.max_length,
                       "flax": benchmark_flax(model_dir, paths, args, work_dir)}
             if not args.no_torch:

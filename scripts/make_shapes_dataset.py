@@ -1,7 +1,8 @@
 """Writes the "shapes" captioning dataset: small images of coloured shapes and their captions.
 
-Each image holds one to three shapes (circle, square, triangle) in one of four colours, in a
-row (captioned "left of") or a column (captioned "above"), on a dark background with noise:
+Each 64x64 image holds one to three shapes (circle, square, triangle; 16 to 32 pixels, on an
+8-pixel grid) in one of four colours, in a row (captioned "left of") or a column (captioned
+"above"), on a dark background with noise:
 
     a red circle
     a blue square left of a yellow triangle
@@ -25,7 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 48
+IMAGE_SIZE = 64
+# Shapes sit on this grid (the shipped model's ViT patch size): a shape then covers whole
+# patches, so the tiny encoder learns shapes from few examples.
+GRID = 8
 # Drawn at 4x and downsampled, so edges are anti-aliased the same way on every machine.
 SUPERSAMPLE = 4
 COLOURS = {
@@ -36,9 +40,8 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 RELATIONS = {"row": "left of", "column": "above"}
-# Largest shape size (pixels) for 1, 2 and 3 shapes along the layout axis.
-MAX_SIZE = {1: 22, 2: 17, 3: 13}
-MIN_SIZE = {1: 12, 2: 11, 3: 10}
+# Shape sizes (pixels, whole grid cells) allowed for 1, 2 and 3 shapes in an image.
+SIZES = {1: (16, 24, 32), 2: (16, 24), 3: (16,)}
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float],
@@ -60,25 +63,31 @@ def render_example(rng: np.random.Generator) -> tuple[Image.Image, str]:
     layout = "row" if rng.random() < 0.5 else "column"
     shapes = [str(rng.choice(SHAPES)) for _ in range(count)]
     colours = [str(rng.choice(list(COLOURS))) for _ in range(count)]
+    size = int(rng.choice(SIZES[count]))
+
+    # Free grid cells along the layout axis, spread at random over the gaps before, between
+    # (at least one cell, so shapes never touch) and after the shapes.
+    cells = IMAGE_SIZE // GRID
+    free = cells - count * size // GRID - (count - 1)
+    gaps = np.bincount(rng.integers(0, count + 1, size=free), minlength=count + 1)
+    along = []
+    cursor = int(gaps[0])
+    for index in range(count):
+        along.append(cursor * GRID)
+        cursor += size // GRID + 1 + int(gaps[index + 1])
+    across = int(rng.integers(0, cells - size // GRID + 1)) * GRID
 
     scale = SUPERSAMPLE
-    canvas = IMAGE_SIZE * scale
     background = tuple(int(v) for v in rng.integers(0, 70, size=3))
-    image = Image.new("RGB", (canvas, canvas), background)
+    image = Image.new("RGB", (IMAGE_SIZE * scale, IMAGE_SIZE * scale), background)
     draw = ImageDraw.Draw(image)
-
-    segment = IMAGE_SIZE / count
-    # Shapes share one cross-axis line (small jitter), so the relation is never ambiguous.
-    cross_centre = rng.uniform(MAX_SIZE[count] / 2 + 2, IMAGE_SIZE - MAX_SIZE[count] / 2 - 2)
-    for index, (shape, colour_name) in enumerate(zip(shapes, colours)):
-        size = rng.uniform(MIN_SIZE[count], MAX_SIZE[count])
-        slack = max(segment - size - 2, 0) / 2
-        along = segment * (index + 0.5) + rng.uniform(-slack, slack)
-        across = cross_centre + rng.uniform(-2, 2)
-        centre = (along, across) if layout == "row" else (across, along)
+    for start, shape, colour_name in zip(along, shapes, colours):
+        left, top = (start, across) if layout == "row" else (across, start)
+        centre = ((left + size / 2) * scale, (top + size / 2) * scale)
         jitter = rng.integers(-20, 21, size=3)
         colour = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[colour_name], jitter))
-        draw_shape(draw, shape, (centre[0] * scale, centre[1] * scale), size * scale, colour)
+        # One pixel of margin inside the cells keeps neighbouring shapes apart.
+        draw_shape(draw, shape, centre, (size - 2) * scale, colour)
 
     image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
     noise = rng.normal(0.0, 6.0, size=(IMAGE_SIZE, IMAGE_SIZE, 3))

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from make_shapes_dataset import IMAGE_SIZE, make_dataset, render_example
+from make_shapes_dataset import GRID, IMAGE_SIZE, make_dataset, render_example
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO / "examples" / "shapes-captioner"
@@ -39,14 +39,14 @@ NUM_SAMPLES = 8
 
 @dataclasses.dataclass(frozen=True)
 class TinySizes:
-    """The tiny ViT-GPT2: 48x48 images in 6x6 patches (64 tokens), 64 wide, no dropout (a
+    """The tiny ViT-GPT2: 64x64 images in 8x8 patches (64 tokens), 64 wide, no dropout (a
     model this small underfits; it does not overfit)."""
 
     hidden: int = 64
     encoder_layers: int = 3
     decoder_layers: int = 2
     heads: int = 4
-    patch: int = 6
+    patch: int = GRID
     max_positions: int = 32
 
 
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("work_dir", type=Path)
     parser.add_argument("--train-images", type=int, default=6000)
     parser.add_argument("--validation-images", type=int, default=300)
-    parser.add_argument("--epochs", type=float, default=16)
+    parser.add_argument("--epochs", type=float, default=12)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--ship", action="store_true",

@@ -163,3 +163,47 @@ def test_generator_rejects_bad_input_with_one_line(models):
         generator.generate(model.pixels[:1], settings_for(bad_words_ids=[[40]]))
     with pytest.raises(ValueError, match="max_length 80 exceeds the decoder's 64 positions"):
         generator.generate(model.pixels[:1], settings_for(max_length=80))
+
+
+@pytest.mark.parametrize("mode", ["mesh", "pmap"])
+def test_data_parallel_placements_give_the_same_captions(models, mode):
+    from flax_captioner import sharding
+
+    model = models[2]
+    settings = settings_for(num_beams=2, max_length=12)
+    generator = Generator(model.params, model.config, data_parallel=sharding.data_parallel(mode))
+    output = generator.generate(model.pixels[:5], settings)
+    np.testing.assert_array_equal(output.sequences,
+                                  generate(model, settings).sequences[:5])
+
+
+def test_bfloat16_mode_runs_the_same_search(models):
+    import jax.numpy as jnp
+
+    model = models[0]
+    settings = settings_for(num_beams=3, max_length=12, num_return_sequences=2)
+    output = Generator(model.params, model.config, dtype=jnp.bfloat16).generate(
+        model.pixels, settings)
+    assert output.sequences.dtype == np.int32 and output.sequences.shape == (2 * IMAGES, 12)
+    assert (output.sequences[:, 0] == EOS).all() and (output.sequences < VOCAB).all()
+    assert np.isfinite(output.scores).all() and (output.scores < 0).all()
+    # Each image's two captions come best first.
+    assert (output.scores[0::2] >= output.scores[1::2]).all()
+
+
+def test_persistent_compilation_cache_stores_programs(models, tmp_path):
+    from flax_captioner.generator import enable_compilation_cache
+
+    previous = (jax.config.jax_compilation_cache_dir,
+                jax.config.jax_persistent_cache_min_compile_time_secs)
+    enable_compilation_cache(tmp_path / "jax-cache")
+    try:
+        Generator(models[0].params, models[0].config).generate(
+            models[0].pixels[:1], settings_for(max_length=5))
+    finally:
+        from jax.experimental.compilation_cache import compilation_cache
+
+        jax.config.update("jax_compilation_cache_dir", previous[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+        compilation_cache.reset_cache()  # later tests must not write into tmp_path
+    assert any((tmp_path / "jax-cache").iterdir())

@@ -24,7 +24,7 @@ from flax_captioner.errors import DataError
 from flax_captioner.pipeline import (PipelineStats, _decoded_batches, merge_shards,
                                      part_path, run_pipeline)
 from flax_captioner.sources import InputItem
-from flax_captioner.writers import OutputError, read_rows
+from flax_captioner.writers import OutputError, read_rows, write_rows
 
 BEAM_SETTINGS = {"num_beams": 2, "max_length": 6}
 
@@ -170,13 +170,15 @@ def test_parquet_output_holds_the_jsonl_rows(captioner, image_dir, tmp_path):
         jsonl_rows(tmp_path / "out.jsonl")
 
 
-def test_stdout_output_is_jsonl(captioner, image_dir, capsys):
-    stats = run(captioner, [image_dir / "a" / "deep"], None)
+def test_stdout_output_is_jsonl_with_progress_and_summary_on_stderr(captioner, image_dir,
+                                                                     capsys):
+    stats = run(captioner, [image_dir / "a"], None, progress=True)
     captured = capsys.readouterr()
     rows = [json.loads(line) for line in captured.out.splitlines()]
-    assert [row["image"] for row in rows] == sorted_images(image_dir / "a" / "deep")
-    assert stats.captioned == len(rows) == 2
-    assert "images/s" in captured.err and "device" in captured.err
+    assert [row["image"] for row in rows] == sorted_images(image_dir / "a")
+    assert stats.captioned == len(rows) == 7
+    assert "7img" in captured.err and "img/s" in captured.err  # the tqdm bar
+    assert captured.err.rstrip().splitlines()[-1] == stats.summary()
 
 
 def test_bad_inputs_become_error_rows_and_the_rest_goes_on(captioner, tmp_path):
@@ -322,15 +324,18 @@ def test_decoding_streams_with_bounded_read_ahead(tmp_path):
     assert len(listed) <= 8 + 8
 
 
-def test_merge_interleaves_parts_in_input_order(tmp_path):
-    output = str(tmp_path / "out.jsonl")
-    rows = [{"image": f"img{index}", "caption": f"c{index}", "score": -1.0} for index in range(7)]
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_merge_interleaves_parts_in_input_order(tmp_path, suffix):
+    output = str(tmp_path / f"out{suffix}")
+    output_format = suffix[1:]
+    rows = [{"image": f"img{index}", "caption": f"c{index}", "score": -0.25 * index}
+            for index in range(7)]
+    rows[4] = {"image": "img4", "error": "not an image PIL can identify"}
     for process in range(3):
-        with open(part_path(output, process, 3), "w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows[process::3])
+        write_rows(part_path(output, process, 3), output_format, rows[process::3])
     assert merge_shards(output) == 7
-    assert jsonl_rows(Path(output)) == rows
-    assert not list(tmp_path.glob("out.jsonl.part-*"))
+    assert list(read_rows(output, output_format)) == rows
+    assert not list(tmp_path.glob("out*.part-*"))
 
 
 def test_merge_refuses_unfinished_parts(tmp_path):
@@ -390,6 +395,7 @@ def wait_for_rows(output: Path, count: int, process: subprocess.Popen) -> None:
     raise AssertionError(f"{output} never reached {count} rows")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_resume_after_sigkill_and_sigterm_loses_and_repeats_nothing(
         captioner, captioner_source, subprocess_env, image_dir, tmp_path, suffix):

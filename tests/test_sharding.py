@@ -50,6 +50,11 @@ SMALL_FN_SCRIPT = textwrap.dedent("""
             results[f"{mode}-{batch}-tokens"] = np.asarray(tokens)[: 2 * batch]
             results[f"{mode}-{batch}-scores"] = np.asarray(scores)[: 2 * batch]
         results[f"{mode}-num_shards"] = np.asarray(placement.num_shards)
+        try:  # an unpadded ragged batch must be refused, not silently mis-split
+            fn(placed, np.zeros((5, 3, 4, 4), np.float32), np.zeros((5, 2), np.uint32))
+            results[f"{mode}-refuses_ragged"] = np.asarray(False)
+        except ValueError as error:
+            results[f"{mode}-refuses_ragged"] = np.asarray("pad_to_multiple" in str(error))
     np.savez(out, **results)
 """)
 
@@ -78,6 +83,7 @@ def test_small_fn_mesh_and_pmap_equal_one_device(device_count, small_fn_referenc
     sharded = dict(np.load(out))
     for mode in ("mesh", "pmap"):
         assert int(sharded[f"{mode}-num_shards"]) == device_count
+        assert bool(sharded[f"{mode}-refuses_ragged"])
         for batch in RAGGED_BATCHES:
             for name in ("tokens", "scores"):
                 expected = small_fn_reference[f"none-{batch}-{name}"]
@@ -85,18 +91,6 @@ def test_small_fn_mesh_and_pmap_equal_one_device(device_count, small_fn_referenc
                 assert actual.shape == expected.shape
                 np.testing.assert_array_equal(actual, expected, err_msg=f"{mode} {batch} {name}")
     assert int(sharded["none-num_shards"]) == 1
-
-
-def test_wrap_rejects_batches_not_divisible():
-    from flax_captioner.sharding import MeshDataParallel
-
-    import jax
-
-    placement = MeshDataParallel(jax.local_devices() * 1)
-    placement.num_shards = 2  # checked before any device work, so one device suffices
-    fn = placement.wrap(lambda params, x: x)
-    with pytest.raises(ValueError, match="pad_to_multiple"):
-        fn({}, np.zeros((3, 2)))
 
 
 def test_pad_to_multiple_repeats_first_row():

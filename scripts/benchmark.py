@@ -1,0 +1,317 @@
+"""Captioning throughput: PyTorch ``generate``, HF Flax ``generate`` under jit, and ours.
+
+All frameworks caption the same seeded random pixels with the same weights (a full-size
+random-weight model of the nlpconnect architecture, ViT-B/16 + GPT-2 12x768, vocab 50257,
+unless --checkpoint names a directory) and the same beam-search settings. Each framework runs
+in its own subprocess, so its memory numbers are its own:
+
+  peak RSS               ru_maxrss of the process: loading, compilation and generation
+  generate peak RSS      the RSS high-water of the timed generate calls alone (the kernel's
+                         VmHWM, reset through /proc/self/clear_refs after warm-up)
+
+Prints images/s (median over --repeats timed batches), the ratio to PyTorch, compile time
+(JAX: lowering + XLA compilation of the whole search; PyTorch: none), and two caption checks:
+ours vs PyTorch token for token, and ours in bfloat16 vs float32 (a second run of ours in the
+other dtype, also timed). ``--json PATH`` writes everything, token ids included.
+
+Example: python scripts/benchmark.py --batch-size 8 --num-beams 4 --max-length 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+FRAMEWORKS = ("pytorch", "hf-flax", "ours")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass
+class Measurement:
+    """One framework in one dtype (seconds, MiB; sequences int [B * R, max_length])."""
+
+    framework: str
+    dtype: str
+    images_per_second: float
+    batch_seconds: list[float]
+    compile_seconds: float | None
+    first_call_seconds: float
+    peak_rss_mib: float
+    generate_peak_rss_mib: float | None
+    sequences: list[list[int]]
+
+
+def seeded_pixels(batch: int, image_size: int, seed: int) -> np.ndarray:
+    """float32 [B, 3, S, S] in [-1, 1], the range of normalized nlpconnect inputs."""
+    return np.random.default_rng(seed).uniform(-1, 1, (batch, 3, image_size, image_size)
+                                                ).astype(np.float32)
+
+
+def reset_peak_rss() -> bool:
+    """Resets the kernel's RSS high-water mark (VmHWM) of this process; False if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise OSError("/proc/self/status has no VmHWM")
+
+
+def timed(call: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = call()
+    return result, time.perf_counter() - start
+
+
+def settings_for(config: Any, args: argparse.Namespace) -> Any:
+    from flax_captioner.generator import GenerationSettings
+    from flax_captioner.loading import generation_defaults
+
+    return GenerationSettings.resolve(generation_defaults(config), max_length=args.max_length,
+                                      num_beams=args.num_beams)
+
+
+def prepare_pytorch(directory: Path, args: argparse.Namespace, dtype: str):
+    """Returns (compile seconds or None, generate: pixels -> int sequences [N, max_length]).
+
+    Always float32: the reference.
+    """
+    import torch
+    from transformers import VisionEncoderDecoderModel
+
+    from flax_captioner.parity import pytorch_generate_kwargs
+
+    torch.set_grad_enabled(False)
+    model = VisionEncoderDecoderModel.from_pretrained(directory).eval()
+    settings = settings_for(model.config, args)
+    kwargs = pytorch_generate_kwargs(settings) | dict(output_scores=False,
+                                                      return_dict_in_generate=False)
+    fill = settings.pad_token_id or settings.eos_token_id
+
+    def generate(pixels: np.ndarray) -> np.ndarray:
+        generated = model.generate(pixel_values=torch.from_numpy(pixels), **kwargs).numpy()
+        sequences = np.full((len(generated), settings.max_length), fill, np.int32)
+        sequences[:, :generated.shape[1]] = generated
+        return sequences
+
+    return None, generate
+
+
+def prepare_hf_flax(directory: Path, args: argparse.Namespace, dtype: str):
+    import jax
+    import jax.numpy as jnp
+
+    from flax_captioner.loading import load_checkpoint
+
+    model = load_checkpoint(directory, dtype=getattr(jnp, dtype)).model
+    settings = settings_for(model.config, args)
+
+    def search(params, pixels):
+        return model.generate(pixels, params=params, max_length=settings.max_length,
+                              num_beams=settings.num_beams,
+                              decoder_start_token_id=settings.decoder_start_token_id,
+                              pad_token_id=settings.pad_token_id,
+                              eos_token_id=settings.eos_token_id).sequences
+
+    shape = jax.ShapeDtypeStruct((args.batch_size, 3, model.config.encoder.image_size,
+                                  model.config.encoder.image_size), jnp.float32)
+    compiled, compile_seconds = timed(
+        lambda: jax.jit(search).lower(model.params, shape).compile())
+    return compile_seconds, lambda pixels: np.asarray(compiled(model.params, pixels))
+
+
+def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str):
+    import jax.numpy as jnp
+
+    from flax_captioner.generator import Generator, bucket_size
+    from flax_captioner.loading import load_checkpoint
+
+    model = load_checkpoint(directory).model
+    generator = Generator(model, model.config, dtype=getattr(jnp, dtype))
+    settings = settings_for(model.config, args)
+    _, compile_seconds = timed(
+        lambda: generator.program(bucket_size(args.batch_size), settings))
+    return compile_seconds, lambda pixels: generator.generate(pixels, settings).sequences
+
+
+PREPARE = {"pytorch": prepare_pytorch, "hf-flax": prepare_hf_flax, "ours": prepare_ours}
+
+
+def measure(framework: str, dtype: str, directory: Path,
+            args: argparse.Namespace) -> Measurement:
+    """Runs in the worker process: load, compile, one warm-up call, ``repeats`` timed calls."""
+    if dtype == "float32" and framework != "pytorch":
+        import jax
+
+        # Parity precision; on CPU float32 matmuls are exact anyway, on GPU this avoids TF32.
+        jax.config.update("jax_default_matmul_precision", "highest")
+    compile_seconds, generate = PREPARE[framework](directory, args, dtype)
+    pixels = seeded_pixels(args.batch_size, image_size_of(directory), args.seed)
+    sequences, first_call = timed(lambda: generate(pixels))
+    has_reset = reset_peak_rss()
+    batch_seconds = [timed(lambda: generate(pixels))[1] for _ in range(args.repeats)]
+    return Measurement(
+        framework=framework, dtype=dtype,
+        images_per_second=args.batch_size / float(np.median(batch_seconds)),
+        batch_seconds=batch_seconds, compile_seconds=compile_seconds,
+        first_call_seconds=first_call,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        generate_peak_rss_mib=peak_rss_since_reset_mib() if has_reset else None,
+        sequences=np.asarray(sequences).tolist())
+
+
+def image_size_of(directory: Path) -> int:
+    config = json.loads((directory / "config.json").read_text())
+    return int(config["encoder"]["image_size"])
+
+
+def run_worker(framework: str, dtype: str, directory: Path,
+               args: argparse.Namespace) -> Measurement:
+    """Measures one framework in a fresh Python process; returns its Measurement."""
+    with tempfile.TemporaryDirectory() as scratch:
+        result = Path(scratch) / "result.json"
+        command = [sys.executable, __file__, "--checkpoint", str(directory),
+                   "--batch-size", str(args.batch_size), "--num-beams", str(args.num_beams),
+                   "--max-length", str(args.max_length), "--repeats", str(args.repeats),
+                   "--seed", str(args.seed), "--worker", framework, "--dtype", dtype,
+                   "--worker-result", str(result)]
+        completed = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+        if completed.returncode != 0:
+            raise SystemExit(f"{framework} ({dtype}) failed:\n{completed.stderr[-3000:]}")
+        return Measurement(**json.loads(result.read_text()))
+
+
+def build_checkpoint(directory: Path) -> Path:
+    """The full-size random-weight checkpoint (the test suite's seeded builder), plus a
+    ``flax_model.msgpack`` so the JAX workers load without PyTorch."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from checkpoints import make_full_size_checkpoint
+    from transformers import FlaxVisionEncoderDecoderModel
+
+    make_full_size_checkpoint(directory)
+    FlaxVisionEncoderDecoderModel.from_pretrained(directory, from_pt=True).save_pretrained(
+        directory)
+    return directory
+
+
+def token_agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict[str, float]:
+    """Fractions of identical captions and of identical token positions."""
+    ours_array, theirs_array = np.asarray(ours), np.asarray(theirs)
+    return {"captions_equal": float(np.mean(np.all(ours_array == theirs_array, axis=1))),
+            "tokens_equal": float(np.mean(ours_array == theirs_array))}
+
+
+def report(measurements: list[Measurement], args: argparse.Namespace) -> dict[str, Any]:
+    by_key = {(m.framework, m.dtype): m for m in measurements}
+    reference = by_key.get(("pytorch", "float32"))
+    hf_flax = by_key.get(("hf-flax", args.dtype))
+    print(f"batch {args.batch_size}, num_beams {args.num_beams}, max_length "
+          f"{args.max_length}, {args.repeats} timed batches; {platform.processor() or 'cpu'} "
+          f"x{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
+    header = (f"{'framework':<10}{'dtype':<10}{'img/s':>8}{'x PyTorch':>11}{'x HF Flax':>11}"
+              f"{'compile s':>11}{'first s':>9}{'peak MiB':>10}{'gen MiB':>9}")
+    print(header)
+    rows = []
+    for m in measurements:
+        vs_torch = m.images_per_second / reference.images_per_second if reference else None
+        vs_flax = m.images_per_second / hf_flax.images_per_second if hf_flax else None
+        rows.append(dataclasses.asdict(m) | {"ratio_to_pytorch": vs_torch,
+                                             "ratio_to_hf_flax": vs_flax})
+
+        def cell(value, width, spec):
+            return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
+
+        print(f"{m.framework:<10}{m.dtype:<10}{m.images_per_second:>8.2f}"
+              f"{cell(vs_torch, 11, '.2f')}{cell(vs_flax, 11, '.2f')}"
+              f"{cell(m.compile_seconds, 11, '.1f')}{m.first_call_seconds:>9.1f}"
+              f"{m.peak_rss_mib:>10.0f}{cell(m.generate_peak_rss_mib, 9, '.0f')}")
+
+    checks = {}
+    ours = by_key.get(("ours", args.dtype))
+    if ours and reference:
+        checks["ours_vs_pytorch"] = token_agreement(ours.sequences, reference.sequences)
+    if hf_flax and reference:
+        checks["hf_flax_vs_pytorch"] = token_agreement(hf_flax.sequences, reference.sequences)
+    if ("ours", "float32") in by_key and ("ours", "bfloat16") in by_key:
+        checks["ours_bfloat16_vs_float32"] = token_agreement(
+            by_key["ours", "bfloat16"].sequences, by_key["ours", "float32"].sequences)
+    for name, values in checks.items():
+        print(f"{name}: captions equal {values['captions_equal']:.0%}, "
+              f"tokens equal {values['tokens_equal']:.1%}")
+    return {"settings": {"batch_size": args.batch_size, "num_beams": args.num_beams,
+                         "max_length": args.max_length, "dtype": args.dtype,
+                         "repeats": args.repeats, "seed": args.seed},
+            "machine": {"processor": platform.processor(), "cpu_count": os.cpu_count(),
+                        "load_average": os.getloadavg()[0]},
+            "measurements": rows, "agreement": checks}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path,
+                        help="checkpoint directory (default: build the full-size random one)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=16)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="compute dtype of hf-flax and ours (PyTorch stays float32)")
+    parser.add_argument("--frameworks", default=",".join(FRAMEWORKS),
+                        help=f"comma-separated subset of {','.join(FRAMEWORKS)}")
+    parser.add_argument("--repeats", type=int, default=3, help="timed batches per framework")
+    parser.add_argument("--seed", type=int, default=0, help="pixel seed")
+    parser.add_argument("--no-dtype-check", action="store_true",
+                        help="skip the second run of ours in the other dtype")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = set(args.frameworks.split(",")) - set(FRAMEWORKS)
+    if unknown:
+        parser.error(f"--frameworks: unknown {', '.join(sorted(unknown))}")
+    if min(args.batch_size, args.num_beams, args.repeats) < 1 or args.max_length < 2:
+        parser.error("--batch-size, --num-beams, --repeats must be >= 1, --max-length >= 2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        measurement = measure(args.worker, args.dtype, args.checkpoint, args)
+        args.worker_result.write_text(json.dumps(dataclasses.asdict(measurement)))
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = args.checkpoint or build_checkpoint(Path(scratch) / "model")
+        runs = [(framework, "float32" if framework == "pytorch" else args.dtype)
+                for framework in args.frameworks.split(",")]
+        if "ours" in args.frameworks.split(",") and not args.no_dtype_check:
+            runs.append(("ours", "bfloat16" if args.dtype == "float32" else "float32"))
+        measurements = []
+        for framework, dtype in runs:
+            print(f"running {framework} ({dtype}) ...", file=sys.stderr, flush=True)
+            measurements.append(run_worker(framework, dtype, directory, args))
+    results = report(measurements, args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""How often do captions differ from PyTorch ``generate``: HF Flax ``generate`` vs ours.
+
+Builds tiny random ViT-GPT2 checkpoints with a large decoder init (chaotic next-token
+distributions, EOS at varied steps; the same ones tests/test_parity_generate.py uses), then
+captions the same random images with PyTorch ``VisionEncoderDecoderModel.generate``,
+``FlaxVisionEncoderDecoderModel.generate`` and ``flax_captioner``'s generator over a grid of
+num_beams x length_penalty x early_stopping (plus greedy), float32 at the highest matmul
+precision, and prints the share of returned captions that differ from PyTorch's.
+
+    python scripts/measure_hf_flax_mismatch.py [--images 8] [--seeds 1 5 6] [--max-length 19]
+
+(HF Flax turns an explicit ``max_length=20``, the library default, into 20 + the prompt
+length, so the grid avoids 20.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from checkpoints import make_checkpoint  # noqa: E402  (the tests' checkpoint builder)
+from flax_captioner import parity  # noqa: E402
+from flax_captioner.decoder import DecoderSpec  # noqa: E402
+from flax_captioner.generator import GenerationSettings, build_generate_fn  # noqa: E402
+
+VOCAB = 32
+EOS = VOCAB - 1
+
+
+def grid(max_length: int) -> list[dict]:
+    beam = [dict(num_beams=beams, length_penalty=penalty, early_stopping=early,
+                 num_return_sequences=beams, max_length=max_length)
+            for beams, penalty, early in itertools.product(
+                (2, 3, 4, 5), (0.5, 1.0, 2.0), (True, False, "never"))]
+    return [dict(num_beams=1, max_length=max_length)] + beam
+
+
+def hf_flax_generate_fn(flax_model, settings: GenerationSettings):
+    """HF Flax ``generate`` for ``settings``, jitted with the params as an argument."""
+    kwargs = dict(max_length=settings.max_length, num_beams=settings.num_beams,
+                  num_return_sequences=settings.num_return_sequences,
+                  length_penalty=settings.length_penalty, early_stopping=settings.early_stopping,
+                  decoder_start_token_id=EOS, pad_token_id=EOS, eos_token_id=EOS)
+    return jax.jit(lambda params, pixels: flax_model.generate(pixels, params=params,
+                                                              **kwargs).sequences)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 5, 6])
+    parser.add_argument("--max-length", type=int, default=19)
+    args = parser.parse_args()
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+    from transformers import FlaxVisionEncoderDecoderModel, VisionEncoderDecoderModel
+
+    models = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for seed in args.seeds:
+            directory = make_checkpoint(Path(workdir) / f"seed{seed}", seed=seed,
+                                        vocab_size=VOCAB, initializer_range=0.5)
+            pixels = np.random.default_rng(seed).standard_normal((args.images, 3, 32, 32))
+            models.append((VisionEncoderDecoderModel.from_pretrained(directory).eval(),
+                           FlaxVisionEncoderDecoderModel.from_pretrained(directory, from_pt=True),
+                           pixels.astype(np.float32)))
+
+    defaults = type("Defaults", (), dict(decoder_start_token_id=EOS, pad_token_id=EOS,
+                                         eos_token_id=EOS))
+    spec = DecoderSpec.from_config(models[0][1].config)
+    # Per search kind: captions, HF Flax differing, ours differing, then the same for the
+    # best caption of each image only.
+    totals = {"greedy": np.zeros(6, int), "beam": np.zeros(6, int)}
+    print(f"{'settings':<44} {'captions':>8} {'HF differ':>9} {'ours differ':>11} "
+          f"{'images':>6} {'HF best differs':>15} {'ours':>5}")
+    for overrides in grid(args.max_length):
+        settings = GenerationSettings.resolve(defaults, **overrides)
+        ours_fn = jax.jit(build_generate_fn(spec, settings))
+        hf_fn = hf_flax_generate_fn(models[0][1], settings)
+        counts = np.zeros(6, int)
+        rows = settings.num_return_sequences
+        for torch_model, flax_model, pixels in models:
+            reference = parity.pytorch_generate(torch_model, pixels, settings).sequences
+            keys = np.zeros((len(pixels), 2), np.uint32)
+            ours = np.asarray(ours_fn(flax_model.params, pixels, keys)[0])
+            hf = np.asarray(hf_fn(flax_model.params, pixels)).reshape(ours.shape)
+            hf_differs = (hf != reference).any(axis=1)
+            ours_differs = (ours != reference).any(axis=1)
+            counts += [len(reference), hf_differs.sum(), ours_differs.sum(),
+                       len(pixels), hf_differs[::rows].sum(), ours_differs[::rows].sum()]
+        totals["greedy" if settings.num_beams == 1 else "beam"] += counts
+        label = ", ".join(f"{k[:14]}={v}" for k, v in overrides.items()
+                          if k not in ("max_length", "num_return_sequences"))
+        print(f"{label:<44} {counts[0]:>8} {counts[1]:>9} {counts[2]:>11} {counts[3]:>6} "
+              f"{counts[4]:>15} {counts[5]:>5}", flush=True)
+    for name, (captions, hf, ours, images, hf_best, ours_best) in totals.items():
+        print(f"{name}: {captions} captions, HF Flax differs on {hf} ({hf / captions:.1%}), "
+              f"flax_captioner on {ours} ({ours / captions:.1%}); best caption of {images} "
+              f"images: HF Flax differs on {hf_best} ({hf_best / images:.1%}), "
+              f"flax_captioner on {ours_best} ({ours_best / images:.1%})")
+
+
+if __name__ == "__main__":
+    main()
