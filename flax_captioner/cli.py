@@ -255,6 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    # transformers 4.x warns on every run that v5 drops Flax; the project pins < 5 on purpose.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
     try:
         return args.handler(args)
     except CaptionerError as error:

@@ -16,7 +16,10 @@ _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
 def normalize_caption(caption: str) -> str:
-    """Lower case, punctuation removed, single spaces: ``"A Cat, sleeping." -> "a cat sleeping"``."""
+    """Lower case, punctuation removed, single spaces.
+
+    ``"A Cat, sleeping." -> "a cat sleeping"``
+    """
     return " ".join(_PUNCTUATION.sub(" ", caption.lower()).split())
 
 
@@ -53,6 +56,7 @@ def exact_match(predictions: Mapping[str, str], references: Mapping[str, Sequenc
     """Fraction of images whose normalised prediction equals one of their normalised references."""
     if not predictions:
         raise ValueError("no predictions to score")
-    hits = sum(normalize_caption(predictions[key]) in {normalize_caption(r) for r in references[key]}
+    hits = sum(normalize_caption(predictions[key])
+               in {normalize_caption(reference) for reference in references[key]}
                for key in predictions)
     return hits / len(predictions)

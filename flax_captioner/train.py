@@ -20,8 +20,6 @@ import functools
 import json
 import logging
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -269,7 +267,8 @@ def token_loss(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array,
     low_confidence = label_smoothing / (vocab_size - 1)
     entropy = -(confidence * math.log(confidence)
                 + (vocab_size - 1) * low_confidence * math.log(low_confidence + 1e-20))
-    soft_labels = jax.nn.one_hot(labels, vocab_size) * (confidence - low_confidence) + low_confidence
+    soft_labels = (jax.nn.one_hot(labels, vocab_size) * (confidence - low_confidence)
+                   + low_confidence)
     losses = optax.softmax_cross_entropy(logits, soft_labels) - entropy
     return jnp.sum(losses * loss_mask), jnp.sum(loss_mask)
 
@@ -447,12 +446,10 @@ class Trainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.bundle = build_model(config)
-        model_config = self.bundle.model.config
-        self.token_ids = {
-            "decoder_start_token_id": int(model_config.decoder_start_token_id),
-            "pad_token_id": int(model_config.pad_token_id),
-            "eos_token_id": int(model_config.eos_token_id),
-        }
+        token_ids = loading.generation_defaults(self.bundle.model.config)
+        self.token_ids = {"decoder_start_token_id": token_ids.decoder_start_token_id,
+                          "pad_token_id": token_ids.pad_token_id,
+                          "eos_token_id": token_ids.eos_token_id}
         self.train_set = self._load(config.train_file)
         self.validation_set = self._load(config.validation_file) if config.validation_file else None
         self.plan = plan_run(config, len(self.train_set))
@@ -571,7 +568,8 @@ class Trainer:
         references = {image: references[image] for image in images}
         scores = metrics.caption_scores(predictions, references)
         scores["exact_match"] = metrics.exact_match(predictions, references)
-        result = EvalResult(step=step, loss=loss_sum / count, scores=scores, predictions=predictions)
+        result = EvalResult(step=step, loss=loss_sum / count, scores=scores,
+                            predictions=predictions)
         self._log_eval(result, train_loss, references)
         return result
 
@@ -608,31 +606,9 @@ class Trainer:
         destination = Path(self.config.export_dir or self.output_dir / "export")
         loading.save_checkpoint(self.bundle.model, self.bundle.tokenizer,
                                 self.bundle.preprocess_config, destination,
-                                params=jax.device_get(params), flax=True)
-        write_pytorch_weights(destination)
+                                params=jax.device_get(params), flax=True, pytorch=True)
         logger.info("exported %s", destination)
         return destination
-
-
-def write_pytorch_weights(directory: Path) -> Path:
-    """Adds ``model.safetensors`` converted from the ``flax_model.msgpack`` in ``directory``.
-
-    The model is built from its config and filled in place: transformers 4.57's
-    ``from_pretrained(..., from_flax=True)`` leaves every tensor on the meta device.
-    """
-    from transformers import VisionEncoderDecoderConfig, VisionEncoderDecoderModel
-    from transformers.modeling_flax_pytorch_utils import load_flax_checkpoint_in_pytorch_model
-
-    torch_model = VisionEncoderDecoderModel(VisionEncoderDecoderConfig.from_pretrained(directory))
-    torch_model = load_flax_checkpoint_in_pytorch_model(
-        torch_model, str(directory / loading.FLAX_WEIGHTS))
-    torch_model.tie_weights()
-    weights = directory / loading.SAFETENSORS_WEIGHTS
-    with tempfile.TemporaryDirectory() as scratch:
-        # save_pretrained names tied weights the way from_pretrained expects them.
-        torch_model.save_pretrained(scratch, safe_serialization=True)
-        shutil.copy(Path(scratch) / loading.SAFETENSORS_WEIGHTS, weights)
-    return weights
 
 
 def train(config: TrainConfig) -> TrainResult:

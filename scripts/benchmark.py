@@ -6,8 +6,9 @@ unless --checkpoint names a directory) and the same beam-search settings. Each f
 in its own subprocess, so its memory numbers are its own:
 
   peak RSS               ru_maxrss of the process: loading, compilation and generation
-  generate peak RSS      the RSS high-water of the timed generate calls alone (the kernel's
-                         VmHWM, reset through /proc/self/clear_refs after warm-up)
+  generate peak RSS      the RSS high-water of the timed generate calls alone: after warm-up,
+                         freed heap pages go back to the OS (glibc malloc_trim) and the
+                         kernel's VmHWM is reset through /proc/self/clear_refs
 
 Prints images/s (median over --repeats timed batches), the ratio to PyTorch, compile time
 (JAX: lowering + XLA compilation of the whole search; PyTorch: none), and two caption checks:
@@ -51,6 +52,7 @@ class Measurement:
     first_call_seconds: float
     peak_rss_mib: float
     generate_peak_rss_mib: float | None
+    load_average: tuple[float, float]
     sequences: list[list[int]]
 
 
@@ -61,11 +63,19 @@ def seeded_pixels(batch: int, image_size: int, seed: int) -> np.ndarray:
 
 
 def reset_peak_rss() -> bool:
-    """Resets the kernel's RSS high-water mark (VmHWM) of this process; False if unsupported."""
+    """Returns freed heap to the OS, then resets this process's RSS high-water mark (VmHWM).
+
+    False where unsupported (not Linux/glibc), and the generate peak is then not reported.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
     try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
         return True
-    except OSError:
+    except (OSError, AttributeError):
         return False
 
 
@@ -164,6 +174,7 @@ def measure(framework: str, dtype: str, directory: Path,
 
         # Parity precision; on CPU float32 matmuls are exact anyway, on GPU this avoids TF32.
         jax.config.update("jax_default_matmul_precision", "highest")
+    load_before = os.getloadavg()[0]
     compile_seconds, generate = PREPARE[framework](directory, args, dtype)
     pixels = seeded_pixels(args.batch_size, image_size_of(directory), args.seed)
     sequences, first_call = timed(lambda: generate(pixels))
@@ -176,6 +187,7 @@ def measure(framework: str, dtype: str, directory: Path,
         first_call_seconds=first_call,
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         generate_peak_rss_mib=peak_rss_since_reset_mib() if has_reset else None,
+        load_average=(load_before, os.getloadavg()[0]),
         sequences=np.asarray(sequences).tolist())
 
 
@@ -226,9 +238,10 @@ def report(measurements: list[Measurement], args: argparse.Namespace) -> dict[st
     hf_flax = by_key.get(("hf-flax", args.dtype))
     print(f"batch {args.batch_size}, num_beams {args.num_beams}, max_length "
           f"{args.max_length}, {args.repeats} timed batches; {platform.processor() or 'cpu'} "
-          f"x{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
+          f"x{os.cpu_count()}; load avg = 1-minute load before->after each run (other "
+          "processes on the cores slow every framework, PyTorch's threads most)")
     header = (f"{'framework':<10}{'dtype':<10}{'img/s':>8}{'x PyTorch':>11}{'x HF Flax':>11}"
-              f"{'compile s':>11}{'first s':>9}{'peak MiB':>10}{'gen MiB':>9}")
+              f"{'compile s':>11}{'first s':>9}{'peak MiB':>10}{'gen MiB':>9}  load avg")
     print(header)
     rows = []
     for m in measurements:
@@ -243,7 +256,8 @@ def report(measurements: list[Measurement], args: argparse.Namespace) -> dict[st
         print(f"{m.framework:<10}{m.dtype:<10}{m.images_per_second:>8.2f}"
               f"{cell(vs_torch, 11, '.2f')}{cell(vs_flax, 11, '.2f')}"
               f"{cell(m.compile_seconds, 11, '.1f')}{m.first_call_seconds:>9.1f}"
-              f"{m.peak_rss_mib:>10.0f}{cell(m.generate_peak_rss_mib, 9, '.0f')}")
+              f"{m.peak_rss_mib:>10.0f}{cell(m.generate_peak_rss_mib, 9, '.0f')}"
+              f"  {m.load_average[0]:.1f}->{m.load_average[1]:.1f}")
 
     checks = {}
     ours = by_key.get(("ours", args.dtype))

@@ -68,7 +68,8 @@ def train_tokenizer(captions: list[str], directory: Path) -> object:
     return tokenizer
 
 
-def write_pretrained_parts(work_dir: Path, tokenizer: object, sizes: TinySizes) -> tuple[Path, Path]:
+def write_pretrained_parts(work_dir: Path, tokenizer: object,
+                           sizes: TinySizes) -> tuple[Path, Path]:
     """Writes a random tiny ViT (with preprocessor config) and GPT-2 (with tokenizer)."""
     from transformers import FlaxGPT2LMHeadModel, FlaxViTModel, GPT2Config, ViTConfig
 

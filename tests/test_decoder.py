@@ -186,11 +186,15 @@ def test_init_cache_rejects_length_beyond_positions(tiny_models):
         init_cache(1, 1, spec.n_positions + 1, spec)
 
 
+@pytest.fixture(scope="module")
+def full_size_models(tmp_path_factory):
+    return load_models(make_full_size_checkpoint(tmp_path_factory.mktemp("full") / "model"))
+
+
 @pytest.mark.slow
-def test_full_size_model_matches_pytorch(tmp_path_factory):
+def test_full_size_model_matches_pytorch(full_size_models):
     """The nlpconnect architecture (random weights): encoder states, 4 cached steps, bf16."""
-    directory = make_full_size_checkpoint(tmp_path_factory.mktemp("full") / "model")
-    torch_model, flax_model, spec = load_models(directory)
+    torch_model, flax_model, spec = full_size_models
     batch, length = 2, 4
     pixels = random_pixels(spec, batch, seed=4)
     tokens = np.random.default_rng(4).integers(0, spec.vocab_size, (batch, length))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -207,3 +208,38 @@ def test_persistent_compilation_cache_stores_programs(models, tmp_path):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
         compilation_cache.reset_cache()  # later tests must not write into tmp_path
     assert any((tmp_path / "jax-cache").iterdir())
+
+
+SHAPES_CHECKPOINT = Path(__file__).resolve().parent.parent / "examples" / "shapes-captioner"
+SHAPES_IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
+
+
+@pytest.fixture(scope="module")
+def shapes_captioner():
+    from transformers import VisionEncoderDecoderModel
+
+    from flax_captioner.captioner import Captioner
+
+    captioner = Captioner.from_pretrained(SHAPES_CHECKPOINT, parallelism="none")
+    torch_model = VisionEncoderDecoderModel.from_pretrained(SHAPES_CHECKPOINT).eval()
+    pixels = captioner.preprocess(sorted(SHAPES_IMAGES.glob("*.png")))
+    return captioner, torch_model, pixels
+
+
+@pytest.mark.parametrize("overrides,captions_end", [
+    (dict(num_beams=1, max_length=24), True),
+    (dict(num_beams=4, max_length=24, num_return_sequences=2), True),
+    # A strong length penalty with "never" keeps beams running to max_length.
+    (dict(num_beams=3, max_length=20, length_penalty=2.0, early_stopping="never",
+          no_repeat_ngram_size=3), False),
+], ids=str)
+def test_trained_shapes_checkpoint_equals_pytorch_generate(shapes_captioner, overrides,
+                                                           captions_end):
+    captioner, torch_model, pixels = shapes_captioner
+    settings = captioner.settings(**overrides)
+    report = parity.compare_with_pytorch(captioner, pixels, settings, pytorch_model=torch_model)
+    assert report.all_match, parity.format_report(report)
+    assert report.max_score_difference <= SCORE_TOLERANCE, parity.format_report(report)
+    if captions_end:  # the trained model ends its best captions before max_length
+        for image in report.images:
+            assert (image.flax_sequences[0, 1:] == settings.eos_token_id).any()

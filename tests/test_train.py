@@ -147,6 +147,7 @@ def test_one_train_step_lowers_the_loss_on_a_fixed_batch(tiny_checkpoint, datase
     assert losses[1] < losses[0] and losses[2] < losses[1]
 
 
+@pytest.mark.slow
 def test_training_evaluates_and_exports(uninterrupted):
     config, result = uninterrupted
     assert result.step == 6
@@ -162,6 +163,7 @@ def test_training_evaluates_and_exports(uninterrupted):
         assert (result.export_dir / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_stopping_and_resuming_gives_bit_identical_parameters(uninterrupted, tmp_path):
     config, result = uninterrupted
     # Evaluation reads parameters only, so the sliced run skips it.
@@ -176,6 +178,7 @@ def test_stopping_and_resuming_gives_bit_identical_parameters(uninterrupted, tmp
             == (result.export_dir / "flax_model.msgpack").read_bytes())
 
 
+@pytest.mark.slow
 def test_exported_checkpoint_logits_match_in_pytorch(uninterrupted):
     import torch
     from transformers import VisionEncoderDecoderModel
@@ -219,7 +222,8 @@ def test_missing_caption_column_names_the_file(tmp_path):
         train_data.read_caption_rows(jsonl)
     csv_file = tmp_path / "rows.csv"
     csv_file.write_text("image,text\na.png,w1\n")
-    with pytest.raises(DataError, match=r"rows\.csv: no caption column 'caption' \(columns: image, text\)"):
+    with pytest.raises(DataError,
+                       match=r"rows\.csv: no caption column 'caption' \(columns: image, text\)"):
         train_data.read_caption_rows(csv_file)
 
 
