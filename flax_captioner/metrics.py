@@ -12,6 +12,8 @@ import re
 import string
 from collections.abc import Mapping, Sequence
 
+from flax_captioner.errors import CaptionerError
+
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -35,6 +37,7 @@ def caption_scores(predictions: Mapping[str, str],
       ``{"bleu4", "rougeL", "cider"}``, each a float (BLEU and ROUGE in [0, 1]; CIDEr-D is
       10x a mean cosine similarity, so up to about 10).
     """
+    require_scorers()
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -50,6 +53,15 @@ def caption_scores(predictions: Mapping[str, str],
     rouge, _ = Rouge().compute_score(gold, results)
     cider, _ = Cider().compute_score(gold, results)
     return {"bleu4": float(bleu[3]), "rougeL": float(rouge), "cider": float(cider)}
+
+
+def require_scorers() -> None:
+    """Fails early, with the install line, when the COCO caption scorers are missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        raise CaptionerError("caption metrics need pycocoevalcap: "
+                             "pip install 'flax-captioner[train]'")
 
 
 def exact_match(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> float:

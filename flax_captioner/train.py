@@ -451,7 +451,10 @@ class Trainer:
                           "pad_token_id": token_ids.pad_token_id,
                           "eos_token_id": token_ids.eos_token_id}
         self.train_set = self._load(config.train_file)
-        self.validation_set = self._load(config.validation_file) if config.validation_file else None
+        self.validation_set = None
+        if config.validation_file:
+            metrics.require_scorers()  # before hours of training, not at the first evaluation
+            self.validation_set = self._load(config.validation_file)
         self.plan = plan_run(config, len(self.train_set))
         self.placement = Placement.over_local_devices()
         self.optimizer = make_optimizer(config, self.plan.total_steps)
