@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from flax_captioner import loading
 from flax_captioner.generator import GenerationOutput, GenerationSettings
 
 
@@ -141,32 +143,30 @@ def compare_with_pytorch(model_dir_or_captioner: str | os.PathLike | Any,
       pixel_values: preprocessed images, float32.
       settings: a deterministic search (greedy or beam).
       pytorch_model: an already loaded ``VisionEncoderDecoderModel`` of the same weights
-        (loaded from the captioner's directory when omitted).
+        (built from the captioner's parameters when omitted).
     """
     from flax_captioner.captioner import Captioner
 
     captioner = model_dir_or_captioner
     if not isinstance(captioner, Captioner):
         captioner = Captioner.from_pretrained(model_dir_or_captioner, parallelism="none")
-    if pytorch_model is None:
-        from transformers import VisionEncoderDecoderModel
-
-        pytorch_model = VisionEncoderDecoderModel.from_pretrained(
-            captioner.checkpoint.directory).eval()
+    if pytorch_model is None:  # the very weights the captioner holds, whatever their file format
+        pytorch_model = loading.pytorch_model(captioner.checkpoint.directory,
+                                              captioner.model.params)
     reference = pytorch_generate(pytorch_model, pixel_values, settings)
     with jax.default_matmul_precision("highest"):
         ours = captioner.generator.generate(pixel_values, settings)
     return compare_outputs(reference, ours, settings)
 
 
-def format_report(report: ParityReport) -> str:
-    """One line per image, then the totals."""
+def format_report(report: ParityReport, names: Sequence[str] | None = None) -> str:
+    """One line per image (named by ``names`` when given), then the totals."""
     lines = []
     for image in report.images:
+        name = names[image.index] if names is not None else f"image {image.index}"
         verdict = "match" if image.tokens_match else (
             f"DIFFER from generated token {image.first_differing_step}")
-        lines.append(f"image {image.index}: {verdict}, "
-                     f"score difference {image.score_difference:.2e}")
+        lines.append(f"{name}: {verdict}, score difference {image.score_difference:.2e}")
     lines.append(
         f"images matching: {report.images_matching}/{len(report.images)}; "
         f"captions matching: {report.captions_matching}/{report.captions}; "

@@ -50,7 +50,7 @@ def test_caption_api_matches_generate(captioner, images):
     assert output.scores.shape == (3,) and output.scores.dtype == np.float32
     assert (output.sequences[:, 0] == captioner.generation_defaults.decoder_start_token_id).all()
     assert captions == captioner.decode(output.sequences)
-    assert captioner.caption(Image.open(images[0])) == captions[:1]
+    assert captioner.caption(Image.open(images[0]), num_beams=3, max_length=10) == captions[:1]
 
 
 def test_caption_api_names_unreadable_input(captioner, images):
@@ -108,3 +108,27 @@ def test_cli_missing_model_is_one_line(images, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"flax-captioner: error: {tmp_path / 'missing'}: no such directory")
+
+
+def test_cli_parity_on_shipped_checkpoint(tmp_path):
+    """The parity tool on a Flax-only directory (PyTorch gets the same weights)."""
+    repo = Path(__file__).resolve().parents[1]
+    flax_only = tmp_path / "flax"
+    assert run_cli("convert", str(repo / "examples/shapes-captioner"), str(flax_only)).returncode == 0
+    images = sorted(str(path) for path in (repo / "examples/images").glob("*.png"))[:3]
+    result = run_cli("parity", "--model", str(flax_only), *images, "--num-beams", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(": ")[0] for line in lines[:3]] == images
+    assert all(": match," in line for line in lines[:3])
+    assert lines[-1].startswith("images matching: 3/3; captions matching: 3/3")
+
+
+def test_cli_parity_unreadable_image_is_one_line(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not an image")
+    result = run_cli("parity", "--model", str(repo / "examples/shapes-captioner"), str(broken))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"flax-captioner: error: {broken}:")

@@ -140,6 +140,7 @@ def test_full_grid_equals_pytorch_generate(models, overrides):
     assert_parity(models, settings_for(**overrides))
 
 
+@pytest.mark.slow  # compiles three batch buckets
 def test_image_result_is_independent_of_batch_and_bucket(models):
     model = models[1]
     generator = Generator(model.params, model.config)
