@@ -238,8 +238,9 @@ def report(measurements: list[Measurement], args: argparse.Namespace) -> dict[st
     hf_flax = by_key.get(("hf-flax", args.dtype))
     print(f"batch {args.batch_size}, num_beams {args.num_beams}, max_length "
           f"{args.max_length}, {args.repeats} timed batches; {platform.processor() or 'cpu'} "
-          f"x{os.cpu_count()}; load avg = 1-minute load before->after each run (other "
-          "processes on the cores slow every framework, PyTorch's threads most)")
+          f"x{os.cpu_count()}; load avg = 1-minute load before->after each run: other "
+          "processes on these cores slow every framework, PyTorch's most, so compare rows "
+          "measured at similar load")
     header = (f"{'framework':<10}{'dtype':<10}{'img/s':>8}{'x PyTorch':>11}{'x HF Flax':>11}"
               f"{'compile s':>11}{'first s':>9}{'peak MiB':>10}{'gen MiB':>9}  load avg")
     print(header)

@@ -37,17 +37,21 @@ def write_word_tokenizer(directory: Path, vocab_size: int) -> int:
     return eos_id
 
 
+# nlpconnect/vit-gpt2-image-captioning's preprocessor_config.json, verbatim.
+NLPCONNECT_PREPROCESSOR = {
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "ViTFeatureExtractor",
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "resample": 2,
+    "size": 224,
+}
+
+
 def write_preprocessor_config(directory: Path, image_size: int) -> None:
     """Writes the nlpconnect preprocessor config, resized to ``image_size``."""
-    config = {
-        "do_normalize": True,
-        "do_resize": True,
-        "feature_extractor_type": "ViTFeatureExtractor",
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "resample": 2,
-        "size": image_size,
-    }
+    config = {**NLPCONNECT_PREPROCESSOR, "size": image_size}
     (directory / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
 
 

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from transformers import ViTImageProcessor
 
+from checkpoints import NLPCONNECT_PREPROCESSOR
 from flax_captioner.errors import ImageReadError, ModelLoadError
 from flax_captioner.preprocess import (
     PreprocessConfig,
@@ -23,16 +24,6 @@ from flax_captioner.preprocess import (
 
 TOLERANCE = 1e-5
 
-# nlpconnect/vit-gpt2-image-captioning's preprocessor_config.json, verbatim.
-NLPCONNECT_CONFIG = {
-    "do_normalize": True,
-    "do_resize": True,
-    "feature_extractor_type": "ViTFeatureExtractor",
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-    "resample": 2,
-    "size": 224,
-}
 IMAGENET_BICUBIC_CONFIG = {
     "size": {"height": 160, "width": 200},
     "resample": 3,
@@ -113,7 +104,7 @@ MODE_FILES = [
 ]
 
 
-@pytest.mark.parametrize("config", [NLPCONNECT_CONFIG, IMAGENET_BICUBIC_CONFIG], ids=["nlpconnect", "imagenet"])
+@pytest.mark.parametrize("config", [NLPCONNECT_PREPROCESSOR, IMAGENET_BICUBIC_CONFIG], ids=["nlpconnect", "imagenet"])
 @pytest.mark.parametrize(("mode", "file_format"), MODE_FILES, ids=[f"{m}-{f}" for m, f in MODE_FILES])
 def test_every_mode_matches_the_model_card_pipeline(tmp_path, mode, file_format, config):
     path = tmp_path / f"image.{file_format.lower()}"
@@ -162,7 +153,7 @@ def odd_sized_images() -> dict[tuple[int, int], Image.Image]:
     return {size: noise_image(*size, seed=index) for index, size in enumerate(sizes)}
 
 
-@pytest.mark.parametrize("config", [NLPCONNECT_CONFIG, IMAGENET_BICUBIC_CONFIG], ids=["nlpconnect", "imagenet"])
+@pytest.mark.parametrize("config", [NLPCONNECT_PREPROCESSOR, IMAGENET_BICUBIC_CONFIG], ids=["nlpconnect", "imagenet"])
 def test_sizes_and_aspect_ratios_match(odd_sized_images, config):
     images = list(odd_sized_images.values())
     ours = preprocess(images, PreprocessConfig.from_dict(config))
@@ -213,7 +204,7 @@ def processor_fields(processor: ViTImageProcessor) -> dict:
     }
 
 
-ALL_CONFIGS = [{}, NLPCONNECT_CONFIG, IMAGENET_BICUBIC_CONFIG, *OTHER_CONFIGS]
+ALL_CONFIGS = [{}, NLPCONNECT_PREPROCESSOR, IMAGENET_BICUBIC_CONFIG, *OTHER_CONFIGS]
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda config: json.dumps(config))
@@ -223,7 +214,7 @@ def test_from_dict_reads_what_vit_image_processor_reads(config):
 
 
 def test_nlpconnect_config_reads_as_documented():
-    assert PreprocessConfig.from_dict(NLPCONNECT_CONFIG) == PreprocessConfig(
+    assert PreprocessConfig.from_dict(NLPCONNECT_PREPROCESSOR) == PreprocessConfig(
         do_resize=True,
         size=(224, 224),
         resample=2,
@@ -233,7 +224,7 @@ def test_nlpconnect_config_reads_as_documented():
         image_mean=(0.5, 0.5, 0.5),
         image_std=(0.5, 0.5, 0.5),
     )
-    assert PreprocessConfig.from_dict(NLPCONNECT_CONFIG) == PreprocessConfig()  # the defaults
+    assert PreprocessConfig.from_dict(NLPCONNECT_PREPROCESSOR) == PreprocessConfig()  # the defaults
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda config: json.dumps(config))

@@ -20,6 +20,7 @@ from transformers import GenerationMixin, GPT2Config, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from flax_captioner import search
+from flax_captioner.parity import pytorch_generate_kwargs
 from flax_captioner.search import GenerationSettings
 
 HASH_MODULUS = 1_000_003
@@ -85,15 +86,9 @@ def run_torch(table, image_seeds, settings):
     config = GPT2Config(vocab_size=VOCAB, n_embd=4, n_layer=1, n_head=1, bos_token_id=EOS,
                         eos_token_id=EOS, pad_token_id=EOS)
     model = TableLM(config, table).eval()
-    kwargs = dict(
-        max_length=settings.max_length, min_length=settings.min_length,
-        num_beams=settings.num_beams, num_return_sequences=settings.num_return_sequences,
-        length_penalty=settings.length_penalty, early_stopping=settings.early_stopping,
-        no_repeat_ngram_size=settings.no_repeat_ngram_size,
-        repetition_penalty=settings.repetition_penalty,
-        bad_words_ids=[list(word) for word in settings.bad_words_ids] or None,
-        do_sample=False, use_cache=False, output_scores=True, return_dict_in_generate=True,
-        pad_token_id=EOS, eos_token_id=EOS, bos_token_id=EOS)
+    kwargs = pytorch_generate_kwargs(settings)
+    del kwargs["decoder_start_token_id"]  # a decoder-only stub: the prompt is the start token
+    kwargs.update(use_cache=False, bos_token_id=EOS)
     batch = len(image_seeds)
     prompt = torch.full((batch, 1), EOS)
     with torch.no_grad():
