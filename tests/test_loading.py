@@ -110,12 +110,25 @@ def test_hub_unreachable_and_not_cached_is_one_line(tmp_path):
                                 "local Hugging Face cache")
 
 
-def test_hub_id_resolves_from_cache_offline(tiny_checkpoint, tmp_path, monkeypatch):
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """HF_HUB_OFFLINE=1 for one test. huggingface_hub builds its HTTP session for the offline
+    state in force at first use and caches it, so the sessions are dropped on the way out."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import reset_sessions
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    reset_sessions()
+    yield
+    monkeypatch.undo()
+    reset_sessions()
+
+
+def test_hub_id_resolves_from_cache_offline(tiny_checkpoint, tmp_path, monkeypatch, offline_hub):
     """A cached hub snapshot loads with HF_HUB_OFFLINE=1 (no network touched)."""
     import huggingface_hub
     from huggingface_hub import constants
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     cache = tmp_path / "hub"
     snapshot = cache / "models--tiny--captioner" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
