@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_captioner import decoder, search
+from flax_captioner import decoder, search, sharding
 from flax_captioner.search import GenerationSettings
 
 __all__ = ["GenerationOutput", "GenerationSettings", "Generator", "build_generate_fn",
@@ -175,9 +175,7 @@ class Generator:
                                     np.zeros((0,), np.float32))
         bucket = bucket_size(batch, self.num_shards)
         program = self.program(bucket, settings)
-        # Padding repeats the last image: in a deterministic search the copies finish with it,
-        # so they never keep the loop running.
-        padded = np.concatenate([pixel_values, np.repeat(pixel_values[-1:], bucket - batch, 0)])
+        padded = sharding.pad_to_multiple(pixel_values, bucket)
         keys = image_keys(rng if rng is not None else jax.random.PRNGKey(0), first_index, bucket)
         sequences, scores = program(self.params, padded, keys)
         return GenerationOutput(sequences=np.asarray(sequences)[:batch * rows],

@@ -150,8 +150,9 @@ def data_parallel(mode: str = "mesh",
 def pad_to_multiple(batch: np.ndarray, multiple: int) -> np.ndarray:
     """Pads ``batch [B, ...]`` along axis 0 to a multiple of ``multiple`` by repeating row 0.
 
-    Repeating a real row (rather than zeros) keeps padded rows numerically ordinary; the
-    caller drops outputs past ``B``.
+    Repeating a real row (rather than zeros) keeps padded rows numerically ordinary, and in
+    a deterministic search the copies finish with their original, so they never keep the
+    decode loop running; the caller drops outputs past ``B``.
     """
     missing = -batch.shape[0] % multiple
     if not missing:

@@ -35,7 +35,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from flax_captioner import loading, metrics, train_data
+from flax_captioner import loading, metrics, sharding, train_data
 from flax_captioner.decoder import DecoderSpec
 from flax_captioner.errors import CaptionerError, DataError, ModelLoadError
 from flax_captioner.generator import GenerationSettings, build_generate_fn
@@ -583,7 +583,7 @@ class Trainer:
             chunk = images[start: start + batch_size]
             pixels = preprocess([load_image(image) for image in chunk],
                                 self.bundle.preprocess_config)
-            padded = np.concatenate([pixels, np.repeat(pixels[:1], batch_size - len(chunk), 0)])
+            padded = sharding.pad_to_multiple(pixels, batch_size)
             ids = np.asarray(self.caption_ids_fn(params, self.placement.put_batch(padded)))
             texts = self.bundle.tokenizer.batch_decode(ids[: len(chunk)], skip_special_tokens=True)
             captions.update({image: text.strip() for image, text in zip(chunk, texts)})
