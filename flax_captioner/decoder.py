@@ -108,26 +108,32 @@ class DecoderSpec:
 class CrossKV:
     """Cross-attention keys and values of every decoder layer, one copy per image.
 
+    One array per layer rather than one stacked [L, ...] array: reading layer ``l`` of a
+    stacked array inside the compiled step copies it (4.8 MB per layer and tensor at full
+    size, ~75 ms of a ~120 ms float32 step on a 2-core CPU).
+
     Attributes:
-      key: [L, B, H, S, Dh] in the compute dtype.
-      value: [L, B, H, S, Dh] in the compute dtype.
+      key: L arrays [B, H, S, Dh] in the compute dtype.
+      value: L arrays [B, H, S, Dh] in the compute dtype.
     """
 
-    key: jax.Array
-    value: jax.Array
+    key: tuple[jax.Array, ...]
+    value: tuple[jax.Array, ...]
 
 
 @flax.struct.dataclass
 class SelfAttentionCache:
     """Fixed-length self-attention cache; slot ``t`` holds the keys/values of position ``t``.
 
+    One array per layer, like ``CrossKV``, so a step updates and reads each in place.
+
     Attributes:
-      key: [L, B, K, H, T, Dh] in the compute dtype.
-      value: [L, B, K, H, T, Dh] in the compute dtype.
+      key: L arrays [B, K, H, T, Dh] in the compute dtype.
+      value: L arrays [B, K, H, T, Dh] in the compute dtype.
     """
 
-    key: jax.Array
-    value: jax.Array
+    key: tuple[jax.Array, ...]
+    value: tuple[jax.Array, ...]
 
 
 def cast_params(params: Params, dtype: jnp.dtype) -> Params:
@@ -220,8 +226,10 @@ def encode(params: Params, pixel_values: jax.Array, spec: DecoderSpec,
         value = split_heads(_dense(normed, attention["value"], dtype))
         scores = jnp.einsum("bhqd,bhkd->bhqk", query.astype(dtype), key.astype(dtype),
                             preferred_element_type=jnp.float32) / math.sqrt(head_dim)
-        context = _softmax_attention(scores, value, "bhqk,bhkd->bqhd", dtype)
-        context = context.reshape(batch, -1, spec.encoder_hidden_size)
+        # Heads-major output, then one transpose: asking the einsum for [B, S, H, Dh] directly
+        # makes XLA:CPU pick a layout ~2x slower.
+        context = _softmax_attention(scores, value, "bhqk,bhkd->bhqd", dtype)
+        context = context.transpose(0, 2, 1, 3).reshape(batch, -1, spec.encoder_hidden_size)
         hidden = hidden + _dense(context, layer["attention"]["output"]["dense"], dtype)
         normed = _layer_norm(hidden, layer["layernorm_after"], spec.encoder_layer_norm_eps)
         intermediate = activation(_dense(normed, layer["intermediate"]["dense"], dtype))
@@ -233,7 +241,7 @@ def cross_kv(params: Params, encoder_hidden: jax.Array, spec: DecoderSpec,
              dtype: jnp.dtype = jnp.float32) -> CrossKV:
     """Cross-attention keys/values of all decoder layers from ``encoder_hidden`` [B, S, D].
 
-    Run once per image; returns ``CrossKV`` with key/value [L, B, H, S, Dh] in ``dtype``.
+    Run once per image; returns ``CrossKV`` with L keys/values [B, H, S, Dh] in ``dtype``.
     """
     batch, length = encoder_hidden.shape[:2]
     keys, values = [], []
@@ -244,17 +252,18 @@ def cross_kv(params: Params, encoder_hidden: jax.Array, spec: DecoderSpec,
         key_value = key_value.transpose(2, 0, 3, 1, 4).astype(dtype)  # [2, B, H, S, Dh]
         keys.append(key_value[0])
         values.append(key_value[1])
-    return CrossKV(key=jnp.stack(keys), value=jnp.stack(values))
+    return CrossKV(key=tuple(keys), value=tuple(values))
 
 
 def init_cache(batch: int, beams: int, max_length: int, spec: DecoderSpec,
                dtype: jnp.dtype = jnp.float32) -> SelfAttentionCache:
-    """An all-zero cache with key/value [L, B, K, H, T=max_length, Dh] in ``dtype``."""
+    """An all-zero cache with L keys/values [B, K, H, T=max_length, Dh] in ``dtype``."""
     if max_length > spec.n_positions:
         raise ValueError(f"max_length {max_length} exceeds the decoder's n_positions "
                          f"{spec.n_positions}")
-    shape = (spec.num_layers, batch, beams, spec.num_heads, max_length, spec.head_dim)
-    return SelfAttentionCache(key=jnp.zeros(shape, dtype), value=jnp.zeros(shape, dtype))
+    shape = (batch, beams, spec.num_heads, max_length, spec.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(spec.num_layers))
+    return SelfAttentionCache(key=zeros, value=zeros)
 
 
 def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
@@ -266,13 +275,13 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
       tokens: [B, K] int32, the tokens at ``position`` (the decoder start token at 0).
       position: int32 scalar; the step writes cache slot ``position`` and attends to slots
         ``<= position``.
-      cache: key/value [L, B, K, H, T, Dh].
-      cross: key/value [L, B, H, S, Dh], shared by the K beams of each image.
+      cache: L keys/values [B, K, H, T, Dh].
+      cross: L keys/values [B, H, S, Dh], shared by the K beams of each image.
     """
     gpt2 = params["decoder"]["transformer"]
     batch, beams = tokens.shape
     heads, head_dim = spec.num_heads, spec.head_dim
-    cache_length = cache.key.shape[4]
+    cache_length = cache.key[0].shape[3]
     activation = ACT2FN[spec.activation]
     scale = math.sqrt(head_dim)
 
@@ -288,20 +297,22 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
     def split_heads(x):  # [B, K, D] -> [B, K, H, Dh]
         return x.reshape(batch, beams, heads, head_dim)
 
-    cache_key, cache_value = cache.key, cache.value
+    cache_keys, cache_values = [], []
     for index in range(spec.num_layers):
         layer = gpt2["h"][str(index)]
         normed = _layer_norm(hidden, layer["ln_1"], spec.layer_norm_epsilon)
         query, key, value = jnp.split(_conv1d(normed, layer["attn"]["c_attn"], dtype), 3, -1)
-        slot = (index, 0, 0, 0, position, 0)
-        new_key = split_heads(key).astype(cache_key.dtype)[None, :, :, :, None, :]
-        new_value = split_heads(value).astype(cache_value.dtype)[None, :, :, :, None, :]
-        cache_key = jax.lax.dynamic_update_slice(cache_key, new_key, slot)
-        cache_value = jax.lax.dynamic_update_slice(cache_value, new_value, slot)
+        slot = (0, 0, 0, position, 0)
+        layer_key = jax.lax.dynamic_update_slice(
+            cache.key[index], split_heads(key).astype(dtype)[:, :, :, None, :], slot)
+        layer_value = jax.lax.dynamic_update_slice(
+            cache.value[index], split_heads(value).astype(dtype)[:, :, :, None, :], slot)
+        cache_keys.append(layer_key)
+        cache_values.append(layer_value)
         scores = jnp.einsum("bkhd,bkhtd->bkht", split_heads(query).astype(dtype),
-                            cache_key[index], preferred_element_type=jnp.float32) / scale
+                            layer_key, preferred_element_type=jnp.float32) / scale
         scores = jnp.where(visible, scores, mask_value)
-        context = _softmax_attention(scores, cache_value[index], "bkht,bkhtd->bkhd", dtype)
+        context = _softmax_attention(scores, layer_value, "bkht,bkhtd->bkhd", dtype)
         hidden = hidden + _conv1d(context.reshape(batch, beams, -1), layer["attn"]["c_proj"],
                                   dtype)
 
@@ -310,7 +321,11 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
         query = split_heads(_conv1d(normed, cross_attention["q_attn"], dtype))
         scores = jnp.einsum("bkhd,bhsd->bkhs", query.astype(dtype), cross.key[index],
                             preferred_element_type=jnp.float32) / scale
-        context = _softmax_attention(scores, cross.value[index], "bkhs,bhsd->bkhd", dtype)
+        # A float32 multiply-reduce over S, not an einsum: with only K query rows per (image,
+        # head), XLA:CPU runs the einsum as B x H tiny matmuls, ~6x slower.
+        probs = jax.nn.softmax(scores, axis=-1)  # [B, K, H, S]
+        context = jnp.sum(probs[..., None] * cross.value[index][:, None].astype(jnp.float32),
+                          axis=-2)  # [B, K, H, Dh]
         hidden = hidden + _conv1d(context.reshape(batch, beams, -1), cross_attention["c_proj"],
                                   dtype)
 
@@ -322,18 +337,18 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
     # The lm_head is tied to wte: [B, K, D] x [V, D] -> [B, K, V].
     logits = jax.lax.dot_general(normed.astype(dtype), wte.astype(dtype),
                                  (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return logits, SelfAttentionCache(key=cache_key, value=cache_value)
+    return logits, SelfAttentionCache(key=tuple(cache_keys), value=tuple(cache_values))
 
 
 def reorder_cache(cache: SelfAttentionCache, beam_indices: jax.Array) -> SelfAttentionCache:
-    """Selects beams: ``beam_indices`` [B, K'] int32 into a cache [L, B, K, H, T, Dh].
+    """Selects beams: ``beam_indices`` [B, K'] int32 into a cache of L arrays [B, K, H, T, Dh].
 
-    Returns [L, B, K', H, T, Dh]; with K = 1 and zero indices this expands the single live
-    beam of step one to K' beams.
+    Returns L arrays [B, K', H, T, Dh]; with K = 1 and zero indices this expands the single
+    live beam of step one to K' beams.
     """
-    indices = beam_indices[None, :, :, None, None, None]
+    indices = beam_indices[:, :, None, None, None]
 
     def select(x):
-        return jnp.take_along_axis(x, indices, axis=2, mode="clip")
+        return jnp.take_along_axis(x, indices, axis=1, mode="clip")
 
-    return SelfAttentionCache(key=select(cache.key), value=select(cache.value))
+    return jax.tree_util.tree_map(select, cache)
