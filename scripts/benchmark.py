@@ -3,7 +3,10 @@
 All frameworks caption the same seeded random pixels with the same weights (a full-size
 random-weight model of the nlpconnect architecture, ViT-B/16 + GPT-2 12x768, vocab 50257,
 unless --checkpoint names a directory) and the same beam-search settings. Each framework runs
-in its own subprocess, so its memory numbers are its own:
+in its own subprocess, so its memory numbers are its own. The processes load, compile and warm
+up one at a time, then take turns: timed batch r of every framework runs before batch r + 1 of
+any, in a rotating order, so a slow spell of a shared machine hits all of them alike rather
+than whichever ran during it.
 
   peak RSS               ru_maxrss of the process: loading, compilation and generation
   generate peak RSS      the RSS high-water of the timed generate calls alone: after warm-up,
@@ -166,9 +169,13 @@ def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str):
 PREPARE = {"pytorch": prepare_pytorch, "hf-flax": prepare_hf_flax, "ours": prepare_ours}
 
 
+READY, TIMED = "@benchmark ready", "@benchmark seconds"
+
+
 def measure(framework: str, dtype: str, directory: Path,
             args: argparse.Namespace) -> Measurement:
-    """Runs in the worker process: load, compile, one warm-up call, ``repeats`` timed calls."""
+    """Runs in the worker process: load, compile, one warm-up call, then one timed call per
+    ``run`` line on stdin (answering ``TIMED <seconds>``) until stdin says ``finish``."""
     if dtype == "float32" and framework != "pytorch":
         import jax
 
@@ -179,7 +186,13 @@ def measure(framework: str, dtype: str, directory: Path,
     pixels = seeded_pixels(args.batch_size, image_size_of(directory), args.seed)
     sequences, first_call = timed(lambda: generate(pixels))
     has_reset = reset_peak_rss()
-    batch_seconds = [timed(lambda: generate(pixels))[1] for _ in range(args.repeats)]
+    print(READY, flush=True)
+    batch_seconds = []
+    for command in sys.stdin:
+        if command.strip() != "run":
+            break
+        batch_seconds.append(timed(lambda: generate(pixels))[1])
+        print(f"{TIMED} {batch_seconds[-1]}", flush=True)
     return Measurement(
         framework=framework, dtype=dtype,
         images_per_second=args.batch_size / float(np.median(batch_seconds)),
@@ -196,20 +209,46 @@ def image_size_of(directory: Path) -> int:
     return int(config["encoder"]["image_size"])
 
 
-def run_worker(framework: str, dtype: str, directory: Path,
-               args: argparse.Namespace) -> Measurement:
-    """Measures one framework in a fresh Python process; returns its Measurement."""
-    with tempfile.TemporaryDirectory() as scratch:
-        result = Path(scratch) / "result.json"
+class Worker:
+    """One framework measured in its own Python process, driven over its stdin/stdout."""
+
+    def __init__(self, framework: str, dtype: str, directory: Path, args: argparse.Namespace,
+                 scratch: Path):
+        self.name = f"{framework} ({dtype})"
+        self.result = scratch / f"{framework}-{dtype}.json"
+        self.stderr = (scratch / f"{framework}-{dtype}.log").open("w+")
         command = [sys.executable, __file__, "--checkpoint", str(directory),
                    "--batch-size", str(args.batch_size), "--num-beams", str(args.num_beams),
                    "--max-length", str(args.max_length), "--repeats", str(args.repeats),
                    "--seed", str(args.seed), "--worker", framework, "--dtype", dtype,
-                   "--worker-result", str(result)]
-        completed = subprocess.run(command, stderr=subprocess.PIPE, text=True)
-        if completed.returncode != 0:
-            raise SystemExit(f"{framework} ({dtype}) failed:\n{completed.stderr[-3000:]}")
-        return Measurement(**json.loads(result.read_text()))
+                   "--worker-result", str(self.result)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.stderr, text=True)
+
+    def expect(self, prefix: str) -> str:
+        """The rest of the worker's next stdout line starting with ``prefix`` (other output
+        of the libraries is skipped); exits with the worker's stderr if it died first."""
+        for line in self.process.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        self.fail()
+
+    def fail(self) -> None:
+        self.process.wait()
+        self.stderr.seek(0)
+        raise SystemExit(f"{self.name} failed:\n{self.stderr.read()[-3000:]}")
+
+    def run_batch(self) -> float:
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return float(self.expect(TIMED))
+
+    def finish(self) -> Measurement:
+        self.process.stdin.write("finish\n")
+        self.process.stdin.close()
+        if self.process.wait() != 0:
+            self.fail()
+        return Measurement(**json.loads(self.result.read_text()))
 
 
 def build_checkpoint(directory: Path) -> Path:
@@ -238,9 +277,8 @@ def report(measurements: list[Measurement], args: argparse.Namespace) -> dict[st
     hf_flax = by_key.get(("hf-flax", args.dtype))
     print(f"batch {args.batch_size}, num_beams {args.num_beams}, max_length "
           f"{args.max_length}, {args.repeats} timed batches; {platform.processor() or 'cpu'} "
-          f"x{os.cpu_count()}; load avg = 1-minute load before->after each run: other "
-          "processes on these cores slow every framework, PyTorch's most, so compare rows "
-          "measured at similar load")
+          f"x{os.cpu_count()}; timed batches interleaved across frameworks; load avg = "
+          "1-minute load at each worker's start->end")
     header = (f"{'framework':<10}{'dtype':<10}{'img/s':>8}{'x PyTorch':>11}{'x HF Flax':>11}"
               f"{'compile s':>11}{'first s':>9}{'peak MiB':>10}{'gen MiB':>9}  load avg")
     print(header)
@@ -319,10 +357,18 @@ def main(argv: list[str] | None = None) -> None:
                 for framework in args.frameworks.split(",")]
         if "ours" in args.frameworks.split(",") and not args.no_dtype_check:
             runs.append(("ours", "bfloat16" if args.dtype == "float32" else "float32"))
-        measurements = []
+        workers = []
         for framework, dtype in runs:
-            print(f"running {framework} ({dtype}) ...", file=sys.stderr, flush=True)
-            measurements.append(run_worker(framework, dtype, directory, args))
+            print(f"loading, compiling, warming up {framework} ({dtype}) ...", file=sys.stderr,
+                  flush=True)
+            workers.append(Worker(framework, dtype, directory, args, Path(scratch)))
+            workers[-1].expect(READY)
+        for repeat in range(args.repeats):
+            turn = workers[repeat % len(workers):] + workers[:repeat % len(workers)]
+            print(f"timed batch {repeat + 1}/{args.repeats}: "
+                  + ", ".join(f"{worker.name} {worker.run_batch():.2f} s" for worker in turn),
+                  file=sys.stderr, flush=True)
+        measurements = [worker.finish() for worker in workers]
     results = report(measurements, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
