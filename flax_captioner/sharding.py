@@ -90,6 +90,18 @@ class MeshDataParallel:
     def replicate(self, params: Any) -> Any:
         return jax.device_put(params, self.replicated)
 
+    def padded_size(self, rows: int) -> int:
+        """``rows`` rounded up to a multiple of ``num_shards``."""
+        return -(-rows // self.num_shards) * self.num_shards
+
+    def put_batch(self, batch: Any) -> Any:
+        """Splits a pytree of host arrays (batch axis 0) over the mesh.
+
+        Explicit placement: under jax.distributed, jit refuses host arrays for sharded
+        inputs, while device_put onto local devices is always allowed.
+        """
+        return jax.device_put(batch, self.batch_split)
+
     def wrap(self, fn: BatchFn) -> BatchFn:
         # The batch args travel as one tuple so a single sharding prefix covers any number.
         compiled = jax.jit(
@@ -99,9 +111,7 @@ class MeshDataParallel:
 
         def sharded(params: Any, *batch_args: Any) -> Any:
             _check_divisible(batch_args, self.num_shards)
-            # Explicit placement: under jax.distributed, jit refuses host arrays for sharded
-            # inputs, while device_put onto local devices is always allowed.
-            return compiled(params, jax.device_put(batch_args, self.batch_split))
+            return compiled(params, self.put_batch(batch_args))
 
         return sharded
 

@@ -32,7 +32,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from flax_captioner import loading, metrics, sharding, train_data
@@ -42,8 +41,6 @@ from flax_captioner.generator import GenerationSettings, build_generate_fn
 from flax_captioner.preprocess import PreprocessConfig, load_image, preprocess
 
 logger = logging.getLogger(__name__)
-
-DATA_AXIS = "data"
 
 
 class NonFiniteLossError(CaptionerError):
@@ -344,36 +341,6 @@ def make_caption_fn(model_config: Any, *, num_beams: int, max_length: int
     return jax.jit(caption_ids)
 
 
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """Where arrays live: parameters replicated, batches split along the data axis."""
-
-    mesh: Mesh
-    replicated: NamedSharding
-    batch: NamedSharding
-
-    @classmethod
-    def over_local_devices(cls) -> "Placement":
-        return cls.over_devices(jax.local_devices())
-
-    @classmethod
-    def over_devices(cls, devices: list[jax.Device]) -> "Placement":
-        mesh = Mesh(np.array(devices), (DATA_AXIS,))
-        return cls(mesh, NamedSharding(mesh, PartitionSpec()),
-                   NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
-
-    @property
-    def num_devices(self) -> int:
-        return self.mesh.size
-
-    def padded_batch_size(self, batch_size: int) -> int:
-        """``batch_size`` rounded up to a multiple of the device count."""
-        return -(-batch_size // self.num_devices) * self.num_devices
-
-    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return jax.device_put(batch, self.batch)
-
-
 def _pad_indices(indices: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([indices, np.full(size - len(indices), -1, indices.dtype)])
 
@@ -456,7 +423,7 @@ class Trainer:
             metrics.require_scorers()  # before hours of training, not at the first evaluation
             self.validation_set = self._load(config.validation_file)
         self.plan = plan_run(config, len(self.train_set))
-        self.placement = Placement.over_local_devices()
+        self.placement = sharding.MeshDataParallel(jax.local_devices())
         self.optimizer = make_optimizer(config, self.plan.total_steps)
         self.schedule = learning_rate_schedule(config, self.plan.total_steps)
         model = self.bundle.model
@@ -493,7 +460,7 @@ class Trainer:
         epoch, batch = self.plan.position(micro_step)
         indices = train_data.epoch_batch_indices(
             len(self.train_set), self.config.batch_size, seed=self.config.seed, epoch=epoch)[batch]
-        indices = _pad_indices(indices, self.placement.padded_batch_size(self.config.batch_size))
+        indices = _pad_indices(indices, self.placement.padded_size(self.config.batch_size))
         return train_data.make_batch(self.train_set, indices)
 
     def run(self) -> TrainResult:
@@ -558,7 +525,7 @@ class Trainer:
     def evaluate(self, params: Any, step: int, train_loss: float) -> EvalResult:
         """Validation loss, beam-search captions and their scores; logged and written."""
         dataset = self.validation_set
-        size = self.placement.padded_batch_size(self.config.eval_batch_size)
+        size = self.placement.padded_size(self.config.eval_batch_size)
         loss_sum, count = 0.0, 0.0
         for start in range(0, len(dataset), size):
             indices = _pad_indices(np.arange(start, min(start + size, len(dataset))), size)

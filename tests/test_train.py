@@ -285,7 +285,8 @@ def test_coco_captions_file_with_image_root(tmp_path):
 STEP_SCRIPT = textwrap.dedent("""
     import sys, jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    from flax_captioner.train import Placement, Trainer, TrainConfig, initial_state
+    from flax_captioner.sharding import MeshDataParallel
+    from flax_captioner.train import Trainer, TrainConfig, initial_state
     config = TrainConfig(train_file=sys.argv[1], model=sys.argv[2], output_dir=sys.argv[3],
                          batch_size=6, max_target_length=6, max_steps=2, learning_rate=1e-3,
                          weight_decay=0.01, progress=False)
@@ -293,7 +294,7 @@ STEP_SCRIPT = textwrap.dedent("""
     assert len(jax.devices()) == 4, jax.devices()
     results = {}
     for count in (1, 2, 4):
-        trainer.placement = Placement.over_devices(jax.devices()[:count])
+        trainer.placement = MeshDataParallel(jax.devices()[:count])
         state = jax.device_put(initial_state(trainer.bundle.model.params, trainer.optimizer, 0),
                                trainer.placement.replicated)
         batch = trainer.placement.put_batch(trainer.train_batch(0))
