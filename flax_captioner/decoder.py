@@ -303,10 +303,11 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
         normed = _layer_norm(hidden, layer["ln_1"], spec.layer_norm_epsilon)
         query, key, value = jnp.split(_conv1d(normed, layer["attn"]["c_attn"], dtype), 3, -1)
         slot = (0, 0, 0, position, 0)
+        layer_key, layer_value = cache.key[index], cache.value[index]
         layer_key = jax.lax.dynamic_update_slice(
-            cache.key[index], split_heads(key).astype(dtype)[:, :, :, None, :], slot)
+            layer_key, split_heads(key).astype(layer_key.dtype)[:, :, :, None, :], slot)
         layer_value = jax.lax.dynamic_update_slice(
-            cache.value[index], split_heads(value).astype(dtype)[:, :, :, None, :], slot)
+            layer_value, split_heads(value).astype(layer_value.dtype)[:, :, :, None, :], slot)
         cache_keys.append(layer_key)
         cache_values.append(layer_value)
         scores = jnp.einsum("bkhd,bkhtd->bkht", split_heads(query).astype(dtype),

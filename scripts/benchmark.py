@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 
@@ -219,9 +219,8 @@ class Worker:
         self.stderr = (scratch / f"{framework}-{dtype}.log").open("w+")
         command = [sys.executable, __file__, "--checkpoint", str(directory),
                    "--batch-size", str(args.batch_size), "--num-beams", str(args.num_beams),
-                   "--max-length", str(args.max_length), "--repeats", str(args.repeats),
-                   "--seed", str(args.seed), "--worker", framework, "--dtype", dtype,
-                   "--worker-result", str(self.result)]
+                   "--max-length", str(args.max_length), "--seed", str(args.seed),
+                   "--worker", framework, "--dtype", dtype, "--worker-result", str(self.result)]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self.stderr, text=True)
 
@@ -233,7 +232,7 @@ class Worker:
                 return line[len(prefix):].strip()
         self.fail()
 
-    def fail(self) -> None:
+    def fail(self) -> NoReturn:
         self.process.wait()
         self.stderr.seek(0)
         raise SystemExit(f"{self.name} failed:\n{self.stderr.read()[-3000:]}")
@@ -248,6 +247,7 @@ class Worker:
         self.process.stdin.close()
         if self.process.wait() != 0:
             self.fail()
+        self.stderr.close()
         return Measurement(**json.loads(self.result.read_text()))
 
 
