@@ -118,7 +118,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from flax_captioner.pipeline import merge_shards
+    from flax_captioner.writers import merge_shards
 
     merge_shards(args.output)
     return 0

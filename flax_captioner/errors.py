@@ -1,13 +1,41 @@
-"""Typed errors: each carries a one-line message naming the input and the cause."""
+"""Typed errors: each carries a one-line message naming the input and the cause.
+
+Library messages describe the problem in library terms. Where a user can fix it by asking
+for something different, the error names that remedy in ``fix`` (a key of ``FIXES``), and
+the command line turns it into a flag hint; the Python API keeps the plain message.
+"""
 
 from __future__ import annotations
+
+from typing import Any
+
+# fix key -> what it means, in library terms (the CLI maps each key to its flags).
+FIXES = {
+    "start_over": "start over instead of resuming (resume=False)",
+    "other_output": "write to another output",
+    "overwrite": "replace the existing checkpoint (overwrite=True)",
+    "resume_processes": "resume the processes that stopped, then merge",
+    "lower_learning_rate": "lower the learning rate or add warmup steps",
+    "smaller_batch": "use a smaller batch size",
+}
 
 
 class CaptionerError(Exception):
     """Base class of every error this package raises on purpose.
 
-    The command line prints ``str(error)`` as one line and exits without a traceback.
+    The command line prints ``str(error)`` as one line (plus a flag hint for ``fix``) and
+    exits without a traceback.
+
+    Attributes:
+      fix: keys of ``FIXES`` a user can apply; empty when nothing but other input helps.
     """
+
+    def __init__(self, message: str, *, fix: tuple[str, ...] = ()):
+        super().__init__(message)
+        unknown = set(fix) - set(FIXES)
+        if unknown:
+            raise ValueError(f"unknown fix keys {sorted(unknown)}")
+        self.fix = tuple(fix)
 
 
 class ModelLoadError(CaptionerError):
@@ -29,4 +57,26 @@ class ImageReadError(CaptionerError):
 
 
 class DataError(CaptionerError):
-    """A training or evaluation dataset is unusable (missing column, empty, unreadable file)."""
+    """Inputs or a dataset are unusable (a glob matching nothing, a missing column, empty)."""
+
+
+class OutputError(CaptionerError):
+    """The output cannot be written, or holds something other than this pipeline's rows."""
+
+
+class PipelineInterrupted(CaptionerError):
+    """SIGINT or SIGTERM stopped the run after a clean flush; running it again resumes.
+
+    Attributes:
+      signal_number: the signal that stopped the run.
+      stats: what was done before the signal (a ``pipeline.PipelineStats``).
+    """
+
+    def __init__(self, message: str, stats: Any, signal_number: int):
+        super().__init__(message)
+        self.stats = stats
+        self.signal_number = signal_number
+
+
+class NonFiniteLossError(CaptionerError):
+    """Training produced a NaN or infinite loss, gradient or parameter; nothing was saved."""

@@ -96,21 +96,20 @@ class Generator:
       model_or_params: a ``FlaxVisionEncoderDecoderModel`` or its ``params`` tree.
       config: the ``VisionEncoderDecoderConfig``.
       dtype: matmul compute dtype: ``jnp.float32`` (parity) or ``jnp.bfloat16`` (fast).
-      data_parallel: a ``sharding.DataParallel`` placement; ``None`` runs ``jax.jit`` on the
-        default device with ahead-of-time compilation.
+      data_parallel: a ``sharding.DataParallel`` placement; ``None`` places everything on
+        the first local device (``sharding.SingleDevice``).
     """
 
     def __init__(self, model_or_params: Any, config: Any, *, dtype: Any = jnp.float32,
-                 data_parallel: Any = None):
+                 data_parallel: sharding.DataParallel | None = None):
         params = getattr(model_or_params, "params", model_or_params)
         self.spec = decoder.DecoderSpec.from_config(config)
         self.dtype = jnp.dtype(dtype)
         if self.dtype != jnp.float32:
             params = decoder.cast_params(params, self.dtype)
-        self.data_parallel = data_parallel
-        self.num_shards = data_parallel.num_shards if data_parallel is not None else 1
-        self.params = (data_parallel.replicate(params) if data_parallel is not None
-                       else jax.device_put(params))
+        self.data_parallel = data_parallel or sharding.SingleDevice()
+        self.num_shards = self.data_parallel.num_shards
+        self.params = self.data_parallel.replicate(params)
         self._programs: dict[tuple[int, GenerationSettings, Any], Callable] = {}
 
     def check(self, settings: GenerationSettings) -> None:
@@ -135,15 +134,7 @@ class Generator:
         if key not in self._programs:
             self.check(settings)
             generate_fn = build_generate_fn(self.spec, settings, self.dtype)
-            if self.data_parallel is not None:
-                self._programs[key] = self.data_parallel.wrap(generate_fn)
-            else:
-                size = self.spec.image_size
-                pixels = jax.ShapeDtypeStruct((bucket, self.spec.num_channels, size, size),
-                                              jnp.float32)
-                keys = jax.ShapeDtypeStruct((bucket, 2), jnp.uint32)
-                self._programs[key] = (jax.jit(generate_fn)
-                                       .lower(self.params, pixels, keys).compile())
+            self._programs[key] = self.data_parallel.wrap(generate_fn)
         return self._programs[key]
 
     def generate(self, pixel_values: np.ndarray | jax.Array, settings: GenerationSettings, *,

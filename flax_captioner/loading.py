@@ -300,8 +300,8 @@ def convert(
         raise ModelLoadError(f"{destination}: exists and is not a directory")
     if not overwrite and destination.is_dir() and any(
             (destination / name).exists() for name in ("config.json", *WEIGHT_FILES)):
-        raise ModelLoadError(f"{destination}: already holds a checkpoint; pass --overwrite "
-                             "to replace it")
+        raise ModelLoadError(f"{destination}: already holds a checkpoint",
+                             fix=("overwrite",))
     loaded = load_checkpoint(source, revision=revision)
     return save_checkpoint(loaded.model, loaded.tokenizer, loaded.preprocess_config,
                            destination, flax=not to_pytorch, pytorch=to_pytorch)

@@ -30,32 +30,18 @@ import numpy as np
 from tqdm import tqdm
 
 from flax_captioner import sharding
-from flax_captioner.errors import CaptionerError, ImageReadError
+from flax_captioner.errors import ImageReadError, OutputError, PipelineInterrupted
 from flax_captioner.preprocess import PreprocessConfig
 from flax_captioner.sources import InputItem, check_inputs, decode_item, iter_inputs
-from flax_captioner.writers import (OutputError, Row, RowWriter, check_writable, count_rows,
-                                    format_score, open_writer, read_rows, resolve_format,
-                                    write_rows)
+from flax_captioner.writers import (Row, RowWriter, check_writable, format_score, merge_shards,
+                                    open_writer, part_path, resolve_format)
 
-_PART_PATTERN = re.compile(r"\.part-(\d{5})-of-(\d{5})$")
 # Decoded batches waiting for the device; more only holds memory without adding overlap.
 _READY_BATCHES = 2
 # Without a terminal, a progress bar appears only for runs at least this long (a log line).
 _PROGRESS_DELAY_SECONDS = 30.0
 
 Item = TypeVar("Item")
-
-
-class PipelineInterrupted(CaptionerError):
-    """SIGINT or SIGTERM stopped the run after a clean flush; running it again resumes.
-
-    Attributes:
-      stats: what was done before the signal.
-    """
-
-    def __init__(self, message: str, stats: PipelineStats):
-        super().__init__(message)
-        self.stats = stats
 
 
 @dataclasses.dataclass
@@ -115,11 +101,6 @@ class InputBatch:
     errors: list[str | None]
     pixel_values: np.ndarray
     decode_seconds: float
-
-
-def part_path(output: str, process_index: int, process_count: int) -> str:
-    """Where process ``process_index`` of ``process_count`` writes its share of ``output``."""
-    return f"{output}.part-{process_index:05d}-of-{process_count:05d}"
 
 
 def check_run(inputs: Sequence[str], output: str | None,
@@ -193,8 +174,8 @@ def run_pipeline(
     target = output if process_count == 1 or output is None else part_path(
         output, process_index, process_count)
     if target != output and resume and os.path.exists(output) and not os.path.exists(target):
-        raise OutputError(f"{output}: already holds the merged output of a finished run; "
-                          "write to another output or start over (--no-resume)")
+        raise OutputError(f"{output}: already holds the merged output of a finished run",
+                          fix=("other_output", "start_over"))
     writer = open_writer(target, output_format, resume=resume and output is not None,
                          flush_seconds=flush_seconds)
     stats = PipelineStats(resumed=writer.rows_done,
@@ -227,7 +208,7 @@ def run_pipeline(
         raise PipelineInterrupted(
             f"interrupted: {stats.captioned + stats.errors} rows written this run"
             f" ({stats.resumed + stats.captioned + stats.errors} in "
-            f"{target or 'stdout'}){where}", stats)
+            f"{target or 'stdout'}){where}", stats, stop_signal.signal_number)
     if process_count > 1:
         # Every process has closed its part; process 0 interleaves them into one file.
         from jax.experimental import multihost_utils
@@ -248,7 +229,7 @@ def _skip_done(items: Iterator[InputItem], writer: RowWriter, target: str | None
     if skipped < writer.rows_done or last.image != writer.last_image:
         raise OutputError(
             f"{target}: holds {writer.rows_done} rows ending with {writer.last_image!r}, which "
-            "do not match these inputs; write to another output or start over (--no-resume)")
+            "do not match these inputs", fix=("other_output", "start_over"))
 
 
 def _caption_batches(captioner: Any, batches: Iterator[InputBatch], writer: RowWriter,
@@ -419,6 +400,7 @@ def _stop_on_signals(stop_signal: threading.Event) -> Iterator[None]:
     def request_stop(signum: int, frame: Any) -> None:
         if stop_signal.is_set():
             raise KeyboardInterrupt
+        stop_signal.signal_number = signum
         stop_signal.set()
         print(f"\n{signal.Signals(signum).name}: finishing the current batch and flushing the "
               "output (send it again to stop at once)", file=sys.stderr)
@@ -440,55 +422,3 @@ def _progress_bar(show: bool, requested: bool | None) -> Iterator[tqdm]:
               mininterval=0.1 if on_terminal else _PROGRESS_DELAY_SECONDS,
               dynamic_ncols=True) as bar:
         yield bar
-
-
-def merge_shards(output: str, output_format: str | None = None) -> int:
-    """Interleaves the per-process parts of a multi-process run into ``output``, in input
-    order, then removes the parts; returns the row count.
-
-    Process i of n captioned inputs i, i + n, i + 2n ... (``sharding.process_slice``), so
-    taking one row from each part in turn restores the input order.
-
-    Raises:
-      OutputError: no parts, a part missing, or a part with the wrong number of rows (its
-        process has not finished: run it again to resume, then merge).
-    """
-    output_format = resolve_format(output, output_format)
-    parts = _find_parts(output)
-    counts = [count_rows(part, output_format) for part in parts]
-    total = sum(counts)
-    expected = [len(range(index, total, len(parts))) for index in range(len(parts))]
-    if counts != expected:
-        raise OutputError(
-            f"{output}: part row counts {counts} cannot come from one finished run "
-            f"(expected {expected}); resume the processes that stopped, then merge")
-    readers = [read_rows(part, output_format) for part in parts]
-    missing = object()
-    rows = (row for group in itertools.zip_longest(*readers, fillvalue=missing)
-            for row in group if row is not missing)
-    written = write_rows(output, output_format, rows)
-    for part in parts:
-        os.remove(part)
-    return written
-
-
-def _find_parts(output: str) -> list[str]:
-    candidates = glob.glob(f"{glob.escape(output)}.part-*-of-*")
-    numbered = {}
-    for path in candidates:
-        match = _PART_PATTERN.search(path)
-        if match and os.path.isfile(path):
-            numbered[path] = (int(match.group(1)), int(match.group(2)))
-    if not numbered:
-        raise OutputError(f"{output}: no part files {output}.part-NNNNN-of-NNNNN to merge")
-    counts = {count for _, count in numbered.values()}
-    if len(counts) > 1:
-        raise OutputError(f"{output}: parts from runs with different process counts "
-                          f"{sorted(counts)}")
-    count = counts.pop()
-    by_index = {index: path for path, (index, _) in numbered.items()}
-    missing = [index for index in range(count) if index not in by_index]
-    if missing:
-        raise OutputError(f"{output}: parts {missing} of {count} are missing or unfinished; "
-                          "resume those processes, then merge")
-    return [by_index[index] for index in range(count)]

@@ -46,8 +46,19 @@ class DataParallel(Protocol):
     def replicate(self, params: Any) -> Any:
         """Places ``params`` where the wrapped functions expect them."""
 
+    def padded_size(self, rows: int) -> int:
+        """``rows`` rounded up to a multiple of ``num_shards``."""
+
+    def put_batch(self, batch: Any) -> Any:
+        """Places a pytree of global host arrays (batch axis 0) as the wrapped functions take
+        them; the row count must be a multiple of ``num_shards``."""
+
     def wrap(self, fn: BatchFn) -> BatchFn:
         """Compiles ``fn`` for this placement."""
+
+
+def _padded_size(rows: int, num_shards: int) -> int:
+    return -(-rows // num_shards) * num_shards
 
 
 def _check_divisible(batch_args: Sequence[Any], num_shards: int) -> None:
@@ -69,11 +80,17 @@ class SingleDevice:
     def replicate(self, params: Any) -> Any:
         return jax.device_put(params, self.device)
 
+    def padded_size(self, rows: int) -> int:
+        return rows
+
+    def put_batch(self, batch: Any) -> Any:
+        return jax.device_put(batch, self.device)
+
     def wrap(self, fn: BatchFn) -> BatchFn:
         compiled = jax.jit(fn)
 
         def on_device(params: Any, *batch_args: Any) -> Any:
-            return compiled(params, *jax.device_put(batch_args, self.device))
+            return compiled(params, *self.put_batch(batch_args))
 
         return on_device
 
@@ -91,8 +108,7 @@ class MeshDataParallel:
         return jax.device_put(params, self.replicated)
 
     def padded_size(self, rows: int) -> int:
-        """``rows`` rounded up to a multiple of ``num_shards``."""
-        return -(-rows // self.num_shards) * self.num_shards
+        return _padded_size(rows, self.num_shards)
 
     def put_batch(self, batch: Any) -> Any:
         """Splits a pytree of host arrays (batch axis 0) over the mesh.
@@ -125,6 +141,13 @@ class PmapDataParallel:
 
     def replicate(self, params: Any) -> Any:
         return jax_utils.replicate(params, devices=self.devices)
+
+    def padded_size(self, rows: int) -> int:
+        return _padded_size(rows, self.num_shards)
+
+    def put_batch(self, batch: Any) -> Any:
+        """Host arrays stay on the host: the wrapped ``pmap`` splits them over devices."""
+        return batch
 
     def wrap(self, fn: BatchFn) -> BatchFn:
         mapped = jax.pmap(lambda params, batch_args: fn(params, *batch_args),

@@ -36,15 +36,11 @@ from tqdm.auto import tqdm
 
 from flax_captioner import loading, metrics, sharding, train_data
 from flax_captioner.decoder import DecoderSpec
-from flax_captioner.errors import CaptionerError, DataError, ModelLoadError
+from flax_captioner.errors import DataError, ModelLoadError, NonFiniteLossError
 from flax_captioner.generator import GenerationSettings, build_generate_fn
 from flax_captioner.preprocess import PreprocessConfig, load_image, preprocess
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(CaptionerError):
-    """Training produced a NaN or infinite loss, gradient or parameter; nothing was saved."""
 
 
 def _field(default: Any, help_text: str) -> Any:
@@ -485,7 +481,8 @@ class Trainer:
                 state, step_metrics = self.train_step_fn(state, batch)
                 loss = float(step_metrics["loss"])
                 if not bool(step_metrics["finite"]):
-                    raise NonFiniteLossError(self._divergence_message(manager, step, loss))
+                    raise NonFiniteLossError(self._divergence_message(manager, step, loss),
+                                             fix=("lower_learning_rate",))
                 recent_losses = (recent_losses + [loss])[-20 * accumulation:]
                 if (micro_step + 1) % accumulation:
                     continue
@@ -519,8 +516,7 @@ class Trainer:
         kept = (f"the last good checkpoint (step {last_good}) in {manager.directory} is intact"
                 if last_good is not None else "no checkpoint had been saved yet")
         return (f"{self.config.train_file}: training diverged at step {step + 1} (loss {loss}, "
-                f"or a gradient or parameter, is not finite); stopped without saving; {kept}; "
-                "lower --learning-rate or raise --warmup-steps")
+                f"or a gradient or parameter, is not finite); stopped without saving; {kept}")
 
     def evaluate(self, params: Any, step: int, train_loss: float) -> EvalResult:
         """Validation loss, beam-search captions and their scores; logged and written."""

@@ -15,8 +15,10 @@ items done.
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -28,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flax_captioner.errors import CaptionerError
+from flax_captioner.errors import OutputError
 
 FORMATS = ("jsonl", "parquet")
 PARQUET_SCHEMA = pa.schema([
@@ -40,12 +42,9 @@ PARQUET_SCHEMA = pa.schema([
 Row = dict[str, Any]
 
 _PARQUET_SUFFIXES = (".parquet", ".pq")
+_PART_PATTERN = re.compile(r"\.part-(\d{5})-of-(\d{5})$")
 _READ_BATCH_ROWS = 4096
 _ROW_GROUP_ROWS = 65536
-
-
-class OutputError(CaptionerError):
-    """The output cannot be written, or holds something other than this pipeline's rows."""
 
 
 def resolve_format(output: str | None, output_format: str | None) -> str:
@@ -197,8 +196,8 @@ def _row_image(path: str, line: bytes) -> str:
         return str(row["image"])
     except (ValueError, KeyError, TypeError):
         raise OutputError(
-            f"{path}: exists but its last line is not a caption row; write to another output "
-            "or start over (--no-resume)") from None
+            f"{path}: exists but its last line is not a caption row",
+            fix=("other_output", "start_over")) from None
 
 
 class ParquetChunkWriter:
@@ -243,8 +242,8 @@ class ParquetChunkWriter:
                 pq.ParquetFile(self.path).schema_arrow.field("image")
             except (pa.ArrowException, KeyError, OSError):
                 raise OutputError(
-                    f"{self.path}: exists but is not a Parquet file of caption rows; write to "
-                    "another output or start over (--no-resume)") from None
+                    f"{self.path}: exists but is not a Parquet file of caption rows",
+                    fix=("other_output", "start_over")) from None
             os.replace(self.path, self._chunk_name(0))
 
     def _chunks(self) -> list[str]:
@@ -363,3 +362,60 @@ def write_rows(path: str, output_format: str, rows: Iterable[Row]) -> int:
         os.fsync(handle.fileno())
     os.replace(temporary, path)
     return count
+
+
+def part_path(output: str, process_index: int, process_count: int) -> str:
+    """Where process ``process_index`` of ``process_count`` writes its share of ``output``."""
+    return f"{output}.part-{process_index:05d}-of-{process_count:05d}"
+
+
+def merge_shards(output: str, output_format: str | None = None) -> int:
+    """Interleaves the per-process parts of a multi-process run into ``output``, in input
+    order, then removes the parts; returns the row count.
+
+    Process i of n captioned inputs i, i + n, i + 2n ... (``sharding.process_slice``), so
+    taking one row from each part in turn restores the input order.
+
+    Raises:
+      OutputError: no parts, a part missing, or a part with the wrong number of rows (its
+        process has not finished: run it again to resume, then merge).
+    """
+    output_format = resolve_format(output, output_format)
+    parts = _find_parts(output)
+    counts = [count_rows(part, output_format) for part in parts]
+    total = sum(counts)
+    expected = [len(range(index, total, len(parts))) for index in range(len(parts))]
+    if counts != expected:
+        raise OutputError(
+            f"{output}: part row counts {counts} cannot come from one finished run "
+            f"(expected {expected})", fix=("resume_processes",))
+    readers = [read_rows(part, output_format) for part in parts]
+    missing = object()
+    rows = (row for group in itertools.zip_longest(*readers, fillvalue=missing)
+            for row in group if row is not missing)
+    written = write_rows(output, output_format, rows)
+    for part in parts:
+        os.remove(part)
+    return written
+
+
+def _find_parts(output: str) -> list[str]:
+    candidates = glob.glob(f"{glob.escape(output)}.part-*-of-*")
+    numbered = {}
+    for path in candidates:
+        match = _PART_PATTERN.search(path)
+        if match and os.path.isfile(path):
+            numbered[path] = (int(match.group(1)), int(match.group(2)))
+    if not numbered:
+        raise OutputError(f"{output}: no part files {output}.part-NNNNN-of-NNNNN to merge")
+    counts = {count for _, count in numbered.values()}
+    if len(counts) > 1:
+        raise OutputError(f"{output}: parts from runs with different process counts "
+                          f"{sorted(counts)}")
+    count = counts.pop()
+    by_index = {index: path for path, (index, _) in numbered.items()}
+    missing = [index for index in range(count) if index not in by_index]
+    if missing:
+        raise OutputError(f"{output}: parts {missing} of {count} are missing or unfinished",
+                          fix=("resume_processes",))
+    return [by_index[index] for index in range(count)]

@@ -20,11 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flax_captioner.errors import DataError
-from flax_captioner.pipeline import (PipelineStats, _decoded_batches, merge_shards,
-                                     part_path, run_pipeline)
+from flax_captioner.errors import DataError, OutputError
+from flax_captioner.pipeline import PipelineStats, _decoded_batches, run_pipeline
 from flax_captioner.sources import InputItem
-from flax_captioner.writers import OutputError, read_rows, write_rows
+from flax_captioner.writers import merge_shards, part_path, read_rows, write_rows
 
 BEAM_SETTINGS = {"num_beams": 2, "max_length": 6}
 
@@ -345,8 +344,9 @@ def test_merge_refuses_unfinished_parts(tmp_path):
     for process, count in [(0, 3), (1, 1)]:
         with open(part_path(output, process, 2), "w") as handle:
             handle.writelines('{"image": "x", "error": "e"}\n' for _ in range(count))
-    with pytest.raises(OutputError, match="resume the processes"):
+    with pytest.raises(OutputError, match="cannot come from one finished run") as raised:
         merge_shards(output)
+    assert raised.value.fix == ("resume_processes",)
     os.remove(part_path(output, 1, 2))
     with pytest.raises(OutputError, match=r"parts \[1\] of 2 are missing"):
         merge_shards(output)

@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 
 from flax_captioner import loading, train_data
-from flax_captioner.errors import DataError
+from flax_captioner.errors import DataError, NonFiniteLossError
 from flax_captioner.preprocess import PreprocessConfig
-from flax_captioner.train import (NonFiniteLossError, TrainConfig, Trainer, decay_mask,
-                                  initial_state, learning_rate_schedule, token_loss, train)
+from flax_captioner.train import (TrainConfig, Trainer, decay_mask, initial_state,
+                                  learning_rate_schedule, token_loss, train)
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_ROWS = 10
