@@ -10,34 +10,75 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_captioner import decoder, search, sharding
+from flax_captioner import backend, decoder, search, sharding
 from flax_captioner.search import GenerationSettings
 
 __all__ = ["GenerationOutput", "GenerationSettings", "Generator", "build_generate_fn",
            "bucket_size", "enable_compilation_cache", "image_keys"]
 
-GenerateFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+GenerateFn = Callable[[Any, jax.Array, jax.Array], search.SearchOutput]
 
 
 @dataclasses.dataclass
 class GenerationOutput:
     """What ``Generator.generate`` returns; N = images x num_return_sequences, image-major.
 
+    T = ``max_length``, V = vocabulary, K = ``num_beams``; S = search rows per image (K in
+    beam search, R = ``num_return_sequences`` when sampling, 1 greedy).
+
     Attributes:
-      sequences: np.int32 [N, max_length], ``decoder_start`` first, padded with pad.
+      sequences: np.int32 [N, T], ``decoder_start`` first, padded with pad.
       scores: np.float32 [N]: beam search, PyTorch's ``sequences_scores`` (summed processed
         log-probs / generated_length ** length_penalty); greedy and sampling, the summed
         log-probabilities of the generated tokens, EOS included (see ``search.SamplingState``).
+        In beam search an image's rows are ranked by it (best first), every beam with
+        ``num_return_sequences == num_beams``.
+      token_scores: np.float32 [N, T] or None: each token's log-probability under the
+        distribution it was picked from (greedy/sampling: log-softmax of the processed and
+        warped scores, summing to ``scores``; beam search: the processed log-prob, PyTorch's
+        ``compute_transition_scores(sequences, scores, beam_indices)``); 0 at position 0 and
+        after the caption ends.
+      beam_indices: np.int32 [N, T - 1] or None (beam search only): the beam (0..K-1 of the
+        same image) each generated token extended, -1 past the end (PyTorch's are
+        ``image * K + beam``, over its batch).
+      step_scores: np.float32 [B * S, T - 1, V] or None (``settings.output_scores``): the
+        processed scores of every step, PyTorch's ``output.scores`` stacked on axis 1;
+        NaN for steps the loop did not run.
+      step_logits: np.float32 [B * S, T - 1, V] or None (``settings.output_logits``): the raw
+        logits, PyTorch's ``output.logits``; NaN for steps not run.
     """
 
     sequences: np.ndarray
     scores: np.ndarray
+    token_scores: np.ndarray | None = None
+    beam_indices: np.ndarray | None = None
+    step_scores: np.ndarray | None = None
+    step_logits: np.ndarray | None = None
+
+    @classmethod
+    def from_search(cls, output: search.SearchOutput, images: int,
+                    settings: GenerationSettings) -> "GenerationOutput":
+        """Host copies of a program's ``search.SearchOutput`` for its first ``images`` images
+        (the rest of the bucket is padding)."""
+        rows = images * settings.num_return_sequences
+        search_rows = images * (settings.num_beams if settings.num_beams > 1 else
+                                settings.num_return_sequences if settings.do_sample else 1)
+
+        def host(array: Any, count: int) -> np.ndarray | None:
+            return None if array is None else np.asarray(array)[:count]
+
+        return cls(sequences=host(output.sequences, rows), scores=host(output.scores, rows),
+                   token_scores=host(output.token_scores, rows),
+                   beam_indices=host(output.beam_indices, rows),
+                   step_scores=host(output.step_scores, search_rows),
+                   step_logits=host(output.step_logits, search_rows))
 
 
 def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
@@ -45,13 +86,14 @@ def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
     """The whole search as one pure function of (params, pixels, keys).
 
     Returns ``fn(params, pixel_values [B, 3, H, W] float32, row_keys [B, 2] uint32) ->
-    (sequences int32 [B * R, T], scores float32 [B * R])``; ``row_keys`` only matter when
+    search.SearchOutput`` (a named tuple: sequences int32 [B * R, T], scores float32 [B * R],
+    then the per-token and, when asked for, per-step arrays); ``row_keys`` only matter when
     sampling. Cross-attention keys/values are computed once per image and shared by its
     beams; step one runs on B rows, the search expands the cache to K beams after it.
     """
 
     def generate_fn(params: Any, pixel_values: jax.Array,
-                    row_keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+                    row_keys: jax.Array) -> search.SearchOutput:
         batch = pixel_values.shape[0]
         encoder_hidden = decoder.encode(params, pixel_values, spec, dtype)
         cross = decoder.cross_kv(params, encoder_hidden, spec, dtype)
@@ -60,8 +102,7 @@ def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
         def step_fn(tokens, position, cache):
             return decoder.decode_step(params, tokens, position, cache, cross, spec, dtype)
 
-        return search.search(step_fn, decoder.reorder_cache, cache, batch, settings,
-                             row_keys if settings.do_sample else None)
+        return search.search(step_fn, decoder.reorder_cache, cache, batch, settings, row_keys)
 
     return generate_fn
 
@@ -111,34 +152,51 @@ class Generator:
         self.num_shards = self.data_parallel.num_shards
         self.params = self.data_parallel.replicate(params)
         self._programs: dict[tuple[int, GenerationSettings, Any], Callable] = {}
+        # Seconds spent in each program's first call: compiling it, plus running that batch.
+        self.compile_seconds = 0.0
 
     def check(self, settings: GenerationSettings) -> None:
         """Raises ValueError (one line) for settings this model cannot run."""
         vocab = self.spec.vocab_size
-        for name in ("decoder_start_token_id", "pad_token_id", "eos_token_id"):
-            if getattr(settings, name) >= vocab:
+        for name in ("decoder_start_token_id", "pad_token_id", "eos_token_id",
+                     "forced_bos_token_id", "forced_eos_token_id"):
+            if getattr(settings, name) is not None and getattr(settings, name) >= vocab:
                 raise ValueError(f"{name} {getattr(settings, name)} is outside the vocabulary "
                                  f"(size {vocab})")
-        out_of_range = sorted({t for word in settings.bad_words_ids for t in word if t >= vocab})
-        if out_of_range:
-            raise ValueError(f"bad_words_ids {out_of_range} are outside the vocabulary "
-                             f"(size {vocab})")
+        token_lists = {
+            "bad_words_ids": [t for word in settings.bad_words_ids for t in word],
+            "sequence_bias": [t for ids, _ in settings.sequence_bias for t in ids],
+            "suppress_tokens": settings.suppress_tokens,
+            "begin_suppress_tokens": settings.begin_suppress_tokens,
+        }
+        for name, tokens in token_lists.items():
+            out_of_range = sorted({t for t in tokens if t >= vocab})
+            if out_of_range:
+                raise ValueError(f"{name} {out_of_range} are outside the vocabulary "
+                                 f"(size {vocab})")
         if settings.max_length > self.spec.n_positions:
             raise ValueError(f"max_length {settings.max_length} exceeds the decoder's "
                              f"{self.spec.n_positions} positions")
 
     def program(self, bucket: int, settings: GenerationSettings) -> Callable:
         """The compiled search for ``bucket`` images (compiled on first use, then cached)."""
-        # Compiled under the matmul precision in force (parity runs use "highest").
-        key = (bucket, settings, jax.config.jax_default_matmul_precision)
+        # Traced at the dtype's own precision ("highest" for float32, so not TF32 on GPUs),
+        # whatever the caller's jax config (backend.py). Nothing is donated: the pixels cannot
+        # alias any output (tokens and scores, of other shapes) and the params are reused. The search
+        # has no host callbacks or transfers (tests/test_backend.py checks the compiled HLO
+        # and runs it under jax.transfer_guard("disallow")).
+        precision = backend.matmul_precision(self.dtype)
+        key = (bucket, settings, precision)
         if key not in self._programs:
             self.check(settings)
             generate_fn = build_generate_fn(self.spec, settings, self.dtype)
-            self._programs[key] = self.data_parallel.wrap(generate_fn)
+            self._programs[key] = self.data_parallel.wrap(
+                backend.at_precision(generate_fn, precision))
         return self._programs[key]
 
     def generate(self, pixel_values: np.ndarray | jax.Array, settings: GenerationSettings, *,
-                 rng: jax.Array | None = None, first_index: int = 0) -> GenerationOutput:
+                 rng: jax.Array | None = None, first_index: int = 0,
+                 params: Any = None) -> GenerationOutput:
         """Captions a batch of preprocessed images.
 
         Args:
@@ -147,27 +205,44 @@ class Generator:
           rng: PRNG key for sampling (default ``PRNGKey(0)``); ignored otherwise.
           first_index: global index of the first image; image ``i`` samples with
             ``fold_in(rng, first_index + i)``, so results do not depend on batching.
+          params: parameters to use instead of the generator's own, placed by
+            ``data_parallel.replicate`` in the generator's dtype (the trainer captions with
+            its current weights through the same compiled programs).
 
         Returns:
           ``GenerationOutput`` with N = B x num_return_sequences rows, image-major.
 
         Raises:
           ValueError: one line naming the bad input (pixel shape, out-of-vocabulary ids, ...).
+          CaptionerError: the batch does not fit in device memory (one line naming the batch
+            size and a smaller one to try, ``fix=("smaller_batch",)``).
         """
         pixel_values = np.asarray(pixel_values, np.float32)
         size, channels = self.spec.image_size, self.spec.num_channels
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != (channels, size, size):
             raise ValueError(f"pixel_values must have shape [B, {channels}, {size}, {size}], "
                              f"got {list(pixel_values.shape)}")
-        rows = settings.num_return_sequences
         batch = pixel_values.shape[0]
         if batch == 0:
             return GenerationOutput(np.zeros((0, settings.max_length), np.int32),
-                                    np.zeros((0,), np.float32))
+                                    np.zeros((0,), np.float32),
+                                    np.zeros((0, settings.max_length), np.float32))
         bucket = bucket_size(batch, self.num_shards)
+        programs_before = len(self._programs)
         program = self.program(bucket, settings)
         padded = sharding.pad_to_multiple(pixel_values, bucket)
         keys = image_keys(rng if rng is not None else jax.random.PRNGKey(0), first_index, bucket)
-        sequences, scores = program(self.params, padded, keys)
-        return GenerationOutput(sequences=np.asarray(sequences)[:batch * rows],
-                                scores=np.asarray(scores)[:batch * rows])
+        started = time.perf_counter()
+        try:  # waits for the results here: an execution failure surfaces late (async dispatch)
+            output = jax.block_until_ready(
+                program(self.params if params is None else params, padded, keys))
+        except RuntimeError as error:
+            if not backend.is_out_of_memory(error):
+                raise
+            raise backend.out_of_memory_error(error, batch=batch, bucket=bucket,
+                                              num_shards=self.num_shards,
+                                              platform=jax.default_backend()) from error
+        if len(self._programs) > programs_before:  # jit compiles on a program's first call
+            jax.block_until_ready(output)
+            self.compile_seconds += time.perf_counter() - started
+        return GenerationOutput.from_search(output, batch, settings)

@@ -9,17 +9,20 @@ bit-identical and cheaper to compute.
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import dataclasses
+import functools
+import io
 import json
 import os
 import pathlib
 import struct
+import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from flax_captioner.errors import ImageReadError, ModelLoadError
 
@@ -30,6 +33,12 @@ _DEFAULT_SIZE = (224, 224)
 _DEFAULT_MEAN = (0.5, 0.5, 0.5)
 _DEFAULT_STD = (0.5, 0.5, 0.5)
 _IN_MEMORY = "<PIL.Image>"
+_BYTES = "<bytes>"
+# What load_image takes: a path, an image file's encoded bytes, or a PIL image.
+ImageSource = str | os.PathLike | bytes | Image.Image
+# load_image turns every image over the limit into an ImageReadError naming it; PIL's own
+# warning for the same image (printed from site-packages before the error) only repeats it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # Every exception type PIL's decoders are known to raise on corrupt data.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
 
@@ -156,46 +165,61 @@ class PreprocessConfig:
         return path
 
 
-class DecodedBatch(NamedTuple):
-    """A batch of which some inputs may have failed.
-
-    Attributes:
-      pixel_values: float32 [G, 3, H, W], the G readable inputs in input order.
-      errors: one entry per input: None where it was read (its row is the next one of
-        ``pixel_values``), else the ImageReadError saying why not.
-    """
-
-    pixel_values: np.ndarray
-    errors: list[ImageReadError | None]
-
-
-def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
+def load_image(source: ImageSource, *, name: str | None = None,
+               exif_transpose: bool = False) -> Image.Image:
     """Decodes an image fully and converts it to RGB, as the model card does.
 
     Every mode goes through ``image.convert("RGB")``: palette and alpha modes drop the alpha
     channel (no compositing onto white), CMYK uses PIL's conversion, and the high-depth modes
     I;16, I and F are clipped to 0..255 without scaling (F is truncated towards zero), so a
-    16-bit photo mostly saturates to white exactly as it does for the card. EXIF orientation is
-    NOT applied (no ``ImageOps.exif_transpose``), because the card's code does not apply it.
+    16-bit photo mostly saturates to white exactly as it does for the card.
 
     Args:
-      source: a path, or an in-memory PIL image.
+      source: a path, the encoded bytes of an image file, or an in-memory PIL image.
+      name: what errors call the image (default: the path, ``"<bytes>"`` or the PIL image's
+        file name / ``"<PIL.Image>"``).
+      exif_transpose: rotate/flip by the EXIF orientation tag (``ImageOps.exif_transpose``, what
+        ``pipeline("image-to-text")`` does). Off by default because the model card's code does
+        not apply it, and parity with the card's captions is the default.
 
     Returns:
       A loaded RGB image (the image itself when it is a loaded RGB image already).
 
     Raises:
-      ImageReadError: naming the path (``"<PIL.Image>"`` or the image's file name for images in
-        memory) and the cause: missing, a directory, empty, not an image, truncated or corrupt,
-        or, for paths, over PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``,
-        checked before decoding; PIL itself may also print its DecompressionBombWarning).
+      ImageReadError: naming the image and the cause: missing, a directory, empty, not an
+        image, truncated or corrupt, or over PIL's decompression-bomb limit
+        (``PIL.Image.MAX_IMAGE_PIXELS``, read at call time and checked before decoding, the same
+        for paths, bytes and in-memory images).
     """
     if isinstance(source, Image.Image):
-        return _decode_rgb(source, getattr(source, "filename", "") or _IN_MEMORY)
-    path = os.fspath(source)
-    name = str(path)
+        image = source
+        name = name or getattr(source, "filename", "") or _IN_MEMORY
+    else:
+        image, name = _open(source, name)
+    with contextlib.ExitStack() as stack:
+        if image is not source:
+            stack.enter_context(image)
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and image.width * image.height > limit:
+            raise ImageReadError(name, f"{image.width}x{image.height} pixels is over PIL's "
+                                       f"decompression-bomb limit of {limit} pixels")
+        if exif_transpose:
+            image = _exif_transposed(image, name)
+        return _decode_rgb(image, name)
+
+
+def _open(source: str | os.PathLike | bytes, name: str | None) -> tuple[Image.Image, str]:
+    """``Image.open`` of a path or encoded bytes; every failure is an ImageReadError."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        name = name or _BYTES
+        if not len(source):
+            raise ImageReadError(name, "empty image data (0 bytes)")
+        opened: Any = io.BytesIO(source)
+    else:
+        opened = os.fspath(source)
+        name = name or str(opened)
     try:
-        image = Image.open(path)
+        return Image.open(opened), name
     except FileNotFoundError:
         raise ImageReadError(name, "no such file") from None
     except IsADirectoryError:
@@ -203,21 +227,21 @@ def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
     except PermissionError:
         raise ImageReadError(name, "permission denied") from None
     except UnidentifiedImageError:
-        reason = "empty file (0 bytes)" if os.path.getsize(path) == 0 else "not an image PIL can identify"
-        raise ImageReadError(name, reason) from None
+        empty = isinstance(opened, str) and os.path.getsize(opened) == 0
+        raise ImageReadError(name, "empty file (0 bytes)" if empty
+                             else "not an image PIL can identify") from None
     except Image.DecompressionBombError as error:
         raise ImageReadError(name, f"over PIL's decompression-bomb limit: {error}") from None
     except _DECODE_ERRORS as error:
         raise ImageReadError(name, f"cannot open: {error}") from None
-    with image:
-        # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse before decoding instead.
-        # Read at call time and never set, so a caller's own limit applies.
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit is not None and image.width * image.height > limit:
-            raise ImageReadError(
-                name, f"{image.width}x{image.height} pixels is over PIL's decompression-bomb limit of {limit} pixels"
-            )
-        return _decode_rgb(image, name)
+
+
+def _exif_transposed(image: Image.Image, name: str) -> Image.Image:
+    """``ImageOps.exif_transpose``, with decoding failures as ImageReadError."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except _DECODE_ERRORS as error:
+        raise ImageReadError(name, f"cannot decode: {error}") from None
 
 
 def preprocess(images: Sequence[Image.Image], config: PreprocessConfig) -> np.ndarray:
@@ -249,8 +273,10 @@ def preprocess(images: Sequence[Image.Image], config: PreprocessConfig) -> np.nd
     return pixel_values
 
 
-def load_and_preprocess_one(source: str | os.PathLike | Image.Image, config: PreprocessConfig) -> np.ndarray:
-    """``load_image`` then ``preprocess`` for one image; safe to call from many threads at once.
+def load_and_preprocess_one(source: ImageSource, config: PreprocessConfig, *,
+                            name: str | None = None, exif_transpose: bool = False) -> np.ndarray:
+    """``load_image`` then ``preprocess`` for one image; safe to call from many threads at once
+    (``feed`` runs it on its decode threads).
 
     Returns:
       float32 [3, H, W].
@@ -258,57 +284,11 @@ def load_and_preprocess_one(source: str | os.PathLike | Image.Image, config: Pre
     Raises:
       ImageReadError: see ``load_image``.
     """
-    return _load_and_preprocess(source, config, _pixel_lut(config))
-
-
-def load_and_preprocess(
-    sources: Sequence[str | os.PathLike | Image.Image],
-    config: PreprocessConfig,
-    *,
-    num_threads: int | None = None,
-) -> DecodedBatch:
-    """Decodes and preprocesses a batch on a thread pool; unreadable inputs do not stop the rest.
-
-    PIL releases the GIL while decoding, converting and resizing, so threads scale with cores.
-
-    Args:
-      sources: N paths or PIL images.
-      config: what to do to them.
-      num_threads: worker threads; None means one per CPU core, 1 decodes in the calling thread.
-
-    Returns:
-      A DecodedBatch: float32 [G, 3, H, W] for the G readable inputs, and N per-input errors.
-
-    Raises:
-      ValueError: ``num_threads`` is below 1, or ``do_resize`` is false and the readable images
-        differ in size.
-    """
-    if num_threads is not None and num_threads < 1:
-        raise ValueError(f"num_threads must be at least 1, got {num_threads}")
-    pixel_lut = _pixel_lut(config)
-
-    def load_or_error(source: str | os.PathLike | Image.Image) -> np.ndarray | ImageReadError:
-        try:
-            return _load_and_preprocess(source, config, pixel_lut)
-        except ImageReadError as error:
-            return error
-
-    workers = min(num_threads or os.cpu_count() or 1, max(len(sources), 1))
-    if workers == 1:
-        results = [load_or_error(source) for source in sources]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as executor:
-            results = list(executor.map(load_or_error, sources))
-    errors = [result if isinstance(result, ImageReadError) else None for result in results]
-    rows = [result for result in results if not isinstance(result, ImageReadError)]
-    if not rows:
-        height, width = config.size
-        return DecodedBatch(np.empty((0, 3, height, width), np.float32), errors)
-    if len({row.shape for row in rows}) > 1:
-        raise ValueError(
-            f"do_resize is false and the images differ in size: {sorted({row.shape[1:] for row in rows})}"
-        )
-    return DecodedBatch(np.stack(rows), errors)
+    image = load_image(source, name=name, exif_transpose=exif_transpose)
+    height, width = config.size if config.do_resize else (image.height, image.width)
+    pixel_values = np.empty((3, height, width), np.float32)
+    _pixel_values_into(image, config, _pixel_lut(config), pixel_values)
+    return pixel_values
 
 
 def _size_from_config(size: Any) -> tuple[int, int]:
@@ -340,6 +320,7 @@ def _per_channel(value: Any, default: tuple[float, float, float], name: str) -> 
     raise ValueError(f"{name} must be a number or 3 numbers (R, G, B), got {value!r}")
 
 
+@functools.lru_cache(maxsize=16)
 def _pixel_lut(config: PreprocessConfig) -> np.ndarray:
     """float32 [3, 256]: the output value of each uint8 level in each channel.
 
@@ -364,17 +345,6 @@ def _decode_rgb(image: Image.Image, name: str) -> Image.Image:
         return image if image.mode == "RGB" else image.convert("RGB")
     except _DECODE_ERRORS as error:
         raise ImageReadError(name, f"cannot decode: {error}") from None
-
-
-def _load_and_preprocess(
-    source: str | os.PathLike | Image.Image, config: PreprocessConfig, pixel_lut: np.ndarray
-) -> np.ndarray:
-    """float32 [3, H, W] for one source; raises ImageReadError."""
-    image = load_image(source)
-    height, width = config.size if config.do_resize else (image.height, image.width)
-    pixel_values = np.empty((3, height, width), np.float32)
-    _pixel_values_into(image, config, pixel_lut, pixel_values)
-    return pixel_values
 
 
 def _pixel_values_into(

@@ -1,5 +1,5 @@
 """Pipeline inputs: image files, directories, globs, path lists and WebDataset tar shards,
-streamed as ``InputItem``s in a deterministic order, then decoded to pixel values.
+streamed as ``InputItem``s in a deterministic order (``feed`` decodes them).
 
 Nothing here holds more than one tar member's bytes at a time: inputs are listed lazily, so
 memory does not grow with the number of images.
@@ -10,17 +10,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
-import io
 import itertools
 import os
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from flax_captioner.errors import DataError, ImageReadError
-from flax_captioner.preprocess import PreprocessConfig, load_and_preprocess_one
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".jfif"})
@@ -28,29 +25,30 @@ LIST_EXTENSIONS = frozenset({".txt", ".csv", ".lst"})
 TAR_EXTENSIONS = frozenset({".tar"})
 # Header names (lower case) of the CSV column holding image paths; otherwise column 0.
 CSV_PATH_COLUMNS = ("image", "path", "filepath", "file_path", "image_path", "filename", "file")
-# What Image.open raises on bytes that are not a readable image.
-_OPEN_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
-                SyntaxError, EOFError)
 _TAR_BLOCK = 512
 
 
 @dataclasses.dataclass(frozen=True)
 class InputItem:
-    """One image to caption.
+    """One image to caption (or to train on).
 
     Attributes:
       index: position in the whole input order, 0-based; the same on every run and process.
       image: the name written in output rows and error messages: the path of an image file
-        (list entries joined to the list's directory), or ``shard.tar/member`` for a tar member,
-        or the tar's own path for a row reporting a damaged tar.
-      read_bytes: for tar members, returns the encoded image (raises ``ImageReadError``); call
-        it before advancing the stream, which may close the tar. None for image files, which
-        the decoder opens by path.
+        (list entries joined to the list's directory), ``shard.tar/member`` for a tar member,
+        the tar's own path for a row reporting a damaged tar, or a caller's name for an
+        in-memory image.
+      read_bytes: for members of a stream (tar), returns the encoded image (raises
+        ``ImageReadError``); the feed calls it in input order on its reader thread, before the
+        stream moves on and closes the member.
+      data: an in-memory image (encoded bytes or a PIL image) to decode instead of a file.
+      When both are None the decoder opens ``image`` as a path.
     """
 
     index: int
     image: str
     read_bytes: Callable[[], bytes] | None = None
+    data: bytes | Image.Image | None = None
 
 
 def _extension(name: str) -> str:
@@ -60,8 +58,9 @@ def _extension(name: str) -> str:
 def check_inputs(inputs: Sequence[str]) -> None:
     """Fails fast, before any work, on inputs that would make the whole run pointless.
 
-    A glob matching nothing, or a path list or tar shard that does not exist, raises. A
-    missing image file does not: it becomes an error row, like a missing list entry.
+    A glob matching nothing, a path list or tar shard that does not exist, or a directory
+    without image files raises. A missing image file does not: it becomes an error row, like
+    a missing list entry.
 
     Raises:
       DataError: naming the input and the cause.
@@ -69,6 +68,11 @@ def check_inputs(inputs: Sequence[str]) -> None:
     if not inputs:
         raise DataError("no inputs given")
     for spec in inputs:
+        if os.path.isdir(spec):
+            if next(_walk_images(spec), None) is None:
+                raise DataError(f"{spec}: no image files in this directory (looked for "
+                                f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+            continue
         if os.path.exists(spec):
             continue
         if glob.has_magic(spec):
@@ -222,26 +226,3 @@ def _tail_damage(path: str, offset: int) -> str | None:
     if len(tail) < 2 * _TAR_BLOCK:
         return f"tar ends at byte {size} without an end-of-archive marker (truncated?)"
     return None
-
-
-def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig) -> np.ndarray:
-    """Pixel values ``[3, H, W]`` float32 of one item; ``encoded`` holds a tar member's bytes.
-
-    Safe to call from many threads at once.
-
-    Raises:
-      ImageReadError: naming ``item.image`` and the cause.
-    """
-    if encoded is None:
-        return load_and_preprocess_one(item.image, config)
-    try:
-        image = Image.open(io.BytesIO(encoded))
-    except UnidentifiedImageError:
-        reason = "empty member (0 bytes)" if not encoded else "not an image PIL can identify"
-        raise ImageReadError(item.image, reason) from None
-    except _OPEN_ERRORS as error:
-        raise ImageReadError(item.image, f"cannot open: {error}") from None
-    try:
-        return load_and_preprocess_one(image, config)
-    except ImageReadError as error:
-        raise ImageReadError(item.image, error.reason) from None

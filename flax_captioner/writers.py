@@ -1,8 +1,13 @@
 """Pipeline outputs: caption rows as JSONL or Parquet, written so a killed run resumes exactly.
 
-A row is ``{"image": name, "caption": text, "score": s}`` or ``{"image": name, "error": why}``,
-one per input item, in input order; so the number of rows already written is the number of
-items done.
+One row per input item, in input order, so the number of rows already written is the number
+of items done:
+
+- ``{"image": name, "caption": text, "score": s}``: the best caption and its score;
+- plus ``"sequences": [{"rank": 1, "caption": ..., "score": ...}, ...]`` when several
+  sequences are returned per image (``num_return_sequences``), best first;
+- plus ``"token_logprobs": [...]`` (on each sequence too) when asked for;
+- ``{"image": name, "error": why}`` for an input that could not be read.
 
 - JSONL: each batch is appended with one ``write`` and flushed. A kill can only leave a
   partial last line, which reopening truncates.
@@ -33,11 +38,16 @@ import pyarrow.parquet as pq
 from flax_captioner.errors import OutputError
 
 FORMATS = ("jsonl", "parquet")
+_TOKEN_LOGPROBS = pa.list_(pa.float32())
 PARQUET_SCHEMA = pa.schema([
     ("image", pa.string()),
     ("caption", pa.string()),
     ("score", pa.float32()),
     ("error", pa.string()),
+    ("token_logprobs", _TOKEN_LOGPROBS),
+    ("sequences", pa.list_(pa.struct([
+        ("rank", pa.int32()), ("caption", pa.string()), ("score", pa.float32()),
+        ("token_logprobs", _TOKEN_LOGPROBS)]))),
 ])
 Row = dict[str, Any]
 
@@ -326,13 +336,24 @@ def read_rows(path: str, output_format: str) -> Iterator[Row]:
     if output_format == "parquet":
         for batch in pq.ParquetFile(path).iter_batches(batch_size=_READ_BATCH_ROWS):
             for row in batch.to_pylist():
-                if row["score"] is not None:
-                    row["score"] = format_score(row["score"])
-                yield {key: value for key, value in row.items() if value is not None}
+                yield _json_form(row)
         return
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             yield json.loads(line)
+
+
+def _json_form(row: Row) -> Row:
+    """A Parquet row as the JSONL writer writes it: nulls left out, float32 numbers in their
+    shortest form."""
+    row = {key: value for key, value in row.items() if value is not None}
+    if "score" in row:
+        row["score"] = format_score(row["score"])
+    if "token_logprobs" in row:
+        row["token_logprobs"] = [format_score(value) for value in row["token_logprobs"]]
+    if "sequences" in row:
+        row["sequences"] = [_json_form(sequence) for sequence in row["sequences"]]
+    return row
 
 
 def write_rows(path: str, output_format: str, rows: Iterable[Row]) -> int:

@@ -4,7 +4,6 @@ and SIGTERM, torn lines, bad inputs, unwritable outputs, multi-process merging."
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import os
 import signal
@@ -21,8 +20,7 @@ import pytest
 from PIL import Image
 
 from flax_captioner.errors import DataError, OutputError
-from flax_captioner.pipeline import PipelineStats, _decoded_batches, run_pipeline
-from flax_captioner.sources import InputItem
+from flax_captioner.pipeline import PipelineStats, run_pipeline
 from flax_captioner.writers import merge_shards, part_path, read_rows, write_rows
 
 BEAM_SETTINGS = {"num_beams": 2, "max_length": 6}
@@ -164,7 +162,8 @@ def test_parquet_output_holds_the_jsonl_rows(captioner, image_dir, tmp_path):
     assert stats.errors == 1
     assert not (tmp_path / "out.parquet.chunks").exists()
     table = pq.read_table(tmp_path / "out.parquet")
-    assert table.column_names == ["image", "caption", "score", "error"]
+    assert table.column_names == ["image", "caption", "score", "error", "token_logprobs",
+                                  "sequences"]
     assert list(read_rows(str(tmp_path / "out.parquet"), "parquet")) == \
         jsonl_rows(tmp_path / "out.jsonl")
 
@@ -247,6 +246,42 @@ def test_glob_without_match_fails_before_any_work(tmp_path, captioner):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_a_directory_without_images_fails_before_any_work(tmp_path, captioner):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"empty: no image files in this directory"):
+        run(captioner, [tmp_path / "empty"], tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_inputs_naming_no_image_are_an_error_not_a_silent_success(tmp_path, captioner, capsys):
+    (tmp_path / "list.txt").write_text("# nothing listed\n")
+    with pytest.raises(DataError, match="no images to caption"):
+        run(captioner, [tmp_path / "list.txt"], None)
+    assert "nothing to caption" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_every_returned_sequence_is_written_ranked(captioner, image_dir, tmp_path, suffix):
+    (image_dir / "broken.jpg").write_bytes(b"not a jpeg")
+    settings = {"num_beams": 3, "max_length": 6, "num_return_sequences": 3}
+    output = tmp_path / f"out{suffix}"
+    stats = run(captioner, [image_dir], output, settings=settings, batch_size=5)
+    rows = list(read_rows(str(output), suffix[1:]))
+    assert len(rows) == 14 and stats.captioned == 13 and stats.errors == 1
+    images = [row["image"] for row in rows if "error" not in row]
+    direct = captioner.generate(captioner.preprocess(images), **settings)
+    captions = captioner.decode(direct.sequences)
+    for index, row in enumerate(row for row in rows if "error" not in row):
+        ranked = row["sequences"]
+        assert [sequence["rank"] for sequence in ranked] == [1, 2, 3]
+        assert [sequence["caption"] for sequence in ranked] == captions[3 * index:3 * index + 3]
+        np.testing.assert_allclose([sequence["score"] for sequence in ranked],
+                                   direct.scores[3 * index:3 * index + 3], rtol=1e-6)
+        assert (row["caption"], row["score"]) == (ranked[0]["caption"], ranked[0]["score"])
+        assert ranked[0]["score"] >= ranked[1]["score"] >= ranked[2]["score"]
+
+
 def test_torn_last_line_is_repaired_on_resume(captioner, image_dir, tmp_path):
     images = sorted_images(image_dir)
     reference = tmp_path / "reference.jsonl"
@@ -298,29 +333,6 @@ def test_final_partial_batch_reuses_the_full_batch_program(captioner, image_dir,
     # a run smaller than one batch compiles only its own size.
     assert shapes == [4, 4, 4, 4, 3]
     assert len(jsonl_rows(tmp_path / "out.jsonl")) == 13
-
-
-def test_decoding_streams_with_bounded_read_ahead(tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-
-    from flax_captioner.preprocess import PreprocessConfig
-
-    image = str(write_image(tmp_path / "one.png", 0))
-    listed = []
-
-    def endless_items():
-        for index in itertools.count():
-            listed.append(index)
-            yield InputItem(index, image)
-
-    with ThreadPoolExecutor(2) as executor:
-        batches = _decoded_batches(endless_items(), PreprocessConfig(size=(4, 4)), 4, executor,
-                                   window=8)
-        first, second = next(batches), next(batches)
-    assert [item.index for item in first.items + second.items] == list(range(8))
-    assert second.pixel_values.shape == (4, 3, 4, 4)
-    # Two batches of 4 taken, at most a window of 8 more listed (and submitted).
-    assert len(listed) <= 8 + 8
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])

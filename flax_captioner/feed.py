@@ -1,0 +1,257 @@
+"""The host input layer: items -> decoded batches, in input order, ahead of the device.
+
+One feed serves every consumer of images: the captioning pipeline, ``Captioner.caption`` and
+``Captioner.preprocess``, and the trainer (training batches and evaluation captions)::
+
+    InputItems, in order
+      -> reader thread: reads stream members (tar) in order, queues their decoding
+      -> decode threads: load_image + preprocess -> float32[3, H, W], or the ImageReadError
+      -> Batch: ``batch_size`` decoded images, the failed items riding along in input order
+      -> at most ``prefetch`` ready batches wait for the consumer
+
+Memory is bounded whatever the input size: at most ``window`` images are queued or decoding
+at once, and at most ``prefetch`` batches wait.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import itertools
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+import numpy as np
+
+from flax_captioner import sharding
+from flax_captioner.errors import ImageReadError
+from flax_captioner.preprocess import PreprocessConfig, load_and_preprocess_one
+from flax_captioner.sources import InputItem
+
+# Batches ready ahead of the consumer. One hides a batch's decoding behind the device's work on
+# the previous one; a second absorbs jitter (a slow image); more only holds memory.
+DEFAULT_PREFETCH = 2
+
+Item = TypeVar("Item")
+Decoded = tuple[np.ndarray | None, ImageReadError | None, float]
+
+
+@dataclasses.dataclass
+class Batch:
+    """Consecutive items, decoded.
+
+    Attributes:
+      items: N items in input order.
+      errors: N entries: None where the item decoded (its pixels are the next row of
+        ``pixel_values``), else the ImageReadError saying why not.
+      pixel_values: float32[P, 3, H, W]: the G decoded images in input order, then P - G
+        copies of the first one, padding a last partial batch to the size already compiled
+        (see ``batches``). P = G for every other batch.
+      num_decoded: G, the decoded images (0 when every item of a last batch failed).
+      decode_seconds: decode-thread time spent on these items.
+    """
+
+    items: list[InputItem]
+    errors: list[ImageReadError | None]
+    pixel_values: np.ndarray
+    num_decoded: int
+    decode_seconds: float
+
+
+def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig, *,
+                exif_transpose: bool = False) -> np.ndarray:
+    """float32[3, H, W] of one item: ``encoded`` (its stream bytes, already read), its
+    in-memory ``data``, or the file at ``item.image``. Safe to call from many threads.
+
+    Raises:
+      ImageReadError: naming ``item.image`` and the cause.
+    """
+    source = encoded if encoded is not None else item.data
+    return load_and_preprocess_one(item.image if source is None else source, config,
+                                   name=item.image, exif_transpose=exif_transpose)
+
+
+@contextlib.contextmanager
+def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: int, *,
+            num_threads: int | None = None, prefetch: int = DEFAULT_PREFETCH,
+            exif_transpose: bool = False) -> Iterator[Iterator[Batch]]:
+    """Decodes ``items`` on background threads into ``Batch``es of ``batch_size`` images.
+
+    A batch holds ``batch_size`` decoded images plus the failed items among them, so failures
+    never shrink what the device gets. The last batch may hold fewer; once a full batch has
+    been yielded it is padded to ``batch_size`` rows, so a compiled program serves it (the
+    first batch of a short input is left at its size: nothing is compiled yet).
+
+    Args:
+      items: the inputs, in order; consumed lazily on the reader thread (so errors raised by
+        the iterator, e.g. an unreadable path list, reach the consumer from ``next``).
+      config: preprocessing of the checkpoint.
+      batch_size: decoded images per batch.
+      num_threads: decode threads; None means one per CPU core.
+      prefetch: ready batches kept ahead of the consumer.
+      exif_transpose: apply EXIF orientation (see ``preprocess.load_image``).
+
+    Yields:
+      An iterator of Batches; leaving the context stops the threads (unread work is dropped).
+
+    Raises:
+      ValueError: ``batch_size``, ``num_threads`` or ``prefetch`` below 1.
+    """
+    for name, value in (("batch_size", batch_size), ("num_threads", num_threads),
+                        ("prefetch", prefetch)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    threads = num_threads or os.cpu_count() or 1
+    # Enough queued decodes to keep every thread busy through a whole batch.
+    window = 2 * max(batch_size, threads)
+    with contextlib.ExitStack() as stack:
+        executor = concurrent.futures.ThreadPoolExecutor(threads, "flax-captioner-decode")
+        stack.callback(executor.shutdown, cancel_futures=True)
+        decoded = _decoded_in_order(items, config, executor, window, exif_transpose)
+        yield stack.enter_context(_in_background(_group(decoded, config, batch_size), prefetch))
+
+
+def _decode_timed(item: InputItem, encoded: bytes | None, config: PreprocessConfig,
+                  exif_transpose: bool) -> Decoded:
+    started = time.perf_counter()
+    try:
+        pixels, error = decode_item(item, encoded, config, exif_transpose=exif_transpose), None
+    except ImageReadError as read_error:
+        pixels, error = None, read_error
+    return pixels, error, time.perf_counter() - started
+
+
+def _submit(executor: concurrent.futures.Executor, item: InputItem, config: PreprocessConfig,
+            exif_transpose: bool) -> concurrent.futures.Future:
+    """Queues the decoding of ``item``; stream bytes are read here, in input order."""
+    encoded = None
+    if item.read_bytes is not None:
+        try:
+            encoded = item.read_bytes()
+        except ImageReadError as error:
+            failed: concurrent.futures.Future = concurrent.futures.Future()
+            failed.set_result((None, error, 0.0))
+            return failed
+    return executor.submit(_decode_timed, item, encoded, config, exif_transpose)
+
+
+def _decoded_in_order(items: Iterable[InputItem], config: PreprocessConfig,
+                      executor: concurrent.futures.Executor, window: int,
+                      exif_transpose: bool) -> Iterator[tuple[InputItem, Decoded]]:
+    """(item, decode result) in input order, with at most ``window`` decodes in flight.
+
+    An error raised by ``items`` is re-raised after the items before it, so consumers still
+    get (and write) everything that preceded it.
+    """
+    in_flight: collections.deque = collections.deque()
+    iterator = iter(items)
+    failure = None
+    while failure is None:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            break
+        except Exception as error:  # re-raised below, in its place in the order
+            failure = error
+            break
+        in_flight.append((item, _submit(executor, item, config, exif_transpose)))
+        if len(in_flight) >= window:
+            item, future = in_flight.popleft()
+            yield item, future.result()
+    while in_flight:
+        item, future = in_flight.popleft()
+        yield item, future.result()
+    if failure is not None:
+        raise failure
+
+
+def _group(decoded: Iterator[tuple[InputItem, Decoded]], config: PreprocessConfig,
+           batch_size: int) -> Iterator[Batch]:
+    items: list[InputItem] = []
+    errors: list[ImageReadError | None] = []
+    pixels: list[np.ndarray] = []
+    seconds = 0.0
+    yielded_full = False
+    try:
+        for item, (item_pixels, error, item_seconds) in decoded:
+            items.append(item)
+            errors.append(error)
+            seconds += item_seconds
+            if item_pixels is not None:
+                pixels.append(item_pixels)
+            if len(pixels) == batch_size:
+                yield Batch(items, errors, np.stack(pixels), batch_size, seconds)
+                items, errors, pixels, seconds = [], [], [], 0.0
+                yielded_full = True
+    except Exception:  # the inputs failed: the items before the failure still go out
+        if items:
+            yield _last_batch(items, errors, pixels, seconds, config, batch_size, yielded_full)
+        raise
+    if items:
+        yield _last_batch(items, errors, pixels, seconds, config, batch_size, yielded_full)
+
+
+def _last_batch(items: list[InputItem], errors: list[ImageReadError | None],
+                pixels: list[np.ndarray], seconds: float, config: PreprocessConfig,
+                batch_size: int, yielded_full: bool) -> Batch:
+    if pixels:
+        pixel_values = np.stack(pixels)
+        if yielded_full:  # padded with copies of a real image: see sharding.pad_to_multiple
+            pixel_values = sharding.pad_to_multiple(pixel_values, batch_size)
+    else:
+        height, width = config.size
+        pixel_values = np.zeros((0, 3, height, width), np.float32)
+    return Batch(items, errors, pixel_values, len(pixels), seconds)
+
+
+@contextlib.contextmanager
+def _in_background(iterator: Iterator[Item], max_ready: int) -> Iterator[Iterator[Item]]:
+    """Runs ``iterator`` on a thread, at most ``max_ready`` items ahead of the consumer.
+
+    An exception raised by ``iterator`` is re-raised in the consumer, at the position where it
+    happened.
+    """
+    ready: queue.Queue = queue.Queue(max_ready)
+    stop = threading.Event()
+    end = object()
+
+    def offer(entry: tuple[Any, BaseException | None]) -> bool:
+        """Puts ``entry`` once there is room; False when the consumer has stopped."""
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for value in itertools.chain(iterator, [end]):
+                if not offer((value, None)):
+                    return
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            offer((end, error))
+
+    def consume() -> Iterator[Item]:
+        while True:
+            value, error = ready.get()
+            if error is not None:
+                raise error
+            if value is end:
+                return
+            yield value
+
+    thread = threading.Thread(target=produce, name="flax-captioner-read", daemon=True)
+    thread.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        thread.join()

@@ -1,0 +1,150 @@
+"""The host input layer: order, errors riding along, padding, bounded read-ahead, and the
+same image checks for files, stream members and in-memory images."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flax_captioner import feed
+from flax_captioner.errors import DataError, ImageReadError
+from flax_captioner.preprocess import PreprocessConfig, load_and_preprocess_one
+from flax_captioner.sources import InputItem
+
+CONFIG = PreprocessConfig(size=(4, 4))
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (6, 5)) -> bytes:
+    pixels = np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def collect(items, batch_size, **kwargs) -> list[feed.Batch]:
+    with feed.batches(items, CONFIG, batch_size, num_threads=2, **kwargs) as batches:
+        return list(batches)
+
+
+def test_batches_keep_input_order_and_carry_errors_without_shrinking():
+    items = [InputItem(index, f"img{index}", data=png_bytes(index)) for index in range(7)]
+    items[2] = InputItem(2, "broken", data=b"not an image")
+    batches = collect(items, 3)
+    assert [[item.image for item in batch.items] for batch in batches] == [
+        ["img0", "img1", "broken", "img3"], ["img4", "img5", "img6"]]
+    first = batches[0]
+    assert first.num_decoded == 3 and first.pixel_values.shape == (3, 3, 4, 4)
+    assert first.errors[2].path == "broken" and "not an image" in first.errors[2].reason
+    expected = np.stack([load_and_preprocess_one(png_bytes(seed), CONFIG) for seed in (0, 1, 3)])
+    np.testing.assert_array_equal(first.pixel_values, expected)
+
+
+def test_last_partial_batch_is_padded_only_after_a_full_batch():
+    items = [InputItem(index, f"img{index}", data=png_bytes(index)) for index in range(5)]
+    last = collect(items, 4)[-1]
+    assert last.num_decoded == 1 and last.pixel_values.shape[0] == 4
+    np.testing.assert_array_equal(last.pixel_values[1:], np.repeat(last.pixel_values[:1], 3, 0))
+    # A run shorter than one batch compiles its own size: no padding.
+    (only,) = collect(items[:3], 4)
+    assert only.num_decoded == 3 and only.pixel_values.shape[0] == 3
+
+
+def test_a_batch_of_only_failures_has_no_pixels():
+    items = [InputItem(0, "a", data=png_bytes(0)), InputItem(1, "b", data=b""),
+             InputItem(2, "c", data=b"x")]
+    first, last = collect(items, 1)
+    assert last.num_decoded == 0 and last.pixel_values.shape == (0, 3, 4, 4)
+    assert [error.reason for error in last.errors] == [
+        "empty image data (0 bytes)", "not an image PIL can identify"]
+
+
+def test_stream_members_are_read_in_input_order_on_one_thread():
+    reads = []
+
+    def reader(index):
+        def read_bytes():
+            reads.append((index, threading.current_thread().name))
+            return png_bytes(index)
+        return read_bytes
+
+    items = [InputItem(index, f"m{index}", read_bytes=reader(index)) for index in range(9)]
+    batches = collect(items, 2)
+    assert [index for index, _ in reads] == list(range(9))
+    assert len({name for _, name in reads}) == 1
+    assert sum(batch.num_decoded for batch in batches) == 9
+
+
+def test_decompression_bomb_limit_applies_to_every_source(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # the 6x5 test images exceed it
+    path = tmp_path / "big.png"
+    path.write_bytes(png_bytes(0))
+    items = [InputItem(0, str(path)), InputItem(1, "member", read_bytes=lambda: png_bytes(1)),
+             InputItem(2, "in-memory", data=png_bytes(2)),
+             InputItem(3, "pil", data=Image.open(io.BytesIO(png_bytes(3))))]
+    (batch,) = collect(items, 4)
+    assert batch.num_decoded == 0
+    for error in batch.errors:
+        assert "6x5 pixels is over PIL's decompression-bomb limit of 20" in error.reason
+
+
+def test_exif_orientation_is_applied_only_on_request():
+    image = Image.fromarray(np.arange(6 * 4 * 3, dtype=np.uint8).reshape(4, 6, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: displays 4 wide, 6 high
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", exif=exif)
+    config = PreprocessConfig(do_resize=False)
+    item = [InputItem(0, "rotated", data=buffer.getvalue())]
+    with feed.batches(item, config, 1) as batches:
+        assert next(batches).pixel_values.shape == (1, 3, 4, 6)
+    with feed.batches(item, config, 1, exif_transpose=True) as batches:
+        transposed = next(batches).pixel_values
+    assert transposed.shape == (1, 3, 6, 4)
+    upright = load_and_preprocess_one(image.transpose(Image.Transpose.ROTATE_270), config)
+    np.testing.assert_array_equal(transposed[0], upright)
+
+
+def test_errors_of_the_item_iterator_reach_the_consumer_in_place():
+    def items():
+        yield InputItem(0, "a", data=png_bytes(0))
+        raise DataError("list.txt: cannot read the path list")
+
+    with feed.batches(items(), CONFIG, 1, num_threads=1) as batches:
+        assert next(batches).num_decoded == 1
+        with pytest.raises(DataError, match="list.txt"):
+            next(batches)
+
+
+def test_read_ahead_is_bounded_for_endless_inputs():
+    listed = []
+
+    def endless():
+        for index in itertools.count():
+            listed.append(index)
+            yield InputItem(index, f"img{index}", data=png_bytes(0))
+
+    with feed.batches(endless(), CONFIG, 4, num_threads=2, prefetch=2) as batches:
+        first, second = next(batches), next(batches)
+    assert [item.index for item in first.items + second.items] == list(range(8))
+    # Two batches taken; at most 2 more ready, one being built and a window of 8 decoding.
+    assert len(listed) <= 8 + 8 + 4 + 8
+
+
+@pytest.mark.parametrize("name,value", [("batch_size", 0), ("num_threads", 0),
+                                        ("prefetch", 0)])
+def test_bad_sizes_are_one_line_errors(name, value):
+    kwargs = {"batch_size": 2, name: value}
+    batch_size = kwargs.pop("batch_size")
+    with pytest.raises(ValueError, match=f"{name} must be at least 1, got 0"):
+        with feed.batches([], CONFIG, batch_size, **kwargs):
+            pass
+
+
+def test_image_read_errors_name_the_item():
+    with pytest.raises(ImageReadError, match="^shard.tar/x.jpg: not an image"):
+        feed.decode_item(InputItem(0, "shard.tar/x.jpg"), b"junk", CONFIG)
