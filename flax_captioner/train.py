@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,68 +33,14 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from tqdm.auto import tqdm
 
-from flax_captioner import loading, metrics, sharding, train_data
-from flax_captioner.decoder import DecoderSpec
+from flax_captioner import feed, loading, metrics, sharding, train_data
 from flax_captioner.errors import DataError, ModelLoadError, NonFiniteLossError
-from flax_captioner.generator import GenerationSettings, build_generate_fn
-from flax_captioner.preprocess import PreprocessConfig, load_image, preprocess
+from flax_captioner.generator import GenerationSettings, Generator
+from flax_captioner.preprocess import PreprocessConfig
+from flax_captioner.sources import InputItem
+from flax_captioner.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
-
-
-def _field(default: Any, help_text: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help_text})
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run needs; plain data (the CLI builds one flag per field).
-
-    String fields left empty mean "not set". Step counts are optimizer steps (one step =
-    ``gradient_accumulation_steps`` micro-batches of ``batch_size`` rows).
-    """
-
-    train_file: str = _field("", "training data: .jsonl or .csv with image and caption "
-                                 "columns, or a COCO captions .json")
-    validation_file: str = _field("", "validation data (same formats); evaluated every "
-                                      "--eval-every steps and at the end")
-    output_dir: str = _field("captioner-run", "run folder: checkpoints/, evals/, export/")
-    model: str = _field("", "checkpoint to fine-tune (hub id or directory)")
-    encoder: str = _field("", "pretrained ViT (hub id or directory), with --decoder, to start "
-                              "from fresh cross-attention instead of --model")
-    decoder: str = _field("", "pretrained GPT-2 (hub id or directory), with --encoder")
-    image_root: str = _field("", "folder that relative image paths are under (default: the "
-                                 "data file's folder)")
-    image_column: str = _field("image", "image path column (JSONL/CSV)")
-    caption_column: str = _field("caption", "caption column (JSONL/CSV)")
-    max_target_length: int = _field(32, "caption length in tokens, EOS included; longer "
-                                         "captions are cut")
-    batch_size: int = _field(32, "rows per micro-batch, over all devices (padded to a "
-                                 "multiple of the device count with zero-weight rows)")
-    gradient_accumulation_steps: int = _field(1, "micro-batches per optimizer step")
-    num_epochs: float = _field(3.0, "passes over the training data (unless --max-steps)")
-    max_steps: int = _field(0, "optimizer steps to train; 0: from --num-epochs")
-    learning_rate: float = _field(5e-5, "peak learning rate")
-    warmup_steps: int = _field(0, "linear warmup steps from 0; then linear decay to 0")
-    weight_decay: float = _field(0.0, "AdamW weight decay (not on biases and LayerNorm)")
-    adam_beta1: float = _field(0.9, "AdamW beta1")
-    adam_beta2: float = _field(0.999, "AdamW beta2")
-    adam_epsilon: float = _field(1e-8, "AdamW epsilon")
-    max_grad_norm: float = _field(1.0, "clip gradients to this global norm; 0: no clipping")
-    label_smoothing: float = _field(0.0, "label smoothing factor")
-    seed: int = _field(42, "seed of data order and dropout")
-    save_every: int = _field(500, "save a checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = _field(3, "checkpoints kept (the newest)")
-    eval_every: int = _field(0, "evaluate every N steps; 0: at the end only")
-    eval_batch_size: int = _field(64, "rows per evaluation batch")
-    max_eval_images: int = _field(0, "images captioned per evaluation; 0: all")
-    num_beams: int = _field(4, "beams for evaluation captions")
-    max_length: int = _field(16, "evaluation caption length, decoder start token included")
-    export_dir: str = _field("", "where the final model is exported (default: "
-                                 "OUTPUT_DIR/export)")
-    stop_at_step: int = _field(0, "save a checkpoint and stop at this step, to resume later "
-                                  "(time-sliced jobs); 0: train to the end")
-    progress: bool = _field(True, "show a progress bar")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,25 +66,34 @@ class TrainResult:
 
     Attributes:
       step: optimizer steps done (the total, counting steps before a resume).
-      train_loss: mean training loss over the last logged steps (nan if no step ran here).
+      steps_run: optimizer steps this invocation ran (0 when resumed at the end).
+      train_loss: mean training loss over the last 20 steps read back (nan if none ran here).
       evaluations: every evaluation of this invocation, in order.
       export_dir: the exported Hugging Face checkpoint; None when stopped at ``stop_at_step``.
       checkpoint_dir: the orbax checkpoints.
       skipped_images: unreadable images dropped, by split.
       seconds: wall time of this invocation.
+      images: training images this invocation fed to the device (padding rows excluded).
+      input_wait_seconds: time the training loop waited for decoded batches.
     """
 
     step: int
+    steps_run: int
     train_loss: float
     evaluations: list[EvalResult]
     export_dir: Path | None
     checkpoint_dir: Path
     skipped_images: dict[str, int]
     seconds: float
+    images: int = 0
+    input_wait_seconds: float = 0.0
 
     def summary(self) -> str:
         """One line for the command line: step, losses, scores, where the model went."""
-        parts = [f"step {self.step}", f"train loss {self.train_loss:.4f}"]
+        if self.steps_run:
+            parts = [f"step {self.step}", f"train loss {self.train_loss:.4f}"]
+        else:
+            parts = [f"step {self.step} (no training step left to run)"]
         if self.evaluations:
             final = self.evaluations[-1]
             parts.append(f"eval loss {final.loss:.4f}")
@@ -318,25 +272,6 @@ def eval_loss_step(params: Any, batch: dict[str, jax.Array], *, model: Any,
     return token_loss(logits, batch["labels"], batch["loss_mask"], label_smoothing)
 
 
-def make_caption_fn(model_config: Any, *, num_beams: int, max_length: int
-                    ) -> Callable[[Any, jax.Array], jax.Array]:
-    """A jitted ``(params, pixel_values [B, 3, H, W]) -> token ids [B, max_length]``.
-
-    The project's beam search (``generator.build_generate_fn``, PyTorch ``generate``'s
-    captions token for token), built once and fed each evaluation's parameters.
-    """
-    settings = GenerationSettings.resolve(loading.generation_defaults(model_config),
-                                          num_beams=num_beams, max_length=max_length)
-    generate_fn = build_generate_fn(DecoderSpec.from_config(model_config), settings)
-
-    def caption_ids(params: Any, pixel_values: jax.Array) -> jax.Array:
-        # Row keys only matter when sampling; evaluation searches deterministically.
-        row_keys = jnp.zeros((pixel_values.shape[0], 2), jnp.uint32)
-        return generate_fn(params, pixel_values, row_keys)[0]
-
-    return jax.jit(caption_ids)
-
-
 def _pad_indices(indices: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([indices, np.full(size - len(indices), -1, indices.dtype)])
 
@@ -396,6 +331,41 @@ def initial_state(params: Any, optimizer: optax.GradientTransformation, seed: in
                       rng=jax.random.PRNGKey(seed))
 
 
+# Optimizer steps between reads of the training metrics. Reading them blocks the host until
+# the device catches up; the host otherwise runs ahead, which is what keeps the device busy.
+METRICS_EVERY = 10
+
+
+class _MetricsWindow:
+    """Device-side metrics of the micro-steps since the last read, and the recent losses."""
+
+    def __init__(self, accumulation: int):
+        self.accumulation = accumulation
+        self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+        self.recent_losses: list[float] = []
+
+    def add(self, micro_step: int, step_metrics: dict[str, jax.Array]) -> None:
+        self.pending.append((micro_step, step_metrics))
+
+    def fetch(self) -> tuple[int, float] | None:
+        """Reads the pending metrics to the host; (micro_step, loss) of the first non-finite
+        one, else None."""
+        fetched = jax.device_get([step_metrics for _, step_metrics in self.pending])
+        micro_steps = [micro_step for micro_step, _ in self.pending]
+        self.pending = []
+        for micro_step, step_metrics in zip(micro_steps, fetched):
+            if not bool(step_metrics["finite"]):
+                return micro_step, float(step_metrics["loss"])
+            self.recent_losses.append(float(step_metrics["loss"]))
+        self.recent_losses = self.recent_losses[-20 * self.accumulation:]
+        return None
+
+    @property
+    def mean_loss(self) -> float:
+        """Mean of the last 20 steps' losses read back (nan before any)."""
+        return float(np.mean(self.recent_losses)) if self.recent_losses else float("nan")
+
+
 class Trainer:
     """A training run: data, model, compiled steps and checkpoints of one ``TrainConfig``.
 
@@ -404,8 +374,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig):
-        if not config.train_file:
-            raise DataError("training needs --train-file")
+        config.validate()
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.bundle = build_model(config)
@@ -429,9 +398,16 @@ class Trainer:
             donate_argnums=0)
         self.eval_loss_fn = jax.jit(functools.partial(
             eval_loss_step, model=model, label_smoothing=config.label_smoothing))
-        self.caption_ids_fn = make_caption_fn(model.config, num_beams=config.num_beams,
-                                              max_length=config.max_length)
+        # Evaluation captions go through the one captioning path, fed each evaluation's params.
+        self.generator = Generator(model.params, model.config, data_parallel=self.placement)
+        self.caption_settings = GenerationSettings.resolve(
+            loading.generation_defaults(model.config), num_beams=config.num_beams,
+            max_length=config.max_length)
         self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.export_pytorch = loading.torch_available()
+        if not self.export_pytorch:  # said now, not after hours of training
+            logger.warning("PyTorch is not installed: the final export will hold Flax weights "
+                           "only (install torch to add PyTorch weights)")
 
     def _load(self, path: str) -> train_data.CaptionDataset:
         config = self.config
@@ -451,65 +427,95 @@ class Trainer:
                         manager.latest_step(), int(state.micro_step))
         return state
 
-    def train_batch(self, micro_step: int) -> dict[str, np.ndarray]:
-        """The host batch of a micro-step: a pure function of (seed, micro_step)."""
+    def batch_indices(self, micro_step: int) -> np.ndarray:
+        """int64[B] rows of a micro-step's batch (-1: padding): a pure function of (seed,
+        micro_step); B is the batch size padded to the device count."""
         epoch, batch = self.plan.position(micro_step)
         indices = train_data.epoch_batch_indices(
             len(self.train_set), self.config.batch_size, seed=self.config.seed, epoch=epoch)[batch]
-        indices = _pad_indices(indices, self.placement.padded_size(self.config.batch_size))
-        return train_data.make_batch(self.train_set, indices)
+        return _pad_indices(indices, self.placement.padded_size(self.config.batch_size))
+
+    def train_batch(self, micro_step: int) -> dict[str, np.ndarray]:
+        """The host batch of one micro-step (decoded through the feed)."""
+        size = self.placement.padded_size(self.config.batch_size)
+        with train_data.batches(self.train_set, [self.batch_indices(micro_step)], size) as host:
+            return next(host)
 
     def run(self) -> TrainResult:
         """Trains to the planned step (or ``stop_at_step``), evaluating and checkpointing on the
-        way; at the planned end, evaluates and exports."""
+        way; at the planned end, evaluates and exports.
+
+        Images are decoded on the feed's threads while the device trains, and the loop reads
+        metrics back every ``METRICS_EVERY`` steps (and before every save and evaluation, so
+        a non-finite loss is caught before anything is written), never blocking on each step.
+        """
         started = time.perf_counter()
         config = self.config
         manager = _checkpoint_manager(self.checkpoint_dir, config.keep_checkpoints)
         state = self.start_state(manager)
         accumulation = config.gradient_accumulation_steps
-        step = int(state.micro_step) // accumulation
+        first_micro_step = int(state.micro_step)
+        step = first_micro_step // accumulation
         total = self.plan.total_steps
         target = min(config.stop_at_step, total) if config.stop_at_step > 0 else total
         evaluations = []
-        recent_losses: list[float] = []
+        window = _MetricsWindow(accumulation)
+        input_wait = 0.0
+        size = self.placement.padded_size(config.batch_size)
+        micro_steps = range(first_micro_step, target * accumulation)
         progress = tqdm(total=total, initial=step, desc="training",
                         disable=not config.progress, dynamic_ncols=True)
-        with progress:
-            while step < target:
-                micro_step = int(state.micro_step)
-                batch = self.placement.put_batch(self.train_batch(micro_step))
+        with progress, train_data.batches(self.train_set, map(self.batch_indices, micro_steps),
+                                          size) as host_batches:
+            for micro_step in micro_steps:
+                waited = time.perf_counter()
+                batch = self.placement.put_batch(next(host_batches))
+                input_wait += time.perf_counter() - waited
                 state, step_metrics = self.train_step_fn(state, batch)
-                loss = float(step_metrics["loss"])
-                if not bool(step_metrics["finite"]):
-                    raise NonFiniteLossError(self._divergence_message(manager, step, loss),
-                                             fix=("lower_learning_rate",))
-                recent_losses = (recent_losses + [loss])[-20 * accumulation:]
+                window.add(micro_step, step_metrics)
                 if (micro_step + 1) % accumulation:
                     continue
                 step += 1
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{float(self.schedule(step - 1)):.2e}")
-                if step % config.save_every == 0 or step == target:
+                save = step % config.save_every == 0 or step == target
+                evaluate = (self.validation_set and config.eval_every
+                            and step % config.eval_every == 0 and step < total)
+                if save or evaluate or step % METRICS_EVERY == 0:
+                    self._check(window, manager)
+                    progress.set_postfix(loss=f"{window.mean_loss:.4f}",
+                                         lr=f"{float(self.schedule(step - 1)):.2e}")
+                if save:
                     _save(manager, step, state, self.plan)
-                if (self.validation_set and config.eval_every and step % config.eval_every == 0
-                        and step < total):
-                    evaluations.append(self.evaluate(state.params, step, np.mean(recent_losses)))
+                if evaluate:
+                    evaluations.append(self.evaluate(state.params, step, window.mean_loss))
+        self._check(window, manager)
         if manager.latest_step() != step:
             _save(manager, step, state, self.plan)
         manager.close()
-        train_loss = float(np.mean(recent_losses)) if recent_losses else float("nan")
         export_dir = None
         if step == total:
             if self.validation_set:
-                evaluations.append(self.evaluate(state.params, step, train_loss))
+                evaluations.append(self.evaluate(state.params, step, window.mean_loss))
             export_dir = self.export(state.params)
+        seconds = time.perf_counter() - started
         return TrainResult(
-            step=step, train_loss=train_loss, evaluations=evaluations,
+            step=step, steps_run=step - first_micro_step // accumulation,
+            train_loss=window.mean_loss, evaluations=evaluations,
             export_dir=export_dir, checkpoint_dir=self.checkpoint_dir,
             skipped_images={"train": self.train_set.skipped_images,
                             "validation": self.validation_set.skipped_images
                             if self.validation_set else 0},
-            seconds=time.perf_counter() - started)
+            seconds=seconds, images=len(micro_steps) * config.batch_size,
+            input_wait_seconds=input_wait)
+
+    def _check(self, window: _MetricsWindow, manager: ocp.CheckpointManager) -> None:
+        """Reads the window's metrics back; raises at the first non-finite micro-step."""
+        bad = window.fetch()
+        if bad is not None:
+            micro_step, loss = bad
+            raise NonFiniteLossError(
+                self._divergence_message(manager, micro_step // window.accumulation, loss),
+                fix=("lower_learning_rate",))
 
     def _divergence_message(self, manager: ocp.CheckpointManager, step: int, loss: float) -> str:
         last_good = manager.latest_step()
@@ -522,12 +528,13 @@ class Trainer:
         """Validation loss, beam-search captions and their scores; logged and written."""
         dataset = self.validation_set
         size = self.placement.padded_size(self.config.eval_batch_size)
+        index_batches = [_pad_indices(np.arange(start, min(start + size, len(dataset))), size)
+                         for start in range(0, len(dataset), size)]
         loss_sum, count = 0.0, 0.0
-        for start in range(0, len(dataset), size):
-            indices = _pad_indices(np.arange(start, min(start + size, len(dataset))), size)
-            batch = self.placement.put_batch(train_data.make_batch(dataset, indices))
-            batch_sum, batch_count = self.eval_loss_fn(params, batch)
-            loss_sum, count = loss_sum + float(batch_sum), count + float(batch_count)
+        with train_data.batches(dataset, index_batches, size) as host_batches:
+            for batch in host_batches:
+                batch_sum, batch_count = self.eval_loss_fn(params, self.placement.put_batch(batch))
+                loss_sum, count = loss_sum + float(batch_sum), count + float(batch_count)
         references = train_data.references_by_image(dataset.rows)
         images = list(references)[: self.config.max_eval_images or None]
         predictions = self.caption(params, images, batch_size=size)
@@ -540,16 +547,21 @@ class Trainer:
         return result
 
     def caption(self, params: Any, images: list[str], *, batch_size: int) -> dict[str, str]:
-        """Beam-search captions of image paths, in padded batches of ``batch_size``."""
+        """Beam-search captions of image paths with ``params``, through the generator."""
         captions = {}
-        for start in range(0, len(images), batch_size):
-            chunk = images[start: start + batch_size]
-            pixels = preprocess([load_image(image) for image in chunk],
-                                self.bundle.preprocess_config)
-            padded = sharding.pad_to_multiple(pixels, batch_size)
-            ids = np.asarray(self.caption_ids_fn(params, self.placement.put_batch(padded)))
-            texts = self.bundle.tokenizer.batch_decode(ids[: len(chunk)], skip_special_tokens=True)
-            captions.update({image: text.strip() for image, text in zip(chunk, texts)})
+        items = (InputItem(index, image) for index, image in enumerate(images))
+        with feed.batches(items, self.bundle.preprocess_config, batch_size) as batches:
+            for batch in batches:
+                if batch.num_decoded < len(batch.items):
+                    error = next(error for error in batch.errors if error is not None)
+                    raise DataError(f"{self.config.validation_file}: image became unreadable "
+                                    f"during training ({error})")
+                output = self.generator.generate(batch.pixel_values, self.caption_settings,
+                                                 params=params)
+                texts = self.bundle.tokenizer.batch_decode(
+                    output.sequences[:batch.num_decoded], skip_special_tokens=True)
+                captions.update({item.image: text.strip()
+                                 for item, text in zip(batch.items, texts)})
         return captions
 
     def _log_eval(self, result: EvalResult, train_loss: float,
@@ -568,11 +580,13 @@ class Trainer:
                                            "references": references[image]}) + "\n")
 
     def export(self, params: Any) -> Path:
-        """Writes a Hugging Face directory with Flax and PyTorch weights."""
+        """Writes a Hugging Face directory with Flax weights, and PyTorch weights when PyTorch
+        is installed."""
         destination = Path(self.config.export_dir or self.output_dir / "export")
         loading.save_checkpoint(self.bundle.model, self.bundle.tokenizer,
                                 self.bundle.preprocess_config, destination,
-                                params=jax.device_get(params), flax=True, pytorch=True)
+                                params=jax.device_get(params), flax=True,
+                                pytorch=self.export_pytorch)
         logger.info("exported %s", destination)
         return destination
 

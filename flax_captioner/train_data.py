@@ -8,24 +8,30 @@ caption and its EOS only.
 
 Batches are drawn in an order that is a pure function of (seed, epoch), so a resumed run
 that knows its position (epoch, batch) sees exactly the batches an uninterrupted run sees.
+Their images are decoded by ``feed`` on background threads, ahead of the device.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import csv
 import dataclasses
+import itertools
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from flax_captioner.errors import DataError, ImageReadError
-from flax_captioner.preprocess import PreprocessConfig, load_image, preprocess
+from flax_captioner import feed
+from flax_captioner.errors import DataError
+from flax_captioner.preprocess import PreprocessConfig
+from flax_captioner.sources import InputItem
 
 logger = logging.getLogger(__name__)
 
@@ -172,16 +178,22 @@ def _require_columns(path: Path, columns: Any, image_column: str, caption_column
                             f"{', '.join(map(str, present)) or 'none'})")
 
 
-def drop_unreadable_images(rows: Sequence[CaptionRow], *, description: str = "checking images"
+def drop_unreadable_images(rows: Sequence[CaptionRow], config: PreprocessConfig, *,
+                           description: str = "checking images"
                            ) -> tuple[list[CaptionRow], list[str]]:
-    """Decodes every distinct image once; returns the readable rows and the unreadable images."""
+    """Decodes every distinct image once (on the feed's threads); returns the readable rows
+    and the unreadable images."""
+    images = sorted({row.image for row in rows})
+    items = (InputItem(index, image) for index, image in enumerate(images))
     unreadable = []
-    for image in tqdm(sorted({row.image for row in rows}), desc=description, leave=False):
-        try:
-            load_image(image)
-        except ImageReadError as error:
-            logger.debug("skipping %s", error)
-            unreadable.append(image)
+    with feed.batches(items, config, 64) as batches, \
+            tqdm(total=len(images), desc=description, leave=False) as progress:
+        for batch in batches:
+            for item, error in zip(batch.items, batch.errors):
+                if error is not None:
+                    logger.debug("skipping %s", error)
+                    unreadable.append(item.image)
+            progress.update(len(batch.items))
     bad = set(unreadable)
     return [row for row in rows if row.image not in bad], unreadable
 
@@ -237,7 +249,8 @@ def load_caption_dataset(
     path = Path(path)
     rows = read_caption_rows(path, image_root=image_root, image_column=image_column,
                              caption_column=caption_column)
-    rows, unreadable = drop_unreadable_images(rows, description=f"checking {path.name}")
+    rows, unreadable = drop_unreadable_images(rows, preprocess_config,
+                                              description=f"checking {path.name}")
     if unreadable:
         logger.warning("%s: skipped %d unreadable image(s), e.g. %s", path, len(unreadable),
                        unreadable[0])
@@ -272,37 +285,63 @@ def epoch_batch_indices(num_rows: int, batch_size: int, *, seed: int, epoch: int
     return padded.reshape(count, batch_size)
 
 
-def make_batch(dataset: CaptionDataset, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Loads and preprocesses one batch.
+def batch_targets(dataset: CaptionDataset, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """The token arrays of one batch.
 
     Args:
       dataset: the dataset.
-      indices: ``[B]`` row indices; -1 marks a padding row (filled with row 0, weight 0).
+      indices: int[B] row indices; -1 marks a padding row (row 0's data, weight 0).
 
     Returns:
-      ``pixel_values [B, 3, H, W]`` float32, ``decoder_input_ids``, ``decoder_attention_mask``
-      and ``labels`` ``[B, T]`` int32, and ``loss_mask [B, T]`` float32 (the attention mask
-      times the row weight).
-
-    Raises:
-      DataError: an image that was readable when the dataset was loaded no longer is.
+      ``decoder_input_ids``, ``decoder_attention_mask`` and ``labels`` int32[B, T], and
+      ``loss_mask`` float32[B, T] (the attention mask times the row weight).
     """
     weights = (indices >= 0).astype(np.float32)
     rows = np.where(indices >= 0, indices, 0)
-    try:
-        images = [load_image(dataset.rows[row].image) for row in rows]
-    except ImageReadError as error:
-        raise DataError(f"{dataset.source}: image became unreadable during training ({error})"
-                        ) from None
     targets = dataset.targets
     mask = targets.decoder_attention_mask[rows]
     return {
-        "pixel_values": preprocess(images, dataset.preprocess_config),
         "decoder_input_ids": targets.decoder_input_ids[rows],
         "decoder_attention_mask": mask,
         "labels": targets.labels[rows],
         "loss_mask": mask.astype(np.float32) * weights[:, None],
     }
+
+
+@contextlib.contextmanager
+def batches(dataset: CaptionDataset, index_batches: Iterable[np.ndarray], batch_size: int, *,
+            num_threads: int | None = None) -> Iterator[Iterator[dict[str, np.ndarray]]]:
+    """Host batches for ``index_batches`` (each int[batch_size], -1 for padding rows), in
+    order, their images decoded by ``feed`` on background threads while the device works.
+
+    Yields:
+      An iterator of ``batch_targets`` dicts plus ``pixel_values`` float32[B, 3, H, W].
+
+    Raises (from the iterator):
+      DataError: an image that was readable when the dataset was loaded no longer is.
+    """
+    # Index arrays whose images the feed's reader thread has queued, oldest first; the
+    # consumer pairs each decoded batch with the next one (deque appends/pops are atomic).
+    queued: collections.deque[np.ndarray] = collections.deque()
+    counter = itertools.count()
+
+    def items() -> Iterator[InputItem]:
+        for indices in index_batches:
+            queued.append(indices)
+            for row in np.where(indices >= 0, indices, 0):
+                yield InputItem(next(counter), dataset.rows[row].image)
+
+    with feed.batches(items(), dataset.preprocess_config, batch_size,
+                      num_threads=num_threads) as decoded:
+        yield (_host_batch(dataset, batch, queued.popleft()) for batch in decoded)
+
+
+def _host_batch(dataset: CaptionDataset, batch: feed.Batch,
+                indices: np.ndarray) -> dict[str, np.ndarray]:
+    error = next((error for error in batch.errors if error is not None), None)
+    if error is not None:
+        raise DataError(f"{dataset.source}: image became unreadable during training ({error})")
+    return {"pixel_values": batch.pixel_values, **batch_targets(dataset, indices)}
 
 
 def references_by_image(rows: Sequence[CaptionRow]) -> dict[str, list[str]]:

@@ -98,9 +98,15 @@ def test_padding_rows_get_zero_loss_weight(tiny_checkpoint, dataset_file):
     dataset = train_data.load_caption_dataset(
         dataset_file, tokenizer, preprocess_config, max_target_length=6,
         decoder_start_token_id=63, pad_token_id=63, eos_token_id=63)
-    batch = train_data.make_batch(dataset, np.array([3, -1]))
-    assert batch["pixel_values"].shape == (2, 3, 32, 32)
-    np.testing.assert_array_equal(batch["loss_mask"], [[1, 1, 1, 1, 0, 0], [0] * 6])
+    with train_data.batches(dataset, [np.array([3, -1]), np.array([-1, 0])], 2,
+                            num_threads=2) as batches:
+        first, second = list(batches)
+    assert first["pixel_values"].shape == (2, 3, 32, 32)
+    np.testing.assert_array_equal(first["loss_mask"], [[1, 1, 1, 1, 0, 0], [0] * 6])
+    # Padding rows repeat row 0's data; each batch is paired with its own indices.
+    np.testing.assert_array_equal(second["pixel_values"][0], second["pixel_values"][1])
+    np.testing.assert_array_equal(second["labels"][1], dataset.targets.labels[0])
+    np.testing.assert_array_equal(second["loss_mask"][0], [0] * 6)
 
 
 def test_decay_mask_skips_biases_and_layer_norms(tiny_checkpoint):
@@ -173,9 +179,13 @@ def test_stopping_and_resuming_gives_bit_identical_parameters(uninterrupted, tmp
     assert first.step == 3 and first.export_dir is None
     # A new trainer (fresh process state but for the checkpoint directory) resumes.
     second = train(dataclasses.replace(sliced, stop_at_step=0))
-    assert second.step == 6
+    assert second.step == 6 and second.steps_run == 3
     assert ((second.export_dir / "flax_model.msgpack").read_bytes()
             == (result.export_dir / "flax_model.msgpack").read_bytes())
+    # A rerun of a finished run trains nothing and says so instead of "train loss nan".
+    third = train(dataclasses.replace(sliced, stop_at_step=0))
+    assert third.steps_run == 0 and "nan" not in third.summary()
+    assert "no training step left to run" in third.summary()
 
 
 @pytest.mark.slow
@@ -204,13 +214,50 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
         train(config)
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and not (tmp_path / "export").exists()
-    last_good = Trainer(dataclasses.replace(config, learning_rate=0.0))
+    last_good = Trainer(config)
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager((tmp_path / "checkpoints").absolute()) as manager:
         state = last_good.start_state(manager)
     assert int(state.micro_step) == saved[-1]
     assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(state.params))
+
+
+def test_divergence_between_metric_reads_is_caught_before_any_save(
+        tiny_checkpoint, dataset_file, tmp_path):
+    # Metrics are read every METRICS_EVERY steps and before saves: with saves far apart, the
+    # run still stops at the first bad step's window, and nothing non-finite is written.
+    config = tiny_config(tiny_checkpoint, dataset_file, tmp_path, learning_rate=1e30,
+                         warmup_steps=0, save_every=100, max_steps=12, max_grad_norm=0.0,
+                         validation_file="")
+    with pytest.raises(NonFiniteLossError, match=r"diverged at step [12] .*no checkpoint had "
+                                                 r"been saved yet"):
+        train(config)
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def test_training_without_pytorch_exports_flax_weights_and_says_so_first(
+        tiny_checkpoint, dataset_file, tmp_path):
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["torch"] = None  # as if PyTorch were not installed
+        sys.path.insert(0, sys.argv[1])
+        from test_train import tiny_config
+        from flax_captioner.train import train
+        from pathlib import Path
+        config = tiny_config(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]),
+                             max_steps=1, validation_file="")
+        print(train(config).summary())
+    """)
+    output_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(Path(__file__).parent), str(tiny_checkpoint),
+         str(dataset_file), str(output_dir)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "PyTorch is not installed: the final export will hold Flax weights only" in done.stderr
+    assert (output_dir / "export" / "flax_model.msgpack").is_file()
+    assert not (output_dir / "export" / "model.safetensors").exists()
+    assert "exported to" in done.stdout
 
 
 # --- bad data ---------------------------------------------------------------------------------
