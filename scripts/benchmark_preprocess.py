@@ -6,8 +6,8 @@ best of --repeats runs each:
   decode only            Image.open(p).convert("RGB"), one thread: the floor both sides share
   reference, per image   ViTImageProcessor(Image.open(p).convert("RGB")) one image per call (the card)
   reference, batched     the same, --batch-size images per call
-  ours, 1 thread         load_and_preprocess(batch, num_threads=1)
-  ours, all cores        load_and_preprocess(batch, num_threads=os.cpu_count())
+  ours, 1 thread         feed.batches(items, num_threads=1): the decode threads every
+  ours, all cores        feed.batches(items, num_threads=os.cpu_count())    caller uses
 
 and checks that both sides produce the same pixel values. Prints images/s and ratios to the
 two reference rows; ``--json`` prints one JSON object instead.
@@ -28,7 +28,9 @@ import numpy as np
 from PIL import Image
 from transformers import ViTImageProcessor
 
-from flax_captioner.preprocess import PreprocessConfig, load_and_preprocess
+from flax_captioner import feed
+from flax_captioner.preprocess import PreprocessConfig
+from flax_captioner.sources import InputItem
 
 NLPCONNECT_CONFIG = {
     "do_normalize": True,
@@ -106,9 +108,12 @@ def main() -> None:
             )
 
         def ours(num_threads: int) -> Callable[[], np.ndarray]:
-            return lambda: np.concatenate(
-                [load_and_preprocess(chunk, config, num_threads=num_threads).pixel_values for chunk in chunks]
-            )
+            def run() -> np.ndarray:
+                items = [InputItem(index, str(path)) for index, path in enumerate(paths)]
+                with feed.batches(items, config, args.batch_size, num_threads=num_threads) as decoded:
+                    return np.concatenate([batch.pixel_values[:batch.num_decoded] for batch in decoded])
+
+            return run
 
         max_abs_difference = float(np.abs(ours(cores)() - reference_per_image()).max())
         methods = {

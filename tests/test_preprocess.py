@@ -16,7 +16,6 @@ from checkpoints import NLPCONNECT_PREPROCESSOR
 from flax_captioner.errors import ImageReadError, ModelLoadError
 from flax_captioner.preprocess import (
     PreprocessConfig,
-    load_and_preprocess,
     load_and_preprocess_one,
     load_image,
     preprocess,
@@ -362,7 +361,7 @@ def test_batch_goes_on_past_bad_inputs(tmp_path, num_threads):
         good_paths[2],
     ]
     config = PreprocessConfig.from_dict(IMAGENET_BICUBIC_CONFIG)
-    pixel_values, errors = load_and_preprocess(sources, config, num_threads=num_threads)
+    pixel_values, errors = decode_batch(sources, config, num_threads=num_threads)
 
     assert [error is None for error in errors] == [True, False, True, False, True, False, True]
     assert [error.path for error in errors if error is not None] == [str(sources[1]), str(sources[3]), str(sources[5])]
@@ -374,11 +373,19 @@ def test_batch_goes_on_past_bad_inputs(tmp_path, num_threads):
 
 
 def test_batch_of_only_bad_inputs_is_empty(tmp_path):
-    pixel_values, errors = load_and_preprocess([tmp_path / "a.jpg", tmp_path / "b.jpg"], PreprocessConfig())
+    pixel_values, errors = decode_batch([tmp_path / "a.jpg", tmp_path / "b.jpg"], PreprocessConfig())
     assert pixel_values.shape == (0, 3, 224, 224)
     assert [error.reason for error in errors] == ["no such file", "no such file"]
 
 
-def test_batch_refuses_fewer_than_one_thread():
-    with pytest.raises(ValueError, match="num_threads"):
-        load_and_preprocess([], PreprocessConfig(), num_threads=0)
+def decode_batch(sources, config, num_threads=None):
+    """Every source decoded as one batch through the feed: (pixel values, per-input errors)."""
+    from flax_captioner import feed
+    from flax_captioner.sources import InputItem
+
+    items = [InputItem(index, str(source)) if not isinstance(source, Image.Image)
+             else InputItem(index, "<PIL.Image>", data=source)
+             for index, source in enumerate(sources)]
+    with feed.batches(items, config, len(items), num_threads=num_threads) as batches:
+        (batch,) = list(batches)
+    return batch.pixel_values, batch.errors
