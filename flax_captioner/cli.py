@@ -1,21 +1,49 @@
-"""Command line: argument parsing only; every command calls the library.
+"""Command line: argument parsing and checks only; every command calls the library.
 
-Exit codes: 0 success, 1 when any image failed or a command could not finish (the work
-that succeeded is kept), 2 for usage errors (bad flags, bad settings). Errors are one line
-on stderr, never a traceback.
+Every flag value, the inputs and the output are checked before JAX, transformers or a model
+loads, so ``--help`` and a typo answer at once. Errors are one line on stderr, never a
+traceback; a library error's ``fix`` keys become flag hints.
+
+Exit status: 0 success; 1 when any image failed or a command could not finish (the work that
+succeeded is kept); 2 for usage errors (bad flags, bad settings); 128 + the signal's number
+when stopped by one (130 SIGINT, 143 SIGTERM; 141 when stdout closes early, as in ``| head``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import glob
 import json
+import logging
+import math
+import os
+import signal
 import sys
+import threading
 import typing
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn
+
+from flax_captioner.defaults import DEFAULT_MODEL
+from flax_captioner.errors import CaptionerError, DataError, PipelineInterrupted
+from flax_captioner.train_config import TrainConfig
 
 PROG = "flax-captioner"
+
+# errors.FIXES key -> the flags that apply it (a test keeps the keys in step).
+FIX_HINTS = {
+    "start_over": "start over with --no-resume",
+    "other_output": "write to another --output",
+    "overwrite": "replace it with --overwrite",
+    "resume_processes": "rerun the stopped processes with the same --output, then "
+                        f"`{PROG} merge`",
+    "lower_learning_rate": "lower --learning-rate or raise --warmup-steps",
+    "smaller_batch": "use a smaller --batch-size N",
+}
+
+OUTPUT_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 # (flag, type, help) for every generation setting; each maps to a GenerationSettings field.
 GENERATION_FLAGS: tuple[tuple[str, Any, str], ...] = (
@@ -33,6 +61,21 @@ GENERATION_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--temperature", float, "sampling temperature"),
     ("--top-k", int, "sample from the k most likely tokens"),
     ("--top-p", float, "sample from the smallest set with this probability mass"),
+    ("--min-p", float, "sample only tokens with >= this fraction of the top token's probability"),
+    ("--typical-p", float, "locally typical sampling mass (1.0 = off)"),
+    ("--epsilon-cutoff", float, "sample only tokens with probability >= this (0 = off)"),
+    ("--eta-cutoff", float, "eta sampling cutoff (0 = off)"),
+    ("--sequence-bias", "json", "JSON list of [token ids, bias] pairs, e.g. '[[[7], -2.0]]'"),
+    ("--forced-bos-token-id", int, "token forced as the first generated token"),
+    ("--forced-eos-token-id", int, "token forced as the last token at max length"),
+    ("--exponential-decay-length-penalty", "json",
+     "JSON [start_index, decay_factor]: raise the EOS score after start_index tokens"),
+    ("--suppress-tokens", "json", "JSON list of token ids never generated, e.g. '[7, 9]'"),
+    ("--begin-suppress-tokens", "json", "JSON list of token ids not generated first"),
+    ("--renormalize-logits", "flag", "log-softmax the scores after all processors"),
+    ("--remove-invalid-values", "flag", "replace nan/inf scores by finite values"),
+    ("--output-scores", "flag", "also return the processed scores of every step"),
+    ("--output-logits", "flag", "also return the raw logits of every step"),
 )
 
 
@@ -50,6 +93,13 @@ def _json_value(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
 
 
+def _storage_options(text: str) -> dict[str, Any]:
+    value = _json_value(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"anon\": true}'")
+    return value
+
+
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation")
     for flag, kind, help_text in GENERATION_FLAGS:
@@ -64,15 +114,76 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
 def _generation_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The generation flags the user set, as GenerationSettings keyword arguments."""
     names = [flag[2:].replace("-", "_") for flag, _, _ in GENERATION_FLAGS]
-    settings = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if "bad_words_ids" in settings:
-        settings["bad_words_ids"] = tuple(tuple(ids) for ids in settings["bad_words_ids"])
-    return settings
+    # List values stay JSON lists: GenerationSettings.resolve checks their shape and makes
+    # them tuples (a flat "[12]" for bad_words_ids is a one-line error there, not a crash).
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_sequence_bias(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], list) and pair[0]
+        and all(map(_is_token_id, pair[0])) and _is_finite(pair[1]) for pair in value)
+
+
+def _is_token_lists(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(word, list) and word and all(map(_is_token_id, word)) for word in value)
+
+
+# Generation setting -> (test, requirement): each value on its own, as
+# GenerationSettings.validate judges it (tests/test_cli.py holds the two together). Checked
+# here because search.py imports JAX; combinations and the checkpoint's limits (vocabulary,
+# positions) are checked once the model is loaded.
+GENERATION_LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "num_beams": (lambda v: v >= 1, "an integer >= 1"),
+    "max_length": (lambda v: v >= 2, "an integer >= 2 (the prompt plus one token)"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "min_length": (lambda v: v >= 0, "a non-negative integer"),
+    "length_penalty": (math.isfinite, "a finite number"),
+    "num_return_sequences": (lambda v: v >= 1, "an integer >= 1"),
+    "no_repeat_ngram_size": (lambda v: v >= 0, "a non-negative integer"),
+    "repetition_penalty": (lambda v: v > 0, "a number > 0"),
+    "bad_words_ids": (_is_token_lists, "a list of non-empty lists of non-negative token ids, "
+                                       "e.g. [[12],[7,9]]"),
+    "temperature": (lambda v: v > 0, "a number > 0"),
+    "top_k": (lambda v: v >= 0, "a non-negative integer (0 disables it)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "typical_p": (lambda v: 0 < v <= 1, "in (0, 1] (1 disables it)"),
+    "epsilon_cutoff": (lambda v: 0 <= v < 1, "in [0, 1) (0 disables it)"),
+    "eta_cutoff": (lambda v: 0 <= v < 1, "in [0, 1) (0 disables it)"),
+    "sequence_bias": (_is_sequence_bias, "a list of [token ids, bias] pairs, e.g. [[[7],-2.0]]"),
+    "forced_bos_token_id": (lambda v: v >= 0, "a non-negative integer"),
+    "forced_eos_token_id": (lambda v: v >= 0, "a non-negative integer"),
+    "exponential_decay_length_penalty": (
+        lambda v: isinstance(v, list) and len(v) == 2 and _is_token_id(v[0])
+        and _is_finite(v[1]) and v[1] > 0, "[start_index >= 0, decay_factor > 0]"),
+    "suppress_tokens": (lambda v: isinstance(v, list) and all(map(_is_token_id, v)),
+                        "a list of non-negative token ids, e.g. [7,9]"),
+    "begin_suppress_tokens": (lambda v: isinstance(v, list) and all(map(_is_token_id, v)),
+                              "a list of non-negative token ids, e.g. [7,9]"),
+}
+
+
+def check_generation_flags(args: argparse.Namespace) -> None:
+    """Raises ValueError naming the first generation flag whose value no model accepts."""
+    for name, (allowed, requirement) in GENERATION_LIMITS.items():
+        value = getattr(args, name, None)
+        if value is not None and not allowed(value):
+            flag = "--" + name.replace("_", "-")
+            shown = value if isinstance(value, (int, float)) else json.dumps(value)
+            raise ValueError(f"{flag} must be {requirement}, got {shown}")
 
 
 def _add_model_flags(parser: argparse.ArgumentParser, *, default_model: bool = True) -> None:
-    from flax_captioner.loading import DEFAULT_MODEL
-
     parser.add_argument("--model", default=DEFAULT_MODEL if default_model else None,
                         required=not default_model,
                         help=f"hub id or checkpoint directory [{DEFAULT_MODEL}]")
@@ -88,7 +199,72 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                         help="JAX persistent compilation cache directory (cuts restarts)")
 
 
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def output_format(output: str | None, requested: str | None, *,
+                  format_flag: bool = True) -> str | None:
+    """The format named by ``requested`` (``--format``), else by the suffix of ``output``;
+    None for stdout. ``format_flag``: the command has ``--format`` (the message offers it).
+
+    Raises:
+      ValueError: an output whose suffix names no format this tool writes.
+    """
+    if requested is not None or output is None:
+        return requested
+    suffix = os.path.splitext(output)[1].lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"{output}: unknown output suffix {suffix!r}; use .jsonl, .json, "
+                         f".parquet or .pq" + (", or --format" if format_flag else ""))
+    return OUTPUT_SUFFIXES[suffix]
+
+
+def check_caption_run(args: argparse.Namespace) -> str:
+    """Everything a caption run can get wrong before the model loads: flag values, inputs
+    (a glob matching nothing, no image at all) and the output. Returns the output format.
+    Imports no JAX (the point: a typo answers in a second, not after loading)."""
+    check_generation_flags(args)
+    if not 0 <= args.seed < 2**63:  # what a JAX PRNG key takes
+        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
+    cache = args.compilation_cache
+    if cache is not None and os.path.exists(cache) and not os.path.isdir(cache):
+        raise ValueError(f"--compilation-cache {cache}: not a folder")
+    requested_format = output_format(args.output, args.format)
+    # Imported here, after the flag checks: PIL, numpy and pyarrow take most of a second.
+    from flax_captioner.sources import check_inputs, iter_inputs
+    from flax_captioner.writers import check_writable, resolve_format
+
+    resolved = resolve_format(args.output, requested_format)
+    columns = {"image_column": args.image_column, "id_column": args.id_column}
+    check_inputs(args.inputs, args.storage_options, **columns)
+    if next(iter_inputs(args.inputs, args.storage_options, **columns), None) is None:
+        raise DataError(f"{' '.join(args.inputs)}: no images to caption")  # e.g. empty lists
+    if args.output is not None:
+        check_writable(args.output, args.storage_options)
+    return resolved
+
+
+def _quiet_transformers() -> None:
+    # transformers 4.x warns on every run that v5 drops Flax; the project pins < 5 on purpose.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+
+
 def _load_captioner(args: argparse.Namespace) -> Any:
+    _quiet_transformers()
     import jax.numpy as jnp
 
     from flax_captioner.captioner import Captioner
@@ -102,29 +278,39 @@ def _load_captioner(args: argparse.Namespace) -> Any:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from flax_captioner.pipeline import check_run, run_pipeline
-
+    resolved_format = check_caption_run(args)
     if args.distributed:
         import jax
 
         jax.distributed.initialize()
-    check_run(args.inputs, args.output, args.format)  # bad inputs fail before the model loads
     captioner = _load_captioner(args)
+    from flax_captioner.pipeline import run_pipeline
+
     stats = run_pipeline(
         captioner, args.inputs, args.output, batch_size=args.batch_size,
-        output_format=args.format, resume=not args.no_resume, num_threads=args.threads,
-        seed=args.seed, settings=_generation_settings(args))
+        output_format=resolved_format, resume=not args.no_resume, num_threads=args.threads,
+        seed=args.seed, settings=_generation_settings(args), exif_transpose=args.exif_transpose,
+        storage_options=args.storage_options, image_column=args.image_column,
+        id_column=args.id_column)
     return 1 if stats.errors else 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from flax_captioner.writers import merge_shards
 
-    merge_shards(args.output)
+    format_ = output_format(args.output, None, format_flag=False)
+    # merge_shards removes the parts it merged; counted here for local outputs only.
+    pattern = f"{glob.escape(args.output)}.part-*-of-*"
+    before = set(glob.glob(pattern))
+    rows = merge_shards(args.output, format_)
+    parts = len(before - set(glob.glob(pattern)))
+    source = f" from {parts} parts" if parts else ""
+    print(f"merged {rows} rows{source} into {args.output}", file=sys.stderr)
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    _quiet_transformers()
     from flax_captioner.loading import convert
 
     destination = convert(args.source, args.destination, to_pytorch=args.to_pytorch,
@@ -135,8 +321,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
+    check_generation_flags(args)
+    for image in args.images:
+        if not os.path.isfile(image):
+            raise DataError(f"{image}: no such file")
+    _quiet_transformers()
     from flax_captioner.captioner import Captioner
-    from flax_captioner.errors import CaptionerError
     from flax_captioner.loading import torch_available
     from flax_captioner.parity import compare_with_pytorch, format_report
 
@@ -153,10 +343,14 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from flax_captioner.train import TrainConfig, train
+    config = TrainConfig(**{field.name: getattr(args, field.name)
+                            for field in dataclasses.fields(TrainConfig)})
+    config.validate()
+    config.check_paths()
+    _quiet_transformers()
+    from flax_captioner.train import train
 
-    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)}
-    result = train(TrainConfig(**values))
+    result = train(config)
     print(result.summary(), file=sys.stderr)
     return 0
 
@@ -183,29 +377,51 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                             default=default, help=help_text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, like every other error of this tool."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="ViT-GPT2 image captioning in JAX/Flax.")
+    parser = _Parser(prog=PROG, description="ViT-GPT2 image captioning in JAX/Flax.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     caption = commands.add_parser(
         "caption", help="caption images into JSONL or Parquet",
         description="Caption images. INPUT: image files, directories (recursive), glob "
-                    "patterns, .txt/.csv lists of paths, or WebDataset .tar shards.")
+                    "patterns, .txt/.csv lists of paths, WebDataset .tar shards (brace "
+                    "patterns, pipe:COMMAND), or Parquet/Arrow tables of encoded images; "
+                    "local paths or fsspec URLs (s3://, gs://, hf://, https://, ...).")
     caption.add_argument("inputs", nargs="+", metavar="INPUT")
     _add_model_flags(caption)
     caption.add_argument("--output", "-o", default=None,
-                         help="output file (.jsonl or .parquet); stdout JSONL when omitted")
+                         help="output file (.jsonl, .json, .parquet or .pq); stdout JSONL "
+                              "when omitted")
     caption.add_argument("--format", choices=("jsonl", "parquet"), default=None,
                          help="output format [from the --output suffix, else jsonl]")
-    caption.add_argument("--batch-size", type=int, default=8, help="images per batch [8]")
-    caption.add_argument("--threads", type=int, default=None,
+    caption.add_argument("--batch-size", type=_count(1), default=None, metavar="N",
+                         help="images per batch [8 on CPU; a per-device default on GPU/TPU]")
+    caption.add_argument("--threads", type=_count(1), default=None, metavar="N",
                          help="image decoding threads [all cores]")
     caption.add_argument("--no-resume", action="store_true",
                          help="start over instead of continuing an existing --output")
+    caption.add_argument("--exif-transpose", action="store_true",
+                         help="rotate images by their EXIF orientation first, as transformers' "
+                              "pipeline does [off: the model card's behaviour, which parity "
+                              "with PyTorch assumes]")
     caption.add_argument("--distributed", action="store_true",
                          help="multi-host: call jax.distributed.initialize() first; each "
                               "process captions its slice, process 0 merges the shards")
+    caption.add_argument("--storage-options", type=_storage_options, default=None,
+                         metavar="JSON",
+                         help="fsspec options for URL inputs and output, e.g. "
+                              "'{\"endpoint_url\": \"http://host:9000\"}' [fsspec's config]")
+    caption.add_argument("--image-column", default=None, metavar="NAME",
+                         help="Parquet/Arrow inputs: column of encoded images [detected]")
+    caption.add_argument("--id-column", default=None, metavar="NAME",
+                         help="Parquet/Arrow inputs: column naming each row [key, id, ...]")
     _add_runtime_flags(caption)
     _add_generation_flags(caption)
     caption.set_defaults(handler=cmd_caption)
@@ -243,33 +459,104 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="fine-tune with optax (data-parallel, resumable)",
         description="Fine-tune a captioner on JSONL/CSV {image, caption} rows or COCO captions.")
-    from flax_captioner.train import TrainConfig
-
     _add_dataclass_flags(train, TrainConfig)
     train.set_defaults(handler=cmd_train)
+    for command in commands.choices.values():
+        command.set_defaults(command_parser=command)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from flax_captioner.errors import CaptionerError
+class _Terminated(BaseException):
+    """SIGTERM outside the captioning loop (which stops cleanly on its own), unwinding like
+    KeyboardInterrupt does for SIGINT."""
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # transformers 4.x warns on every run that v5 drops Flax; the project pins < 5 on purpose.
-    from transformers.utils import logging as transformers_logging
 
-    transformers_logging.set_verbosity_error()
+def _raise_terminated(signum: int, frame: Any) -> NoReturn:
+    raise _Terminated
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.strip().splitlines())
+
+
+def _with_flag(message: str, command_parser: argparse.ArgumentParser) -> str:
+    """``message`` with its leading setting name (``batch_size must ...``, as the library
+    words them) replaced by the flag that sets it (``--batch-size must ...``)."""
+    name, space, rest = message.partition(" ")
+    flag = "--" + name.replace("_", "-")
+    known = flag in command_parser._option_string_actions  # noqa: SLF001 (argparse has no API)
+    return f"{flag}{space}{rest}" if known else message
+
+
+def _with_hints(error: CaptionerError) -> str:
+    hints = " or ".join(FIX_HINTS[key] for key in error.fix)
+    return f"{error}; {hints}" if hints else str(error)
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+    return status
+
+
+def _handle(args: argparse.Namespace) -> int:
+    """Runs the command; every error it raises on purpose becomes one line and a status."""
     try:
         return args.handler(args)
+    except PipelineInterrupted as error:
+        return _fail(str(error), 128 + error.signal_number)
     except CaptionerError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
+        return _fail(_with_hints(error), 1)
     except ValueError as error:  # invalid settings or flag combinations
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(_with_flag(str(error), args.command_parser), 2)
+    except BrokenPipeError:
+        # The reader left (`| head`): stop quietly, as Unix tools do; rows written so far
+        # stay. stdout goes to devnull, or the interpreter's final flush fails once more.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file (captured)
+            pass
+        return 128 + signal.SIGPIPE
+    except OSError as error:  # the environment (a full disk, permissions), not the input
+        where = f"{error.filename}: " if error.filename else ""
+        return _fail(f"{where}{error.strerror or error}", 1)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted by SIGINT", 128 + signal.SIGINT)
+    except _Terminated:
+        return _fail("interrupted by SIGTERM", 128 + signal.SIGTERM)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (see the module docstring)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error already printed
+        return exit_.code if isinstance(exit_.code, int) else 2
+    with _log_lines():
+        if threading.current_thread() is not threading.main_thread():
+            return _handle(args)  # signal handlers can only be set in the main thread
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            return _handle(args)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _log_lines() -> Iterator[None]:
+    """The package's log records as ``flax-captioner: message`` lines on stderr (INFO and up),
+    whatever a dependency did to the root logger (``WARNING:module:`` prefixes)."""
+    package_logger = logging.getLogger("flax_captioner")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    saved = package_logger.level, package_logger.propagate
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+    package_logger.propagate = False
+    try:
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.level, package_logger.propagate = saved
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ class PipelineInterrupted(CaptionerError):
 
     Attributes:
       signal_number: the signal that stopped the run.
-      stats: what was done before the signal (a ``pipeline.PipelineStats``).
+      stats: what was done before the signal (a ``pipeline.PipelineStats``); None when a
+        second signal cut the run short.
     """
 
     def __init__(self, message: str, stats: Any, signal_number: int):
@@ -80,3 +81,16 @@ class PipelineInterrupted(CaptionerError):
 
 class NonFiniteLossError(CaptionerError):
     """Training produced a NaN or infinite loss, gradient or parameter; nothing was saved."""
+
+
+class ProcessGroupError(CaptionerError):
+    """Another process of a multi-process run failed, or never reported its end; this one
+    stopped too, keeping its work (``multihost.finish``).
+
+    Attributes:
+      process_index: the process that failed or did not report (the lowest such index).
+    """
+
+    def __init__(self, message: str, process_index: int):
+        super().__init__(message)
+        self.process_index = process_index

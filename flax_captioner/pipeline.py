@@ -26,8 +26,8 @@ from tqdm import tqdm
 from flax_captioner import feed, sharding
 from flax_captioner.errors import DataError, OutputError, PipelineInterrupted
 from flax_captioner.sources import InputItem, check_inputs, iter_inputs
-from flax_captioner.writers import (Row, RowWriter, check_writable, format_score, merge_shards,
-                                    open_writer, part_path, resolve_format)
+from flax_captioner.writers import (Row, RowWriter, check_writable, exists, format_score,
+                                    merge_shards, open_writer, part_path, resolve_format)
 
 # Without a terminal, a progress bar appears only for runs at least this long (a log line).
 _PROGRESS_DELAY_SECONDS = 30.0
@@ -82,7 +82,9 @@ class PipelineStats:
 
 
 def check_run(inputs: Sequence[str], output: str | None,
-              output_format: str | None = None) -> str:
+              output_format: str | None = None, *,
+              storage_options: Mapping[str, Any] | None = None,
+              image_column: str | None = None, id_column: str | None = None) -> str:
     """Fails fast on inputs or an output that would make a run pointless; call it before
     loading a model. Returns the output format (``resolve_format``).
 
@@ -93,9 +95,9 @@ def check_run(inputs: Sequence[str], output: str | None,
       ValueError: an unknown format, or Parquet to stdout.
     """
     output_format = resolve_format(output, output_format)
-    check_inputs(inputs)
+    check_inputs(inputs, storage_options, image_column=image_column, id_column=id_column)
     if output is not None:
-        check_writable(output)
+        check_writable(output, storage_options)
     return output_format
 
 
@@ -113,6 +115,9 @@ def run_pipeline(
     exif_transpose: bool = False,
     progress: bool | None = None,
     flush_seconds: float = 30.0,
+    storage_options: Mapping[str, Any] | None = None,
+    image_column: str | None = None,
+    id_column: str | None = None,
 ) -> PipelineStats:
     """Captions every image ``inputs`` name into ``output``, one row per image in input order.
 
@@ -137,7 +142,12 @@ def run_pipeline(
       progress: show a tqdm bar on stderr; None shows it on a terminal, and elsewhere only
         once a run has lasted 30 s.
       flush_seconds: Parquet rows reach disk at least this often (and every 1024 rows), which
-        bounds the work a kill loses; JSONL rows reach disk after every batch.
+        bounds the work a kill loses; JSONL rows reach disk after every batch. Rows to an
+        object store are committed as chunk objects on the same schedule, in both formats.
+      storage_options: fsspec options for every URL among the inputs and the output (e.g.
+        ``{"endpoint_url": ...}``); fsspec's own configuration applies too.
+      image_column, id_column: the encoded-image and row-name columns of Parquet/Arrow
+        inputs (None: detected; see ``sources.iter_inputs``).
 
     Returns:
       PipelineStats, also printed as one line on stderr.
@@ -155,7 +165,8 @@ def run_pipeline(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if num_threads is not None and num_threads < 1:
         raise ValueError(f"num_threads must be at least 1, got {num_threads}")
-    output_format = check_run(inputs, output, output_format)
+    output_format = check_run(inputs, output, output_format, storage_options=storage_options,
+                              image_column=image_column, id_column=id_column)
     settings = dict(settings or {})
     num_sequences = captioner.settings(**settings).num_return_sequences  # validates settings
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -163,15 +174,18 @@ def run_pipeline(
         raise ValueError("a multi-process run needs an output file (stdout cannot be merged)")
     target = output if process_count == 1 or output is None else part_path(
         output, process_index, process_count)
-    if target != output and resume and os.path.exists(output) and not os.path.exists(target):
+    if (target != output and resume and exists(output, storage_options)
+            and not exists(target, storage_options)):
         raise OutputError(f"{output}: already holds the merged output of a finished run",
                           fix=("other_output", "start_over"))
     writer = open_writer(target, output_format, resume=resume and output is not None,
-                         flush_seconds=flush_seconds)
+                         flush_seconds=flush_seconds, storage_options=storage_options)
     stats = PipelineStats(resumed=writer.rows_done,
                           decode_threads=num_threads or os.cpu_count() or 1,
                           load_seconds=getattr(captioner, "load_seconds", 0.0))
-    items = sharding.process_slice(iter_inputs(inputs), process_index, process_count)
+    items = sharding.process_slice(
+        iter_inputs(inputs, storage_options, image_column=image_column, id_column=id_column),
+        process_index, process_count)
     _skip_done(items, writer, target)
     stop_signal = threading.Event()
     started, compiled_before = time.perf_counter(), captioner.generator.compile_seconds
@@ -206,7 +220,7 @@ def run_pipeline(
 
         multihost_utils.sync_global_devices(f"flax_captioner.pipeline finished {output}")
         if process_index == 0:
-            merge_shards(output, output_format)
+            merge_shards(output, output_format, storage_options)
     return stats
 
 
@@ -276,7 +290,7 @@ def _rows(batch: feed.Batch, captions: Sequence[str], scores: np.ndarray,
 @contextlib.contextmanager
 def _stop_on_signals(stop_signal: threading.Event) -> Iterator[None]:
     """SIGINT/SIGTERM set ``stop_signal`` (the loop ends after the batch on the device); a
-    second one interrupts at once. Signals are only handled in the main thread."""
+    second one raises PipelineInterrupted at once. Signals are only handled in the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -284,8 +298,10 @@ def _stop_on_signals(stop_signal: threading.Event) -> Iterator[None]:
     previous = {signum: signal.getsignal(signum) for signum in handled}
 
     def request_stop(signum: int, frame: Any) -> None:
-        if stop_signal.is_set():
-            raise KeyboardInterrupt
+        if stop_signal.is_set():  # unwinds at once; the writer still flushes finished rows
+            raise PipelineInterrupted(
+                f"interrupted at once by a second {signal.Signals(signum).name}; run again "
+                "with the same output to resume", None, signum)
         stop_signal.signal_number = signum
         stop_signal.set()
         print(f"\n{signal.Signals(signum).name}: finishing the current batch and flushing the "

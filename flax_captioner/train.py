@@ -142,7 +142,8 @@ def build_model(config: TrainConfig) -> ModelBundle:
       ModelLoadError: neither or both ways given, or a checkpoint that does not load.
     """
     if bool(config.model) == bool(config.encoder and config.decoder):
-        raise ModelLoadError("training needs either --model, or --encoder and --decoder")
+        raise ModelLoadError("training needs either a model to fine-tune, or an encoder and a "
+                             "decoder to join")
     if config.model:
         checkpoint = loading.load_checkpoint(config.model)
         return ModelBundle(checkpoint.model, checkpoint.tokenizer, checkpoint.preprocess_config)
@@ -375,6 +376,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         config.validate()
+        config.check_paths()  # before the model loads
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.bundle = build_model(config)

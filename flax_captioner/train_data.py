@@ -187,7 +187,7 @@ def drop_unreadable_images(rows: Sequence[CaptionRow], config: PreprocessConfig,
     items = (InputItem(index, image) for index, image in enumerate(images))
     unreadable = []
     with feed.batches(items, config, 64) as batches, \
-            tqdm(total=len(images), desc=description, leave=False) as progress:
+            tqdm(total=len(images), desc=description, leave=False, disable=None) as progress:
         for batch in batches:
             for item, error in zip(batch.items, batch.errors):
                 if error is not None:

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from flax_captioner import cli, errors
 from flax_captioner.captioner import Captioner
-from flax_captioner.errors import ImageReadError
+from flax_captioner.errors import FIXES, ImageReadError
+from flax_captioner.search import GenerationSettings
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = REPO / "examples" / "shapes-captioner"
+SAMPLES = REPO / "examples" / "images"
+HEAVY_MODULES = ["jax", "transformers", "torch", "flax", "flax_captioner.train"]
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -84,25 +94,6 @@ def test_cli_stdout_and_exit_zero(tiny_checkpoint, images):
     assert [row["image"] for row in rows] == [str(images[0]), str(images[1])]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["caption", "x.png", "--num-beams", "zero"], "invalid int value"),
-    (["caption", "x.png", "--early-stopping", "maybe"], "expected true, false or never"),
-    (["bogus"], "invalid choice"),
-])
-def test_cli_usage_errors_exit_2(args, message):
-    result = run_cli(*args)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-
-
-def test_cli_invalid_settings_exit_2(tiny_checkpoint, images):
-    result = run_cli("caption", str(images[0]), "--model", str(tiny_checkpoint),
-                     "--num-beams", "2", "--num-return-sequences", "3", "--parallelism", "none")
-    assert result.returncode == 2
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("flax-captioner: error:") and "num_return_sequences" in last_line
-
-
 def test_cli_missing_model_is_one_line(images, tmp_path):
     result = run_cli("caption", str(images[0]), "--model", str(tmp_path / "missing"))
     assert result.returncode == 1
@@ -119,8 +110,9 @@ def test_cli_parity_on_shipped_checkpoint(tmp_path):
     result = run_cli("parity", "--model", str(flax_only), *images, "--num-beams", "3")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert [line.split(": ")[0] for line in lines[:3]] == images
-    assert all(": match," in line for line in lines[:3])
+    per_image = [line for line in lines if line.split(": ")[0] in images]
+    assert [line.split(": ")[0] for line in per_image] == images
+    assert all(": match," in line for line in per_image)
     assert lines[-1].startswith("images matching: 3/3; captions matching: 3/3")
 
 
@@ -132,3 +124,421 @@ def test_cli_parity_unreadable_image_is_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"flax-captioner: error: {broken}:")
+
+
+# ---------------------------------------------------------------------------------------
+# Fail fast: every bad flag value, input and output is one line, before JAX is imported.
+# ---------------------------------------------------------------------------------------
+
+# Runs cli.main over argv lists in one fresh interpreter; reports each status, stdout and
+# stderr, and which heavy modules got imported along the way.
+_PROBE = """
+import contextlib, io, json, sys
+from flax_captioner.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(argv)
+    results.append({"status": status, "stdout": out.getvalue(), "stderr": err.getvalue()})
+heavy = [name for name in json.loads(sys.argv[2]) if name in sys.modules]
+print(json.dumps({"results": results, "heavy": heavy}))
+"""
+
+
+def probe(argvs: list[list[str]]) -> dict:
+    result = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(argvs),
+                             json.dumps(HEAVY_MODULES)],
+                            capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+COMMANDS = ["caption", "merge", "convert", "parity", "train"]
+
+
+def test_help_imports_no_jax_transformers_or_trainer():
+    report = probe([["--help"]] + [[command, "--help"] for command in COMMANDS])
+    assert report["heavy"] == []
+    for argv, result in zip([["--help"]] + [[c, "--help"] for c in COMMANDS], report["results"]):
+        assert result["status"] == 0, argv
+        assert result["stdout"].startswith(" ".join(["usage: flax-captioner", *argv[:-1]]))
+        assert result["stderr"] == ""
+    caption_help = " ".join(report["results"][1]["stdout"].split())
+    assert "[8 on CPU; a per-device default on GPU/TPU]" in caption_help
+    assert "nlpconnect/vit-gpt2-image-captioning" in caption_help
+
+
+# (name, arguments after the command, exit status, text the one error line holds). Paths
+# in capitals are filled in by the bad_inputs fixture.
+BAD_INPUTS = [
+    # generation flags: valid JSON or not, every bad value is a usage error
+    ("flat bad words", ["caption", "IMAGES", "--bad-words-ids", "[12]"], 2,
+     "--bad-words-ids must be a list of non-empty lists of non-negative token ids, "
+     "e.g. [[12],[7,9]], got [12]"),
+    ("mixed bad words", ["caption", "IMAGES", "--bad-words-ids", "[[12], 7]"], 2,
+     "--bad-words-ids must be"),
+    ("negative bad word", ["caption", "IMAGES", "--bad-words-ids", "[[-1]]"], 2,
+     "--bad-words-ids must be"),
+    ("bad words string", ["caption", "IMAGES", "--bad-words-ids", '"12"'], 2,
+     "--bad-words-ids must be"),
+    ("bad words not JSON", ["caption", "IMAGES", "--bad-words-ids", "[[12"], 2,
+     "argument --bad-words-ids: not valid JSON"),
+    ("zero beams", ["caption", "IMAGES", "--num-beams", "0"], 2,
+     "--num-beams must be an integer >= 1, got 0"),
+    ("beams not int", ["caption", "IMAGES", "--num-beams", "zero"], 2,
+     "argument --num-beams: invalid int value: 'zero'"),
+    ("max length 1", ["caption", "IMAGES", "--max-length", "1"], 2, "--max-length must be"),
+    ("no new tokens", ["caption", "IMAGES", "--max-new-tokens", "0"], 2,
+     "--max-new-tokens must be"),
+    ("negative min length", ["caption", "IMAGES", "--min-length", "-1"], 2,
+     "--min-length must be"),
+    ("nan length penalty", ["caption", "IMAGES", "--length-penalty", "nan"], 2,
+     "--length-penalty must be a finite number, got nan"),
+    ("zero sequences", ["caption", "IMAGES", "--num-return-sequences", "0"], 2,
+     "--num-return-sequences must be"),
+    ("negative ngram", ["caption", "IMAGES", "--no-repeat-ngram-size", "-2"], 2,
+     "--no-repeat-ngram-size must be"),
+    ("zero repetition penalty", ["caption", "IMAGES", "--repetition-penalty", "0"], 2,
+     "--repetition-penalty must be a number > 0"),
+    ("negative temperature", ["caption", "IMAGES", "--temperature", "-1"], 2,
+     "--temperature must be"),
+    ("negative top-k", ["caption", "IMAGES", "--top-k", "-1"], 2, "--top-k must be"),
+    ("top-p above 1", ["caption", "IMAGES", "--top-p", "1.5"], 2,
+     "--top-p must be in (0, 1], got 1.5"),
+    ("early stopping", ["caption", "IMAGES", "--early-stopping", "maybe"], 2,
+     "expected true, false or never"),
+    ("parity zero beams", ["parity", "IMAGE", "--num-beams", "0"], 2, "--num-beams must be"),
+    # the other caption flags
+    ("zero threads", ["caption", "IMAGES", "--threads", "0"], 2,
+     "argument --threads: must be an integer >= 1, got '0'"),
+    ("zero batch", ["caption", "IMAGES", "--batch-size", "0"], 2,
+     "argument --batch-size: must be an integer >= 1, got '0'"),
+    ("negative batch", ["caption", "IMAGES", "--batch-size", "-3"], 2,
+     "argument --batch-size: must be an integer >= 1"),
+    ("csv output", ["caption", "IMAGES", "-o", "CSV"], 2,
+     "unknown output suffix '.csv'; use .jsonl, .json, .parquet or .pq, or --format"),
+    ("unknown format", ["caption", "IMAGES", "--format", "xml"], 2, "invalid choice: 'xml'"),
+    ("parquet to stdout", ["caption", "IMAGES", "--format", "parquet"], 2,
+     "Parquet output needs an output file"),
+    ("unknown dtype", ["caption", "IMAGES", "--dtype", "float16"], 2, "invalid choice"),
+    ("negative sampling seed", ["caption", "IMAGES", "--seed", "-1"], 2,
+     "--seed must be in [0, 2**63), got -1"),
+    ("huge seed", ["caption", "IMAGES", "--seed", str(2**64)], 2, "--seed must be in"),
+    ("cache is a file", ["caption", "IMAGES", "--compilation-cache", "CSV"], 2,
+     "out.csv: not a folder"),
+    ("no inputs", ["caption"], 2, "the following arguments are required: INPUT"),
+    ("unknown command", ["bogus"], 2, "invalid choice: 'bogus'"),
+    ("unknown flag", ["caption", "IMAGES", "--beams", "2"], 2, "unrecognized arguments"),
+    # inputs and outputs (exit 1: the arguments parse, the run cannot start)
+    ("empty directory", ["caption", "EMPTY"], 1, "empty: no image files in this directory"),
+    ("empty path list", ["caption", "LIST"], 1, "list.txt: no images to caption"),
+    ("glob matching nothing", ["caption", "EMPTY/*.png"], 1, "no files match this pattern"),
+    ("missing path list", ["caption", "EMPTY/paths.txt"], 1, "paths.txt: no such file"),
+    ("output in a missing folder", ["caption", "IMAGES", "-o", "EMPTY/no/out.jsonl"], 1,
+     "cannot write the output: directory"),
+    ("output is a folder", ["caption", "IMAGES", "-o", "EMPTY", "--format", "jsonl"], 1,
+     "cannot write the output: it is a directory"),
+    ("parity missing image", ["parity", "EMPTY/missing.png"], 1, "missing.png: no such file"),
+    # training flags: TrainConfig.validate, the field shown as its flag
+    ("negative learning rate", ["train", "TRAIN", "--learning-rate", "-1"], 2,
+     "--learning-rate must be > 0, got -1.0"),
+    ("keep no checkpoints", ["train", "TRAIN", "--keep-checkpoints", "0"], 2,
+     "--keep-checkpoints must be >= 1, got 0"),
+    ("zero train batch", ["train", "TRAIN", "--batch-size", "0"], 2, "--batch-size must be >= 1"),
+    ("save every 0", ["train", "TRAIN", "--save-every", "0"], 2, "--save-every must be >= 1"),
+    ("no accumulation", ["train", "TRAIN", "--gradient-accumulation-steps", "0"], 2,
+     "--gradient-accumulation-steps must be >= 1"),
+    ("zero eval batch", ["train", "TRAIN", "--eval-batch-size", "0"], 2,
+     "--eval-batch-size must be >= 1"),
+    ("eval beams", ["train", "TRAIN", "--num-beams", "0"], 2, "--num-beams must be >= 1"),
+    ("eval length", ["train", "TRAIN", "--max-length", "1"], 2, "--max-length must be >= 2"),
+    ("target length", ["train", "TRAIN", "--max-target-length", "1"], 2,
+     "--max-target-length must be >= 2"),
+    ("full smoothing", ["train", "TRAIN", "--label-smoothing", "1"], 2,
+     "--label-smoothing must be in [0, 1)"),
+    ("beta 1", ["train", "TRAIN", "--adam-beta2", "1"], 2, "--adam-beta2 must be in [0, 1)"),
+    ("zero epsilon", ["train", "TRAIN", "--adam-epsilon", "0"], 2, "--adam-epsilon must be > 0"),
+    ("negative warmup", ["train", "TRAIN", "--warmup-steps", "-1"], 2,
+     "--warmup-steps must be >= 0"),
+    ("no epochs", ["train", "TRAIN", "--num-epochs", "0"], 2,
+     "--num-epochs must be > 0 when max_steps is 0"),
+    ("infinite epochs", ["train", "TRAIN", "--num-epochs", "inf"], 2,
+     "--num-epochs must be a finite number"),
+    ("negative clip", ["train", "TRAIN", "--max-grad-norm", "-1"], 2,
+     "--max-grad-norm must be >= 0"),
+    ("negative seed", ["train", "TRAIN", "--seed", "-1"], 2, "--seed must be >= 0"),
+    ("rate not a number", ["train", "TRAIN", "--learning-rate", "fast"], 2,
+     "argument --learning-rate: invalid float value: 'fast'"),
+    ("no training data", ["train", "--model", "SHAPES"], 2, "--train-file is not set"),
+    ("model and encoder", ["train", "TRAIN", "--encoder", "x", "--decoder", "y"], 2,
+     "--model excludes encoder and decoder"),
+    ("missing training data", ["train", "--train-file", "EMPTY/rows.jsonl", "--model", "SHAPES"],
+     1, "rows.jsonl: no such file (train_file)"),
+    ("run folder is a file", ["train", "TRAIN", "--output-dir", "CSV"], 1,
+     "exists and is not a folder (output_dir)"),
+    # merge
+    ("merge csv", ["merge", "CSV"], 2, "unknown output suffix '.csv'; use .jsonl, .json, "
+                                      ".parquet or .pq"),
+    ("merge without parts", ["merge", "EMPTY/out.jsonl"], 1, "no part files"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> dict:
+    """Every BAD_INPUTS case run in one fresh interpreter; name -> result, plus "heavy"."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty").mkdir()
+    csv = root / "out.csv"
+    csv.write_text("kept,as,it,was\n")
+    (root / "list.txt").write_text("")
+    places = {"IMAGES": str(SAMPLES), "IMAGE": str(SAMPLES / "shapes_0.png"),
+              "EMPTY": str(root / "empty"), "CSV": str(csv), "SHAPES": str(SHAPES),
+              "LIST": str(root / "list.txt")}
+
+    def fill(arg: str) -> list[str]:
+        if arg == "TRAIN":
+            return ["--train-file", str(SAMPLES / "captions.jsonl"), "--model", str(SHAPES)]
+        for key, value in places.items():
+            arg = arg.replace(key, value)
+        return [arg]
+
+    assert len({case[0] for case in BAD_INPUTS}) == len(BAD_INPUTS)
+    argvs = [[part for arg in args for part in fill(arg)] for _, args, _, _ in BAD_INPUTS]
+    report = probe(argvs)
+    assert csv.read_text() == "kept,as,it,was\n"  # no case touched an existing file
+    assert not os.listdir(root / "empty")
+    return {"heavy": report["heavy"],
+            **{case[0]: result for case, result in zip(BAD_INPUTS, report["results"])}}
+
+
+def test_bad_inputs_fail_before_importing_jax(bad_inputs):
+    assert bad_inputs["heavy"] == []
+
+
+@pytest.mark.parametrize("name,args,status,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line(bad_inputs, name, args, status, message):
+    result = bad_inputs[name]
+    lines = result["stderr"].splitlines()
+    assert len(lines) == 1, result["stderr"]
+    assert lines[0].startswith("flax-captioner: error: ")
+    assert message in lines[0]
+    assert result["status"] == status
+    assert result["stdout"] == ""
+
+
+# Values around each limit; every type argparse can hand over for the flag.
+_PROBE_VALUES = {
+    int: [-2, -1, 0, 1, 2, 3],
+    float: [-1.0, 0.0, 0.5, 1.0, 1.5, float("inf"), float("nan")],
+    "json": [[12], [[12]], [[12], [7, 9]], [[]], [[-1]], [[True]], [["a"]], [[1.5]], [],
+             {"a": 1}, "12", 12, None],
+}
+
+
+def test_generation_limits_agree_with_generation_settings():
+    """The CLI's JAX-free flag checks accept exactly what GenerationSettings accepts."""
+    defaults = types.SimpleNamespace(decoder_start_token_id=0, pad_token_id=0, eos_token_id=0,
+                                     num_beams=64, max_length=20)
+    kinds = {flag[2:].replace("-", "_"): kind for flag, kind, _ in cli.GENERATION_FLAGS}
+    for name, kind in kinds.items():
+        if kind in ("flag", "early_stopping"):
+            continue  # argparse itself admits only valid values
+        assert name in cli.GENERATION_LIMITS, f"--{name} has no early check"
+        allowed, _ = cli.GENERATION_LIMITS[name]
+        for value in _PROBE_VALUES[kind]:
+            if value is None:
+                continue  # not set
+            try:
+                GenerationSettings.resolve(defaults, **{name: value})
+                accepted = True
+            except ValueError:
+                accepted = False
+            assert allowed(value) == accepted, (name, value)
+
+
+def test_every_fix_key_has_a_flag_hint():
+    assert set(cli.FIX_HINTS) == set(FIXES)
+
+
+# ---------------------------------------------------------------------------------------
+# Runs of the shipped shapes model, in process (cli.main) where no signal or import matters.
+# ---------------------------------------------------------------------------------------
+
+
+def caption_args(output: Path, *extra: str) -> list[str]:
+    return ["caption", str(SAMPLES), "--model", str(SHAPES), "--parallelism", "none",
+            "--num-beams", "2", "--output", str(output), *extra]
+
+
+@pytest.fixture(scope="module")
+def shapes_rows(tmp_path_factory) -> list[dict]:
+    """The eight sample images captioned in one uninterrupted run, three at a time."""
+    output = tmp_path_factory.mktemp("whole") / "captions.jsonl"
+    assert cli.main(caption_args(output, "--batch-size", "3")) == 0
+    return [json.loads(line) for line in output.read_text().splitlines()]
+
+
+def test_caption_writes_every_sample(shapes_rows):
+    assert [Path(row["image"]).name for row in shapes_rows] == [
+        f"shapes_{index}.png" for index in range(8)]
+    assert all(row["caption"] for row in shapes_rows)
+
+
+def one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("flax-captioner: error: ")
+    return lines[-1]
+
+
+def test_resume_onto_other_inputs_names_the_flags_and_keeps_rows(shapes_rows, tmp_path, capsys):
+    output = tmp_path / "captions.jsonl"
+    output.write_text("".join(json.dumps(row) + "\n" for row in shapes_rows[:3]))
+    before = output.read_bytes()
+    args = caption_args(output)
+    args[1] = str(SAMPLES / "shapes_5.png")
+    assert cli.main(args) == 1
+    line = one_error_line(capsys)
+    assert "do not match these inputs" in line
+    assert line.endswith("; write to another --output or start over with --no-resume")
+    assert output.read_bytes() == before
+
+
+def test_settings_checked_after_loading_show_the_flag(tmp_path, capsys):
+    status = cli.main(caption_args(tmp_path / "out.jsonl", "--num-return-sequences", "3"))
+    assert status == 2
+    assert one_error_line(capsys) == (
+        "flax-captioner: error: --num-return-sequences (3) must be <= num_beams (2)")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_sigterm_while_captioning_exits_143_and_resumes(shapes_rows, tmp_path, capsys,
+                                                        monkeypatch):
+    """SIGTERM finishes the batch on the device, keeps its rows, exits 143; a rerun
+    completes the output with the rows an uninterrupted run writes."""
+    output = tmp_path / "captions.jsonl"
+    generate = Captioner.generate
+
+    def generate_then_signal(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Captioner, "generate", generate_then_signal)
+    assert cli.main(caption_args(output, "--batch-size", "3")) == 128 + signal.SIGTERM
+    assert one_error_line(capsys).startswith("flax-captioner: error: interrupted: 3 rows")
+    assert len(output.read_text().splitlines()) == 3
+    monkeypatch.setattr(Captioner, "generate", generate)
+    assert cli.main(caption_args(output, "--batch-size", "3")) == 0
+    assert [json.loads(line) for line in output.read_text().splitlines()] == shapes_rows
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main put it back
+
+
+_SIGNAL_WHILE_LOADING = """
+import os, signal, sys, time
+from flax_captioner import cli, errors
+def load(args):
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    time.sleep(30)
+cli._load_captioner = load
+sys.exit(cli.main(["caption", sys.argv[2]]))
+"""
+
+
+@pytest.mark.parametrize("name,status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_while_loading_is_one_line(name, status):
+    result = subprocess.run([sys.executable, "-c", _SIGNAL_WHILE_LOADING, name, str(SAMPLES)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == status
+    assert result.stderr == f"flax-captioner: error: interrupted by {name}\n"
+
+
+def test_closed_stdout_ends_the_run_quietly():
+    """`flax-captioner caption DIR | head -2`: no traceback, the status of a SIGPIPE."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flax_captioner.cli", "caption", *[str(SAMPLES)] * 20,
+         "--model", str(SHAPES), "--parallelism", "none", "--num-beams", "1",
+         "--batch-size", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = [process.stdout.readline(), process.stdout.readline()]
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert all(json.loads(line)["caption"] for line in first)
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
+    assert "error" not in stderr
+
+
+def test_model_without_tokenizer_is_one_line(tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(SHAPES, model, ignore=shutil.ignore_patterns(
+        "vocab.json", "merges.txt", "tokenizer*.json", "special_tokens_map.json"))
+    assert cli.main(["caption", str(SAMPLES / "shapes_0.png"), "--model", str(model)]) == 1
+    assert one_error_line(capsys).startswith(f"flax-captioner: error: {model}")
+
+
+# ---------------------------------------------------------------------------------------
+# merge
+# ---------------------------------------------------------------------------------------
+
+
+def write_part(output: Path, index: int, count: int, images: list[str]) -> None:
+    Path(f"{output}.part-{index:05d}-of-{count:05d}").write_text(
+        "".join(json.dumps({"image": image, "caption": "c"}) + "\n" for image in images))
+
+
+def test_merge_prints_a_summary(tmp_path, capsys):
+    output = tmp_path / "out.jsonl"
+    write_part(output, 0, 2, ["a", "c"])
+    write_part(output, 1, 2, ["b"])
+    assert cli.main(["merge", str(output)]) == 0
+    assert capsys.readouterr().err == f"merged 3 rows from 2 parts into {output}\n"
+    assert [json.loads(line)["image"] for line in output.read_text().splitlines()] == [
+        "a", "b", "c"]
+
+
+def test_merge_of_unfinished_parts_names_the_remedy(tmp_path, capsys):
+    output = tmp_path / "out.jsonl"
+    write_part(output, 0, 2, ["a", "c", "e"])
+    write_part(output, 1, 2, ["b"])
+    assert cli.main(["merge", str(output)]) == 1
+    line = one_error_line(capsys)
+    assert line.endswith("; rerun the stopped processes with the same --output, then "
+                         "`flax-captioner merge`")
+    assert not output.exists() and len(list(tmp_path.iterdir())) == 2  # the parts stay
+
+
+def _raising(error: BaseException):
+    def handler(args):
+        raise error
+    return handler
+
+
+@pytest.mark.parametrize("error,status,line", [
+    (errors.OutputError("out.jsonl: holds rows of other inputs\n(3 rows)",
+                        fix=("other_output", "start_over")), 1,
+     "out.jsonl: holds rows of other inputs (3 rows); write to another --output or start over "
+     "with --no-resume"),
+    (errors.ModelLoadError("./ckpt: exists", fix=("overwrite",)), 1,
+     "./ckpt: exists; replace it with --overwrite"),
+    (errors.NonFiniteLossError("rows.jsonl: training diverged at step 3",
+                               fix=("lower_learning_rate", "smaller_batch")), 1,
+     "rows.jsonl: training diverged at step 3; lower --learning-rate or raise --warmup-steps "
+     "or use a smaller --batch-size N"),
+    (errors.DataError("rows.jsonl:1: no caption column"), 1, "rows.jsonl:1: no caption column"),
+    (errors.ImageReadError("a.png", "truncated"), 1, "a.png: truncated"),
+    (errors.PipelineInterrupted("interrupted: 2 rows written", None, signal.SIGINT), 130,
+     "interrupted: 2 rows written"),
+    (ValueError("num_beams must be an integer >= 1, got 0"), 2,
+     "--num-beams must be an integer >= 1, got 0"),
+    (ValueError("pixels must be float32"), 2, "pixels must be float32"),
+    (PermissionError(13, "Permission denied", "/out/x.jsonl"), 1,
+     "/out/x.jsonl: Permission denied"),
+    (KeyboardInterrupt(), 130, "interrupted by SIGINT"),
+])
+def test_errors_become_one_line_with_flag_hints(error, status, line, capsys):
+    parser = cli.build_parser()
+    args = parser.parse_args(["caption", "x.png"])
+    args.handler = _raising(error)
+    assert cli._handle(args) == status
+    assert capsys.readouterr().err == f"flax-captioner: error: {line}\n"
