@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -13,14 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from flax_captioner import feed, loading, sharding
+from flax_captioner import backend, feed, loading, sharding, sources, storage
 from flax_captioner.generator import GenerationOutput, GenerationSettings, Generator
 from flax_captioner.sources import InputItem
 
 # One image: a path, an image file's encoded bytes, or a PIL image.
 ImageInput = str | os.PathLike | bytes | Image.Image
-# Images the CPU default batch fills without starving the 2-core machines' decode threads.
-_CPU_BATCH_SIZE = 8
 
 
 class Captioner:
@@ -44,9 +42,10 @@ class Captioner:
         self.preprocess_config = checkpoint.preprocess_config
         self.generation_defaults = checkpoint.generation_defaults
         self.parallelism = parallelism
-        self.generator = Generator(
-            self.model.params, self.model.config, dtype=dtype,
-            data_parallel=sharding.data_parallel(parallelism))
+        placement = sharding.data_parallel(parallelism)
+        backend.warn_if_slow_bfloat16(dtype, placement.devices)
+        self.generator = Generator(self.model.params, self.model.config, dtype=dtype,
+                                   data_parallel=placement)
         # Seconds from_pretrained took (reading the checkpoint, placing the weights).
         self.load_seconds = 0.0
 
@@ -82,8 +81,19 @@ class Captioner:
         return GenerationSettings.resolve(self.generation_defaults, **overrides)
 
     def default_batch_size(self) -> int:
-        """Images per batch when the caller sets none."""
-        return _CPU_BATCH_SIZE
+        """Images per batch when the caller sets none: 8 on CPU; on GPU/TPU a per-device
+        batch that fills the devices (``backend.default_batch_size``), for this model's size."""
+        spec = self.generator.spec
+        settings = self.settings()
+        image_bytes = backend.image_memory_bytes(
+            encoder_length=spec.encoder_length, hidden_size=spec.hidden_size,
+            num_layers=spec.num_layers, encoder_heads=spec.encoder_num_heads,
+            vocab_size=spec.vocab_size, image_size=spec.image_size,
+            num_beams=settings.num_beams, max_length=settings.max_length,
+            dtype=self.generator.dtype)
+        weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(self.model.params))
+        return backend.default_batch_size(self.generator.data_parallel.devices,
+                                          image_bytes=image_bytes, weight_bytes=weight_bytes)
 
     def preprocess(self, images: ImageInput | Iterable[ImageInput], *,
                    exif_transpose: bool = False) -> np.ndarray:
@@ -168,18 +178,43 @@ class Captioner:
 
 
 def _items(images: ImageInput | Iterable[ImageInput]) -> Iterator[InputItem]:
-    """InputItems for the feed, named as errors should name them."""
+    """InputItems for the feed, named as errors should name them.
+
+    Besides paths (local or fsspec URLs), bytes and PIL images, an element may be a row of a
+    ``datasets.Dataset`` or of img2dataset's tables: a mapping whose image is a PIL image,
+    bytes, or a Hugging Face image struct ``{"bytes": ..., "path": ...}``, found under
+    ``sources.IMAGE_COLUMNS`` (``image``, ``jpg``, ...) and named by ``sources.ID_COLUMNS``.
+    """
     if isinstance(images, (str, os.PathLike, bytes, Image.Image)):
         images = [images]
     for index, image in zip(itertools.count(), images):
+        name, row_id = f"images[{index}]", None
+        if isinstance(image, Mapping):
+            image, row_id = _row_image(image, name)
+        if isinstance(image, Mapping):  # an image struct: its bytes, else its path
+            name = image.get("path") or name
+            image = image.get("bytes") or image.get("path")
         if isinstance(image, (str, os.PathLike)):
-            yield InputItem(index, os.fspath(image))
+            path = os.fspath(image)
+            yield InputItem(index, path, fetch=storage.fetcher(path)
+                            if storage.is_remote(path) else None)
         elif isinstance(image, (bytes, Image.Image)):
-            name = getattr(image, "filename", "") or f"images[{index}]"
+            name = row_id or getattr(image, "filename", "") or name
             yield InputItem(index, name, data=image)
         else:
-            raise TypeError(f"images[{index}]: expected a path, bytes or a PIL image, got "
-                            f"{type(image).__name__}")
+            raise TypeError(f"images[{index}]: expected a path, bytes, a PIL image or a row "
+                            f"holding one, got {type(image).__name__}")
+
+
+def _row_image(row: Mapping[str, Any], name: str) -> tuple[Any, str | None]:
+    """(image value, row name from its id column or None) of a dataset row."""
+    column = next((column for column in sources.IMAGE_COLUMNS if column in row), None)
+    if column is None:
+        raise TypeError(f"{name}: a row without an image column (looked for "
+                        f"{', '.join(sources.IMAGE_COLUMNS)}; it has {', '.join(row)})")
+    identifier = next((row[column] for column in sources.ID_COLUMNS
+                       if row.get(column) is not None), None)
+    return row[column], None if identifier is None else str(identifier)
 
 
 def _raise_first_error(batch: feed.Batch) -> None:

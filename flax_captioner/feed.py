@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from flax_captioner import sharding
+from flax_captioner import sharding, storage
 from flax_captioner.errors import ImageReadError
 from flax_captioner.preprocess import PreprocessConfig, load_and_preprocess_one
 from flax_captioner.sources import InputItem
@@ -66,15 +66,18 @@ class Batch:
 
 def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig, *,
                 exif_transpose: bool = False) -> np.ndarray:
-    """float32[3, H, W] of one item: ``encoded`` (its stream bytes, already read), its
-    in-memory ``data``, or the file at ``item.image``. Safe to call from many threads.
+    """float32[3, H, W] of one item: ``encoded`` (its stream or fetched bytes, already read),
+    its in-memory ``data``, or the file or URL at ``item.image``. Safe to call from many
+    threads.
 
     Raises:
       ImageReadError: naming ``item.image`` and the cause.
     """
     source = encoded if encoded is not None else item.data
-    return load_and_preprocess_one(item.image if source is None else source, config,
-                                   name=item.image, exif_transpose=exif_transpose)
+    if source is None and storage.is_remote(item.image):  # an item built without ``fetch``
+        source = storage.fetcher(item.image)()
+    return load_and_preprocess_one(storage.local_path(item.image) if source is None else source,
+                                   config, name=item.image, exif_transpose=exif_transpose)
 
 
 @contextlib.contextmanager
@@ -128,8 +131,14 @@ def _decode_timed(item: InputItem, encoded: bytes | None, config: PreprocessConf
 
 
 def _submit(executor: concurrent.futures.Executor, item: InputItem, config: PreprocessConfig,
-            exif_transpose: bool) -> concurrent.futures.Future:
-    """Queues the decoding of ``item``; stream bytes are read here, in input order."""
+            exif_transpose: bool, prefetcher: storage.Prefetcher) -> concurrent.futures.Future:
+    """Queues the decoding of ``item``; stream bytes are read here, in input order; remote
+    objects are fetched on the prefetcher's I/O threads first."""
+    if item.fetch is not None:
+        return prefetcher.submit(
+            item.fetch, item.size, executor,
+            lambda encoded: _decode_timed(item, encoded, config, exif_transpose),
+            lambda error: (None, error, 0.0))
     encoded = None
     if item.read_bytes is not None:
         try:
@@ -152,21 +161,23 @@ def _decoded_in_order(items: Iterable[InputItem], config: PreprocessConfig,
     in_flight: collections.deque = collections.deque()
     iterator = iter(items)
     failure = None
-    while failure is None:
-        try:
-            item = next(iterator)
-        except StopIteration:
-            break
-        except Exception as error:  # re-raised below, in its place in the order
-            failure = error
-            break
-        in_flight.append((item, _submit(executor, item, config, exif_transpose)))
-        if len(in_flight) >= window:
+    with storage.Prefetcher() as prefetcher:
+        while failure is None:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                break
+            except Exception as error:  # re-raised below, in its place in the order
+                failure = error
+                break
+            in_flight.append((item, _submit(executor, item, config, exif_transpose,
+                                            prefetcher)))
+            if len(in_flight) >= window:
+                item, future = in_flight.popleft()
+                yield item, future.result()
+        while in_flight:
             item, future = in_flight.popleft()
             yield item, future.result()
-    while in_flight:
-        item, future = in_flight.popleft()
-        yield item, future.result()
     if failure is not None:
         raise failure
 

@@ -42,6 +42,7 @@ class DataParallel(Protocol):
     """
 
     num_shards: int
+    devices: list[jax.Device]
 
     def replicate(self, params: Any) -> Any:
         """Places ``params`` where the wrapped functions expect them."""
@@ -76,6 +77,7 @@ class SingleDevice:
 
     def __init__(self, device: jax.Device | None = None):
         self.device = device or jax.local_devices()[0]
+        self.devices = [self.device]
 
     def replicate(self, params: Any) -> Any:
         return jax.device_put(params, self.device)
@@ -99,6 +101,7 @@ class MeshDataParallel:
     """``jax.jit`` over a 1-D mesh of local devices, batch split on the ``"data"`` axis."""
 
     def __init__(self, devices: Sequence[jax.Device]):
+        self.devices = list(devices)
         self.mesh = Mesh(np.asarray(devices), (DATA_AXIS,))
         self.num_shards = len(devices)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())

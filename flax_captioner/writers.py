@@ -15,6 +15,12 @@ of items done:
   written under a temporary name and renamed into place (a rename is atomic: a chunk is
   there whole or not at all); closing combines the chunks into ``OUT`` the same way. The
   chunk files are the progress record.
+- An object store URL (``s3://``, ``gs://``, ...) cannot append or rename, so both formats
+  go to ``OUT.chunks/chunk-NNNNNN-RRRRRRRR.EXT`` objects (chunk number, row count), each one
+  PUT (an object is there whole or not at all); closing streams the chunks into ``OUT`` (a
+  multipart upload, visible only once complete), then deletes them. A rerun finds its
+  progress by listing the chunks; a run killed between the final object and the deletion
+  finds both and keeps the final object.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flax_captioner.errors import OutputError
+from flax_captioner import storage
+from flax_captioner.errors import CaptionerError, DataError, OutputError
+from flax_captioner.storage import StorageOptions
 
 FORMATS = ("jsonl", "parquet")
 _TOKEN_LOGPROBS = pa.list_(pa.float32())
@@ -53,6 +61,7 @@ Row = dict[str, Any]
 
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _PART_PATTERN = re.compile(r"\.part-(\d{5})-of-(\d{5})$")
+_CHUNK_PATTERN = re.compile(r"chunk-(\d{6})-(\d{8})\.(jsonl|parquet)$")
 _READ_BATCH_ROWS = 4096
 _ROW_GROUP_ROWS = 65536
 
@@ -73,11 +82,23 @@ def resolve_format(output: str | None, output_format: str | None) -> str:
     return output_format
 
 
-def check_writable(path: str) -> None:
+def check_writable(path: str, storage_options: StorageOptions | None = None) -> None:
     """Raises ``OutputError`` unless a file can be created next to ``path`` and ``path``
-    itself (when present) is a writable file. Creates and removes a probe file, which
-    catches read-only mounts and permissions the way an actual write would.
+    itself (when present) is a writable file. Creates and removes a probe file (or object),
+    which catches read-only mounts, missing buckets and refused credentials the way an
+    actual write would.
     """
+    if storage.is_remote(path):
+        fs, remote = _output_fs(path, storage_options)
+        probe = f"{remote}.flax-captioner-probe"
+        try:
+            fs.pipe_file(probe, b"")
+            fs.rm_file(probe)
+        except Exception as error:
+            raise OutputError(f"{path}: cannot write the output: "
+                              f"{storage.describe(error)}") from None
+        return
+    path = storage.local_path(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise OutputError(f"{path}: cannot write the output: directory {directory} does not exist")
@@ -115,16 +136,21 @@ class RowWriter(Protocol):
 
 
 def open_writer(path: str | None, output_format: str, *, resume: bool,
-                flush_seconds: float = 30.0) -> RowWriter:
-    """A writer for ``path`` (None: JSONL on stdout), resuming after its existing rows
-    when ``resume`` is true, else starting over. Parquet rows reach disk at least every
-    ``flush_seconds``.
+                flush_seconds: float = 30.0,
+                storage_options: StorageOptions | None = None) -> RowWriter:
+    """A writer for ``path`` (None: JSONL on stdout; a URL: chunk objects), resuming after
+    its existing rows when ``resume`` is true, else starting over. Parquet rows (and rows to
+    an object store) are committed at least every ``flush_seconds``.
 
     Raises:
       OutputError: the output cannot be written, or is not this pipeline's output.
     """
     if path is None:
         return StdoutWriter()
+    if storage.is_remote(path):
+        return ObjectChunkWriter(path, output_format, resume=resume, flush_seconds=flush_seconds,
+                                 storage_options=storage_options)
+    path = storage.local_path(path)
     if output_format == "parquet":
         return ParquetChunkWriter(path, resume=resume, flush_seconds=flush_seconds)
     return JsonlWriter(path, resume=resume)
@@ -289,8 +315,171 @@ class ParquetChunkWriter:
         shutil.rmtree(self.chunk_dir)
 
 
-def _concatenated(paths: Sequence[str]) -> Iterator[pa.Table]:
-    """The tables of ``paths`` regrouped into tables of about ``_ROW_GROUP_ROWS`` rows."""
+def _output_fs(path: str, storage_options: StorageOptions | None) -> tuple[Any, str]:
+    try:
+        return storage.filesystem(path, storage_options)
+    except DataError as error:
+        raise OutputError(str(error)) from None
+
+
+def exists(path: str, storage_options: StorageOptions | None = None) -> bool:
+    """Whether the file or object ``path`` exists."""
+    if storage.is_remote(path):
+        fs, remote = _output_fs(path, storage_options)
+        return fs.exists(remote)
+    return os.path.exists(storage.local_path(path))
+
+
+class ObjectChunkWriter:
+    """JSONL or Parquet on an object store: committed chunk objects, combined on close.
+
+    A chunk is PUT every ``flush_rows`` rows or ``flush_seconds`` seconds, whichever comes
+    first; its name carries its row count, so resuming costs one listing and one read (the
+    last chunk, for its last image).
+    """
+
+    def __init__(self, url: str, output_format: str, *, resume: bool, flush_rows: int = 1024,
+                 flush_seconds: float = 30.0, storage_options: StorageOptions | None = None):
+        check_writable(url, storage_options)
+        self.path = url
+        self.output_format = output_format
+        self.fs, self._final = _output_fs(url, storage_options)
+        self._prefix = f"{self._final}.chunks"
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self._pending: list[Row] = []
+        self._last_flush = time.monotonic()
+        try:
+            if not resume:
+                self._remove_chunks()
+                if self.fs.exists(self._final):
+                    self.fs.rm_file(self._final)
+            self._recover()
+            self._chunks = self._list_chunks()
+            self.rows_done = sum(rows for _, rows in self._chunks)
+            self.last_image = self._last_image()
+        except (OutputError, DataError):
+            raise
+        except Exception as error:
+            raise OutputError(f"{url}: cannot read the output's chunks: "
+                              f"{storage.describe(error)}") from None
+
+    def _list_chunks(self) -> list[tuple[str, int]]:
+        """(object, rows) of the committed chunks, in order."""
+        try:
+            names = self.fs.ls(self._prefix, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        chunks = []
+        for name in sorted(names):
+            match = _CHUNK_PATTERN.search(name)
+            if match and match.group(3) == self.output_format:
+                chunks.append((name, int(match.group(2))))
+        return chunks
+
+    def _remove_chunks(self) -> None:
+        for name, _ in self._list_chunks():
+            self.fs.rm_file(name)
+
+    def _recover(self) -> None:
+        """Brings the output back to: committed chunks only, final object absent."""
+        if not self.fs.exists(self._final):
+            return
+        if self._list_chunks():
+            # Killed after writing the final object but before deleting the chunks (or after
+            # copying a finished output into chunk 0): the final object holds every row.
+            self._remove_chunks()
+        # A finished output to extend: it becomes chunk 0 (copied, then the final removed;
+        # a kill in between leaves both, which the branch above resolves).
+        rows = self._count_final()
+        self.fs.copy(self._final, self._chunk_name(0, rows))
+        self.fs.rm_file(self._final)
+
+    def _count_final(self) -> int:
+        try:
+            with self.fs.open(self._final, "rb") as handle:
+                if self.output_format == "parquet":
+                    parquet = pq.ParquetFile(handle)
+                    parquet.schema_arrow.field("image")
+                    return parquet.metadata.num_rows
+                rows, last = 0, b""
+                for line in handle:
+                    rows, last = rows + 1, line
+                if last and not last.endswith(b"\n"):
+                    raise ValueError("torn last line")
+                if last:
+                    json.loads(last)["image"]
+                return rows
+        except (pa.ArrowException, KeyError, ValueError, TypeError):
+            raise OutputError(f"{self.path}: exists but is not a {self.output_format} file of "
+                              "caption rows", fix=("other_output", "start_over")) from None
+
+    def _chunk_name(self, number: int, rows: int) -> str:
+        return f"{self._prefix}/chunk-{number:06d}-{rows:08d}.{self.output_format}"
+
+    def _last_image(self) -> str | None:
+        if not self._chunks:
+            return None
+        name = self._chunks[-1][0]
+        data = self.fs.cat_file(name)
+        if self.output_format == "parquet":
+            images = pq.read_table(pa.BufferReader(data), columns=["image"]).column("image")
+            return images[len(images) - 1].as_py() if len(images) else None
+        last_line = data.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        return _row_image(self.path, last_line) if last_line else None
+
+    def write(self, rows: Sequence[Row]) -> None:
+        self._pending.extend(rows)
+        if (len(self._pending) >= self.flush_rows
+                or time.monotonic() - self._last_flush >= self.flush_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._pending:
+            return
+        name = self._chunk_name(len(self._chunks), len(self._pending))
+        if self.output_format == "parquet":
+            buffer = pa.BufferOutputStream()
+            pq.write_table(pa.Table.from_pylist(self._pending, schema=PARQUET_SCHEMA), buffer)
+            payload = buffer.getvalue().to_pybytes()
+        else:
+            payload = "".join(_json_line(row) for row in self._pending).encode("utf-8")
+        _put(self.fs, self.path, name, payload)
+        self._chunks.append((name, len(self._pending)))
+        self._pending = []
+
+    def close(self) -> None:
+        self.flush()
+        try:
+            with self.fs.open(self._final, "wb") as handle:
+                if self.output_format == "parquet":
+                    with pq.ParquetWriter(handle, PARQUET_SCHEMA) as writer:
+                        for table in _concatenated(
+                                pa.BufferReader(self.fs.cat_file(name))
+                                for name, _ in self._chunks):
+                            writer.write_table(table)
+                else:
+                    for name, _ in self._chunks:
+                        handle.write(self.fs.cat_file(name))
+            self._remove_chunks()
+        except Exception as error:
+            raise OutputError(f"{self.path}: cannot write the final object (the committed "
+                              f"chunks stay; run again to finish): "
+                              f"{storage.describe(error)}") from None
+
+
+def _put(fs: Any, url: str, name: str, payload: bytes) -> None:
+    """One PUT of ``payload``, retried on transient errors."""
+    try:
+        storage.with_retries(lambda: fs.pipe_file(name, payload), name)
+    except CaptionerError as error:
+        raise OutputError(f"{url}: cannot commit rows: {error}") from None
+
+
+def _concatenated(paths: Iterable[Any]) -> Iterator[pa.Table]:
+    """The tables of ``paths`` (files or buffers) regrouped into tables of about
+    ``_ROW_GROUP_ROWS`` rows."""
     group: list[pa.Table] = []
     rows = 0
     for path in paths:
@@ -322,23 +511,33 @@ def _remove(path: str) -> None:
         pass
 
 
-def count_rows(path: str, output_format: str) -> int:
-    """Rows in a finished JSONL or Parquet output."""
-    if output_format == "parquet":
-        return pq.ParquetFile(path).metadata.num_rows
-    with open(path, "rb") as handle:
+def _open_binary(path: str, mode: str, storage_options: StorageOptions | None) -> Any:
+    """A binary file object for a local path or a URL."""
+    if storage.is_remote(path):
+        fs, remote = _output_fs(path, storage_options)
+        return fs.open(remote, mode)
+    return open(storage.local_path(path), mode)
+
+
+def count_rows(path: str, output_format: str,
+               storage_options: StorageOptions | None = None) -> int:
+    """Rows in a finished JSONL or Parquet output (a file or an object)."""
+    with _open_binary(path, "rb", storage_options) as handle:
+        if output_format == "parquet":
+            return pq.ParquetFile(handle).metadata.num_rows
         return sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
 
 
-def read_rows(path: str, output_format: str) -> Iterator[Row]:
-    """The rows of a JSONL or Parquet output, streamed, as the JSONL writer writes them
-    (Parquet nulls left out, float32 scores in their shortest form)."""
-    if output_format == "parquet":
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=_READ_BATCH_ROWS):
-            for row in batch.to_pylist():
-                yield _json_form(row)
-        return
-    with open(path, encoding="utf-8") as handle:
+def read_rows(path: str, output_format: str,
+              storage_options: StorageOptions | None = None) -> Iterator[Row]:
+    """The rows of a JSONL or Parquet output (a file or an object), streamed, as the JSONL
+    writer writes them (Parquet nulls left out, float32 scores in their shortest form)."""
+    with _open_binary(path, "rb", storage_options) as handle:
+        if output_format == "parquet":
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=_READ_BATCH_ROWS):
+                for row in batch.to_pylist():
+                    yield _json_form(row)
+            return
         for line in handle:
             yield json.loads(line)
 
@@ -356,9 +555,24 @@ def _json_form(row: Row) -> Row:
     return row
 
 
-def write_rows(path: str, output_format: str, rows: Iterable[Row]) -> int:
-    """Writes ``rows`` to ``path`` atomically (temporary file, then rename); returns the count."""
+def write_rows(path: str, output_format: str, rows: Iterable[Row],
+               storage_options: StorageOptions | None = None) -> int:
+    """Writes ``rows`` to ``path`` atomically (temporary file, then rename; for a URL one
+    upload, visible once complete); returns the count."""
     count = 0
+    if storage.is_remote(path):
+        with _open_binary(path, "wb", storage_options) as handle:
+            if output_format == "parquet":
+                with pq.ParquetWriter(handle, PARQUET_SCHEMA) as writer:
+                    for batch in _batched(rows, _ROW_GROUP_ROWS):
+                        count += len(batch)
+                        writer.write_table(pa.Table.from_pylist(batch, schema=PARQUET_SCHEMA))
+            else:
+                for batch in _batched(rows, _READ_BATCH_ROWS):
+                    count += len(batch)
+                    handle.write("".join(_json_line(row) for row in batch).encode("utf-8"))
+        return count
+    path = storage.local_path(path)
     if output_format == "parquet":
         def tables() -> Iterator[pa.Table]:
             nonlocal count
@@ -385,12 +599,19 @@ def write_rows(path: str, output_format: str, rows: Iterable[Row]) -> int:
     return count
 
 
+def _batched(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
+    iterator = iter(rows)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
 def part_path(output: str, process_index: int, process_count: int) -> str:
     """Where process ``process_index`` of ``process_count`` writes its share of ``output``."""
     return f"{output}.part-{process_index:05d}-of-{process_count:05d}"
 
 
-def merge_shards(output: str, output_format: str | None = None) -> int:
+def merge_shards(output: str, output_format: str | None = None,
+                 storage_options: StorageOptions | None = None) -> int:
     """Interleaves the per-process parts of a multi-process run into ``output``, in input
     order, then removes the parts; returns the row count.
 
@@ -402,30 +623,41 @@ def merge_shards(output: str, output_format: str | None = None) -> int:
         process has not finished: run it again to resume, then merge).
     """
     output_format = resolve_format(output, output_format)
-    parts = _find_parts(output)
-    counts = [count_rows(part, output_format) for part in parts]
+    parts = _find_parts(output, storage_options)
+    counts = [count_rows(part, output_format, storage_options) for part in parts]
     total = sum(counts)
     expected = [len(range(index, total, len(parts))) for index in range(len(parts))]
     if counts != expected:
         raise OutputError(
             f"{output}: part row counts {counts} cannot come from one finished run "
             f"(expected {expected})", fix=("resume_processes",))
-    readers = [read_rows(part, output_format) for part in parts]
+    readers = [read_rows(part, output_format, storage_options) for part in parts]
     missing = object()
     rows = (row for group in itertools.zip_longest(*readers, fillvalue=missing)
             for row in group if row is not missing)
-    written = write_rows(output, output_format, rows)
+    written = write_rows(output, output_format, rows, storage_options)
     for part in parts:
-        os.remove(part)
+        if storage.is_remote(part):
+            fs, remote = _output_fs(part, storage_options)
+            fs.rm_file(remote)
+        else:
+            os.remove(part)
     return written
 
 
-def _find_parts(output: str) -> list[str]:
-    candidates = glob.glob(f"{glob.escape(output)}.part-*-of-*")
+def _find_parts(output: str, storage_options: StorageOptions | None = None) -> list[str]:
+    if storage.is_remote(output):
+        fs, remote = _output_fs(output, storage_options)
+        found = fs.glob(f"{remote}.part-*-of-*", detail=True)
+        candidates = [storage.url_of(fs, path) for path, info in found.items()
+                      if info.get("type") == "file"]
+    else:
+        candidates = [path for path in glob.glob(f"{glob.escape(output)}.part-*-of-*")
+                      if os.path.isfile(path)]
     numbered = {}
     for path in candidates:
         match = _PART_PATTERN.search(path)
-        if match and os.path.isfile(path):
+        if match:
             numbered[path] = (int(match.group(1)), int(match.group(2)))
     if not numbered:
         raise OutputError(f"{output}: no part files {output}.part-NNNNN-of-NNNNN to merge")

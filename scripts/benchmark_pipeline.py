@@ -11,9 +11,14 @@ Models:
           with tests/checkpoints.make_full_size_checkpoint in a temporary directory
   PATH    any checkpoint directory
 
+Remote source (``--remote-shards``): the shapes model captions N shapes JPEGs packed as tar
+shards, read from a local S3 server (moto, through s3fs, as a user's bucket) and from local
+disk, in alternating rounds; the remote run should keep >= 90% of the local images/s.
+
 Usage:
   python scripts/benchmark_pipeline.py --models shapes full --images 64 --batch-size 8
   python scripts/benchmark_pipeline.py --models full --images 16 --json
+  python scripts/benchmark_pipeline.py --remote-shards 2000 --rounds 2
 """
 
 from __future__ import annotations
@@ -123,6 +128,67 @@ def benchmark_torch(model_dir: str, paths: list[str], args: argparse.Namespace) 
     }
 
 
+def write_shards(paths: list[str], directory: Path, per_shard: int) -> list[Path]:
+    """``paths`` packed in order into WebDataset shards shard-NNNN.tar of ``per_shard``."""
+    import tarfile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for start in range(0, len(paths), per_shard):
+        shard = directory / f"shard-{start // per_shard:04d}.tar"
+        with tarfile.open(shard, "w") as archive:
+            for path in paths[start:start + per_shard]:
+                archive.add(path, arcname=Path(path).name)
+        shards.append(shard)
+    return shards
+
+
+def benchmark_remote_shards(args: argparse.Namespace, work_dir: Path) -> dict:
+    """The same tar shards from local disk and from a local S3 server, alternating rounds."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import s3fs
+    from s3_server import moto_s3
+
+    from flax_captioner.captioner import Captioner
+    from flax_captioner.pipeline import run_pipeline
+
+    paths = write_shapes_jpegs(work_dir / "shapes", args.remote_shards)
+    shards = write_shards(paths, work_dir / "shards", args.shard_size)
+    pattern = f"shard-{{0000..{len(shards) - 1:04d}}}.tar"
+    captioner = Captioner.from_pretrained(str(SHAPES_MODEL), parallelism=args.parallelism)
+    settings = {"num_beams": args.num_beams, "max_length": args.max_length}
+    # The server runs in its own process, as a real store would not share this one's GIL.
+    with moto_s3(own_process=True) as endpoint:
+        options = {"endpoint_url": endpoint}
+        fs = s3fs.S3FileSystem(**options)
+        fs.mkdir("bench")
+        fs.put([str(shard) for shard in shards], "bench/shards/")
+        sources = {"local": str(work_dir / "shards" / pattern),
+                   "s3": f"s3://bench/shards/{pattern}"}
+        common = dict(batch_size=args.batch_size, num_threads=args.threads, settings=settings,
+                      resume=False, progress=False, storage_options=options)
+        run_pipeline(captioner, [str(shards[0])], str(work_dir / "warmup.jsonl"), **common)
+        runs: dict[str, list[float]] = {name: [] for name in sources}
+        captions = {}
+        for round_index in range(args.rounds):
+            order = list(sources) if round_index % 2 == 0 else list(sources)[::-1]
+            for name in order:
+                output = work_dir / f"{name}.jsonl"
+                stats = run_pipeline(captioner, [sources[name]], str(output), **common)
+                runs[name].append(stats.images_per_second)
+                captions[name] = [json.loads(line).get("caption")
+                                  for line in output.read_text().splitlines()]
+    local, remote = (float(np.median(runs[name])) for name in ("local", "s3"))
+    # Each round's pair ran back to back, so its ratio cancels the load drifting between
+    # rounds on a shared machine; the median of those ratios is the figure to compare.
+    ratios = [s3 / disk for s3, disk in zip(runs["s3"], runs["local"])]
+    return {"images": len(paths), "shards": len(shards), "batch_size": args.batch_size,
+            "rounds": args.rounds, "images_per_second": runs, "local_median": local,
+            "s3_median": remote, "round_ratios": ratios,
+            "s3_over_local": float(np.median(ratios)),
+            "same_captions": sum(a == b for a, b in zip(captions["local"], captions["s3"]))}
+
+
 def resolve_model(name: str, work_dir: Path) -> tuple[str | None, str]:
     """(checkpoint directory or None when unavailable, kind of images to caption)."""
     if name == "shapes":
@@ -150,7 +216,31 @@ def main() -> None:
     parser.add_argument("--parallelism", default="mesh", choices=("mesh", "pmap", "none"))
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument("--remote-shards", type=int, default=None, metavar="N",
+                        help="instead: N shapes images as tar shards, local S3 server vs "
+                             "local disk (needs the [s3] extra and moto[server])")
+    parser.add_argument("--shard-size", type=int, default=250, help="images per shard [250]")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternating local/S3 rounds for --remote-shards [2]")
     args = parser.parse_args()
+    if args.remote_shards:
+        with tempfile.TemporaryDirectory() as temporary:
+            result = benchmark_remote_shards(args, Path(temporary))
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return
+        print(f"tar shards -> captions, shapes model, {result['images']} images in "
+              f"{result['shards']} shards, batch {result['batch_size']} "
+              f"({os.cpu_count()} CPU cores)")
+        for name in ("local", "s3"):
+            rounds = " ".join(f"{value:.1f}" for value in result["images_per_second"][name])
+            print(f"{name:<6} images/s per round: {rounds}; median "
+                  f"{result[name + '_median']:.1f}")
+        print("s3 / local per round: "
+              + " ".join(f"{ratio:.3f}" for ratio in result["round_ratios"]))
+        print(f"s3 / local (median of rounds): {result['s3_over_local']:.3f}; same captions "
+              f"{result['same_captions']}/{result['images']}")
+        return
 
     results = []
     with tempfile.TemporaryDirectory() as temporary:

@@ -1,0 +1,216 @@
+"""Choices that depend on the backend: matmul precision, default batch size, bfloat16 on CPUs,
+and the one-line error for a batch that does not fit in device memory.
+
+Precision is an explicit choice of the compute dtype, never inherited from the caller's JAX
+config:
+
+- **Exact mode** (``float32``): every matmul is traced at ``"highest"`` precision, so a GPU
+  does not run it as TF32 and a TPU does not run it as one bfloat16 pass (JAX's default on
+  both). This is the mode whose captions are PyTorch's. On CPUs float32 matmuls are exact at
+  any precision setting, so the mode costs nothing there.
+- **Fast mode** (``bfloat16``): matmul operands (kernels, embeddings, activations entering a
+  matmul, cross K/V and the self-attention cache) are bfloat16, traced at ``"default"``
+  precision; ``decoder.py`` asks every projection for float32 results
+  (``preferred_element_type``), and keeps the residual stream, softmax, layer norms and logits
+  in float32. The one exception is the attention context (probabilities x values), produced in
+  bfloat16 because it only feeds the next projection.
+
+No host round trips inside the search: the compiled program has no host callbacks, infeed or
+outfeed, and runs under ``jax.transfer_guard("disallow")`` (tests/test_backend.py). One
+round trip remains below JAX: XLA:GPU's while loop decides each iteration on the host (its
+while thunk copies the loop predicate back and waits for it), one small copy per generated
+token; its cost on a GPU is not measured yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flax_captioner.errors import CaptionerError
+
+logger = logging.getLogger(__name__)
+
+# compute dtype -> the matmul precision its programs are traced at.
+MATMUL_PRECISION = {"float32": "highest", "bfloat16": "default"}
+
+CPU_BATCH_SIZE = 8
+# Images per GPU/TPU chip when the user sets no batch size. A decode step reads every weight
+# once, so it is bound by weight reads until its rows (images x beams) pass the chip's
+# FLOP-per-byte ridge: H100 dense bfloat16 ~990 TFLOP/s over 3.35 TB/s is ~295 rows,
+# TPU v5e ~197 TFLOP/s over 819 GB/s is ~240 (datasheet figures, not measured here).
+# 256 images x 4 beams = 1,024 rows clears both; greedy search (256 rows) sits near the ridge.
+# Memory at 256 (``image_memory_bytes`` for nlpconnect, float32, 4 beams, max_length 16:
+# ~36 MB per image) is ~9.3 GB plus ~1 GB of weights, which fits a 16 GB chip. The throughput
+# at 64 / 256 / 1,024 is what scripts/accelerator_benchmark.py measures.
+ACCELERATOR_BATCH_PER_DEVICE = 256
+# Share of a device's memory limit a default batch may plan to use (XLA also needs workspace).
+_MEMORY_SHARE = 0.75
+
+# x86 /proc/cpuinfo flags of units that run bfloat16 dot products. Measured with
+# scripts/benchmark.py (full-size random model, batch 8, 4 beams, max_length 16; images/s,
+# bfloat16 vs float32; docs/benchmarks.md):
+# - AMD EPYC family 25 model 17 (Zen 4: avx512_bf16, no AMX), 2 cores, 2026-11-27:
+#   1.98 vs 1.14 (1.74x faster).
+# - Intel Xeon with AMX (amx_bf16), 2 cores, 2026-11-26: 2.70 vs 1.76 (1.53x faster).
+# - An AVX2-only AMD EPYC (neither flag), reported in issue 10: 0.86 vs 1.09 (slower).
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def matmul_precision(dtype: Any) -> str:
+    """The matmul precision programs of compute ``dtype`` are traced at.
+
+    Raises:
+      ValueError: ``dtype`` is neither float32 nor bfloat16.
+    """
+    name = jnp.dtype(dtype).name
+    if name not in MATMUL_PRECISION:
+        raise ValueError(f"compute dtype must be float32 (exact) or bfloat16 (fast), got {name}")
+    return MATMUL_PRECISION[name]
+
+
+def at_precision(fn: Callable[..., Any], precision: str) -> Callable[..., Any]:
+    """``fn`` traced under ``jax.default_matmul_precision(precision)``.
+
+    The precision is read when each matmul is traced and stored in the program, so a jitted
+    wrapper compiles to the same program whatever the caller's ``jax_default_matmul_precision``.
+    """
+
+    @functools.wraps(fn)
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        with jax.default_matmul_precision(precision):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
+def image_memory_bytes(*, encoder_length: int, hidden_size: int, num_layers: int,
+                       encoder_heads: int, vocab_size: int, image_size: int,
+                       num_beams: int = 4, max_length: int = 16,
+                       dtype: Any = jnp.float32) -> int:
+    """Device memory one image needs during a search, an upper bound (bytes).
+
+    Sums what is live per image (S encoder positions, D hidden, L decoder layers, K beams,
+    T = max_length, V vocabulary): pixels; cross K/V, L x 2 x S x D in the compute dtype;
+    the self-attention cache twice (a beam reorder writes a new copy), 2 x K x L x 2 x T x D;
+    beam scores over the vocabulary, 4 float32 copies of K x V (logits, log-softmax, scores,
+    candidates); and the encoder's largest transients, counted as if they overlapped the
+    search: attention probabilities (heads x S x S) and the MLP activation (S x 4D), twice each,
+    float32.
+    """
+    item = jnp.dtype(dtype).itemsize
+    pixels = 3 * image_size * image_size * 4
+    cross = num_layers * 2 * encoder_length * hidden_size * item
+    cache = 2 * num_beams * num_layers * 2 * max_length * hidden_size * item
+    beam_scores = 4 * num_beams * vocab_size * 4
+    encoder = 2 * 4 * (encoder_heads * encoder_length ** 2 + encoder_length * 4 * hidden_size)
+    return pixels + cross + cache + beam_scores + encoder
+
+
+# nlpconnect/vit-gpt2-image-captioning: ViT-B/16 at 224 (197 positions), GPT-2 12 x 768.
+NLPCONNECT_IMAGE_BYTES = image_memory_bytes(
+    encoder_length=197, hidden_size=768, num_layers=12, encoder_heads=12, vocab_size=50257,
+    image_size=224)
+NLPCONNECT_WEIGHT_BYTES = 239_195_904 * 4  # float32 parameters, cross-attention included
+
+
+def default_batch_size(devices: Sequence[jax.Device], *,
+                       image_bytes: int = NLPCONNECT_IMAGE_BYTES,
+                       weight_bytes: int = NLPCONNECT_WEIGHT_BYTES) -> int:
+    """The batch size to use when the user sets none, for a batch split over ``devices``.
+
+    CPU: ``CPU_BATCH_SIZE`` (8). GPU/TPU: ``ACCELERATOR_BATCH_PER_DEVICE`` (256) images per
+    device, lowered to the largest power of two whose images fit in ``_MEMORY_SHARE`` of the
+    device's memory limit after the weights (where the device reports one), times the device
+    count, so every device gets the same share.
+    """
+    if not devices:
+        raise ValueError("default_batch_size needs at least one device")
+    if all(device.platform == "cpu" for device in devices):
+        return CPU_BATCH_SIZE
+    per_device = ACCELERATOR_BATCH_PER_DEVICE
+    limit = _memory_limit(devices[0])
+    if limit is not None:
+        fits = int((limit * _MEMORY_SHARE - weight_bytes) // image_bytes)
+        per_device = min(per_device, 1 << max(fits, 1).bit_length() - 1)
+    return per_device * len(devices)
+
+
+def _memory_limit(device: jax.Device) -> int | None:
+    """The device's memory limit in bytes, where its runtime reports one."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - not every backend implements memory_stats
+        return None
+    return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str] | None:
+    """The x86 feature flags of this host (``cpuinfo``: text of /proc/cpuinfo, read when None).
+
+    None where they are unknown (no /proc/cpuinfo, or no ``flags`` line: not Linux on x86).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
+                cpuinfo = file.read()
+        except OSError:
+            return None
+    match = re.search(r"^flags\s*:(.*)$", cpuinfo, re.MULTILINE)
+    return frozenset(match.group(1).split()) if match else None
+
+
+def slow_bfloat16_message(dtype: Any, devices: Sequence[jax.Device],
+                          cpuinfo: str | None = None) -> str | None:
+    """A one-line warning when bfloat16 is asked for on a CPU without bfloat16 units, else None.
+
+    Only warns on knowledge: a host whose flags are unknown (not x86 Linux) gets no warning.
+    """
+    if jnp.dtype(dtype) != jnp.bfloat16 or any(d.platform != "cpu" for d in devices):
+        return None
+    flags = cpu_flags(cpuinfo)
+    if flags is None or flags & set(BFLOAT16_CPU_FLAGS):
+        return None
+    return ("bfloat16 was asked for, but this CPU has no bfloat16 units "
+            f"({' or '.join(BFLOAT16_CPU_FLAGS)}); on such CPUs bfloat16 measured slower than "
+            "float32, which is also the exact mode")
+
+
+def warn_if_slow_bfloat16(dtype: Any, devices: Sequence[jax.Device]) -> None:
+    """Logs ``slow_bfloat16_message`` as one warning line, where there is one.
+
+    A log record, not a Python warning: it prints as one line (the command line prefixes it
+    with ``flax-captioner:``), never with a source path.
+    """
+    message = slow_bfloat16_message(dtype, devices)
+    if message:
+        logger.warning(message)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is XLA's RESOURCE_EXHAUSTED (``jax.errors.JaxRuntimeError``, formerly
+    ``XlaRuntimeError``; both are RuntimeErrors whose message starts with the status code)."""
+    return isinstance(error, RuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+def out_of_memory_error(error: BaseException, *, batch: int, bucket: int, num_shards: int,
+                        platform: str) -> CaptionerError:
+    """The one-line error for a batch of ``batch`` images (compiled for ``bucket``, split over
+    ``num_shards`` devices) that did not fit, with a smaller batch to try where one exists."""
+    status = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    status = status if len(status) <= 160 else status[:157] + "..."
+    compiled = f" (compiled for {bucket})" if bucket != batch else ""
+    where = f"{num_shards} {platform} devices" if num_shards > 1 else f"{platform} memory"
+    if bucket <= num_shards:
+        return CaptionerError(f"a batch of {batch} images{compiled} does not fit in {where}, "
+                              f"even at one image per device: {status}")
+    smaller = max(bucket // 2, num_shards)
+    return CaptionerError(f"a batch of {batch} images{compiled} does not fit in {where} "
+                          f"({status}); try a batch of at most {smaller}",
+                          fix=("smaller_batch",))

@@ -1,0 +1,364 @@
+"""Where bytes live: local paths and fsspec URLs (``s3://``, ``gs://``, ``hf://``,
+``http(s)://``, ``memory://``, ``file://``) behind one small set of functions.
+
+Credentials and endpoints come only from fsspec's own configuration (``FSSPEC_S3_ENDPOINT_URL``
+and the like, the clouds' credential chains) plus the ``storage_options`` a caller passes;
+nothing here handles credentials itself.
+
+Remote reads retry transient failures with exponential backoff; what still fails raises one
+``ImageReadError`` naming the object. ``ByteBudget`` bounds the bytes fetched but not yet
+decoded, so memory does not grow with the size of the images read.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import IO, Any
+
+from flax_captioner.errors import DataError, ImageReadError
+
+StorageOptions = Mapping[str, Any]
+
+# protocol -> the extra that installs its fsspec implementation.
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "hf": "hf", "http": "http",
+          "https": "http"}
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")
+# Failures no retry can fix: the object is absent, forbidden, or not an object.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+              ValueError, TypeError)
+READ_ATTEMPTS = 4
+# Concurrent GETs: enough to hide ~20 ms of object-store latency behind a few cores' decoding.
+FETCH_THREADS = 16
+# Encoded bytes fetched but not yet decoded (a 64 MiB cap holds ~600 typical 100 kB JPEGs).
+BYTES_IN_FLIGHT = 64 << 20
+_BACKOFF_SECONDS = 0.2
+
+
+def protocol(path: str) -> str | None:
+    """The URL scheme of ``path`` (``"s3"``), None for a plain local path."""
+    match = _URL.match(path)
+    return match.group(1).lower() if match else None
+
+
+def is_remote(path: str) -> bool:
+    """True for a URL other than ``file://`` (which is read as a local path)."""
+    return protocol(path) not in (None, "file", "local")
+
+
+def local_path(path: str) -> str:
+    """``path`` without a ``file://`` prefix."""
+    return path[len("file://"):] if protocol(path) == "file" else path
+
+
+def filesystem(url: str, storage_options: StorageOptions | None = None) -> tuple[Any, str]:
+    """(fsspec file system, path inside it) for ``url``; instances are cached by fsspec.
+
+    Raises:
+      DataError: the URL's protocol is unknown, or needs an extra that is not installed.
+    """
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    except ImportError:
+        scheme = protocol(url)
+        extra = EXTRAS.get(scheme)
+        hint = (f"pip install 'flax-captioner[{extra}]'" if extra
+                else "install the fsspec implementation for it")
+        raise DataError(f"{url}: reading {scheme}:// URLs needs an extra package: {hint}") \
+            from None
+    except ValueError as error:  # fsspec: "Protocol not known"
+        raise DataError(f"{url}: {error}") from None
+    except TypeError as error:  # an option the file system does not take
+        raise DataError(f"{url}: bad storage options: {error}") from None
+
+
+def join(base: str, name: str) -> str:
+    """``name`` relative to the directory ``base`` (a URL prefix or a local directory)."""
+    if protocol(name) is not None or name.startswith("/"):
+        return name
+    return f"{base.rstrip('/')}/{name}" if base else name
+
+
+def url_of(fs: Any, path: str) -> str:
+    """The URL a row names for ``path`` of ``fs`` (``s3://bucket/key``)."""
+    return fs.unstrip_protocol(path)
+
+
+def describe(error: BaseException) -> str:
+    """One line for an exception from a file system client (their messages span lines)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def with_retries(action: Callable[[], Any], name: str, *, attempts: int = READ_ATTEMPTS) -> Any:
+    """``action()``, retried with exponential backoff (and jitter) on transient errors.
+
+    Raises:
+      ImageReadError: naming ``name``: a permanent error at once, a transient one once the
+        attempts are spent.
+    """
+    for attempt in range(attempts):
+        try:
+            return action()
+        except _PERMANENT as error:
+            raise ImageReadError(name, _reason(error)) from None
+        except Exception as error:  # transient: timeouts, resets, throttling, 5xx
+            if attempt == attempts - 1:
+                raise ImageReadError(
+                    name, f"{_reason(error)} (after {attempts} attempts)") from None
+            time.sleep(_BACKOFF_SECONDS * 2 ** attempt * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "no such object"
+    if isinstance(error, PermissionError):
+        return f"access denied: {describe(error)}"
+    return f"cannot read the object: {describe(error)}"
+
+
+def read_object(fs: Any, path: str, name: str) -> bytes:
+    """All bytes of ``path`` on ``fs``, with retries; errors name ``name``."""
+    return with_retries(lambda: fs.cat_file(path), name)
+
+
+def fetcher(url: str, storage_options: StorageOptions | None = None) -> Callable[[], bytes]:
+    """A function reading all of ``url`` (see ``read_object``); a URL whose file system
+    cannot be opened gives a function raising ImageReadError, so it becomes an error row."""
+    try:
+        fs, path = filesystem(url, storage_options)
+    except DataError as error:
+        reason = str(error).removeprefix(f"{url}: ")
+
+        def fail() -> bytes:
+            raise ImageReadError(url, reason)
+
+        return fail
+    return lambda: read_object(fs, path, url)
+
+
+class ByteBudget:
+    """Bytes fetched but not yet decoded, at most ``limit`` (one object alone may exceed it,
+    so an image larger than the budget still goes through, by itself)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_use = 0
+        self._changed = threading.Condition()
+
+    def acquire(self, size: int) -> None:
+        """Blocks until ``size`` more bytes fit, then counts them."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.in_use == 0 or self.in_use + size <= self.limit)
+            self.in_use += size
+
+    def add(self, size: int) -> None:
+        """Counts ``size`` bytes at once (an object larger than its reservation)."""
+        with self._changed:
+            self.in_use += size
+
+    def release(self, size: int) -> None:
+        with self._changed:
+            self.in_use -= size
+            self._changed.notify_all()
+
+
+class Prefetcher:
+    """Fetches remote objects on I/O threads, ahead of decoding, within a ``ByteBudget``.
+
+    Object stores answer a GET in tens of milliseconds whatever the object's size, so reads
+    overlap on more threads than there are cores; the budget, not the thread count, bounds the
+    memory they hold. Threads start on first use (local inputs never start any).
+    """
+
+    def __init__(self, threads: int = FETCH_THREADS, bytes_in_flight: int = BYTES_IN_FLIGHT):
+        self.threads = threads
+        self.budget = ByteBudget(bytes_in_flight)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, fetch: Callable[[], bytes], size: int | None,
+               executor: concurrent.futures.Executor, decode: Callable[[bytes], Any],
+               failed: Callable[[ImageReadError], Any]) -> concurrent.futures.Future:
+        """A future of ``decode(fetch())`` (run on ``executor``), or of ``failed(error)`` when
+        the fetch raises ImageReadError; the fetched bytes count against the budget until
+        ``decode`` returns."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.threads,
+                                                               "flax-captioner-fetch")
+        result: concurrent.futures.Future = concurrent.futures.Future()
+
+        def read() -> tuple[bytes, int]:
+            reserved = size or 0
+            self.budget.acquire(reserved)
+            try:
+                data = fetch()
+            except BaseException:
+                self.budget.release(reserved)
+                raise
+            self.budget.add(max(0, len(data) - reserved))
+            return data, max(reserved, len(data))
+
+        def decode_held(data: bytes, held: int) -> Any:
+            try:
+                return decode(data)
+            finally:
+                self.budget.release(held)
+
+        def fetched(reading: concurrent.futures.Future) -> None:
+            try:
+                data, held = reading.result()
+            except ImageReadError as error:
+                result.set_result(failed(error))
+                return
+            except BaseException as error:  # cancelled: the consumer left
+                result.set_exception(error)
+                return
+            try:
+                decoding = executor.submit(decode_held, data, held)
+            except RuntimeError as error:  # the decode pool has shut down: the consumer left
+                self.budget.release(held)
+                result.set_exception(error)
+                return
+            decoding.add_done_callback(lambda done: _copy_outcome(done, result))
+
+        self._pool.submit(read).add_done_callback(fetched)
+        return result
+
+
+def _copy_outcome(source: concurrent.futures.Future, target: concurrent.futures.Future) -> None:
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())
+
+
+def open_stream(fs: Any, path: str, name: str, *, block_size: int = 8 << 20) -> IO[bytes]:
+    """A sequential reader of a remote object (a tar shard): in memory when it fits in one
+    block (one GET; measured: a 1 MB shard read through ``BlockReader`` cost the device 0.5 ms
+    of input wait per member on the 2-core box, in memory none), else a ``BlockReader``.
+
+    Raises:
+      OSError: naming the cause (FileNotFoundError for a missing object).
+    """
+    try:
+        size = with_retries(lambda: fs.size(path), name)
+        if size <= block_size:
+            return io.BytesIO(read_object(fs, path, name))
+    except ImageReadError as error:
+        raise (FileNotFoundError if error.reason == "no such object" else OSError)(
+            error.reason) from None
+    return BlockReader.open(fs, path, name, size=size, block_size=block_size)
+
+
+class BlockReader(io.RawIOBase):
+    """A seekable read-only file over a remote object that fetches the next ``ahead`` blocks
+    on background threads while the current one is read, so a stream consumer (a tar shard
+    read member by member) does not wait on a request at every block boundary or at the
+    start of the next shard. Holds at most ``ahead + 1`` blocks.
+
+    Opening starts fetching the first blocks at once (``size`` unknown: one HEAD first).
+    Read errors surface as OSError naming ``name`` (transient ones retried first).
+    """
+
+    def __init__(self, fs: Any, path: str, name: str, *, size: int | None = None,
+                 block_size: int = 8 << 20, ahead: int = 2):
+        super().__init__()
+        self.name = name
+        self._fs, self._path = fs, path
+        self._block_size, self._ahead = block_size, ahead
+        self._pool = concurrent.futures.ThreadPoolExecutor(ahead + 1, "flax-captioner-block")
+        self._size: concurrent.futures.Future = concurrent.futures.Future()
+        if size is None:
+            self._size = self._pool.submit(
+                lambda: with_retries(lambda: fs.size(path), name))
+        else:
+            self._size.set_result(size)
+        self._blocks: dict[int, concurrent.futures.Future] = {}
+        self._position = 0
+        self._schedule(0)
+
+    @property
+    def size(self) -> int:
+        try:
+            return self._size.result()
+        except ImageReadError as error:
+            raise self._os_error(error) from None
+
+    @classmethod
+    def open(cls, fs: Any, path: str, name: str, **kwargs: Any) -> io.BufferedReader:
+        """A ``BlockReader`` behind a 1 MiB ``io.BufferedReader``: tar headers are read 512
+        bytes at a time, and the C buffer serves those reads without a Python call each
+        (measured: 0.45 -> 0.15 ms per tar member on the 2-core box)."""
+        return io.BufferedReader(cls(fs, path, name, **kwargs), buffer_size=1 << 20)
+
+    def _os_error(self, error: ImageReadError) -> OSError:
+        kind = FileNotFoundError if error.reason == "no such object" else OSError
+        return kind(error.reason)
+
+    def _fetch(self, index: int) -> bytes:
+        start = index * self._block_size
+        end = min(start + self._block_size, self._size.result())
+        if start >= end:
+            return b""
+        return with_retries(lambda: self._fs.cat_file(self._path, start=start, end=end),
+                            self.name)
+
+    def _schedule(self, index: int) -> None:
+        for stale in [block for block in self._blocks if block < index]:
+            self._blocks.pop(stale).cancel()
+        for block in range(index, index + self._ahead + 1):
+            if block not in self._blocks:
+                self._blocks[block] = self._pool.submit(self._fetch, block)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        done, size = 0, self.size
+        while done < len(view) and self._position < size:
+            index, offset = divmod(self._position, self._block_size)
+            self._schedule(index)
+            try:
+                block = self._blocks[index].result()
+            except ImageReadError as error:
+                raise self._os_error(error) from None
+            count = min(len(view) - done, len(block) - offset)
+            view[done:done + count] = block[offset:offset + count]
+            done += count
+            self._position += count
+        return done
+
+    def close(self) -> None:
+        if not self.closed:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._blocks.clear()
+        super().close()

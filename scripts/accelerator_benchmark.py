@@ -1,0 +1,914 @@
+"""One prepared accelerator benchmark: parity, generator throughput, end to end, host decode.
+
+Run on a machine with one GPU (``bash scripts/accelerator_benchmark.sh`` installs the carried
+wheels first); it finishes in under 8 minutes and writes ``accelerator-benchmark.json`` and
+``accelerator-benchmark.md`` (plus ``workers.log``) into ``--out`` (default ``$OUT``, else
+``./accelerator-benchmark-results``). The four parts of issue 10:
+
+1. environment: devices, driver, CPU, versions of jax/jaxlib/flax/transformers/torch;
+2. parity on the device: the shipped shapes model, the three chaotic tiny checkpoints of
+   tests/test_parity_generate.py and full-size random weights, exact mode (float32, "highest")
+   against PyTorch float32 with TF32 off, for beam / greedy / min_length / no_repeat_ngram:
+   mismatched captions (target 0);
+3. generator throughput, nlpconnect architecture with random weights, 4 beams, max_length 16:
+   ours at batch 64 / 256 / 1024 in float32 (exact) and bfloat16, PyTorch ``generate`` float32
+   eager (TF32 off) and float16 / bfloat16 weights with SDPA attention at the same batches,
+   HF Flax ``generate`` under jit at batch 64: images/s (host pixel values in, host tokens
+   out), compile seconds, peak device memory;
+4. end to end: 4,096 JPEGs (640x480) on local disk through ``pipeline.run_pipeline`` with a
+   decode thread per host core, bfloat16, batch 256: images/s and device input wait; plus host
+   decode scaling: images/s against threads and processes.
+
+Each heavy part runs in its own subprocess with its own time budget (its memory is its own,
+and JAX does not hold the GPU memory PyTorch needs); a part skips the rows its remaining
+budget cannot fit and says so, and a part that overruns is stopped with its rows so far kept.
+
+Without a GPU the same parts run on the CPU at batch 8, with PyTorch bfloat16 autocast (what
+a CPU user chasing speed would pick) beside our bfloat16. ``--smoke`` runs everything on CPU
+with tiny models in about a minute (tests/test_accelerator_benchmark.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+for _path in (REPO / "scripts", REPO / "tests", REPO):  # benchmark_pipeline, checkpoints, package
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+PARTS = ("environment", "parity", "throughput", "end_to_end")
+# part -> the workers (subprocesses) that measure it
+WORKERS = {"parity": ("parity",), "throughput": ("torch_throughput", "jax_throughput"),
+           "end_to_end": ("end_to_end",)}
+NUM_BEAMS, MAX_LENGTH = 4, 16
+CHAOTIC_SEEDS = (1, 5, 6)  # tests/test_parity_generate.py's checkpoints
+CHAOTIC_VOCAB = 32
+SHAPES_MODEL = REPO / "examples" / "shapes-captioner"
+SAMPLE_IMAGES = REPO / "examples" / "images"
+RESULT_NAME = "accelerator-benchmark"
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Sizes and time budgets (seconds per worker) of one kind of run."""
+
+    name: str  # "gpu", "cpu" or "smoke"
+    full_size: bool  # nlpconnect architecture, else a tiny random model
+    batches: tuple[int, ...]
+    hf_flax_batch: int
+    torch_variants: tuple[str, ...]
+    parity_images: int
+    e2e_images: int
+    e2e_batch: int
+    jpeg_size: tuple[int, int]
+    decode_workers: tuple[int, ...]
+    budgets: dict[str, float]
+    repeats: int
+    shapes_parity: bool = True  # the shipped shapes model in the parity part
+    xla_flags: str = ""  # added to XLA_FLAGS in the workers
+
+
+def host_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def worker_counts(cores: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to the host's cores, the core count itself last."""
+    counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n < cores]
+    return tuple(counts + [cores])
+
+
+PROFILES = {
+    # Budgets sum to 400 s; with the setup (~30 s) and the wheel install, under 8 minutes.
+    # PyTorch's fast variants first: the fastest PyTorch is what the bfloat16 target is
+    # measured against.
+    "gpu": Profile("gpu", True, (64, 256, 1024), 64,
+                   ("float16-sdpa", "bfloat16-sdpa", "float32"), 8, 4096, 256, (640, 480),
+                   worker_counts(host_cores()),
+                   {"parity": 110, "torch_throughput": 70, "jax_throughput": 145,
+                    "end_to_end": 75}, 3),
+    "cpu": Profile("cpu", True, (8,), 8, ("float32", "bfloat16-autocast"), 4, 64, 8,
+                   (640, 480), worker_counts(host_cores()),
+                   {"parity": 1500, "torch_throughput": 600, "jax_throughput": 900,
+                    "end_to_end": 300}, 3),
+    # Few compiles: parity's models share one architecture, and the end-to-end batch is the
+    # throughput batch, whose program it loads from the persistent compilation cache.
+    "smoke": Profile("smoke", False, (2,), 2, ("float32", "bfloat16-autocast"), 4, 32, 2,
+                     (64, 48), (1, 2),
+                     {"parity": 60, "torch_throughput": 30, "jax_throughput": 45,
+                      "end_to_end": 40}, 2, shapes_parity=False,
+                     # Halves XLA:CPU compile time; smoke numbers measure nothing anyway.
+                     xla_flags="--xla_backend_optimization_level=0 "
+                               "--xla_llvm_disable_expensive_passes=true"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side: each worker appends JSON lines to WORK/<worker>.jsonl as it goes.
+
+
+class Recorder:
+    """Appends one JSON object per line, flushed at once, so a stopped worker loses nothing."""
+
+    def __init__(self, path: Path, deadline: float):
+        self.path = path
+        self.deadline = deadline
+
+    def emit(self, kind: str, **data: Any) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps({"kind": kind, **data}, default=_jsonable) + "\n")
+
+    def fits(self, what: str, estimate: float) -> bool:
+        """Whether ``estimate`` seconds still fit the budget; records a skip when not."""
+        left = self.deadline - time.time()
+        if estimate <= left:
+            return True
+        self.emit("skipped", what=what,
+                  why=f"needs ~{estimate:.0f} s, {max(left, 0):.0f} s of the budget left")
+        return False
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def seeded_pixels(batch: int, image_size: int, seed: int = 0) -> np.ndarray:
+    """float32 [B, 3, S, S] in [-1, 1], the range of normalized nlpconnect inputs."""
+    return np.random.default_rng(seed).uniform(
+        -1, 1, (batch, 3, image_size, image_size)).astype(np.float32)
+
+
+def timed(call: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = call()
+    return result, time.perf_counter() - start
+
+
+def check_backend(profile: Profile, recorder: Recorder) -> None:
+    """A GPU run must see the GPU from JAX (and PyTorch where imported); stops otherwise."""
+    import jax
+
+    recorder.emit("info", jax_backend=jax.default_backend(),
+                  jax_devices=[f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')}".strip()
+                               for d in jax.devices()])
+    if profile.name == "gpu" and jax.default_backend() not in ("gpu", "cuda", "rocm"):
+        recorder.emit("error", message=f"JAX runs on {jax.default_backend()}, not the GPU: "
+                      "the GPU rows would be CPU numbers; stopped")
+        raise SystemExit(3)
+
+
+def torch_device(profile: Profile) -> str:
+    import torch
+
+    if profile.name == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("PyTorch sees no CUDA device on a GPU run")
+    return "cuda" if profile.name == "gpu" else "cpu"
+
+
+def torch_sequences(model: Any, pixels: np.ndarray, settings: Any, device: str,
+                    dtype: Any = None, autocast: bool = False) -> np.ndarray:
+    """PyTorch ``generate`` from host pixels to host tokens, int32 [N, max_length], padded as
+    ``parity.pytorch_generate`` pads; float32 runs with TF32 off (matmul and cuDNN), and
+    ``autocast`` runs float32 weights under bfloat16 autocast."""
+    import contextlib
+
+    import torch
+
+    from flax_captioner.parity import pytorch_generate_kwargs, pytorch_without_tf32
+
+    kwargs = pytorch_generate_kwargs(settings) | dict(output_scores=False,
+                                                      return_dict_in_generate=False)
+    mixed = (torch.autocast(device, dtype=torch.bfloat16) if autocast
+             else contextlib.nullcontext())
+    with torch.no_grad(), pytorch_without_tf32(), mixed:
+        inputs = torch.from_numpy(pixels).to(device, dtype or torch.float32)
+        generated = model.generate(pixel_values=inputs, **kwargs).cpu().numpy()
+    fill = settings.pad_token_id
+    if settings.num_beams > 1:
+        fill = settings.pad_token_id or settings.eos_token_id
+    sequences = np.full((len(generated), settings.max_length), fill, np.int32)
+    sequences[:, :generated.shape[1]] = generated
+    return sequences
+
+
+def parity_settings(max_length: int) -> list[tuple[str, dict[str, Any]]]:
+    common = dict(max_length=max_length, min_length=0, no_repeat_ngram_size=0,
+                  num_return_sequences=1)
+    return [("beam", common | dict(num_beams=NUM_BEAMS)),
+            ("greedy", common | dict(num_beams=1)),
+            ("min_length", common | dict(num_beams=NUM_BEAMS, min_length=max_length // 2)),
+            ("no_repeat_ngram", common | dict(num_beams=NUM_BEAMS, no_repeat_ngram_size=2))]
+
+
+def parity_models(work: Path, profile: Profile) -> Iterator[tuple[str, Path, Callable, int]]:
+    """(name, checkpoint directory, pixels(preprocess_config) -> float32 [N, 3, S, S],
+    max_length) for the shapes model, the chaotic checkpoints and the full-size one."""
+    count = profile.parity_images
+
+    def sample_images(config: Any) -> np.ndarray:
+        from flax_captioner.preprocess import load_and_preprocess_one
+
+        paths = sorted(SAMPLE_IMAGES.glob("*.png"))[:count]
+        return np.stack([load_and_preprocess_one(str(path), config) for path in paths])
+
+    if profile.shapes_parity and SHAPES_MODEL.is_dir():
+        yield "shapes", SHAPES_MODEL, sample_images, MAX_LENGTH
+    for seed in CHAOTIC_SEEDS:
+        def chaotic_pixels(config: Any, seed: int = seed) -> np.ndarray:
+            pixels = np.random.default_rng(seed).standard_normal((count, 3, 32, 32))
+            return pixels.astype(np.float32)
+
+        yield f"chaotic-{seed}", work / f"chaotic-{seed}", chaotic_pixels, 20
+    yield ("full-size random" if profile.full_size else "tiny random", work / "full",
+           lambda config: seeded_pixels(count, config.size[0]), MAX_LENGTH)
+
+
+def run_parity(work: Path, profile: Profile, recorder: Recorder) -> None:
+    import torch
+    from transformers import VisionEncoderDecoderModel
+
+    from flax_captioner import loading
+    from flax_captioner.decoder import DecoderSpec
+    from flax_captioner.generator import GenerationSettings, Generator
+
+    check_backend(profile, recorder)
+    device = torch_device(profile)
+    recorder.emit("info", torch_device=torch.cuda.get_device_name(0) if device == "cuda"
+                  else "cpu")
+    generators: dict[DecoderSpec, Any] = {}  # same architecture: same compiled programs
+    for name, directory, make_pixels, max_length in parity_models(work, profile):
+        # A row is mostly its compile; the first of a model is guessed, the rest measured.
+        estimate = 30.0 if profile.full_size and name.startswith("full") else 8.0
+        checkpoint = loading.load_checkpoint(directory)
+        pixels = make_pixels(checkpoint.preprocess_config)
+        reference = VisionEncoderDecoderModel.from_pretrained(directory).to(device).eval()
+        architecture = DecoderSpec.from_config(checkpoint.model.config)
+        generator = generators.get(architecture)
+        swap = {}
+        if generator is None:
+            generator = generators[architecture] = Generator(checkpoint.model.params,
+                                                             checkpoint.model.config)
+        else:  # the compiled programs of the first model with these shapes, other weights
+            swap = {"params": generator.data_parallel.replicate(checkpoint.model.params)}
+            estimate = 2.0
+        for setting, overrides in parity_settings(max_length):
+            if not recorder.fits(f"parity {name} {setting}", estimate):
+                continue
+            settings = GenerationSettings.resolve(checkpoint.generation_defaults, **overrides)
+            started = time.perf_counter()
+            ours = generator.generate(pixels, settings, **swap).sequences
+            theirs = torch_sequences(reference, pixels, settings, device)
+            differs = np.flatnonzero((ours != theirs).any(axis=1))
+            estimate = time.perf_counter() - started
+            recorder.emit("parity", model=name, setting=setting, captions=len(ours),
+                          mismatched=len(differs), first_mismatch=differs[:1].tolist(),
+                          seconds=estimate)
+        del reference
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_torch_throughput(work: Path, profile: Profile, recorder: Recorder) -> None:
+    import torch
+    from transformers import VisionEncoderDecoderModel
+
+    from flax_captioner import loading
+
+    device = torch_device(profile)
+    torch.set_grad_enabled(False)
+    settings = throughput_settings(work)
+    image_size = loading.read_config(work / "full").encoder.image_size
+    seconds_per_image = {"gpu": 1 / 300, "cpu": 1.0, "smoke": 0.2}[profile.name]  # a guess
+    overhead = 10.0 if profile.full_size else 2.0
+    for variant in profile.torch_variants:
+        dtype = {"float16-sdpa": torch.float16, "bfloat16-sdpa": torch.bfloat16}.get(variant)
+        extra = {"attn_implementation": "sdpa"} if variant.endswith("sdpa") else {}
+        try:
+            model = VisionEncoderDecoderModel.from_pretrained(work / "full", **extra)
+        except (ValueError, ImportError) as error:  # SDPA unsupported by this transformers
+            recorder.emit("info", torch_sdpa_unavailable=str(error).splitlines()[0])
+            model = VisionEncoderDecoderModel.from_pretrained(work / "full")
+        model = model.to(device, dtype or torch.float32).eval()
+        attention = getattr(model.config.decoder, "_attn_implementation", None)
+        for batch in profile.batches:
+            what = f"pytorch {variant} batch {batch}"
+            estimate = overhead + (profile.repeats + 1) * batch * seconds_per_image
+            if not recorder.fits(what, estimate):
+                continue
+            pixels = seeded_pixels(batch, image_size)
+
+            def call() -> np.ndarray:
+                sequences = torch_sequences(model, pixels, settings, device, dtype,
+                                            autocast=variant == "bfloat16-autocast")
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                return sequences
+
+            try:
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                _, first = timed(call)
+                seconds = [timed(call)[1] for _ in range(profile.repeats)]
+            except torch.cuda.OutOfMemoryError as error:
+                recorder.emit("throughput", framework="pytorch", variant=variant, batch=batch,
+                              error="out of memory: " + str(error).splitlines()[0][:120])
+                torch.cuda.empty_cache()
+                continue
+            median = statistics.median(seconds)
+            seconds_per_image = median / batch
+            recorder.emit(
+                "throughput", framework="pytorch", variant=variant, batch=batch,
+                images_per_second=batch / median, batch_seconds=seconds, compile_seconds=None,
+                first_call_seconds=first, attention=attention,
+                peak_gib=(torch.cuda.max_memory_allocated() / 2**30 if device == "cuda"
+                          else None))
+        model = None  # frees its device memory before the next variant loads
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def throughput_settings(work: Path) -> Any:
+    from flax_captioner import loading
+    from flax_captioner.generator import GenerationSettings
+
+    config = loading.read_config(work / "full")
+    return GenerationSettings.resolve(loading.generation_defaults(config, work / "full"),
+                                      num_beams=NUM_BEAMS, max_length=MAX_LENGTH)
+
+
+def device_peak_bytes() -> int | None:
+    import jax
+
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory statistics
+        return None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None:
+    import jax.numpy as jnp
+
+    from flax_captioner import backend, loading, sharding
+    from flax_captioner.errors import CaptionerError
+    from flax_captioner.generator import Generator, enable_compilation_cache
+
+    check_backend(profile, recorder)
+    # Shared with the end-to-end worker, which then loads the batch-256 program from disk.
+    enable_compilation_cache(work / "jax-cache")
+    checkpoint = loading.load_checkpoint(work / "full")
+    settings = throughput_settings(work)
+    image_size = checkpoint.model.config.encoder.image_size
+    generators = {name: Generator(checkpoint.model.params, checkpoint.model.config,
+                                  dtype=getattr(jnp, name),
+                                  data_parallel=sharding.data_parallel("mesh"))
+                  for name in ("float32", "bfloat16")}
+    # Smallest memory first: JAX's peak only grows, so a row's peak is its own when it exceeds
+    # every earlier one (``peak_attributable``).
+    plan = [("ours", dtype, batch) for batch in profile.batches
+            for dtype in ("bfloat16", "float32")]
+    plan.insert(2, ("hf-flax", "float32", profile.hf_flax_batch))
+    # Guesses until measured (then the last measurement of that kind): compile seconds, and
+    # seconds per image.
+    compile_estimate, per_image = {
+        "gpu": ({"ours": 40.0, "hf-flax": 60.0},
+                {("ours", "float32"): 1 / 800, ("ours", "bfloat16"): 1 / 3000,
+                 ("hf-flax", "float32"): 1 / 250}),
+        "cpu": ({"ours": 15.0, "hf-flax": 20.0},
+                {("ours", "float32"): 1.0, ("ours", "bfloat16"): 0.6,
+                 ("hf-flax", "float32"): 2.0}),
+        "smoke": ({"ours": 8.0, "hf-flax": 8.0},
+                  {("ours", "float32"): 0.05, ("ours", "bfloat16"): 0.05,
+                   ("hf-flax", "float32"): 0.05}),
+    }[profile.name]
+    previous_peak = 0
+    for framework, dtype, batch in plan:
+        what = f"{framework} {dtype} batch {batch}"
+        estimate = (compile_estimate[framework]
+                    + (profile.repeats + 1) * batch * per_image[framework, dtype])
+        if not recorder.fits(what, estimate):
+            continue
+        pixels = seeded_pixels(batch, image_size)
+        try:
+            if framework == "ours":
+                generator = generators[dtype]
+                call = lambda: generator.generate(pixels, settings).sequences  # noqa: E731
+                compile_seconds = None
+            else:
+                call, compile_seconds = hf_flax_generate(checkpoint, settings, pixels)
+            _, first = timed(call)
+            seconds = [timed(call)[1] for _ in range(profile.repeats)]
+        except (CaptionerError, RuntimeError) as error:  # out of memory (ours: one line)
+            if not isinstance(error, CaptionerError) and not backend.is_out_of_memory(error):
+                raise
+            recorder.emit("throughput", framework=framework, variant=dtype, batch=batch,
+                          error=str(error).splitlines()[0][:200])
+            continue
+        median = statistics.median(seconds)
+        if compile_seconds is None:
+            compile_seconds = max(first - median, 0.0)
+        compile_estimate[framework] = 1.2 * compile_seconds + 2
+        per_image[framework, dtype] = median / batch
+        peak = device_peak_bytes()
+        recorder.emit(
+            "throughput", framework=framework, variant=dtype, batch=batch,
+            images_per_second=batch / median, batch_seconds=seconds,
+            compile_seconds=compile_seconds, first_call_seconds=first,
+            peak_gib=None if peak is None else peak / 2**30,
+            peak_attributable=None if peak is None else peak > previous_peak)
+        previous_peak = max(previous_peak, peak or 0)
+
+
+def hf_flax_generate(checkpoint: Any, settings: Any,
+                     pixels: np.ndarray) -> tuple[Callable[[], np.ndarray], float]:
+    """transformers' Flax ``generate`` under ``jax.jit``, float32 at "highest" precision (as
+    ours in the exact mode); returns (call, compile seconds)."""
+    import jax
+
+    model = checkpoint.model
+    params = jax.device_put(model.params)
+
+    def search(params: Any, pixels: Any) -> Any:
+        with jax.default_matmul_precision("highest"):
+            return model.generate(pixels, params=params, max_length=settings.max_length,
+                                  num_beams=settings.num_beams,
+                                  decoder_start_token_id=settings.decoder_start_token_id,
+                                  pad_token_id=settings.pad_token_id,
+                                  eos_token_id=settings.eos_token_id).sequences
+
+    compiled, compile_seconds = timed(lambda: jax.jit(search).lower(params, pixels).compile())
+    return lambda: np.asarray(compiled(params, pixels)), compile_seconds
+
+
+def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
+    # Processes fork before JAX starts its threads: host decoding first, the device after.
+    cores = host_cores()
+    recorder.emit("info", host_cores=cores)
+    from flax_captioner.preprocess import PreprocessConfig
+
+    paths, seconds = timed(lambda: write_jpegs(work / "jpegs", profile.e2e_images,
+                                               profile.jpeg_size))
+    recorder.emit("info", jpegs=len(paths), jpeg_size=list(profile.jpeg_size),
+                  jpeg_write_seconds=seconds)
+    decode_scaling(paths, PreprocessConfig.from_pretrained(work / "full"), profile, recorder)
+
+    import jax.numpy as jnp
+
+    from flax_captioner import loading
+    from flax_captioner.captioner import Captioner
+    from flax_captioner.generator import enable_compilation_cache
+    from flax_captioner.pipeline import run_pipeline
+
+    check_backend(profile, recorder)
+    enable_compilation_cache(work / "jax-cache")
+    estimate = {"gpu": 40 + len(paths) / 1000, "cpu": 60 + len(paths), "smoke": 10}[profile.name]
+    if not recorder.fits("end-to-end pipeline", estimate):
+        return
+    captioner = Captioner(loading.load_checkpoint(work / "full"), dtype=jnp.bfloat16)
+    common = dict(batch_size=profile.e2e_batch, num_threads=cores, resume=False,
+                  progress=False, settings={"num_beams": NUM_BEAMS, "max_length": MAX_LENGTH})
+    # The first batch compiles (or loads the throughput worker's program from the cache).
+    _, warmup = timed(lambda: run_pipeline(captioner, paths[:profile.e2e_batch],
+                                           str(work / "warmup.jsonl"), **common))
+    stats = run_pipeline(captioner, paths, str(work / "captions.jsonl"), **common)
+    recorder.emit("pipeline", dtype="bfloat16", batch=profile.e2e_batch, images=len(paths),
+                  warmup_seconds=warmup,
+                  **{name: getattr(stats, name, None) for name in (
+                      "images_per_second", "wall_seconds", "decode_seconds", "device_seconds",
+                      "input_wait_seconds", "decode_threads", "captioned", "errors")})
+
+
+def write_jpegs(directory: Path, count: int, size: tuple[int, int]) -> list[str]:
+    """``count`` photo-like JPEGs: ``min(count, 256)`` distinct ones, copied round-robin (the
+    decode work per file is the same; writing 4,096 distinct ones would take the budget)."""
+    from benchmark_pipeline import write_photo_jpegs
+
+    directory.mkdir(parents=True, exist_ok=True)
+    distinct = min(count, 256)
+    sources = write_photo_jpegs(directory / "distinct", distinct, size)
+    paths = []
+    for index in range(count):
+        path = directory / f"photo_{index:05d}.jpg"
+        shutil.copyfile(sources[index % distinct], path)
+        paths.append(str(path))
+    return paths
+
+
+_DECODE_CONFIG: Any = None
+
+
+def _decode_paths(paths: list[str]) -> int:
+    """Decodes + preprocesses ``paths`` in a worker process; returns the bytes produced (the
+    pixels stay in the worker: shipping them back would measure pickling, not decoding)."""
+    from flax_captioner.preprocess import load_and_preprocess_one
+
+    return sum(load_and_preprocess_one(path, _DECODE_CONFIG).nbytes for path in paths)
+
+
+def decode_scaling(paths: list[str], config: Any, profile: Profile,
+                   recorder: Recorder) -> None:
+    """Exact decode (PIL decode + resize + normalise) images/s against threads and processes;
+    both run the same function over the same chunks (four per worker)."""
+    global _DECODE_CONFIG
+    _DECODE_CONFIG = config  # forked processes inherit it
+    fork = multiprocessing.get_context("fork")
+    for mode in ("threads", "processes"):
+        for workers in profile.decode_workers:
+            images = paths[:min(len(paths), 160 * workers)]
+            if not recorder.fits(f"decode {mode} {workers}", len(images) / (100 * workers) + 2):
+                continue
+            chunks = [images[start::4 * workers] for start in range(4 * workers)]
+            pool = (concurrent.futures.ThreadPoolExecutor(workers) if mode == "threads" else
+                    concurrent.futures.ProcessPoolExecutor(workers, mp_context=fork))
+            with pool:
+                list(pool.map(_decode_paths, [[path] for path in images[:workers]]))  # warm up
+                _, seconds = timed(lambda: list(pool.map(_decode_paths, chunks)))
+            recorder.emit("decode", mode=mode, workers=workers, images=len(images),
+                          seconds=seconds, images_per_second=len(images) / seconds)
+
+
+WORKER_FUNCTIONS = {"parity": run_parity, "torch_throughput": run_torch_throughput,
+                    "jax_throughput": run_jax_throughput, "end_to_end": run_end_to_end}
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestrator side.
+
+
+def build_checkpoints(work: Path, profile: Profile, parts: set[str]) -> float:
+    """The chaotic tiny checkpoints (parity) and the 'full' model (nlpconnect architecture
+    with random weights, or a tiny one for --smoke); returns seconds taken."""
+    from checkpoints import make_checkpoint, make_full_size_checkpoint
+
+    started = time.perf_counter()
+    if "parity" in parts:
+        for seed in CHAOTIC_SEEDS:
+            make_checkpoint(work / f"chaotic-{seed}", seed=seed, vocab_size=CHAOTIC_VOCAB,
+                            initializer_range=0.5)
+    if profile.full_size:
+        make_full_size_checkpoint(work / "full")
+    else:  # the chaotic checkpoints' shapes, so parity reuses their programs
+        make_checkpoint(work / "full", seed=0, vocab_size=CHAOTIC_VOCAB)
+    return time.perf_counter() - started
+
+
+def run_worker(name: str, work: Path, profile: Profile, log: Path) -> dict[str, Any]:
+    """Runs one worker under its budget; returns its status and recorded lines."""
+    budget = profile.budgets[name]
+    deadline = time.time() + budget
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               # JAX allocates on demand (not 75% of the GPU at start), so PyTorch in the same
+               # process (parity) has memory, and the peak statistics mean something.
+               XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_PYTHON_CLIENT_MEM_FRACTION="0.9",
+               TF_CPP_MIN_LOG_LEVEL="2", TOKENIZERS_PARALLELISM="false",
+               XLA_FLAGS=" ".join(filter(None, (os.environ.get("XLA_FLAGS"),
+                                                profile.xla_flags))))
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", name,
+               "--work", str(work), "--profile", profile.name, "--deadline", str(deadline)]
+    started = time.perf_counter()
+    with log.open("a") as log_file:
+        log_file.write(f"\n===== {name} (budget {budget:.0f} s) =====\n")
+        log_file.flush()
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+        try:
+            returncode = process.wait(timeout=budget + 10)
+            status = "ok" if returncode == 0 else f"failed (exit {returncode})"
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            status = f"stopped at its {budget:.0f} s budget; rows so far kept"
+    lines = []
+    results = work / f"{name}.jsonl"
+    if results.exists():
+        lines = [json.loads(line) for line in results.read_text().splitlines() if line]
+    if status.startswith("failed"):
+        status += ": " + last_error_line(log)
+    return {"status": status, "seconds": time.perf_counter() - started, "lines": lines}
+
+
+def last_error_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()
+             if line.strip()]
+    errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Exit)\b", line)]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def environment(profile: Profile) -> dict[str, Any]:
+    packages = {}
+    for name in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax",
+                 "transformers", "tokenizers", "huggingface_hub", "torch", "numpy", "pillow",
+                 "safetensors"):
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    info: dict[str, Any] = {
+        "profile": profile.name,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "host_cores": host_cores(),
+        "host_memory_gib": host_memory_gib(),
+        "packages": packages,
+    }
+    if shutil.which("nvidia-smi"):
+        query = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        info["gpus"] = [line.strip() for line in query.stdout.splitlines() if line.strip()]
+        header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30)
+        cuda = re.search(r"CUDA Version:\s*([\d.]+)", header.stdout)
+        info["cuda_driver_api"] = cuda.group(1) if cuda else None
+    return info
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def host_memory_gib() -> float | None:
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    match = re.search(r"MemTotal:\s*(\d+) kB", meminfo)
+    return round(int(match.group(1)) / 2**20, 1) if match else None
+
+
+def gpu_present() -> bool:
+    if not shutil.which("nvidia-smi"):
+        return False
+    probe = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    return probe.returncode == 0 and "GPU" in probe.stdout
+
+
+def assemble(profile: Profile, env: dict[str, Any], setup_seconds: float,
+             workers: dict[str, dict[str, Any]], wall: float) -> dict[str, Any]:
+    """The JSON report: one entry per part, then the targets of issue 10."""
+    def lines(worker: str, kind: str) -> list[dict[str, Any]]:
+        record = workers.get(worker, {"lines": []})
+        return [{k: v for k, v in line.items() if k != "kind"}
+                for line in record["lines"] if line["kind"] == kind]
+
+    def part(names: tuple[str, ...]) -> dict[str, Any]:
+        ran = [workers[name] for name in names if name in workers]
+        if not ran:
+            return {"status": "not run (--parts)"}
+        return {"status": "; ".join(f"{name}: {workers[name]['status']}" for name in names
+                                    if name in workers),
+                "seconds": sum(record["seconds"] for record in ran),
+                "skipped": sum((lines(name, "skipped") for name in names), []),
+                "errors": sum((lines(name, "error") for name in names), [])}
+
+    for worker in workers:
+        for info in lines(worker, "info"):
+            env.update({k: v for k, v in info.items() if k not in env})
+    report = {
+        "profile": profile.name,
+        "settings": {"num_beams": NUM_BEAMS, "max_length": MAX_LENGTH,
+                     "model": "nlpconnect architecture, random weights" if profile.full_size
+                     else "tiny random model"},
+        "wall_seconds": wall,
+        "setup_seconds": setup_seconds,
+        "parts": {
+            "environment": {"status": "ok", **env},
+            "parity": part(WORKERS["parity"]) | {"rows": lines("parity", "parity")},
+            "throughput": part(WORKERS["throughput"]) | {
+                "rows": lines("torch_throughput", "throughput")
+                + lines("jax_throughput", "throughput")},
+            "end_to_end": part(WORKERS["end_to_end"]) | {
+                "pipeline": (lines("end_to_end", "pipeline") or [None])[0],
+                "decode_scaling": lines("end_to_end", "decode")},
+        },
+    }
+    report["targets"] = targets(report)
+    return report
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 10's targets against what this run measured (None where it was not measured)."""
+    rows = [row for row in report["parts"]["throughput"]["rows"] if "images_per_second" in row]
+
+    def best(framework: str, variants: tuple[str, ...]) -> dict[str, Any] | None:
+        found = [row for row in rows if row["framework"] == framework
+                 and row["variant"] in variants]
+        return max(found, key=lambda row: row["images_per_second"], default=None)
+
+    ours_bf16 = best("ours", ("bfloat16",))
+    ours_f32 = best("ours", ("float32",))
+    torch_fast = best("pytorch", ("float16-sdpa", "bfloat16-sdpa", "bfloat16-autocast"))
+    torch_f32 = best("pytorch", ("float32",))
+    parity_rows = report["parts"]["parity"]["rows"]
+    pipeline = report["parts"]["end_to_end"]["pipeline"]
+    compiles = [row["compile_seconds"] for row in rows
+                if row["framework"] == "ours" and row.get("compile_seconds") is not None]
+
+    def ratio(a: dict | None, b: dict | None) -> float | None:
+        return a["images_per_second"] / b["images_per_second"] if a and b else None
+
+    def ips(row: dict | None) -> float | None:
+        return row["images_per_second"] if row else None
+
+    fast_ratio, exact_ratio = ratio(ours_bf16, torch_fast), ratio(ours_f32, torch_f32)
+    checks = [
+        ("bfloat16 images/s, best batch", ">= 4000", ips(ours_bf16),
+         None if ours_bf16 is None else ours_bf16["images_per_second"] >= 4000),
+        ("bfloat16 vs fastest PyTorch", ">= 5x", fast_ratio,
+         None if fast_ratio is None else fast_ratio >= 5),
+        ("exact float32 caption mismatches vs PyTorch", "0",
+         sum(row["mismatched"] for row in parity_rows) if parity_rows else None,
+         None if not parity_rows else sum(row["mismatched"] for row in parity_rows) == 0),
+        ("exact float32 vs PyTorch float32 eager, best batches", ">= 3x", exact_ratio,
+         None if exact_ratio is None else exact_ratio >= 3),
+        ("end to end images/s from JPEG files", ">= 2000",
+         pipeline["images_per_second"] if pipeline else None,
+         None if not pipeline else pipeline["images_per_second"] >= 2000),
+        ("compile seconds per batch bucket, worst", "< 30", max(compiles, default=None),
+         None if not compiles else max(compiles) < 30),
+    ]
+    return [{"target": name, "wanted": wanted, "measured": measured, "met": met}
+            for name, wanted, measured, met in checks]
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, float):
+            return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+        return str(value).replace("|", "/").replace("\n", " ")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    parts = report["parts"]
+    env = parts["environment"]
+    out = [f"# Accelerator benchmark ({report['profile']}, {env['date_utc']} UTC)", "",
+           f"{report['settings']['model']}; {NUM_BEAMS} beams, max_length {MAX_LENGTH}; "
+           f"wall {report['wall_seconds']:.0f} s (setup {report['setup_seconds']:.0f} s).", "",
+           "## Targets (issue 10)", "",
+           markdown_table(["target", "wanted", "measured", "met"],
+                          [[t["target"], t["wanted"], t["measured"], t["met"]]
+                           for t in report["targets"]]), "",
+           "## 1. Environment", ""]
+    keys = ["gpus", "cuda_driver_api", "jax_backend", "jax_devices", "torch_device", "cpu",
+            "host_cores", "host_memory_gib", "python"]
+    env_rows = [[key, ", ".join(map(str, env[key])) if isinstance(env[key], list) else env[key]]
+                for key in keys if key in env]
+    env_rows += [[name, version] for name, version in env.get("packages", {}).items()]
+    out += [markdown_table(["what", "value"], env_rows), ""]
+
+    out += [f"## 2. Parity: exact mode vs PyTorch float32, TF32 off ({parts['parity']['status']})",
+            ""]
+    out += [markdown_table(["model", "setting", "captions", "mismatched", "seconds"],
+                           [[r["model"], r["setting"], r["captions"], r["mismatched"],
+                             r["seconds"]] for r in parts["parity"].get("rows", [])]), ""]
+
+    out += [f"## 3. Generator throughput ({parts['throughput']['status']})", "",
+            "images/s from host pixel values to host tokens (median of timed batches); compile "
+            "s: first call minus a timed batch (HF Flax: lowering + compilation); peak: device "
+            "memory high-water (JAX: process-wide, its own only where 'own peak' is yes).", ""]
+    out += [markdown_table(
+        ["framework", "variant", "batch", "images/s", "compile s", "first call s", "peak GiB",
+         "own peak", "note"],
+        [[r["framework"], r["variant"], r["batch"], r.get("images_per_second"),
+          r.get("compile_seconds"), r.get("first_call_seconds"), r.get("peak_gib"),
+          r.get("peak_attributable"), r.get("error") or r.get("attention")]
+         for r in parts["throughput"].get("rows", [])]), ""]
+
+    e2e = parts["end_to_end"]
+    out += [f"## 4. End to end from JPEG files ({e2e['status']})", ""]
+    pipeline = e2e.get("pipeline")
+    if pipeline:
+        out += [markdown_table(
+            ["images", "batch", "dtype", "images/s", "wall s", "decode s (all threads)",
+             "device s", "device waited for input s", "decode threads"],
+            [[pipeline["images"], pipeline["batch"], pipeline["dtype"],
+              pipeline["images_per_second"], pipeline["wall_seconds"],
+              pipeline["decode_seconds"], pipeline["device_seconds"],
+              pipeline["input_wait_seconds"], pipeline["decode_threads"]]]), ""]
+    scaling = e2e.get("decode_scaling", [])
+    if scaling:
+        single = {row["mode"]: row["images_per_second"] for row in scaling
+                  if row["workers"] == 1}
+        out += ["### Host decode scaling (exact path: PIL decode + resize + normalise)", "",
+                markdown_table(["mode", "workers", "images", "images/s", "x one worker"],
+                               [[r["mode"], r["workers"], r["images"], r["images_per_second"],
+                                 r["images_per_second"] / single[r["mode"]]
+                                 if single.get(r["mode"]) else None] for r in scaling]), ""]
+
+    notes = []
+    for name in ("parity", "throughput", "end_to_end"):
+        for skip in parts[name].get("skipped", []):
+            notes.append(f"- skipped {skip['what']}: {skip['why']}")
+        for error in parts[name].get("errors", []):
+            notes.append(f"- error in {name}: {error['message']}")
+    if notes:
+        out += ["## Skipped and errors", ""] + notes + [""]
+    return "\n".join(out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU, tiny models, about a minute (what the test runs)")
+    parser.add_argument("--out", type=Path, help="where the JSON, Markdown and log go "
+                        "(default: $OUT, else ./accelerator-benchmark-results)")
+    parser.add_argument("--parts", default=",".join(PARTS[1:]),
+                        help=f"comma-separated subset of {','.join(PARTS[1:])} "
+                        "(the environment is always recorded)")
+    parser.add_argument("--budget-scale", type=float, default=1.0,
+                        help="multiply every part's time budget")
+    parser.add_argument("--worker", choices=sorted(WORKER_FUNCTIONS), help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", choices=sorted(PROFILES), help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = set(args.parts.split(",")) - set(PARTS[1:])
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        profile = PROFILES[args.profile]
+        recorder = Recorder(args.work / f"{args.worker}.jsonl", args.deadline)
+        WORKER_FUNCTIONS[args.worker](args.work, profile, recorder)
+        return
+    started = time.perf_counter()
+    profile = PROFILES["smoke" if args.smoke else "gpu" if gpu_present() else "cpu"]
+    profile = dataclasses.replace(profile, budgets={
+        name: seconds * args.budget_scale for name, seconds in profile.budgets.items()})
+    out = args.out or Path(os.environ.get("OUT") or "accelerator-benchmark-results")
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "workers.log"
+    log.write_text("")
+    parts = set(args.parts.split(","))
+    env = environment(profile)
+    print(f"accelerator benchmark: profile {profile.name}, parts {sorted(parts)}",
+          file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="accelerator-benchmark-") as scratch:
+        work = Path(scratch)
+        setup_seconds = build_checkpoints(work, profile, parts)
+        workers = {}
+        for part in PARTS[1:]:
+            if part not in parts:
+                continue
+            for name in WORKERS[part]:
+                print(f"{name}: budget {profile.budgets[name]:.0f} s ...", file=sys.stderr,
+                      flush=True)
+                workers[name] = run_worker(name, work, profile, log)
+                print(f"{name}: {workers[name]['status']} in {workers[name]['seconds']:.0f} s",
+                      file=sys.stderr, flush=True)
+    report = assemble(profile, env, setup_seconds, workers, time.perf_counter() - started)
+    markdown = render_markdown(report)
+    (out / f"{RESULT_NAME}.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    (out / f"{RESULT_NAME}.md").write_text(markdown + "\n")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Google Cloud Storage through gcsfs against a local emulator (gcp-storage-emulator on
+127.0.0.1): a prefix and a tar shard in, JSONL committed to the bucket, captions equal to
+the same images read from local disk, and a resumed run that adds nothing twice."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import tarfile
+
+import pytest
+
+pytest.importorskip("gcsfs")
+pytest.importorskip("gcp_storage_emulator")
+
+from test_s3 import SETTINGS, SHAPES_MODEL, shapes_jpegs  # noqa: E402
+
+from flax_captioner.pipeline import run_pipeline  # noqa: E402
+from flax_captioner.writers import read_rows  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def options():
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="data")
+    server.start()
+    yield {"endpoint_url": f"http://127.0.0.1:{port}", "token": "anon", "project": "test"}
+    server.stop()
+
+
+def test_prefix_and_shard_on_gcs_give_the_local_captions(options, tmp_path):
+    if not SHAPES_MODEL.is_dir():
+        pytest.skip(f"{SHAPES_MODEL} is missing")
+    import gcsfs
+
+    from flax_captioner.captioner import Captioner
+
+    captioner = Captioner.from_pretrained(str(SHAPES_MODEL))
+    images = shapes_jpegs(tmp_path / "images", 6)
+    common = dict(batch_size=4, settings=SETTINGS, num_threads=2, progress=False,
+                  storage_options=options)
+    run_pipeline(captioner, [str(tmp_path / "images")], str(tmp_path / "local.jsonl"), **common)
+    local = [json.loads(line)["caption"] for line in (tmp_path / "local.jsonl").open()]
+
+    fs = gcsfs.GCSFileSystem(**options)
+    for path in images[:3]:
+        fs.pipe_file(f"data/loose/{path.name}", path.read_bytes())
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for path in images[3:]:
+            archive.add(path, arcname=path.name)
+    fs.pipe_file("data/shards/shard-0.tar", buffer.getvalue())
+    inputs = ["gs://data/loose/", "gs://data/shards/shard-{0..0}.tar"]
+    stats = run_pipeline(captioner, inputs, "gs://data/out/captions.jsonl", **common)
+    rows = list(read_rows("gs://data/out/captions.jsonl", "jsonl", options))
+    assert [row["image"] for row in rows] == (
+        [f"gs://data/loose/{path.name}" for path in images[:3]]
+        + [f"gs://data/shards/shard-0.tar/{path.name}" for path in images[3:]])
+    assert [row["caption"] for row in rows] == local and stats.captioned == 6
+
+    again = run_pipeline(captioner, inputs, "gs://data/out/captions.jsonl", **common)
+    assert (again.resumed, again.captioned) == (6, 0)
+    assert list(read_rows("gs://data/out/captions.jsonl", "jsonl", options)) == rows
