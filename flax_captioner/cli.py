@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import glob
 import json
 import logging
 import math
@@ -296,16 +295,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from flax_captioner.writers import merge_shards
+    from flax_captioner.writers import find_parts, merge_shards
 
     format_ = output_format(args.output, None, format_flag=False)
-    # merge_shards removes the parts it merged; counted here for local outputs only.
-    pattern = f"{glob.escape(args.output)}.part-*-of-*"
-    before = set(glob.glob(pattern))
-    rows = merge_shards(args.output, format_)
-    parts = len(before - set(glob.glob(pattern)))
-    source = f" from {parts} parts" if parts else ""
-    print(f"merged {rows} rows{source} into {args.output}", file=sys.stderr)
+    parts = find_parts(args.output, args.storage_options)
+    rows = merge_shards(args.output, format_, args.storage_options)
+    print(f"merged {rows} rows from {len(parts)} parts into {args.output}", file=sys.stderr)
     return 0
 
 
@@ -431,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge OUTPUT's per-process shards (written under jax.distributed) "
                     "into OUTPUT, in input order.")
     merge.add_argument("output")
+    merge.add_argument("--storage-options", type=_storage_options, default=None,
+                       metavar="JSON", help="fsspec options for an OUTPUT URL, as in caption")
     merge.set_defaults(handler=cmd_merge)
 
     convert = commands.add_parser(

@@ -623,7 +623,7 @@ def merge_shards(output: str, output_format: str | None = None,
         process has not finished: run it again to resume, then merge).
     """
     output_format = resolve_format(output, output_format)
-    parts = _find_parts(output, storage_options)
+    parts = find_parts(output, storage_options)
     counts = [count_rows(part, output_format, storage_options) for part in parts]
     total = sum(counts)
     expected = [len(range(index, total, len(parts))) for index in range(len(parts))]
@@ -645,7 +645,12 @@ def merge_shards(output: str, output_format: str | None = None,
     return written
 
 
-def _find_parts(output: str, storage_options: StorageOptions | None = None) -> list[str]:
+def find_parts(output: str, storage_options: StorageOptions | None = None) -> list[str]:
+    """The part files of a multi-process run's ``output``, by process index.
+
+    Raises:
+      OutputError: no parts, parts of runs with different process counts, or a part missing.
+    """
     if storage.is_remote(output):
         fs, remote = _output_fs(output, storage_options)
         found = fs.glob(f"{remote}.part-*-of-*", detail=True)
