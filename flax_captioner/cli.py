@@ -255,6 +255,20 @@ def check_caption_run(args: argparse.Namespace) -> str:
     return resolved
 
 
+def _import_transformers_without_torch() -> None:
+    """Imports transformers with its PyTorch integration off (``USE_TORCH=0``), unless it is
+    imported already. Captioning needs none (.bin weights are read with torch directly), and
+    transformers importing PyTorch costs 5-9 s of every cold start (docs/benchmarks.md). The
+    variable is restored at once, so child processes see the user's environment."""
+    if "transformers" in sys.modules or "USE_TORCH" in os.environ:
+        return
+    os.environ["USE_TORCH"] = "0"
+    try:
+        import transformers  # noqa: F401  (reads USE_TORCH once, at import)
+    finally:
+        del os.environ["USE_TORCH"]
+
+
 def _quiet_transformers() -> None:
     # transformers 4.x warns on every run that v5 drops Flax; the project pins < 5 on purpose.
     from transformers.utils import logging as transformers_logging
@@ -278,6 +292,7 @@ def _load_captioner(args: argparse.Namespace) -> Any:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     resolved_format = check_caption_run(args)
+    _import_transformers_without_torch()
     if args.distributed:
         import jax
 

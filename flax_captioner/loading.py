@@ -8,20 +8,28 @@ pickles and need PyTorch, safetensors do not.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
+import logging
 import os
+import pickle
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
+from flax_captioner.defaults import DEFAULT_MODEL
 from flax_captioner.errors import ModelLoadError
 from flax_captioner.preprocess import PreprocessConfig
-
-DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 
 FLAX_WEIGHTS = "flax_model.msgpack"
 SAFETENSORS_WEIGHTS = "model.safetensors"
@@ -30,6 +38,14 @@ PYTORCH_WEIGHTS = "pytorch_model.bin"
 WEIGHT_FILES = (FLAX_WEIGHTS, SAFETENSORS_WEIGHTS, PYTORCH_WEIGHTS)
 # Everything but the weights, fetched from the hub in one snapshot.
 METADATA_PATTERNS = ["*.json", "*.txt", "*.model"]
+GENERATION_CONFIG = "generation_config.json"
+# Flax name of GPT-2's output projection: absent from a tied model's parameters, while
+# PyTorch checkpoints store it beside the embedding it is tied to.
+TIED_LM_HEAD = ("decoder", "lm_head", "kernel")
+# GPT-2's causal-mask buffers, which older transformers versions saved with the weights:
+# constants, not weights, and not parameters of the Flax model.
+_GPT2_MASK_BUFFERS = {(block, buffer) for block in ("attn", "crossattention")
+                      for buffer in ("bias", "masked_bias")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +53,10 @@ class GenerationDefaults:
     """Token ids and search defaults taken from the checkpoint (plain data).
 
     ``max_length`` and ``num_beams`` are the model card's usage (16, 4), not the nested
-    decoder config's (20, 1), which nobody captions with.
+    decoder config's (20, 1), which nobody captions with; a ``generation_config.json`` that
+    sets them wins, as in ``generate``. ``file_settings`` holds the file's other
+    ``GenerationSettings`` fields as (name, value) pairs (lists made tuples); they read as
+    attributes, so ``GenerationSettings.resolve(defaults)`` takes them as defaults.
     """
 
     decoder_start_token_id: int
@@ -45,6 +64,13 @@ class GenerationDefaults:
     eos_token_id: int
     max_length: int = 16
     num_beams: int = 4
+    file_settings: tuple[tuple[str, Any], ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        for key, value in self.__dict__.get("file_settings", ()):
+            if key == name:
+                return value
+        raise AttributeError(name)
 
 
 @dataclasses.dataclass
@@ -147,8 +173,16 @@ def weights_file(directory: Path) -> Path:
         "checkpoints are not supported")
 
 
-def generation_defaults(config: Any) -> GenerationDefaults:
-    """Token ids as PyTorch ``generate`` resolves them for a VisionEncoderDecoderModel."""
+def generation_defaults(config: Any, directory: Path | None = None) -> GenerationDefaults:
+    """Token ids as PyTorch ``generate`` resolves them for a VisionEncoderDecoderModel, and
+    the search defaults of ``directory / generation_config.json`` when there is one.
+
+    Only fields ``GenerationSettings`` knows are taken (unset ones, ``null``, are skipped);
+    the file's token ids win over ``config.json``'s, as they do in ``generate``.
+
+    Raises:
+      ModelLoadError: no usable token ids; an unreadable file; several EOS ids.
+    """
     decoder = config.decoder
     eos = config.eos_token_id if config.eos_token_id is not None else decoder.eos_token_id
     start = config.decoder_start_token_id
@@ -157,11 +191,50 @@ def generation_defaults(config: Any) -> GenerationDefaults:
     pad = config.pad_token_id
     if pad is None:
         pad = decoder.pad_token_id if decoder.pad_token_id is not None else eos
+    file_values = _generation_config_values(directory) if directory is not None else {}
+    eos = file_values.pop("eos_token_id", eos)
+    start = file_values.pop("decoder_start_token_id", start)
+    pad = file_values.pop("pad_token_id", pad)
     if start is None or eos is None:
         raise ModelLoadError("config.json: neither decoder_start_token_id nor the decoder's "
                              "bos/eos token ids are set")
+    card = {name: file_values.pop(name) for name in ("max_length", "num_beams")
+            if name in file_values}
     return GenerationDefaults(decoder_start_token_id=int(start), pad_token_id=int(pad),
-                              eos_token_id=int(eos))
+                              eos_token_id=int(eos), **card,
+                              file_settings=tuple(sorted(file_values.items())))
+
+
+def _generation_config_values(directory: Path) -> dict[str, Any]:
+    """The ``GenerationSettings`` fields ``generation_config.json`` sets (lists as tuples)."""
+    from flax_captioner.search import GenerationSettings
+
+    path = directory / GENERATION_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object of generation settings")
+    names = {field.name for field in dataclasses.fields(GenerationSettings)}
+    values = {name: _as_tuples(value) for name, value in raw.items()
+              if name in names and value is not None}
+    eos = values.get("eos_token_id")
+    if isinstance(eos, tuple):
+        if len(eos) != 1:
+            raise ModelLoadError(f"{path}: eos_token_id {list(eos)} lists several EOS ids; "
+                                 "this generator supports one")
+        values["eos_token_id"] = eos[0]
+    return values
+
+
+def _as_tuples(value: Any) -> Any:
+    """JSON lists -> tuples, recursively (generation defaults must be hashable)."""
+    if isinstance(value, list):
+        return tuple(_as_tuples(item) for item in value)
+    return value
 
 
 def load_checkpoint(
@@ -172,10 +245,14 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Loads a captioner checkpoint from a hub id or a local directory.
 
+    The small files (config, tokenizer, preprocessor config) are read first, so a broken
+    directory fails before the weights are read. The model is built from abstract shapes and
+    gets the checkpoint's weights directly: no random initialisation.
+
     Args:
       name_or_path: hub id (``org/name``) or a local checkpoint directory.
       revision: hub branch, tag or commit; ignored for local directories.
-      dtype: the HF model's computation dtype (weights stay float32).
+      dtype: the HF model's computation dtype (weights are float32 whatever the file holds).
 
     Raises:
       ModelLoadError: with a one-line message naming the input, the cause and the fix.
@@ -183,39 +260,218 @@ def load_checkpoint(
     directory = resolve_directory(name_or_path, revision)
     config = read_config(directory)
     weights = weights_file(directory)
-    model = _load_flax_model(directory, weights, dtype)
+    tokenizer = _load_tokenizer(directory, config)
+    preprocess_config = PreprocessConfig.from_pretrained(directory)
+    defaults = generation_defaults(config, directory)
+    model = _load_flax_model(directory, config, weights, dtype)
     return LoadedCheckpoint(
         model=model,
-        tokenizer=_load_tokenizer(directory),
-        preprocess_config=PreprocessConfig.from_pretrained(directory),
-        generation_defaults=generation_defaults(config),
+        tokenizer=tokenizer,
+        preprocess_config=preprocess_config,
+        generation_defaults=defaults,
         directory=directory,
     )
 
 
-def _load_flax_model(directory: Path, weights: Path, dtype: Any) -> Any:
-    from transformers import FlaxVisionEncoderDecoderModel
+@contextlib.contextmanager
+def quiet_flax_deprecation() -> Iterator[None]:
+    """Drops transformers' "TensorFlow and JAX classes are deprecated" notice inside the block.
 
-    from_pt = weights.name != FLAX_WEIGHTS
+    Wrap code that builds a transformers Flax model: this package pins transformers < 5 on
+    purpose, so the notice is noise to its users. Only that record of that logger is dropped,
+    and only inside the block; the rest of the program keeps transformers' logging as it was
+    (transformers logs this notice once per process, so later Flax models stay quiet too).
+    """
+    logger = logging.getLogger("transformers.modeling_flax_utils")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("TensorFlow and JAX classes are deprecated")
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def abstract_model(config: Any, dtype: Any = jnp.float32) -> Any:
+    """A ``FlaxVisionEncoderDecoderModel`` whose ``params`` are ``jax.ShapeDtypeStruct`` leaves.
+
+    transformers builds this class only with ``_do_init=True``: its constructor initialises
+    every weight at random, op by op (about 192 small XLA compiles), and ``from_pretrained``
+    then overwrites them; skipping that took the shapes model's load from 34-44 s to 4-5 s on
+    a busy 2-core box (docs/benchmarks.md, "Start-up"). The constructor takes
+    its parameters from ``init_weights``; for this one instance that method is traced with
+    ``jax.eval_shape`` (what the base class does for ``_do_init=False``), so nothing is
+    computed. Assign the real weights with ``model.params = params``.
+    """
+    with quiet_flax_deprecation():
+        from transformers import FlaxVisionEncoderDecoderModel
+
+        model = FlaxVisionEncoderDecoderModel.__new__(FlaxVisionEncoderDecoderModel)
+        init_weights = model.init_weights
+        model.init_weights = lambda rng, input_shape, params=None: jax.eval_shape(
+            functools.partial(init_weights, input_shape=input_shape), rng)
+        FlaxVisionEncoderDecoderModel.__init__(model, config, dtype=dtype)
+        del model.init_weights  # the class's own method again
+    return model
+
+
+def _load_flax_model(directory: Path, config: Any, weights: Path, dtype: Any) -> Any:
+    """The model with ``weights`` (float32, on the default device) as its ``params``."""
     if weights.name == PYTORCH_WEIGHTS and not torch_available():
         raise ModelLoadError(
             f"{weights}: PyTorch pickle weights need PyTorch to read; install it "
-            "(pip install 'flax-captioner[torch]') or convert once elsewhere with "
-            "`flax-captioner convert SRC DST`")
+            "(pip install 'flax-captioner[torch]') or convert the checkpoint once where "
+            "PyTorch is installed (flax-captioner convert)")
     try:
-        return FlaxVisionEncoderDecoderModel.from_pretrained(directory, from_pt=from_pt, dtype=dtype)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"{weights}: could not be loaded ({first_line})") from error
+        model = abstract_model(config, dtype)
+    except (ValueError, TypeError) as error:  # settings the Flax modules cannot be built with
+        raise ModelLoadError(
+            f"{directory / 'config.json'}: describes no buildable model ({_first_line(error)})"
+        ) from None
+    shapes = flatten_dict(model.params_shape_tree)
+    flat = _read_weights(weights, shapes)
+    model.params = jax.device_put(_checked_params(flat, shapes, weights, config))
+    if (directory / GENERATION_CONFIG).is_file():  # what from_pretrained gives model.generate
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(
+                f"{directory / GENERATION_CONFIG}: unreadable ({_first_line(error)})") from None
+    return model
 
 
-def _load_tokenizer(directory: Path) -> Any:
+def _read_weights(weights: Path,
+                  shapes: Mapping[tuple[str, ...], Any]) -> dict[tuple[str, ...], np.ndarray]:
+    """The weights file as ``{Flax key path: array}`` in Flax names and layouts.
+
+    Raises:
+      ModelLoadError: the file is truncated, corrupt or not of its suffix's format.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        if weights.name == FLAX_WEIGHTS:
+            from flax.serialization import msgpack_restore
+
+            state = msgpack_restore(weights.read_bytes())
+            if not isinstance(state, dict):
+                raise ValueError(f"holds a {type(state).__name__}, not a parameter tree")
+            return flatten_dict(state)
+        if weights.name == PYTORCH_WEIGHTS:
+            import torch
+
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            # torch has no numpy bfloat16; the weights end up float32 anyway.
+            return _pytorch_to_flax({name: (tensor.float() if tensor.is_floating_point()
+                                            else tensor).numpy()
+                                     for name, tensor in state.items()}, shapes)
+        from safetensors import safe_open
+
+        # framework="flax" reads bfloat16 too (numpy's reader cannot).
+        with safe_open(weights, framework="flax") as file:
+            pytorch_format = (file.metadata() or {}).get("format") == "pt"
+            state = {name: np.asarray(file.get_tensor(name)) for name in file.keys()}
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, AttributeError,
+            pickle.UnpicklingError, SafetensorError) as error:
+        # torch.load reports a truncated zip as RuntimeError and garbage as KeyError/EOFError.
+        raise ModelLoadError(f"{weights}: truncated or corrupt ({_first_line(error)})") from None
+    if pytorch_format:
+        return _pytorch_to_flax(state, shapes)
+    return {tuple(name.split(".")): value for name, value in state.items()}
+
+
+def _pytorch_to_flax(state: Mapping[str, np.ndarray],
+                     shapes: Mapping[tuple[str, ...], Any]) -> dict[tuple[str, ...], np.ndarray]:
+    """PyTorch names and layouts -> Flax's, by the rules of transformers'
+    ``convert_pytorch_state_dict_to_flax``, decided against the model's parameter ``shapes``:
+    LayerNorm ``weight`` -> ``scale``; embedding tables -> ``embedding``; the patch-embedding
+    conv ``weight [out, in, h, w]`` -> ``kernel [h, w, in, out]``; every other ``weight``
+    -> ``kernel`` transposed (Linear ``[out, in]`` -> ``[in, out]``; GPT-2's Conv1D
+    ``[in, out]`` -> FlaxConv1D's ``[out, in]``).
+    """
+    flat = {}
+    for name, value in state.items():
+        key = tuple(name.split("."))
+        if key[-1] == "weight":
+            prefix = key[:-1]
+            if prefix + ("scale",) in shapes:
+                key = prefix + ("scale",)
+            elif prefix + ("embedding",) in shapes:
+                key = prefix + ("embedding",)
+            else:
+                key = prefix + ("kernel",)
+                value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+        flat[key] = value
+    return flat
+
+
+def _checked_params(flat: Mapping[tuple[str, ...], np.ndarray],
+                    shapes: Mapping[tuple[str, ...], Any], weights: Path, config: Any) -> Any:
+    """The parameter tree, float32; every parameter the model needs present and shaped right.
+
+    Unused entries are dropped: silently for the tied LM head and GPT-2's causal-mask buffers
+    (older transformers saved ``attn.bias`` / ``attn.masked_bias``, constants rather than
+    weights), with one warning line for anything else.
+
+    Raises:
+      ModelLoadError: a parameter is missing or has another shape than ``config.json`` implies.
+    """
+    missing = [key for key in shapes if key not in flat]
+    if missing:
+        raise ModelLoadError(f"{weights}: lacks {_count(missing, 'weight')} the model needs "
+                             f"({_key_list(missing)}); the file does not match config.json")
+    for key, shape in shapes.items():
+        if flat[key].shape != shape.shape:
+            raise ModelLoadError(f"{weights}: {'/'.join(key)} has shape {flat[key].shape}, "
+                                 f"config.json implies {shape.shape}")
+    unused = [key for key in flat if key not in shapes
+              and not (key == TIED_LM_HEAD and config.decoder.tie_word_embeddings)
+              and not (key[0] == "decoder" and key[-2:] in _GPT2_MASK_BUFFERS)]
+    if unused:
+        warnings.warn(f"{weights}: holds {_count(unused, 'weight')} the model does not use "
+                      f"({_key_list(unused)}); ignored", stacklevel=4)
+    return unflatten_dict({key: np.asarray(flat[key], np.float32)
+                           if np.issubdtype(flat[key].dtype, np.floating) else flat[key]
+                           for key in shapes})
+
+
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
+def _key_list(keys: list[tuple[str, ...]], shown: int = 3) -> str:
+    names = ", ".join("/".join(key) for key in sorted(keys)[:shown])
+    return names + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _load_tokenizer(directory: Path, config: Any) -> Any:
+    """The checkpoint's tokenizer. Without ``tokenizer_class`` in ``tokenizer_config.json``
+    AutoTokenizer picks the class from the model type, and a vision-encoder-decoder has none,
+    so the decoder's config (GPT-2's) decides. GPT-2 reads ``tokenizer.json``, or else
+    ``vocab.json`` with ``merges.txt``."""
     from transformers import AutoTokenizer
 
+    if not (directory / "tokenizer.json").is_file():
+        absent = [name for name in ("vocab.json", "merges.txt")
+                  if not (directory / name).is_file()]
+        if absent:
+            raise ModelLoadError(
+                f"{directory}: no tokenizer files (needs tokenizer.json, or vocab.json and "
+                f"merges.txt; {' and '.join(absent)} missing)")
     try:
-        return AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError, TypeError) as error:
-        raise ModelLoadError(f"{directory}: no usable tokenizer files ({error})") from None
+        return AutoTokenizer.from_pretrained(directory, config=config.decoder)
+    except Exception as error:  # the tokenizers library raises bare Exception on bad JSON
+        raise ModelLoadError(
+            f"{directory}: tokenizer files unreadable ({_first_line(error)})") from None
 
 
 def torch_available() -> bool:
@@ -264,12 +520,47 @@ def pytorch_model(directory: str | os.PathLike, params: Any) -> Any:
     ``directory`` supplies ``config.json``. transformers' ``from_pretrained(from_flax=True)``
     builds the model on the meta device and then fails to copy into it (4.57), so the model
     is built from the config and filled.
+
+    Raises:
+      ModelLoadError: ``params`` do not fit the model ``config.json`` describes.
     """
     from transformers import VisionEncoderDecoderConfig, VisionEncoderDecoderModel
-    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
 
     config = VisionEncoderDecoderConfig.from_pretrained(directory)
-    return load_flax_weights_in_pytorch_model(VisionEncoderDecoderModel(config), params).eval()
+    model = VisionEncoderDecoderModel(config)
+    try:
+        missing, unexpected = model.load_state_dict(_flax_to_pytorch(params), strict=False)
+    except RuntimeError as error:  # "Error(s) in loading state_dict ...", then one line a shape
+        raise ModelLoadError(f"{directory}: the weights do not fit config.json "
+                             f"({str(error).strip().splitlines()[-1].strip()})") from None
+    # The LM head is the embedding matrix itself when tied, so loading the embedding fills it.
+    tied = {"decoder.lm_head.weight"} if config.decoder.tie_word_embeddings else set()
+    absent = sorted(set(missing) - tied)
+    if absent or unexpected:
+        names, kind = (absent, "missing") if absent else (sorted(unexpected), "unexpected")
+        raise ModelLoadError(f"{directory}: the weights do not fit config.json "
+                             f"({names[0]} is {kind}; {len(names)} in all)")
+    return model.eval()
+
+
+def _flax_to_pytorch(params: Any) -> dict[str, Any]:
+    """Flax names and layouts -> PyTorch's: the inverse of ``_pytorch_to_flax``.
+
+    Each array is copied into a fresh writable float32 buffer: ``torch.from_numpy`` on the
+    read-only view a JAX array gives warns that the array is not writable.
+    """
+    import torch
+
+    state = {}
+    for key, value in flatten_dict(params).items():
+        value = np.array(value, np.float32)  # a copy: writable, owned, bfloat16 widened
+        if key[-1] == "kernel":
+            value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+            key = key[:-1] + ("weight",)
+        elif key[-1] in ("scale", "embedding"):
+            key = key[:-1] + ("weight",)
+        state[".".join(key)] = torch.from_numpy(np.ascontiguousarray(value))
+    return state
 
 
 def _write_pytorch_weights(directory: Path, params: Any) -> None:

@@ -150,8 +150,9 @@ def build_model(config: TrainConfig) -> ModelBundle:
     from transformers import AutoTokenizer, FlaxVisionEncoderDecoderModel
 
     try:
-        model = FlaxVisionEncoderDecoderModel.from_encoder_decoder_pretrained(
-            config.encoder, config.decoder)
+        with loading.quiet_flax_deprecation():
+            model = FlaxVisionEncoderDecoderModel.from_encoder_decoder_pretrained(
+                config.encoder, config.decoder)
         tokenizer = AutoTokenizer.from_pretrained(config.decoder)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"{config.encoder} + {config.decoder}: could not be loaded "

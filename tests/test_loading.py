@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,227 @@ def test_bin_weights_without_pytorch(tiny_bin_checkpoint, monkeypatch):
     monkeypatch.setattr(loading, "torch_available", lambda: False)
     with pytest.raises(ModelLoadError, match="need PyTorch"):
         loading.load_checkpoint(tiny_bin_checkpoint)
+
+
+def test_model_is_built_from_abstract_shapes_not_random_weights(tiny_checkpoint, monkeypatch):
+    """transformers' constructor initialises every weight at random (one small XLA compile per
+    op); here init_weights may only ever be traced, never run on a concrete key."""
+    import jax
+    from transformers import FlaxVisionEncoderDecoderModel
+
+    traced = []
+    init_weights = FlaxVisionEncoderDecoderModel.init_weights
+
+    def recording(self, rng, *args, **kwargs):
+        traced.append(isinstance(rng, jax.core.Tracer))
+        return init_weights(self, rng, *args, **kwargs)
+
+    monkeypatch.setattr(FlaxVisionEncoderDecoderModel, "init_weights", recording)
+    loaded = loading.load_checkpoint(tiny_checkpoint)
+    assert traced == [True]
+    model = loaded.model
+    assert type(model) is FlaxVisionEncoderDecoderModel
+    assert "init_weights" not in vars(model)  # the instance has the class's method again
+    leaves = jax.tree_util.tree_leaves(model.params)
+    assert all(isinstance(leaf, jax.Array) and leaf.dtype == np.float32 for leaf in leaves)
+    assert jax.tree_util.tree_structure(model.params) == jax.tree_util.tree_structure(
+        model.params_shape_tree)
+
+
+def _copy_checkpoint(source: Path, destination: Path, *, skip: tuple[str, ...] = ()) -> Path:
+    destination.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        if file.name not in skip:
+            (destination / file.name).write_bytes(file.read_bytes())
+    return destination
+
+
+def _rewrite_safetensors(directory: Path, edit) -> None:
+    """Applies ``edit`` to the PyTorch-format ``model.safetensors`` state dict of ``directory``."""
+    from safetensors.numpy import load_file, save_file
+
+    path = directory / "model.safetensors"
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def _stderr_of_fresh_python(script: str, *args: str) -> str:
+    """stderr of ``script`` in a new interpreter: transformers' and torch's notices are
+    printed once per process, so only a fresh one shows whether they appear at all."""
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stderr
+
+
+def test_loading_a_pytorch_checkpoint_prints_nothing(tiny_bin_checkpoint):
+    """No "TensorFlow and JAX classes are deprecated" notice, no five-line "Some weights ...
+    were not used ... lm_head" warning: the checkpoint stores GPT-2's tied LM head."""
+    assert "decoder.lm_head.weight" in torch.load(
+        tiny_bin_checkpoint / "pytorch_model.bin", weights_only=True)
+    stderr = _stderr_of_fresh_python(
+        "import sys\nfrom flax_captioner.loading import load_checkpoint\n"
+        "load_checkpoint(sys.argv[1])\n", str(tiny_bin_checkpoint))
+    assert stderr == ""
+
+
+def test_tied_lm_head_is_silent_in_process(tiny_bin_checkpoint, capfd):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loading.load_checkpoint(tiny_bin_checkpoint)
+    assert capfd.readouterr().err == ""
+
+
+def test_the_deprecation_notice_is_silenced_only_while_loading(tiny_checkpoint):
+    """The filter is scoped: transformers' logger is left as it was."""
+    import logging
+
+    logger = logging.getLogger("transformers.modeling_flax_utils")
+    filters = list(logger.filters)
+    loading.load_checkpoint(tiny_checkpoint)
+    assert logger.filters == filters
+
+
+def test_exporting_to_pytorch_prints_nothing(tiny_checkpoint):
+    """torch.from_numpy on a JAX array's read-only view warns "The given NumPy array is not
+    writable"; the export copies each array first."""
+    stderr = _stderr_of_fresh_python(
+        "import sys\nfrom flax_captioner import loading\n"
+        "loaded = loading.load_checkpoint(sys.argv[1])\n"
+        "loading.pytorch_model(sys.argv[1], loaded.model.params)\n", str(tiny_checkpoint))
+    assert stderr == ""
+
+
+def test_exporting_params_that_do_not_fit_names_the_first_difference(tiny_checkpoint):
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    flat = flatten_dict(loading.load_checkpoint(tiny_checkpoint).model.params)
+    del flat["decoder", "transformer", "ln_f", "bias"]
+    with pytest.raises(ModelLoadError, match=r"do not fit config.json \(decoder.transformer."
+                                             r"ln_f.bias is missing; 1 in all\)"):
+        loading.pytorch_model(tiny_checkpoint, unflatten_dict(flat))
+    flat["decoder", "transformer", "ln_f", "bias"] = np.zeros(5, np.float32)
+    with pytest.raises(ModelLoadError, match=r"size mismatch for decoder.transformer.ln_f.bias"):
+        loading.pytorch_model(tiny_checkpoint, unflatten_dict(flat))
+
+
+def test_missing_weight_is_an_error_naming_it(tiny_checkpoint, tmp_path):
+    directory = _copy_checkpoint(tiny_checkpoint, tmp_path / "model")
+    _rewrite_safetensors(directory, lambda state: state.pop("decoder.transformer.ln_f.weight"))
+    with pytest.raises(ModelLoadError, match=r"model.safetensors: lacks 1 weight the model "
+                                             r"needs \(decoder/transformer/ln_f/scale\); "):
+        loading.load_checkpoint(directory)
+
+
+def test_wrong_shape_is_an_error_naming_it(tiny_checkpoint, tmp_path):
+    directory = _copy_checkpoint(tiny_checkpoint, tmp_path / "model")
+
+    def shrink(state):
+        state["decoder.transformer.ln_f.bias"] = state["decoder.transformer.ln_f.bias"][:5]
+
+    _rewrite_safetensors(directory, shrink)
+    with pytest.raises(ModelLoadError, match=r"decoder/transformer/ln_f/bias has shape \(5,\), "
+                                             r"config.json implies \(32,\)"):
+        loading.load_checkpoint(directory)
+
+
+def test_unused_weight_warns_in_one_line_but_mask_buffers_do_not(tiny_checkpoint, tmp_path):
+    directory = _copy_checkpoint(tiny_checkpoint, tmp_path / "model")
+
+    def add(state):
+        state["decoder.transformer.h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.uint8))
+        state["decoder.transformer.h.0.attn.masked_bias"] = np.array(-1e4, np.float32)
+        state["decoder.classifier.weight"] = np.zeros((2, 32), np.float32)
+
+    _rewrite_safetensors(directory, add)
+    with pytest.warns(UserWarning) as record:
+        loaded = loading.load_checkpoint(directory)
+    messages = [str(warning.message) for warning in record]
+    assert messages == [f"{directory / 'model.safetensors'}: holds 1 weight the model does "
+                        "not use (decoder/classifier/kernel); ignored"]
+    _assert_model_parity(tiny_checkpoint, loaded.model)
+
+
+def test_config_the_flax_model_cannot_be_built_from(tiny_checkpoint, tmp_path):
+    directory = _copy_checkpoint(tiny_checkpoint, tmp_path / "model")
+    config = json.loads((directory / "config.json").read_text())
+    config["decoder"]["cross_attention_hidden_size"] = 48  # the encoder's is 32
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=f"^{directory / 'config.json'}: describes no "
+                                             "buildable model .*Got 48"):
+        loading.load_checkpoint(directory)
+
+
+def test_directory_without_tokenizer_files(tiny_checkpoint, tmp_path):
+    directory = _copy_checkpoint(tiny_checkpoint, tmp_path / "model", skip=("tokenizer.json",))
+    with pytest.raises(ModelLoadError) as raised:
+        loading.load_checkpoint(directory)
+    assert str(raised.value) == (f"{directory}: no tokenizer files (needs tokenizer.json, or "
+                                 "vocab.json and merges.txt; vocab.json and merges.txt missing)")
+
+
+def test_vocab_without_merges(tiny_checkpoint, tmp_path):
+    directory = _copy_checkpoint(tiny_checkpoint, tmp_path / "model", skip=("tokenizer.json",))
+    (directory / "vocab.json").write_text('{"a": 0}')
+    with pytest.raises(ModelLoadError, match=r"no tokenizer files .*; merges.txt missing\)$"):
+        loading.load_checkpoint(directory)
+
+
+def test_garbled_tokenizer_file(tiny_checkpoint, tmp_path):
+    directory = _copy_checkpoint(tiny_checkpoint, tmp_path / "model")
+    (directory / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(ModelLoadError, match=f"^{directory}: tokenizer files unreadable"):
+        loading.load_checkpoint(directory)
+
+
+def test_tokenizer_without_tokenizer_config_uses_the_decoder_type(tiny_checkpoint, tmp_path):
+    """AutoTokenizer alone raises KeyError: VisionEncoderDecoderConfig here."""
+    directory = _copy_checkpoint(tiny_checkpoint, tmp_path / "model",
+                                 skip=("tokenizer_config.json", "special_tokens_map.json"))
+    tokenizer = loading.load_checkpoint(directory).tokenizer
+    assert tokenizer.eos_token_id == 63
+    assert tokenizer.decode([3, 5]) == "w3 w5"
+
+
+@pytest.mark.parametrize("content,cause", [
+    (None, "not found"),
+    ("{not json", "JSON"),
+    ('{"size": {"shortest_edge": 32}}', "size"),
+])
+def test_bad_preprocessor_config(tiny_checkpoint, tmp_path, content, cause):
+    directory = _copy_checkpoint(tiny_checkpoint, tmp_path / "model",
+                                 skip=("preprocessor_config.json",))
+    if content is not None:
+        (directory / "preprocessor_config.json").write_text(content)
+    with pytest.raises(ModelLoadError) as raised:
+        loading.load_checkpoint(directory)
+    message = str(raised.value)
+    assert message.startswith(f"{directory / 'preprocessor_config.json'}: ") and "\n" not in message
+    assert cause in message
+
+
+@pytest.fixture(scope="module")
+def tiny_flax_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    return loading.convert(tiny_checkpoint, tmp_path_factory.mktemp("tiny_flax") / "model")
+
+
+@pytest.mark.parametrize("fixture,weights", [
+    ("tiny_flax_checkpoint", "flax_model.msgpack"),
+    ("tiny_checkpoint", "model.safetensors"),
+    ("tiny_bin_checkpoint", "pytorch_model.bin"),
+])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_weights_file(fixture, weights, damage, request, tmp_path):
+    directory = _copy_checkpoint(request.getfixturevalue(fixture), tmp_path / "model")
+    path = directory / weights
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"not weights " * 20,
+                      "empty": b""}[damage])
+    with pytest.raises(ModelLoadError) as raised:
+        loading.load_checkpoint(directory)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: truncated or corrupt (") and "\n" not in message
 
 
 def _run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
