@@ -10,7 +10,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from flax_captioner.errors import (CaptionerError, DataError, ImageReadError, ModelLoadError,
-                                   NonFiniteLossError, OutputError, PipelineInterrupted)
+                                   NonFiniteLossError, OutputError, PipelineInterrupted,
+                                   ProcessGroupError)
 
 if TYPE_CHECKING:
     from flax_captioner.captioner import Captioner
@@ -28,7 +29,7 @@ _LAZY = {
 
 __all__ = ["Captioner", "CaptionerError", "DataError", "GenerationOutput", "GenerationSettings",
            "ImageReadError", "ModelLoadError", "NonFiniteLossError", "OutputError",
-           "PipelineInterrupted", "PipelineStats", "run_pipeline"]
+           "PipelineInterrupted", "PipelineStats", "ProcessGroupError", "run_pipeline"]
 
 
 def __getattr__(name: str) -> Any:

@@ -198,6 +198,17 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                         help="JAX persistent compilation cache directory (cuts restarts)")
 
 
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _count(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``minimum``."""
 
@@ -304,6 +315,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         captioner, args.inputs, args.output, batch_size=args.batch_size,
         output_format=resolved_format, resume=not args.no_resume, num_threads=args.threads,
         seed=args.seed, settings=_generation_settings(args), exif_transpose=args.exif_transpose,
+        **({} if args.process_timeout is None else {"process_timeout_s": args.process_timeout}),
         storage_options=args.storage_options, image_column=args.image_column,
         id_column=args.id_column)
     return 1 if stats.errors else 0
@@ -424,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--distributed", action="store_true",
                          help="multi-host: call jax.distributed.initialize() first; each "
                               "process captions its slice, process 0 merges the shards")
+    caption.add_argument("--process-timeout", type=_positive_seconds, default=None,
+                         metavar="SECONDS",
+                         help="--distributed: how long a finished process waits for the "
+                              "others before naming the silent ones [600]")
     caption.add_argument("--storage-options", type=_storage_options, default=None,
                          metavar="JSON",
                          help="fsspec options for URL inputs and output, e.g. "

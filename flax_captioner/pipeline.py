@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from flax_captioner import feed, sharding
+from flax_captioner import feed, multihost, sharding
 from flax_captioner.errors import DataError, OutputError, PipelineInterrupted
 from flax_captioner.sources import InputItem, check_inputs, iter_inputs
 from flax_captioner.writers import (Row, RowWriter, check_writable, exists, format_score,
@@ -118,6 +118,7 @@ def run_pipeline(
     storage_options: Mapping[str, Any] | None = None,
     image_column: str | None = None,
     id_column: str | None = None,
+    process_timeout_s: float = multihost.DEFAULT_TIMEOUT_S,
 ) -> PipelineStats:
     """Captions every image ``inputs`` name into ``output``, one row per image in input order.
 
@@ -148,6 +149,8 @@ def run_pipeline(
         ``{"endpoint_url": ...}``); fsspec's own configuration applies too.
       image_column, id_column: the encoded-image and row-name columns of Parquet/Arrow
         inputs (None: detected; see ``sources.iter_inputs``).
+      process_timeout_s: under ``jax.distributed``, how long a process that has finished its
+        share waits for the others to finish theirs (``multihost.finish``).
 
     Returns:
       PipelineStats, also printed as one line on stderr.
@@ -157,6 +160,8 @@ def run_pipeline(
         image at all.
       OutputError: the output cannot be written or belongs to other inputs (before any work).
       PipelineInterrupted: SIGINT/SIGTERM; rows so far are flushed and a rerun resumes.
+      ProcessGroupError: another process failed, or did not finish within
+        ``process_timeout_s``; this process's rows are kept and a rerun resumes.
       ValueError: a bad argument or generation setting (before any work).
     """
     if batch_size is None:
@@ -178,26 +183,56 @@ def run_pipeline(
             and not exists(target, storage_options)):
         raise OutputError(f"{output}: already holds the merged output of a finished run",
                           fix=("other_output", "start_over"))
+    items = sharding.process_slice(
+        iter_inputs(inputs, storage_options, image_column=image_column, id_column=id_column),
+        process_index, process_count)
+    try:
+        stats = _caption_slice(
+            captioner, items, output, target, output_format, resume=resume,
+            flush_seconds=flush_seconds, storage_options=storage_options,
+            num_threads=num_threads, progress=progress,
+            show_progress=process_index == 0 if progress is None else progress,
+            batch_size=batch_size, exif_transpose=exif_transpose, seed=seed, settings=settings,
+            num_sequences=num_sequences)
+    except BaseException as error:
+        if process_count > 1:  # the others stop at once instead of waiting for this one
+            multihost.finish(output, error=error, timeout_s=process_timeout_s)
+        raise
+    if process_count == 1 and not stats.resumed + stats.captioned + stats.errors:
+        raise DataError(f"{' '.join(inputs)}: no images to caption")
+    if process_count > 1:
+        # Once every process has closed its part, process 0 interleaves them into one file.
+        multihost.finish(output, timeout_s=process_timeout_s)
+        if process_index == 0:
+            merge_shards(output, output_format, storage_options)
+    return stats
+
+
+def _caption_slice(captioner: Any, items: Iterator[InputItem], output: str | None,
+                   target: str | None, output_format: str, *, resume: bool,
+                   flush_seconds: float, storage_options: Mapping[str, Any] | None,
+                   num_threads: int | None, progress: bool | None, show_progress: bool,
+                   batch_size: int,
+                   exif_transpose: bool, seed: int, settings: dict[str, Any],
+                   num_sequences: int) -> PipelineStats:
+    """This process's share of a run: resume ``target``, caption the rest of ``items`` into
+    it, close it. Raises PipelineInterrupted after a signal, once the rows are flushed."""
     writer = open_writer(target, output_format, resume=resume and output is not None,
                          flush_seconds=flush_seconds, storage_options=storage_options)
     stats = PipelineStats(resumed=writer.rows_done,
                           decode_threads=num_threads or os.cpu_count() or 1,
                           load_seconds=getattr(captioner, "load_seconds", 0.0))
-    items = sharding.process_slice(
-        iter_inputs(inputs, storage_options, image_column=image_column, id_column=id_column),
-        process_index, process_count)
     _skip_done(items, writer, target)
     stop_signal = threading.Event()
     started, compiled_before = time.perf_counter(), captioner.generator.compile_seconds
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(_stop_on_signals(stop_signal))
-            bar = stack.enter_context(
-                _progress_bar(process_index == 0 if progress is None else progress, progress))
+            bar = stack.enter_context(_progress_bar(show_progress, progress))
             batches = stack.enter_context(feed.batches(
                 items, captioner.preprocess_config, batch_size, num_threads=num_threads,
                 exif_transpose=exif_transpose))
-            _caption_batches(captioner, batches, writer, stats, bar, stop_signal,
+            _caption_batches(captioner, batches, writer, stats, bar, stop_signal, output=output,
                              seed=seed, settings=settings, num_sequences=num_sequences)
     except BaseException:
         writer.flush()  # every finished row stays; the output resumes from there
@@ -212,15 +247,6 @@ def run_pipeline(
             f"interrupted: {stats.captioned + stats.errors} rows written this run"
             f" ({stats.resumed + stats.captioned + stats.errors} in "
             f"{target or 'stdout'}){where}", stats, stop_signal.signal_number)
-    if process_count == 1 and not stats.resumed + stats.captioned + stats.errors:
-        raise DataError(f"{' '.join(inputs)}: no images to caption")
-    if process_count > 1:
-        # Every process has closed its part; process 0 interleaves them into one file.
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"flax_captioner.pipeline finished {output}")
-        if process_index == 0:
-            merge_shards(output, output_format, storage_options)
     return stats
 
 
@@ -239,10 +265,13 @@ def _skip_done(items: Iterator[InputItem], writer: RowWriter, target: str | None
 
 def _caption_batches(captioner: Any, batches: Iterator[feed.Batch], writer: RowWriter,
                      stats: PipelineStats, bar: tqdm, stop_signal: threading.Event, *,
-                     seed: int, settings: dict[str, Any], num_sequences: int) -> None:
-    """The device loop: generate, detokenize, write rows, until the inputs or a signal end."""
+                     output: str | None, seed: int, settings: dict[str, Any],
+                     num_sequences: int) -> None:
+    """The device loop: generate, detokenize, write rows, until the inputs or a signal end
+    (or, in a multi-process run, another process's failure: two reads per batch, ~1 ms)."""
     base_key = jax.random.key(seed)
     while not stop_signal.is_set():
+        multihost.raise_if_failed(output)
         waited = time.perf_counter()
         batch = next(batches, None)
         stats.input_wait_seconds += time.perf_counter() - waited
