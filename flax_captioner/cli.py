@@ -118,68 +118,12 @@ def _generation_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
-def _is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _is_finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_sequence_bias(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], list) and pair[0]
-        and all(map(_is_token_id, pair[0])) and _is_finite(pair[1]) for pair in value)
-
-
-def _is_token_lists(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(word, list) and word and all(map(_is_token_id, word)) for word in value)
-
-
-# Generation setting -> (test, requirement): each value on its own, as
-# GenerationSettings.validate judges it (tests/test_cli.py holds the two together). Checked
-# here because search.py imports JAX; combinations and the checkpoint's limits (vocabulary,
-# positions) are checked once the model is loaded.
-GENERATION_LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "num_beams": (lambda v: v >= 1, "an integer >= 1"),
-    "max_length": (lambda v: v >= 2, "an integer >= 2 (the prompt plus one token)"),
-    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "min_length": (lambda v: v >= 0, "a non-negative integer"),
-    "length_penalty": (math.isfinite, "a finite number"),
-    "num_return_sequences": (lambda v: v >= 1, "an integer >= 1"),
-    "no_repeat_ngram_size": (lambda v: v >= 0, "a non-negative integer"),
-    "repetition_penalty": (lambda v: v > 0, "a number > 0"),
-    "bad_words_ids": (_is_token_lists, "a list of non-empty lists of non-negative token ids, "
-                                       "e.g. [[12],[7,9]]"),
-    "temperature": (lambda v: v > 0, "a number > 0"),
-    "top_k": (lambda v: v >= 0, "a non-negative integer (0 disables it)"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "typical_p": (lambda v: 0 < v <= 1, "in (0, 1] (1 disables it)"),
-    "epsilon_cutoff": (lambda v: 0 <= v < 1, "in [0, 1) (0 disables it)"),
-    "eta_cutoff": (lambda v: 0 <= v < 1, "in [0, 1) (0 disables it)"),
-    "sequence_bias": (_is_sequence_bias, "a list of [token ids, bias] pairs, e.g. [[[7],-2.0]]"),
-    "forced_bos_token_id": (lambda v: v >= 0, "a non-negative integer"),
-    "forced_eos_token_id": (lambda v: v >= 0, "a non-negative integer"),
-    "exponential_decay_length_penalty": (
-        lambda v: isinstance(v, list) and len(v) == 2 and _is_token_id(v[0])
-        and _is_finite(v[1]) and v[1] > 0, "[start_index >= 0, decay_factor > 0]"),
-    "suppress_tokens": (lambda v: isinstance(v, list) and all(map(_is_token_id, v)),
-                        "a list of non-negative token ids, e.g. [7,9]"),
-    "begin_suppress_tokens": (lambda v: isinstance(v, list) and all(map(_is_token_id, v)),
-                              "a list of non-negative token ids, e.g. [7,9]"),
-}
-
-
 def check_generation_flags(args: argparse.Namespace) -> None:
-    """Raises ValueError naming the first generation flag whose value no model accepts."""
-    for name, (allowed, requirement) in GENERATION_LIMITS.items():
-        value = getattr(args, name, None)
-        if value is not None and not allowed(value):
-            flag = "--" + name.replace("_", "-")
-            shown = value if isinstance(value, (int, float)) else json.dumps(value)
-            raise ValueError(f"{flag} must be {requirement}, got {shown}")
+    """Raises ValueError naming the first generation flag whose value no model accepts, by
+    the library's own rules (``GenerationSettings.check_overrides``: plain Python, no JAX)."""
+    from flax_captioner.settings import GenerationSettings
+
+    GenerationSettings.check_overrides(**_generation_settings(args))
 
 
 def _add_model_flags(parser: argparse.ArgumentParser, *, default_model: bool = True) -> None:
@@ -315,6 +259,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         captioner, args.inputs, args.output, batch_size=args.batch_size,
         output_format=resolved_format, resume=not args.no_resume, num_threads=args.threads,
         seed=args.seed, settings=_generation_settings(args), exif_transpose=args.exif_transpose,
+        token_logprobs=args.token_logprobs,
         **({} if args.process_timeout is None else {"process_timeout_s": args.process_timeout}),
         storage_options=args.storage_options, image_column=args.image_column,
         id_column=args.id_column)
@@ -429,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="image decoding threads [all cores]")
     caption.add_argument("--no-resume", action="store_true",
                          help="start over instead of continuing an existing --output")
+    caption.add_argument("--token-logprobs", action="store_true",
+                         help="rows also list the log-probability of every generated token")
     caption.add_argument("--exif-transpose", action="store_true",
                          help="rotate images by their EXIF orientation first, as transformers' "
                               "pipeline does [off: the model card's behaviour, which parity "

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_captioner import backend, decoder, search, sharding
-from flax_captioner.search import GenerationSettings
+from flax_captioner.settings import GenerationSettings
 
 __all__ = ["GenerationOutput", "GenerationSettings", "Generator", "build_generate_fn",
            "bucket_size", "enable_compilation_cache", "image_keys"]
@@ -182,9 +182,9 @@ class Generator:
         """The compiled search for ``bucket`` images (compiled on first use, then cached)."""
         # Traced at the dtype's own precision ("highest" for float32, so not TF32 on GPUs),
         # whatever the caller's jax config (backend.py). Nothing is donated: the pixels cannot
-        # alias any output (tokens and scores, of other shapes) and the params are reused. The search
-        # has no host callbacks or transfers (tests/test_backend.py checks the compiled HLO
-        # and runs it under jax.transfer_guard("disallow")).
+        # alias any output (tokens and scores, of other shapes) and the params are reused.
+        # The search has no host callbacks or transfers (tests/test_backend.py checks the
+        # compiled HLO and runs it under jax.transfer_guard("disallow")).
         precision = backend.matmul_precision(self.dtype)
         key = (bucket, settings, precision)
         if key not in self._programs:

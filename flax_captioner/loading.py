@@ -207,7 +207,7 @@ def generation_defaults(config: Any, directory: Path | None = None) -> Generatio
 
 def _generation_config_values(directory: Path) -> dict[str, Any]:
     """The ``GenerationSettings`` fields ``generation_config.json`` sets (lists as tuples)."""
-    from flax_captioner.search import GenerationSettings
+    from flax_captioner.settings import GenerationSettings
 
     path = directory / GENERATION_CONFIG
     if not path.is_file():

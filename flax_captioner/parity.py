@@ -6,9 +6,10 @@ Needs PyTorch. Runs the JAX side at the highest matmul precision, as the referen
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -41,10 +42,17 @@ class ImageParity:
 
 @dataclasses.dataclass
 class ParityReport:
-    """Per-image comparisons of one batch under one ``settings``."""
+    """Per-image comparisons of one batch under one ``settings``.
+
+    ``token_score_difference``: max |ours - PyTorch's| over the per-token scores;
+    ``step_score_difference``: the same over the per-step scores (``output_scores``), on the
+    steps both searches ran and the entries finite in both; None where not compared.
+    """
 
     settings: GenerationSettings
     images: list[ImageParity]
+    token_score_difference: float | None = None
+    step_score_difference: float | None = None
 
     @property
     def images_matching(self) -> int:
@@ -69,48 +77,102 @@ class ParityReport:
         return self.images_matching == len(self.images)
 
 
+@contextlib.contextmanager
+def pytorch_without_tf32() -> Iterator[None]:
+    """PyTorch float32 as float32 on GPUs: TF32 off for matmuls and cuDNN (the ViT patch
+    convolution; cuDNN allows TF32 by default), the previous settings restored afterwards."""
+    import torch
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
 def pytorch_generate_kwargs(settings: GenerationSettings) -> dict[str, Any]:
-    """``generate`` keyword arguments that reproduce ``settings`` in PyTorch."""
-    return dict(
-        decoder_start_token_id=settings.decoder_start_token_id,
-        pad_token_id=settings.pad_token_id, eos_token_id=settings.eos_token_id,
-        max_length=settings.max_length, min_length=settings.min_length,
-        num_beams=settings.num_beams, num_return_sequences=settings.num_return_sequences,
-        length_penalty=settings.length_penalty, early_stopping=settings.early_stopping,
-        no_repeat_ngram_size=settings.no_repeat_ngram_size,
-        repetition_penalty=settings.repetition_penalty,
+    """``generate`` keyword arguments that reproduce ``settings`` in PyTorch.
+
+    Every field of ``GenerationSettings`` is passed (lists where PyTorch wants lists), with
+    ``return_dict_in_generate`` so scores, logits and beam indices come back.
+    """
+    kwargs = {field.name: getattr(settings, field.name)
+              for field in dataclasses.fields(GenerationSettings)}
+    kwargs.update(
         bad_words_ids=[list(word) for word in settings.bad_words_ids] or None,
-        do_sample=False, output_scores=True, return_dict_in_generate=True)
+        sequence_bias={ids: bias for ids, bias in settings.sequence_bias} or None,
+        suppress_tokens=list(settings.suppress_tokens) or None,
+        begin_suppress_tokens=list(settings.begin_suppress_tokens) or None,
+        exponential_decay_length_penalty=settings.exponential_decay_length_penalty,
+        output_scores=True, return_dict_in_generate=True)
+    return kwargs
 
 
 def pytorch_generate(model: Any, pixel_values: np.ndarray,
                      settings: GenerationSettings) -> GenerationOutput:
-    """Runs PyTorch ``generate`` and returns our output layout.
-
-    Sequences are padded to ``max_length`` with the pad PyTorch uses for that search; scores
-    are ``sequences_scores`` for beam search and, for greedy search, the summed
-    ``compute_transition_scores(..., normalize_logits=True)`` up to and including EOS.
-    """
+    """Runs PyTorch ``generate`` and returns our output layout (``from_pytorch_output``)."""
     import torch
 
     if settings.do_sample:
         raise ValueError("parity compares deterministic searches; do_sample must be false")
-    with torch.no_grad():
+    with torch.no_grad(), pytorch_without_tf32():
         out = model.generate(pixel_values=torch.from_numpy(np.asarray(pixel_values, np.float32)),
                              **pytorch_generate_kwargs(settings))
-    fill = settings.pad_token_id
-    if settings.num_beams > 1:
-        fill = settings.pad_token_id or settings.eos_token_id
+    return from_pytorch_output(model, out, settings)
+
+
+def from_pytorch_output(model: Any, out: Any, settings: GenerationSettings) -> GenerationOutput:
+    """A ``return_dict_in_generate`` output of PyTorch ``generate`` in our layout.
+
+    Sequences are padded to ``max_length`` with the pad PyTorch uses for that search; scores
+    are ``sequences_scores`` for beam search and, for greedy search, the summed
+    ``compute_transition_scores(..., normalize_logits=True)`` up to and including EOS;
+    ``token_scores`` are those transition scores (beam search: along ``beam_indices``, which
+    become per-image beam numbers); ``step_scores``/``step_logits`` stack PyTorch's per-step
+    tuples on axis 1, NaN past the steps it ran.
+    """
+    import torch
+
+    length = settings.max_length
+    beam = settings.num_beams > 1
+    fill = (settings.pad_token_id or settings.eos_token_id) if beam else settings.pad_token_id
     generated = out.sequences.numpy()
-    sequences = np.full((generated.shape[0], settings.max_length), fill, np.int32)
+    rows, steps = generated.shape[0], generated.shape[1] - 1
+    sequences = np.full((rows, length), fill, np.int32)
     sequences[:, :generated.shape[1]] = generated
-    if settings.num_beams > 1:
-        return GenerationOutput(sequences, out.sequences_scores.numpy().astype(np.float32))
-    transition = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
-    is_eos = out.sequences[:, 1:] == settings.eos_token_id
-    ended_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
-    scores = torch.where(ended_before == 0, transition, 0.0).sum(dim=1)
-    return GenerationOutput(sequences, scores.numpy().astype(np.float32))
+    token_scores = np.zeros((rows, length), np.float32)
+    beam_indices = None
+    if beam:
+        transition = model.compute_transition_scores(out.sequences, out.scores,
+                                                     out.beam_indices).numpy()
+        token_scores[:, 1:1 + transition.shape[1]] = transition
+        indices = out.beam_indices.numpy()
+        beam_indices = np.full((rows, length - 1), -1, np.int32)
+        beam_indices[:, :indices.shape[1]] = np.where(indices >= 0,
+                                                      indices % settings.num_beams, -1)
+        scores = out.sequences_scores.numpy().astype(np.float32)
+    else:
+        transition = model.compute_transition_scores(out.sequences, out.scores,
+                                                     normalize_logits=True)
+        is_eos = out.sequences[:, 1:] == settings.eos_token_id
+        ended_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+        transition = torch.where(ended_before == 0, transition, 0.0)
+        token_scores[:, 1:1 + steps] = transition.numpy()
+        scores = transition.sum(dim=1).numpy().astype(np.float32)
+
+    def stacked(per_step: Any) -> np.ndarray | None:
+        if not per_step:
+            return None
+        array = torch.stack(per_step, dim=1).numpy().astype(np.float32)
+        padded = np.full(array.shape[:1] + (length - 1,) + array.shape[2:], np.nan, np.float32)
+        padded[:, :array.shape[1]] = array
+        return padded
+
+    return GenerationOutput(sequences, scores, token_scores, beam_indices,
+                            stacked(out.scores) if settings.output_scores else None,
+                            stacked(out.logits) if settings.output_logits else None)
 
 
 def compare_outputs(pytorch: GenerationOutput, flax: GenerationOutput,
@@ -129,7 +191,19 @@ def compare_outputs(pytorch: GenerationOutput, flax: GenerationOutput,
             first_differing_step=int(differs[0]) if differs.size else None,
             pytorch_sequences=theirs,
             flax_sequences=ours))
-    return ParityReport(settings=settings, images=images)
+    token_difference = None
+    if flax.token_scores is not None and pytorch.token_scores is not None:
+        token_difference = float(np.max(np.abs(flax.token_scores - pytorch.token_scores),
+                                        initial=0.0))
+    step_difference = None
+    if flax.step_scores is not None and pytorch.step_scores is not None:
+        both = np.isfinite(flax.step_scores) & np.isfinite(pytorch.step_scores)
+        difference = np.abs(np.where(both, flax.step_scores, 0.0)
+                            - np.where(both, pytorch.step_scores, 0.0))
+        step_difference = float(np.max(difference, initial=0.0))
+    return ParityReport(settings=settings, images=images,
+                        token_score_difference=token_difference,
+                        step_score_difference=step_difference)
 
 
 def compare_with_pytorch(model_dir_or_captioner: str | os.PathLike | Any,
@@ -160,8 +234,14 @@ def compare_with_pytorch(model_dir_or_captioner: str | os.PathLike | Any,
 
 
 def format_report(report: ParityReport, names: Sequence[str] | None = None) -> str:
-    """One line per image (named by ``names`` when given), then the totals."""
-    lines = []
+    """The settings compared (those not at their default), one line per image (named by
+    ``names`` when given), then the totals."""
+    settings = report.settings
+    changed = [f"{field.name}={getattr(settings, field.name)!r}"
+               for field in dataclasses.fields(settings)
+               if field.default is dataclasses.MISSING
+               or getattr(settings, field.name) != field.default]
+    lines = [f"settings: {', '.join(changed)}"]
     for image in report.images:
         name = names[image.index] if names is not None else f"image {image.index}"
         verdict = "match" if image.tokens_match else (
@@ -170,5 +250,8 @@ def format_report(report: ParityReport, names: Sequence[str] | None = None) -> s
     lines.append(
         f"images matching: {report.images_matching}/{len(report.images)}; "
         f"captions matching: {report.captions_matching}/{report.captions}; "
-        f"max score difference {report.max_score_difference:.2e}")
+        f"max score difference {report.max_score_difference:.2e}"
+        + "".join(f"; max {label} difference {value:.2e}" for label, value in (
+            ("token score", report.token_score_difference),
+            ("step score", report.step_score_difference)) if value is not None))
     return "\n".join(lines)

@@ -113,6 +113,7 @@ def run_pipeline(
     seed: int = 0,
     settings: Mapping[str, Any] | None = None,
     exif_transpose: bool = False,
+    token_logprobs: bool = False,
     progress: bool | None = None,
     flush_seconds: float = 30.0,
     storage_options: Mapping[str, Any] | None = None,
@@ -140,6 +141,8 @@ def run_pipeline(
         ``num_return_sequences`` > 1 each row also lists every returned sequence, ranked.
       exif_transpose: apply EXIF orientation before preprocessing (off: the model card's
         behaviour, which parity with PyTorch assumes).
+      token_logprobs: rows (and each ranked sequence) also carry ``token_logprobs``, the
+        log-probability of every generated token, EOS included (``GenerationOutput.token_scores``).
       progress: show a tqdm bar on stderr; None shows it on a terminal, and elsewhere only
         once a run has lasted 30 s.
       flush_seconds: Parquet rows reach disk at least this often (and every 1024 rows), which
@@ -173,7 +176,11 @@ def run_pipeline(
     output_format = check_run(inputs, output, output_format, storage_options=storage_options,
                               image_column=image_column, id_column=id_column)
     settings = dict(settings or {})
-    num_sequences = captioner.settings(**settings).num_return_sequences  # validates settings
+    resolved = captioner.settings(**settings)  # validates them before any work
+    if resolved.output_scores or resolved.output_logits:
+        raise ValueError("output_scores and output_logits are per-step arrays of "
+                         "Captioner.generate; rows carry per-token log-probabilities instead "
+                         "(token_logprobs)")
     process_index, process_count = jax.process_index(), jax.process_count()
     if process_count > 1 and output is None:
         raise ValueError("a multi-process run needs an output file (stdout cannot be merged)")
@@ -193,7 +200,8 @@ def run_pipeline(
             num_threads=num_threads, progress=progress,
             show_progress=process_index == 0 if progress is None else progress,
             batch_size=batch_size, exif_transpose=exif_transpose, seed=seed, settings=settings,
-            num_sequences=num_sequences)
+            row_format=_RowFormat(resolved.num_return_sequences, resolved.eos_token_id,
+                                  token_logprobs))
     except BaseException as error:
         if process_count > 1:  # the others stop at once instead of waiting for this one
             multihost.finish(output, error=error, timeout_s=process_timeout_s)
@@ -214,7 +222,7 @@ def _caption_slice(captioner: Any, items: Iterator[InputItem], output: str | Non
                    num_threads: int | None, progress: bool | None, show_progress: bool,
                    batch_size: int,
                    exif_transpose: bool, seed: int, settings: dict[str, Any],
-                   num_sequences: int) -> PipelineStats:
+                   row_format: _RowFormat) -> PipelineStats:
     """This process's share of a run: resume ``target``, caption the rest of ``items`` into
     it, close it. Raises PipelineInterrupted after a signal, once the rows are flushed."""
     writer = open_writer(target, output_format, resume=resume and output is not None,
@@ -233,7 +241,7 @@ def _caption_slice(captioner: Any, items: Iterator[InputItem], output: str | Non
                 items, captioner.preprocess_config, batch_size, num_threads=num_threads,
                 exif_transpose=exif_transpose))
             _caption_batches(captioner, batches, writer, stats, bar, stop_signal, output=output,
-                             seed=seed, settings=settings, num_sequences=num_sequences)
+                             seed=seed, settings=settings, row_format=row_format)
     except BaseException:
         writer.flush()  # every finished row stays; the output resumes from there
         raise
@@ -266,7 +274,7 @@ def _skip_done(items: Iterator[InputItem], writer: RowWriter, target: str | None
 def _caption_batches(captioner: Any, batches: Iterator[feed.Batch], writer: RowWriter,
                      stats: PipelineStats, bar: tqdm, stop_signal: threading.Event, *,
                      output: str | None, seed: int, settings: dict[str, Any],
-                     num_sequences: int) -> None:
+                     row_format: _RowFormat) -> None:
     """The device loop: generate, detokenize, write rows, until the inputs or a signal end
     (or, in a multi-process run, another process's failure: two reads per batch, ~1 ms)."""
     base_key = jax.random.key(seed)
@@ -278,42 +286,69 @@ def _caption_batches(captioner: Any, batches: Iterator[feed.Batch], writer: RowW
         if batch is None:
             return
         stats.decode_seconds += batch.decode_seconds
-        captions: list[str] = []
-        scores = np.zeros((0,), np.float32)
+        generated = None
         if batch.num_decoded:
             started = time.perf_counter()
             generated = captioner.generate(batch.pixel_values, rng=base_key,
                                            first_index=batch.items[0].index, **settings)
-            rows = batch.num_decoded * num_sequences  # image-major; padding rows dropped
-            scores = np.asarray(generated.scores)[:rows]
             stats.device_seconds += time.perf_counter() - started
-            captions = captioner.decode(np.asarray(generated.sequences)[:rows])
-        writer.write(_rows(batch, captions, scores, num_sequences))
+        writer.write(_rows(batch, generated, captioner.decode, row_format))
         errors = sum(error is not None for error in batch.errors)
         stats.captioned += batch.num_decoded
         stats.errors += errors
         bar.update(batch.num_decoded + errors)
 
 
-def _rows(batch: feed.Batch, captions: Sequence[str], scores: np.ndarray,
-          num_sequences: int) -> list[Row]:
+@dataclasses.dataclass(frozen=True)
+class _RowFormat:
+    """What a captioned row holds besides the best caption and its score.
+
+    Attributes:
+      num_sequences: sequences returned per image; above 1 the row lists them all, ranked.
+      eos_token_id: ends a caption's tokens (for ``token_logprobs``).
+      token_logprobs: add each generated token's log-probability, EOS included.
+    """
+
+    num_sequences: int
+    eos_token_id: int
+    token_logprobs: bool
+
+
+def _rows(batch: feed.Batch, generated: Any, decode: Any, row_format: _RowFormat) -> list[Row]:
     """One row per item: its error, or its best caption (and every returned sequence)."""
-    decoded = iter(range(0, len(captions), num_sequences))
+    count = batch.num_decoded * row_format.num_sequences  # image-major; padding rows dropped
+    sequences = [] if generated is None else [
+        _sequence(caption, score, tokens, token_scores, row_format)
+        for caption, score, tokens, token_scores in zip(
+            decode(generated.sequences[:count]), generated.scores[:count],
+            generated.sequences[:count], generated.token_scores[:count])]
+    ranked = iter(range(0, len(sequences), row_format.num_sequences))
     rows: list[Row] = []
     for item, error in zip(batch.items, batch.errors):
         if error is not None:
             rows.append({"image": item.image, "error": error.reason})
             continue
-        first = next(decoded)
-        row: Row = {"image": item.image, "caption": captions[first],
-                    "score": format_score(scores[first])}
-        if num_sequences > 1:
-            row["sequences"] = [
-                {"rank": rank, "caption": captions[first + rank - 1],
-                 "score": format_score(scores[first + rank - 1])}
-                for rank in range(1, num_sequences + 1)]
+        first = next(ranked)
+        row: Row = {"image": item.image, **sequences[first]}
+        if row_format.num_sequences > 1:
+            row["sequences"] = [{"rank": rank, **sequence} for rank, sequence in enumerate(
+                sequences[first:first + row_format.num_sequences], start=1)]
         rows.append(row)
     return rows
+
+
+def _sequence(caption: str, score: float, tokens: np.ndarray, token_scores: np.ndarray,
+              row_format: _RowFormat) -> Row:
+    """``caption``, ``score`` and, when asked for, the log-probability of each generated token
+    (``tokens`` int32[T] from decoder_start, ``token_scores`` float32[T]), EOS included."""
+    sequence: Row = {"caption": caption, "score": format_score(score)}
+    if row_format.token_logprobs:
+        generated = tokens[1:]
+        ends = np.flatnonzero(generated == row_format.eos_token_id)
+        length = int(ends[0]) + 1 if len(ends) else len(generated)
+        sequence["token_logprobs"] = [format_score(value)
+                                      for value in token_scores[1:1 + length]]
+    return sequence
 
 
 @contextlib.contextmanager

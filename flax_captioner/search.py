@@ -23,10 +23,8 @@ The arithmetic mirrors transformers 4.57 (``GenerationMixin._beam_search`` and h
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -34,159 +32,25 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from flax_captioner.settings import GenerationSettings
+
 # PyTorch's beam masking constant. In float32 its spacing is 64, so ``-1e9 + x`` rounds back
 # to ``-1e9`` for small x: masked entries tie exactly, as they do in PyTorch.
 MASK_SCORE = -1.0e9
 
 StepFn = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 ReorderFn = Callable[[Any, jax.Array], Any]
-EarlyStopping = Union[bool, str]
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationSettings:
-    """Everything that decides a search; hashable, so it keys the compile cache.
-
-    Names and meanings are PyTorch ``generate``'s. ``max_length`` and ``min_length`` count
-    the decoder prompt ``[decoder_start]``; ``max_new_tokens``/``min_new_tokens`` are folded
-    into them by ``resolve``. ``bad_words_ids`` is a tuple of token-id tuples. The sampling
-    fields (``temperature``, ``top_k``, ``top_p``) only act when ``do_sample`` is true;
-    ``top_k`` defaults to 50 as in PyTorch.
-    """
-
-    decoder_start_token_id: int
-    pad_token_id: int
-    eos_token_id: int
-    max_length: int = 20
-    min_length: int = 0
-    num_beams: int = 1
-    num_return_sequences: int = 1
-    length_penalty: float = 1.0
-    early_stopping: EarlyStopping = False
-    no_repeat_ngram_size: int = 0
-    repetition_penalty: float = 1.0
-    bad_words_ids: tuple[tuple[int, ...], ...] = ()
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-
-    @classmethod
-    def resolve(cls, defaults: Any, **overrides: Any) -> "GenerationSettings":
-        """Settings from ``defaults`` (any object with some of these attribute names, e.g. the
-        checkpoint's generation defaults) with ``overrides`` applied, validated.
-
-        ``overrides`` may also hold ``max_new_tokens`` and ``min_new_tokens`` (they take
-        precedence over ``max_length``/``min_length``, as in PyTorch); ``None`` values are
-        ignored.
-
-        Raises:
-          ValueError: one line naming the setting and the problem.
-        """
-        names = {field.name for field in dataclasses.fields(cls)}
-        values = {name: getattr(defaults, name) for name in names if hasattr(defaults, name)}
-        unknown = sorted(set(overrides) - names - {"max_new_tokens", "min_new_tokens"})
-        if unknown:
-            raise ValueError(f"unknown generation setting(s): {', '.join(unknown)}")
-        overrides = {name: value for name, value in overrides.items() if value is not None}
-        max_new_tokens = overrides.pop("max_new_tokens", None)
-        min_new_tokens = overrides.pop("min_new_tokens", None)
-        values.update(overrides)
-        if max_new_tokens is not None:
-            _require(isinstance(max_new_tokens, int) and max_new_tokens >= 1,
-                     f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-            values["max_length"] = 1 + max_new_tokens
-        if min_new_tokens is not None:
-            _require(isinstance(min_new_tokens, int) and min_new_tokens >= 0,
-                     f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
-            values["min_length"] = 1 + min_new_tokens
-        for token_name in ("decoder_start_token_id", "pad_token_id", "eos_token_id"):
-            _require(token_name in values, f"{token_name} is not set (no default and no override)")
-        if "bad_words_ids" in values:
-            values["bad_words_ids"] = _as_token_tuples(values["bad_words_ids"])
-        settings = cls(**values)
-        settings.validate()
-        return settings
-
-    def validate(self) -> None:
-        """Raises ValueError (one line) for settings PyTorch would reject or we cannot run."""
-        for name in ("decoder_start_token_id", "pad_token_id", "eos_token_id"):
-            value = getattr(self, name)
-            _require(_is_int(value) and value >= 0,
-                     f"{name} must be a non-negative integer, got {value!r}")
-        _require(_is_int(self.max_length) and self.max_length >= 2,
-                 f"max_length must be an integer >= 2 (the prompt plus one token), "
-                 f"got {self.max_length!r}")
-        _require(_is_int(self.min_length) and self.min_length >= 0,
-                 f"min_length must be a non-negative integer, got {self.min_length!r}")
-        _require(_is_int(self.num_beams) and self.num_beams >= 1,
-                 f"num_beams must be an integer >= 1, got {self.num_beams!r}")
-        _require(_is_int(self.num_return_sequences) and self.num_return_sequences >= 1,
-                 f"num_return_sequences must be an integer >= 1, got {self.num_return_sequences!r}")
-        if self.num_beams > 1:
-            _require(self.num_return_sequences <= self.num_beams,
-                     f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
-                     f"({self.num_beams})")
-            _require(not self.do_sample,
-                     "do_sample with num_beams > 1 (beam sampling) is not supported; "
-                     "use num_beams=1 to sample")
-        elif not self.do_sample:
-            _require(self.num_return_sequences == 1,
-                     f"greedy search returns one sequence per image; num_return_sequences="
-                     f"{self.num_return_sequences} needs num_beams >= that or do_sample=True")
-        _require(self.early_stopping is True or self.early_stopping is False
-                 or self.early_stopping == "never",
-                 f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        _require(_is_number(self.length_penalty) and math.isfinite(self.length_penalty),
-                 f"length_penalty must be a finite number, got {self.length_penalty!r}")
-        _require(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
-                 f"no_repeat_ngram_size must be a non-negative integer, "
-                 f"got {self.no_repeat_ngram_size!r}")
-        _require(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
-                 f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
-        _require(_is_number(self.temperature) and self.temperature > 0,
-                 f"temperature must be a number > 0, got {self.temperature!r}")
-        _require(_is_int(self.top_k) and self.top_k >= 0,
-                 f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}")
-        _require(_is_number(self.top_p) and 0 < self.top_p <= 1,
-                 f"top_p must be in (0, 1], got {self.top_p!r}")
-        _require(isinstance(self.bad_words_ids, tuple) and all(
-            isinstance(word, tuple) and word and all(_is_int(t) and t >= 0 for t in word)
-            for word in self.bad_words_ids),
-            f"bad_words_ids must be non-empty lists of non-negative token ids, "
-            f"got {self.bad_words_ids!r}")
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def _as_token_tuples(words: Any) -> tuple[tuple[int, ...], ...]:
-    try:
-        return tuple(tuple(word) for word in words or ())
-    except (TypeError, ValueError):
-        raise ValueError(f"bad_words_ids must be a list of token-id lists, got {words!r}") from None
-
-
-# ----------------------------------------------------------------------------------------
-# Logits processors: PyTorch's order (_get_logits_processor) and float32 arithmetic.
-# ----------------------------------------------------------------------------------------
 
 
 def process_scores(scores: jax.Array, sequences: jax.Array, cur_len: jax.Array,
                    settings: GenerationSettings) -> jax.Array:
-    """Applies the enabled logits processors in PyTorch's order.
+    """Applies PyTorch's whole ``logits_processor`` list: processors, warpers, renormalization.
 
-    repetition_penalty -> no_repeat_ngram -> bad_words -> min_length.
+    Order as ``_get_logits_processor`` builds it: sequence_bias -> repetition_penalty ->
+    no_repeat_ngram -> bad_words -> min_length -> forced_bos -> forced_eos ->
+    remove_invalid_values -> exponential_decay_length_penalty -> suppress_tokens ->
+    begin_suppress_tokens; then, when sampling, the warpers (``warp_scores``); then
+    ``renormalize_logits`` (a log-softmax), always last.
 
     Args:
       scores: [B, K, V] float32, raw logits (greedy/sampling) or log-probs (beam search).
@@ -197,6 +61,9 @@ def process_scores(scores: jax.Array, sequences: jax.Array, cur_len: jax.Array,
     Returns:
       [B, K, V] float32.
     """
+    vocab = jnp.arange(scores.shape[-1])
+    if settings.sequence_bias:
+        scores = _sequence_bias(scores, sequences, cur_len, settings.sequence_bias)
     if settings.repetition_penalty != 1.0:
         scores = _repetition_penalty(scores, sequences, cur_len, settings.repetition_penalty)
     if settings.no_repeat_ngram_size > 0:
@@ -205,35 +72,159 @@ def process_scores(scores: jax.Array, sequences: jax.Array, cur_len: jax.Array,
     if bad_words:
         scores = _bad_words(scores, sequences, cur_len, bad_words)
     if settings.min_length > 0:
-        is_eos = jnp.arange(scores.shape[-1]) == settings.eos_token_id
+        is_eos = vocab == settings.eos_token_id
         scores = jnp.where(is_eos & (cur_len < settings.min_length), -jnp.inf, scores)
+    if settings.forced_bos_token_id is not None:
+        forced = jnp.where(vocab == settings.forced_bos_token_id, 0.0, -jnp.inf)
+        scores = jnp.where(cur_len == 1, forced, scores)
+    if settings.forced_eos_token_id is not None:
+        forced = jnp.where(vocab == settings.forced_eos_token_id, 0.0, -jnp.inf)
+        scores = jnp.where(cur_len == settings.max_length - 1, forced, scores)
+    if settings.remove_invalid_values:
+        finfo = jnp.finfo(jnp.float32)
+        cleaned = jnp.where(jnp.isnan(scores), 0.0, scores)
+        cleaned = jnp.where(scores == jnp.inf, finfo.max, cleaned)
+        scores = jnp.where(scores == -jnp.inf, finfo.min, cleaned)
+    if settings.exponential_decay_length_penalty is not None:
+        scores = _exponential_decay(scores, cur_len, settings)
+    if settings.suppress_tokens:
+        scores = jnp.where(jnp.isin(vocab, jnp.asarray(settings.suppress_tokens)), -jnp.inf,
+                           scores)
+    if settings.begin_suppress_tokens:
+        # PyTorch's begin_index: the prompt length (1), one later after a forced BOS.
+        begin_index = 1 if settings.forced_bos_token_id is None else 2
+        suppressed = jnp.isin(vocab, jnp.asarray(settings.begin_suppress_tokens))
+        scores = jnp.where(suppressed & (cur_len == begin_index), -jnp.inf, scores)
+    if settings.do_sample:
+        # Beam sampling keeps one more token than there are EOS ids (PyTorch's rule).
+        scores = warp_scores(scores, settings, 2 if settings.num_beams > 1 else 1)
+    if settings.renormalize_logits:
+        scores = jax.nn.log_softmax(scores, axis=-1)
     return scores
 
 
-def warp_scores(scores: jax.Array, settings: GenerationSettings) -> jax.Array:
-    """Sampling warpers in PyTorch's order: temperature -> top_k -> top_p.
+def warp_scores(scores: jax.Array, settings: GenerationSettings,
+                min_tokens_to_keep: int = 1) -> jax.Array:
+    """Sampling warpers in PyTorch's order:
+    temperature -> top_k -> top_p -> min_p -> typical_p -> epsilon_cutoff -> eta_cutoff.
 
     Args:
-      scores: [B, K, V] float32 processed logits.
+      scores: [B, K, V] float32 processed logits (log-probs in beam sampling).
+      settings: the enabled warpers (a warper at its no-op value is skipped, as in PyTorch).
+      min_tokens_to_keep: 1 for sampling, 2 for beam sampling.
 
     Returns:
       [B, K, V] float32; removed tokens are ``-inf``.
     """
+    vocab_size = scores.shape[-1]
     if settings.temperature != 1.0:
         scores = scores / jnp.float32(settings.temperature)
     if settings.top_k != 0:
-        top_k = min(max(settings.top_k, 1), scores.shape[-1])
-        kth_best = lax.top_k(scores, top_k)[0][..., -1:]
-        scores = jnp.where(scores < kth_best, -jnp.inf, scores)
+        top_k = min(max(settings.top_k, min_tokens_to_keep), vocab_size)
+        scores = jnp.where(scores < _kth_best(scores, top_k), -jnp.inf, scores)
     if settings.top_p < 1.0:
-        order = jnp.argsort(scores, axis=-1, stable=True)
-        sorted_scores = jnp.take_along_axis(scores, order, axis=-1)
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_scores, axis=-1), axis=-1)
+        order = jnp.argsort(scores, axis=-1, stable=True)  # ascending
+        cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(scores, order, axis=-1),
+                                               axis=-1), axis=-1)
         remove_sorted = cumulative <= jnp.float32(1 - settings.top_p)
-        remove_sorted = remove_sorted.at[..., -1].set(False)  # min_tokens_to_keep = 1
-        remove = jnp.take_along_axis(remove_sorted, jnp.argsort(order, axis=-1), axis=-1)
-        scores = jnp.where(remove, -jnp.inf, scores)
+        remove_sorted = remove_sorted.at[..., -min_tokens_to_keep:].set(False)
+        scores = jnp.where(_unsort(remove_sorted, order), -jnp.inf, scores)
+    if settings.min_p is not None:
+        probs = jax.nn.softmax(scores, axis=-1)
+        remove = probs < jnp.float32(settings.min_p) * jnp.max(probs, axis=-1, keepdims=True)
+        scores = jnp.where(remove & ~_top_tokens(scores, min_tokens_to_keep), -jnp.inf, scores)
+    if settings.typical_p < 1.0:
+        scores = _typical(scores, settings.typical_p, min_tokens_to_keep)
+    if 0.0 < settings.epsilon_cutoff < 1.0:
+        remove = jax.nn.softmax(scores, axis=-1) < jnp.float32(settings.epsilon_cutoff)
+        keep_top = min(min_tokens_to_keep, vocab_size)
+        scores = jnp.where(remove & (scores < _kth_best(scores, keep_top)), -jnp.inf, scores)
+    if 0.0 < settings.eta_cutoff < 1.0:
+        scores = _eta(scores, settings.eta_cutoff, min(min_tokens_to_keep, vocab_size))
     return scores
+
+
+def _kth_best(scores: jax.Array, k: int) -> jax.Array:
+    """[..., V] -> [..., 1]: the k-th largest value (ties counted, as ``torch.topk``)."""
+    return lax.top_k(scores, k)[0][..., -1:]
+
+
+def _unsort(sorted_values: jax.Array, order: jax.Array) -> jax.Array:
+    """Scatters values laid out in ``order`` back to vocabulary positions."""
+    return jnp.take_along_axis(sorted_values, jnp.argsort(order, axis=-1), axis=-1)
+
+
+def _top_tokens(scores: jax.Array, count: int) -> jax.Array:
+    """bool [..., V]: the ``count`` best tokens (descending sort, lower index first on ties)."""
+    order = jnp.argsort(-scores, axis=-1, stable=True)
+    in_front = jnp.arange(scores.shape[-1]) < count
+    return _unsort(jnp.broadcast_to(in_front, scores.shape), order)
+
+
+def _typical(scores: jax.Array, mass: float, min_tokens_to_keep: int) -> jax.Array:
+    """TypicalLogitsWarper: keep the tokens whose surprisal is closest to the entropy until
+    their mass reaches ``mass``."""
+    normalized = jax.nn.log_softmax(scores, axis=-1)
+    p = jnp.exp(normalized)
+    entropy = -jnp.nansum(normalized * p, axis=-1, keepdims=True)
+    shifted = jnp.abs(-normalized - entropy)
+    order = jnp.argsort(shifted, axis=-1, stable=True)
+    sorted_shifted = jnp.take_along_axis(shifted, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(scores, order, axis=-1),
+                                           axis=-1), axis=-1)
+    last = jnp.minimum(jnp.sum(cumulative < jnp.float32(mass), axis=-1, keepdims=True),
+                       scores.shape[-1] - 1)
+    remove_sorted = sorted_shifted > jnp.take_along_axis(sorted_shifted, last, axis=-1)
+    remove_sorted = remove_sorted.at[..., :min_tokens_to_keep].set(False)
+    return jnp.where(_unsort(remove_sorted, order), -jnp.inf, scores)
+
+
+def _eta(scores: jax.Array, epsilon: float, keep_top: int) -> jax.Array:
+    """EtaLogitsWarper: drop tokens below min(eps, sqrt(eps) * exp(-entropy)); the entropy is
+    ``torch.distributions.Categorical``'s (normalized logits clamped to the float32 min)."""
+    normalized = scores - jax.nn.logsumexp(scores, axis=-1, keepdims=True)
+    probs = jax.nn.softmax(normalized, axis=-1)
+    clamped = jnp.maximum(normalized, jnp.finfo(jnp.float32).min)
+    entropy = -jnp.sum(clamped * probs, axis=-1, keepdims=True)
+    epsilon = jnp.float32(epsilon)
+    eta = jnp.minimum(epsilon, jnp.sqrt(epsilon) * jnp.exp(-entropy))
+    remove = jax.nn.softmax(scores, axis=-1) < eta
+    return jnp.where(remove & (scores < _kth_best(scores, keep_top)), -jnp.inf, scores)
+
+
+def _sequence_bias(scores, sequences, cur_len, sequence_bias):
+    """SequenceBiasLogitsProcessor: single-token biases always; a longer sequence's bias on
+    its last token when the row ends with the rest (skipped while longer than the context).
+    The bias is summed in PyTorch's order before it is added to the scores."""
+    vocab = jnp.arange(scores.shape[-1])
+    length_1 = np.zeros(scores.shape[-1], np.float32)
+    for ids, value in sequence_bias:
+        if len(ids) == 1 and ids[0] < scores.shape[-1]:
+            length_1[ids[0]] = value
+    bias = jnp.zeros(scores.shape, jnp.float32) + jnp.asarray(length_1)
+    for ids, value in sequence_bias:
+        if len(ids) == 1:
+            continue
+        prefix_length = len(ids) - 1
+        tail = lax.dynamic_slice_in_dim(sequences, jnp.maximum(cur_len - prefix_length, 0),
+                                        prefix_length, axis=2)
+        matches = jnp.all(tail == jnp.asarray(ids[:-1], jnp.int32), axis=-1) & (len(ids) <= cur_len)
+        bias = bias + jnp.where(matches[..., None] & (vocab == ids[-1]), jnp.float32(value), 0.0)
+    return scores + bias
+
+
+def _exponential_decay(scores, cur_len, settings):
+    """ExponentialDecayLengthPenalty: past ``start_index`` generated tokens the EOS score grows
+    by ``|score| * (factor ** n - 1)``; the factor table is computed in double, like Python."""
+    start, factor = settings.exponential_decay_length_penalty
+    regulation_start = start + 1  # + the prompt length
+    table = np.array([factor ** (length - regulation_start) - 1 if length > regulation_start
+                      else 0.0 for length in range(settings.max_length + 1)], np.float32)
+    multiplier = jnp.asarray(table)[cur_len]
+    is_eos = jnp.arange(scores.shape[-1]) == settings.eos_token_id
+    penalty = jnp.where(is_eos & (cur_len > regulation_start),
+                        jnp.abs(scores) * multiplier, 0.0)
+    return scores + penalty
 
 
 def _token_presence(tokens: jax.Array, valid: jax.Array, vocab_size: int) -> jax.Array:
@@ -297,6 +288,58 @@ def _bad_words(scores, sequences, cur_len, bad_words):
 # ----------------------------------------------------------------------------------------
 
 
+class SearchOutput(NamedTuple):
+    """What a search returns; N = B x R rows (R = ``num_return_sequences``), image-major.
+
+    A named tuple (a pytree, so jit/pmap return it; ``[0]`` is the sequences).
+
+    Attributes:
+      sequences: int32 [N, T], ``decoder_start`` then the generated tokens, padded.
+      scores: float32 [N]: beam search, PyTorch's ``sequences_scores``; greedy and sampling,
+        the summed log-probabilities of the generated tokens (``SamplingState.scores``).
+      token_scores: float32 [N, T], the log-probability of each token of ``sequences`` under
+        the distribution it was picked from (log-softmax of the processed, and when sampling
+        warped, scores; in beam search the processed log-prob PyTorch's
+        ``compute_transition_scores`` gives along ``beam_indices``); 0 at the prompt and
+        after the end.
+      beam_indices: int32 [N, T - 1] (beam search) or ``None``: the beam (0..K-1 within the
+        image) each generated token extended; -1 past the end. PyTorch's are ``b * K + k``.
+      step_scores: float32 [B * S, T - 1, V] or ``None`` (``output_scores``): PyTorch's
+        ``scores``, the processed scores of step ``t`` for each of the S search rows of an
+        image (S = K running beams in beam search, R rows when sampling, 1 greedy); NaN for
+        steps the loop did not run.
+      step_logits: float32 [B * S, T - 1, V] or ``None`` (``output_logits``): the raw logits,
+        PyTorch's ``logits``; NaN for steps not run.
+    """
+
+    sequences: jax.Array
+    scores: jax.Array
+    token_scores: jax.Array
+    beam_indices: jax.Array | None = None
+    step_scores: jax.Array | None = None
+    step_logits: jax.Array | None = None
+
+
+def _step_buffer(enabled: bool, rows: tuple[int, int], length: int,
+                 vocab_size: int) -> jax.Array | None:
+    """NaN-filled float32 [B, S, T - 1, V] per-step record, or None when not asked for."""
+    if not enabled:
+        return None
+    return jnp.full(rows + (length - 1, vocab_size), jnp.nan, jnp.float32)
+
+
+def _record(buffer: jax.Array | None, step: jax.Array, values: jax.Array) -> jax.Array | None:
+    """Writes values [B, S, V] at step ``step`` of a [B, S, T - 1, V] buffer."""
+    if buffer is None:
+        return None
+    return lax.dynamic_update_slice_in_dim(buffer, values[:, :, None], step, axis=2)
+
+
+def _flat_rows(array: jax.Array | None) -> jax.Array | None:
+    """[B, S, ...] -> [B * S, ...]."""
+    return None if array is None else array.reshape((-1,) + array.shape[2:])
+
+
 @flax.struct.dataclass
 class SamplingState:
     """Loop state of greedy search and sampling (B images, R rows per image, T = max_length).
@@ -307,20 +350,30 @@ class SamplingState:
       scores: float32 [B, R], summed log-probabilities of the generated tokens (EOS
         included) under the distribution they were picked from: log-softmax of the processed
         (and, when sampling, warped) logits.
+      token_scores: float32 [B, R, T], the summands of ``scores`` at their positions.
       is_finished: bool [B, R], the row has emitted EOS (it emits pad from then on).
+      step_scores, step_logits: float32 [B, R, T - 1, V] or None (``SearchOutput``).
       model_state: the decoder's state for R rows per image (cache, cross K/V ...).
     """
 
     step: jax.Array
     sequences: jax.Array
     scores: jax.Array
+    token_scores: jax.Array
     is_finished: jax.Array
+    step_scores: jax.Array | None
+    step_logits: jax.Array | None
     model_state: Any
+
+
+def _step_keys(row_keys: jax.Array, step: jax.Array) -> jax.Array:
+    """uint32 [B, 2]: image b's key for step ``step``, ``fold_in(row_keys[b], step)``."""
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
 
 
 def sample_search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batch_size: int,
                   settings: GenerationSettings,
-                  row_keys: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                  row_keys: jax.Array | None = None) -> SearchOutput:
     """Greedy search (``do_sample`` false) or ancestral sampling, PyTorch ``_sample`` semantics.
 
     Args:
@@ -333,46 +386,51 @@ def sample_search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batc
         the batch the image is in.
 
     Returns:
-      sequences: int32 [B * R, T]; scores: float32 [B * R] (see ``SamplingState.scores``).
+      ``SearchOutput`` (no ``beam_indices``).
     """
     rows = settings.num_return_sequences if settings.do_sample else 1
     length = settings.max_length
     if settings.do_sample and row_keys is None:
         raise ValueError("sampling needs row_keys, one PRNG key per image")
 
-    def pick(logits: jax.Array, sequences: jax.Array, step: jax.Array):
-        """logits [B, R, V] -> next tokens [B, R] and their log-probs [B, R]."""
-        scores = process_scores(logits, sequences, step + 1, settings)
+    def advance(state: SamplingState, logits: jax.Array) -> SamplingState:
+        """One step from raw logits [B, R, V]."""
+        step = state.step
+        scores = process_scores(logits, state.sequences, step + 1, settings)
         if settings.do_sample:
-            scores = warp_scores(scores, settings)
-            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-            tokens = jax.vmap(jax.random.categorical)(step_keys, scores)
+            tokens = jax.vmap(jax.random.categorical)(_step_keys(row_keys, step), scores)
         else:
             tokens = jnp.argmax(scores, axis=-1)
         log_probs = jax.nn.log_softmax(scores, axis=-1)
         token_log_probs = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
-        return tokens.astype(jnp.int32), token_log_probs
-
-    def advance(state: SamplingState, tokens, token_log_probs) -> SamplingState:
-        tokens = jnp.where(state.is_finished, settings.pad_token_id, tokens)
-        scores = state.scores + jnp.where(state.is_finished, 0.0, token_log_probs)
-        at_next = jnp.arange(length) == state.step + 1
-        sequences = jnp.where(at_next, tokens[..., None], state.sequences)
-        return state.replace(step=state.step + 1, sequences=sequences, scores=scores,
-                             is_finished=state.is_finished | (tokens == settings.eos_token_id))
+        token_log_probs = jnp.where(state.is_finished, 0.0, token_log_probs)
+        tokens = jnp.where(state.is_finished, settings.pad_token_id, tokens).astype(jnp.int32)
+        at_next = jnp.arange(length) == step + 1
+        return state.replace(
+            step=step + 1,
+            sequences=jnp.where(at_next, tokens[..., None], state.sequences),
+            scores=state.scores + token_log_probs,
+            token_scores=jnp.where(at_next, token_log_probs[..., None], state.token_scores),
+            is_finished=state.is_finished | (tokens == settings.eos_token_id),
+            step_scores=_record(state.step_scores, step, scores),
+            step_logits=_record(state.step_logits, step, logits))
 
     sequences = jnp.full((batch_size, rows, length), settings.pad_token_id, jnp.int32)
     sequences = sequences.at[:, :, 0].set(settings.decoder_start_token_id)
-    state = SamplingState(step=jnp.int32(0), sequences=sequences,
-                          scores=jnp.zeros((batch_size, rows), jnp.float32),
-                          is_finished=jnp.zeros((batch_size, rows), bool),
-                          model_state=model_state)
 
     # Step 0 on one row per image: the R rows share the prompt, hence the logits.
     start = jnp.full((batch_size, 1), settings.decoder_start_token_id, jnp.int32)
-    logits, model_state = step_fn(start, jnp.int32(0), state.model_state)
-    logits = jnp.broadcast_to(logits, (batch_size, rows, logits.shape[-1]))
-    state = advance(state, *pick(logits, state.sequences, state.step))
+    logits, model_state = step_fn(start, jnp.int32(0), model_state)
+    vocab_size = logits.shape[-1]
+    state = SamplingState(
+        step=jnp.int32(0), sequences=sequences,
+        scores=jnp.zeros((batch_size, rows), jnp.float32),
+        token_scores=jnp.zeros((batch_size, rows, length), jnp.float32),
+        is_finished=jnp.zeros((batch_size, rows), bool),
+        step_scores=_step_buffer(settings.output_scores, (batch_size, rows), length, vocab_size),
+        step_logits=_step_buffer(settings.output_logits, (batch_size, rows), length, vocab_size),
+        model_state=None)
+    state = advance(state, jnp.broadcast_to(logits, (batch_size, rows, vocab_size)))
     if rows > 1:
         model_state = reorder_fn(model_state, jnp.zeros((batch_size, rows), jnp.int32))
     state = state.replace(model_state=model_state)
@@ -383,16 +441,17 @@ def sample_search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batc
     def body(state: SamplingState) -> SamplingState:
         tokens = lax.dynamic_index_in_dim(state.sequences, state.step, axis=2, keepdims=False)
         logits, model_state = step_fn(tokens, state.step, state.model_state)
-        state = advance(state, *pick(logits, state.sequences, state.step))
-        return state.replace(model_state=model_state)
+        return advance(state, logits).replace(model_state=model_state)
 
     state = lax.while_loop(keep_going, body, state)
-    return (state.sequences.reshape(batch_size * rows, length),
-            state.scores.reshape(batch_size * rows))
+    return SearchOutput(sequences=_flat_rows(state.sequences), scores=_flat_rows(state.scores),
+                        token_scores=_flat_rows(state.token_scores),
+                        step_scores=_flat_rows(state.step_scores),
+                        step_logits=_flat_rows(state.step_logits))
 
 
 # ----------------------------------------------------------------------------------------
-# Beam search.
+# Beam search and beam sampling.
 # ----------------------------------------------------------------------------------------
 
 
@@ -404,22 +463,32 @@ class BeamState:
       step: int32 [], tokens generated so far; the next one goes to position ``step + 1``.
       running_sequences: int32 [B, K, T], the live beams (filled with the output pad).
       running_scores: float32 [B, K], their summed processed log-probs (dead beams ~ -1e9).
+      running_token_scores: float32 [B, K, T], each token's processed log-prob.
+      running_beam_indices: int32 [B, K, T - 1], the beam each token extended (-1: none yet).
       finished_sequences: int32 [B, K, T], the finished pool, best first.
       finished_scores: float32 [B, K], length-normalised scores of the pool (-1e9: empty slot).
+      finished_token_scores, finished_beam_indices: the pool's per-token records.
       is_finished: bool [B, K], the pool slot holds a finished hypothesis.
       may_improve: bool [B], PyTorch's sticky ``is_early_stop_heuristic_unsatisfied``.
       is_done: bool [B], sticky: the image's pool is final (what a batch of one would stop on).
+      step_scores, step_logits: float32 [B, K, T - 1, V] or None (``SearchOutput``).
       model_state: the decoder's state for K beams per image.
     """
 
     step: jax.Array
     running_sequences: jax.Array
     running_scores: jax.Array
+    running_token_scores: jax.Array
+    running_beam_indices: jax.Array
     finished_sequences: jax.Array
     finished_scores: jax.Array
+    finished_token_scores: jax.Array
+    finished_beam_indices: jax.Array
     is_finished: jax.Array
     may_improve: jax.Array
     is_done: jax.Array
+    step_scores: jax.Array | None
+    step_logits: jax.Array | None
     model_state: Any
 
 
@@ -429,30 +498,38 @@ def _length_divisors(exponent: float, lengths: np.ndarray) -> np.ndarray:
 
 
 def beam_search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batch_size: int,
-                settings: GenerationSettings) -> tuple[jax.Array, jax.Array]:
-    """Beam search with transformers 4.57's vectorized semantics, one sticky state per image.
+                settings: GenerationSettings,
+                row_keys: jax.Array | None = None) -> SearchOutput:
+    """Beam search (or beam sampling) with transformers 4.57's vectorized semantics, one
+    sticky state per image.
 
-    Per step: log-softmax, processors, add the beam's running score; keep the top 2K of the
-    K*V candidates; a candidate hits a stopping criterion when its token is EOS or the
-    sequence reaches ``max_length``; the next running beams are the top K after masking
-    those with -1e9; candidates ranked in the first K that hit a criterion enter the
-    finished pool with ``score / generated_length ** length_penalty`` unless the image's
-    pool is full with ``early_stopping=True`` or its early-stop heuristic has closed it.
+    Per step: log-softmax, processors (and warpers when sampling), add the beam's running
+    score; keep the top 2K of the K*V candidates (beam sampling: draw 2K without
+    replacement from their softmax, in draw order); a candidate hits a stopping criterion
+    when its token is EOS or the sequence reaches ``max_length``; the next running beams
+    are the top K after masking those with -1e9; candidates ranked in the first K that hit
+    a criterion enter the finished pool with ``score / generated_length ** length_penalty``
+    unless the image's pool is full with ``early_stopping=True`` or its early-stop
+    heuristic has closed it.
 
     Args:
       step_fn, reorder_fn: the decoder step and beam gather (module docstring).
       model_state: the decoder state for one row per image.
       batch_size: B.
       settings: static settings with ``num_beams > 1``.
+      row_keys: uint32 [B, 2] (beam sampling only): step ``t`` of image ``b`` draws with
+        ``fold_in(row_keys[b], t)``.
 
     Returns:
-      sequences: int32 [B * R, T], the R best finished hypotheses per image, padded with
-        ``pad_token_id`` (PyTorch falls back to EOS when pad is 0; so does this).
-      scores: float32 [B * R], PyTorch's ``sequences_scores``.
+      ``SearchOutput``: the R best finished hypotheses per image, padded with
+      ``pad_token_id`` (PyTorch falls back to EOS when pad is 0; so does this), their
+      ``sequences_scores``, per-token log-probs and beam indices.
     """
     beams = settings.num_beams
     candidates = 2 * beams  # max(2, 1 + number of EOS ids) * num_beams, one EOS id
     length = settings.max_length
+    if settings.do_sample and row_keys is None:
+        raise ValueError("beam sampling needs row_keys, one PRNG key per image")
     fill = settings.pad_token_id or settings.eos_token_id  # PyTorch's `pad or eos`
     generated = np.arange(1, length)
     finished_divisors = jnp.asarray(_length_divisors(settings.length_penalty, generated))
@@ -468,26 +545,44 @@ def beam_search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batch_
         indices = indices.reshape(indices.shape + (1,) * (values.ndim - 2))
         return jnp.take_along_axis(values, indices, axis=1)
 
-    def select(state: BeamState, log_probs: jax.Array) -> tuple[BeamState, jax.Array]:
-        """One beam update from processed log-probs [B, K, V]; returns the new state and
-        the source beam of each new running beam, [B, K]."""
-        vocab = log_probs.shape[-1]
+    def top_candidates(accumulated: jax.Array, step: jax.Array) -> jax.Array:
+        """[B, K*V] accumulated log-probs -> the 2K candidate indices [B, 2K]."""
+        if not settings.do_sample:
+            return lax.top_k(accumulated, candidates)[1]
+        # Gumbel-top-k: the top 2K of log-probs + Gumbel noise are 2K draws without
+        # replacement from their softmax, in draw order (torch.multinomial's distribution).
+        noise = jax.vmap(lambda key: jax.random.gumbel(key, accumulated.shape[1:]))(
+            _step_keys(row_keys, step))
+        return lax.top_k(accumulated + noise, candidates)[1]
+
+    def select(state: BeamState, logits: jax.Array) -> tuple[BeamState, jax.Array]:
+        """One beam update from raw logits [B, K, V]; returns the new state and the source
+        beam of each new running beam, [B, K]."""
+        vocab = logits.shape[-1]
         step = state.step
+        log_probs = process_scores(jax.nn.log_softmax(logits, axis=-1), state.running_sequences,
+                                   step + 1, settings)
         accumulated = (log_probs + state.running_scores[:, :, None]).reshape(batch_size, -1)
-        topk_scores, topk_indices = lax.top_k(accumulated, candidates)
-        topk_beams = topk_indices // vocab
+        topk_indices = top_candidates(accumulated, step)
+        topk_scores = jnp.take_along_axis(accumulated, topk_indices, axis=1)
+        topk_beams = (topk_indices // vocab).astype(jnp.int32)
         topk_tokens = (topk_indices % vocab).astype(jnp.int32)
+        topk_token_log_probs = jnp.take_along_axis(log_probs.reshape(batch_size, -1),
+                                                   topk_indices, axis=1)
         at_next = jnp.arange(length) == step + 1
         topk_sequences = jnp.where(at_next, topk_tokens[..., None],
                                    gather(state.running_sequences, topk_beams))
+        topk_token_scores = jnp.where(at_next, topk_token_log_probs[..., None],
+                                      gather(state.running_token_scores, topk_beams))
+        topk_beam_indices = jnp.where(jnp.arange(length - 1) == step, topk_beams[..., None],
+                                      gather(state.running_beam_indices, topk_beams))
         hits_criterion = (topk_tokens == settings.eos_token_id) | (step + 2 >= length)
 
         # Next running beams: the best K that did not stop.
         running_candidates = topk_scores + hits_criterion.astype(jnp.float32) * MASK_SCORE
         next_indices = lax.top_k(running_candidates, beams)[1]
-        running_sequences = gather(topk_sequences, next_indices)
         running_scores = gather(running_candidates, next_indices)
-        source_beams = gather(topk_beams, next_indices).astype(jnp.int32)
+        source_beams = gather(topk_beams, next_indices)
 
         # Finished pool: same additions, in the same order, as PyTorch.
         just_finished = hits_criterion & in_first_k
@@ -499,10 +594,12 @@ def beam_search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batch_
         scores = scores + (~just_finished).astype(jnp.float32) * MASK_SCORE
         merged_scores = jnp.concatenate([state.finished_scores, scores], axis=1)
         keep = lax.top_k(merged_scores, beams)[1]
-        finished_sequences = gather(
-            jnp.concatenate([state.finished_sequences, topk_sequences], axis=1), keep)
+
+        def merge(pool: jax.Array, new: jax.Array) -> jax.Array:
+            return gather(jnp.concatenate([pool, new], axis=1), keep)
+
         finished_scores = gather(merged_scores, keep)
-        is_finished = gather(jnp.concatenate([state.is_finished, just_finished], axis=1), keep)
+        is_finished = merge(state.is_finished, just_finished)
 
         # Early-stop heuristic with the advanced length, then the per-image stop test.
         best_running = running_scores[:, :1] / heuristic_divisors[step]
@@ -515,44 +612,62 @@ def beam_search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batch_
 
         # A done image keeps its pool: what a batch of one would have returned.
         frozen = state.is_done
+
+        def unless_frozen(old: jax.Array, new: jax.Array) -> jax.Array:
+            return jnp.where(frozen.reshape((-1,) + (1,) * (old.ndim - 1)), old, new)
+
         new_state = state.replace(
             step=step + 1,
-            running_sequences=running_sequences,
+            running_sequences=gather(topk_sequences, next_indices),
             running_scores=running_scores,
-            finished_sequences=jnp.where(frozen[:, None, None], state.finished_sequences,
-                                         finished_sequences),
-            finished_scores=jnp.where(frozen[:, None], state.finished_scores, finished_scores),
-            is_finished=jnp.where(frozen[:, None], state.is_finished, is_finished),
-            may_improve=jnp.where(frozen, state.may_improve, may_improve),
+            running_token_scores=gather(topk_token_scores, next_indices),
+            running_beam_indices=gather(topk_beam_indices, next_indices),
+            finished_sequences=unless_frozen(state.finished_sequences,
+                                             merge(state.finished_sequences, topk_sequences)),
+            finished_scores=unless_frozen(state.finished_scores, finished_scores),
+            finished_token_scores=unless_frozen(
+                state.finished_token_scores,
+                merge(state.finished_token_scores, topk_token_scores)),
+            finished_beam_indices=unless_frozen(
+                state.finished_beam_indices,
+                merge(state.finished_beam_indices, topk_beam_indices)),
+            is_finished=unless_frozen(state.is_finished, is_finished),
+            may_improve=unless_frozen(state.may_improve, may_improve),
             is_done=frozen | stops,
+            step_scores=_record(state.step_scores, step, log_probs),
+            step_logits=_record(state.step_logits, step, logits),
         )
         return new_state, source_beams
 
-    def beam_log_probs(logits: jax.Array, state: BeamState) -> jax.Array:
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
-        return process_scores(log_probs, state.running_sequences, state.step + 1, settings)
-
     sequences = jnp.full((batch_size, beams, length), fill, jnp.int32)
     sequences = sequences.at[:, :, 0].set(settings.decoder_start_token_id)
+    token_scores = jnp.zeros((batch_size, beams, length), jnp.float32)
+    beam_indices = jnp.full((batch_size, beams, length - 1), -1, jnp.int32)
     running_scores = jnp.where(jnp.arange(beams) == 0, 0.0, MASK_SCORE).astype(jnp.float32)
-    state = BeamState(
-        step=jnp.int32(0),
-        running_sequences=sequences,
-        running_scores=jnp.broadcast_to(running_scores, (batch_size, beams)),
-        finished_sequences=sequences,
-        finished_scores=jnp.full((batch_size, beams), MASK_SCORE, jnp.float32),
-        is_finished=jnp.zeros((batch_size, beams), bool),
-        may_improve=jnp.ones((batch_size,), bool),
-        is_done=jnp.zeros((batch_size,), bool),
-        model_state=None,
-    )
 
     # Step 0 on one row per image: all K beams hold the prompt, so their logits are equal;
     # beams 1..K-1 take part with their -1e9 scores exactly as in PyTorch.
     start = jnp.full((batch_size, 1), settings.decoder_start_token_id, jnp.int32)
     logits, model_state = step_fn(start, jnp.int32(0), model_state)
-    logits = jnp.broadcast_to(logits, (batch_size, beams, logits.shape[-1]))
-    state, _ = select(state, beam_log_probs(logits, state))
+    vocab_size = logits.shape[-1]
+    state = BeamState(
+        step=jnp.int32(0),
+        running_sequences=sequences,
+        running_scores=jnp.broadcast_to(running_scores, (batch_size, beams)),
+        running_token_scores=token_scores,
+        running_beam_indices=beam_indices,
+        finished_sequences=sequences,
+        finished_scores=jnp.full((batch_size, beams), MASK_SCORE, jnp.float32),
+        finished_token_scores=token_scores,
+        finished_beam_indices=beam_indices,
+        is_finished=jnp.zeros((batch_size, beams), bool),
+        may_improve=jnp.ones((batch_size,), bool),
+        is_done=jnp.zeros((batch_size,), bool),
+        step_scores=_step_buffer(settings.output_scores, (batch_size, beams), length, vocab_size),
+        step_logits=_step_buffer(settings.output_logits, (batch_size, beams), length, vocab_size),
+        model_state=None,
+    )
+    state, _ = select(state, jnp.broadcast_to(logits, (batch_size, beams, vocab_size)))
     state = state.replace(
         model_state=reorder_fn(model_state, jnp.zeros((batch_size, beams), jnp.int32)))
 
@@ -563,23 +678,28 @@ def beam_search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batch_
         tokens = lax.dynamic_index_in_dim(state.running_sequences, state.step, axis=2,
                                           keepdims=False)
         logits, model_state = step_fn(tokens, state.step, state.model_state)
-        state, source_beams = select(state, beam_log_probs(logits, state))
+        state, source_beams = select(state, logits)
         return state.replace(model_state=reorder_fn(model_state, source_beams))
 
     state = lax.while_loop(keep_going, body, state)
     returned = settings.num_return_sequences
-    return (state.finished_sequences[:, :returned].reshape(batch_size * returned, length),
-            state.finished_scores[:, :returned].reshape(batch_size * returned))
+    return SearchOutput(
+        sequences=_flat_rows(state.finished_sequences[:, :returned]),
+        scores=_flat_rows(state.finished_scores[:, :returned]),
+        token_scores=_flat_rows(state.finished_token_scores[:, :returned]),
+        beam_indices=_flat_rows(state.finished_beam_indices[:, :returned]),
+        step_scores=_flat_rows(state.step_scores),
+        step_logits=_flat_rows(state.step_logits))
 
 
 def search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batch_size: int,
            settings: GenerationSettings,
-           row_keys: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+           row_keys: jax.Array | None = None) -> SearchOutput:
     """Runs the search ``settings`` asks for; see ``beam_search`` and ``sample_search``.
 
-    Returns:
-      sequences: int32 [B * R, T]; scores: float32 [B * R].
+    ``row_keys`` (uint32 [B, 2]) are only used when ``settings.do_sample``.
     """
+    row_keys = row_keys if settings.do_sample else None
     if settings.num_beams > 1:
-        return beam_search(step_fn, reorder_fn, model_state, batch_size, settings)
+        return beam_search(step_fn, reorder_fn, model_state, batch_size, settings, row_keys)
     return sample_search(step_fn, reorder_fn, model_state, batch_size, settings, row_keys)

@@ -95,12 +95,12 @@ def timed(call: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def settings_for(config: Any, args: argparse.Namespace) -> Any:
+def settings_for(config: Any, args: argparse.Namespace, output_scores: bool = False) -> Any:
     from flax_captioner.generator import GenerationSettings
     from flax_captioner.loading import generation_defaults
 
     return GenerationSettings.resolve(generation_defaults(config), max_length=args.max_length,
-                                      num_beams=args.num_beams)
+                                      num_beams=args.num_beams, output_scores=output_scores)
 
 
 def prepare_pytorch(directory: Path, args: argparse.Namespace, dtype: str):
@@ -152,21 +152,31 @@ def prepare_hf_flax(directory: Path, args: argparse.Namespace, dtype: str):
     return compile_seconds, lambda pixels: np.asarray(compiled(model.params, pixels))
 
 
-def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str):
+def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
+                 output_scores: bool = False):
+    """Compile seconds: the program's first call (``Generator.compile_seconds``: compiling
+    plus one batch, jit compiles on first call)."""
     import jax.numpy as jnp
 
-    from flax_captioner.generator import Generator, bucket_size
+    from flax_captioner.generator import Generator
     from flax_captioner.loading import load_checkpoint
 
     model = load_checkpoint(directory).model
     generator = Generator(model, model.config, dtype=getattr(jnp, dtype))
-    settings = settings_for(model.config, args)
-    _, compile_seconds = timed(
-        lambda: generator.program(bucket_size(args.batch_size), settings))
-    return compile_seconds, lambda pixels: generator.generate(pixels, settings).sequences
+    settings = settings_for(model.config, args, output_scores)
+    generator.generate(seeded_pixels(args.batch_size, model.config.encoder.image_size,
+                                     args.seed), settings)
+    return generator.compile_seconds, lambda pixels: generator.generate(pixels,
+                                                                        settings).sequences
 
 
-PREPARE = {"pytorch": prepare_pytorch, "hf-flax": prepare_hf_flax, "ours": prepare_ours}
+def prepare_ours_with_scores(directory: Path, args: argparse.Namespace, dtype: str):
+    """Ours with ``output_scores=True`` (per-step scores [B * K, max_length - 1, V] back)."""
+    return prepare_ours(directory, args, dtype, output_scores=True)
+
+
+PREPARE = {"pytorch": prepare_pytorch, "hf-flax": prepare_hf_flax, "ours": prepare_ours,
+           "ours-scores": prepare_ours_with_scores}
 
 
 READY, TIMED = "@benchmark ready", "@benchmark seconds"
@@ -279,7 +289,7 @@ def report(measurements: list[Measurement], args: argparse.Namespace) -> dict[st
           f"{args.max_length}, {args.repeats} timed batches; {platform.processor() or 'cpu'} "
           f"x{os.cpu_count()}; timed batches interleaved across frameworks; load avg = "
           "1-minute load at each worker's start->end")
-    header = (f"{'framework':<10}{'dtype':<10}{'img/s':>8}{'x PyTorch':>11}{'x HF Flax':>11}"
+    header = (f"{'framework':<12}{'dtype':<10}{'img/s':>8}{'x PyTorch':>11}{'x HF Flax':>11}"
               f"{'compile s':>11}{'first s':>9}{'peak MiB':>10}{'gen MiB':>9}  load avg")
     print(header)
     rows = []
@@ -292,7 +302,7 @@ def report(measurements: list[Measurement], args: argparse.Namespace) -> dict[st
         def cell(value, width, spec):
             return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
-        print(f"{m.framework:<10}{m.dtype:<10}{m.images_per_second:>8.2f}"
+        print(f"{m.framework:<12}{m.dtype:<10}{m.images_per_second:>8.2f}"
               f"{cell(vs_torch, 11, '.2f')}{cell(vs_flax, 11, '.2f')}"
               f"{cell(m.compile_seconds, 11, '.1f')}{m.first_call_seconds:>9.1f}"
               f"{m.peak_rss_mib:>10.0f}{cell(m.generate_peak_rss_mib, 9, '.0f')}"
@@ -334,7 +344,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-dtype-check", action="store_true",
                         help="skip the second run of ours in the other dtype")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    parser.add_argument("--output-scores", action="store_true",
+                        help="also run ours with output_scores=True ('ours-scores', per-step "
+                             "scores [B * K, max_length - 1, V] returned), interleaved with "
+                             "the others: the cost of asking for them")
+    parser.add_argument("--worker", choices=tuple(PREPARE), help=argparse.SUPPRESS)
     parser.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = set(args.frameworks.split(",")) - set(FRAMEWORKS)
@@ -357,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
                 for framework in args.frameworks.split(",")]
         if "ours" in args.frameworks.split(",") and not args.no_dtype_check:
             runs.append(("ours", "bfloat16" if args.dtype == "float32" else "float32"))
+        if args.output_scores:
+            runs.append(("ours-scores", args.dtype))
         workers = []
         for framework, dtype in runs:
             print(f"loading, compiling, warming up {framework} ({dtype}) ...", file=sys.stderr,

@@ -282,6 +282,30 @@ def test_every_returned_sequence_is_written_ranked(captioner, image_dir, tmp_pat
         assert ranked[0]["score"] >= ranked[1]["score"] >= ranked[2]["score"]
 
 
+@pytest.mark.parametrize("settings", [
+    {"num_beams": 1, "max_length": 6},
+    {"num_beams": 3, "max_length": 6, "num_return_sequences": 2, "length_penalty": 1.0}])
+def test_token_logprobs_account_for_each_score(captioner, image_dir, tmp_path, settings):
+    output = tmp_path / "out.parquet"
+    run(captioner, [image_dir / "a"], output, settings=settings, token_logprobs=True)
+    rows = list(read_rows(str(output), "parquet"))
+    assert len(rows) == 7
+    for row in rows:
+        for sequence in row.get("sequences", [row]):
+            logprobs = sequence["token_logprobs"]
+            assert 1 <= len(logprobs) <= 5 and all(value <= 0 for value in logprobs)
+            # greedy: the summed log-probs; beam search: divided by the generated length
+            # (EOS included) ** length_penalty, as PyTorch's sequences_scores.
+            expected = sum(logprobs) / (len(logprobs) if settings["num_beams"] > 1 else 1)
+            assert sequence["score"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_per_step_arrays_are_refused_for_rows(captioner, image_dir, tmp_path):
+    with pytest.raises(ValueError, match="output_scores and output_logits are per-step"):
+        run(captioner, [image_dir], tmp_path / "out.jsonl", settings={"output_scores": True})
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_torn_last_line_is_repaired_on_resume(captioner, image_dir, tmp_path):
     images = sorted_images(image_dir)
     reference = tmp_path / "reference.jsonl"

@@ -20,8 +20,9 @@ from transformers import GenerationMixin, GPT2Config, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from flax_captioner import search
-from flax_captioner.parity import pytorch_generate_kwargs
-from flax_captioner.search import GenerationSettings
+from flax_captioner.generator import GenerationOutput
+from flax_captioner.parity import from_pytorch_output, pytorch_generate_kwargs
+from flax_captioner.settings import GenerationSettings
 
 HASH_MODULUS = 1_000_003
 VOCAB = 16
@@ -76,13 +77,20 @@ def settings_for(**overrides) -> GenerationSettings:
     return GenerationSettings.resolve(type("Defaults", (), defaults), **overrides)
 
 
+def search_output(table, image_seeds, settings, row_keys=None) -> search.SearchOutput:
+    """The whole ``SearchOutput`` as host arrays."""
+    output = compiled_search(settings)(jnp.asarray(table), jnp.asarray(image_seeds, jnp.int32),
+                                       row_keys)
+    return search.SearchOutput(*(None if x is None else np.asarray(x) for x in output))
+
+
 def run_jax(table, image_seeds, settings, row_keys=None):
-    sequences, scores = compiled_search(settings)(
-        jnp.asarray(table), jnp.asarray(image_seeds, jnp.int32), row_keys)
-    return np.asarray(sequences), np.asarray(scores)
+    output = search_output(table, image_seeds, settings, row_keys)
+    return output.sequences, output.scores
 
 
-def run_torch(table, image_seeds, settings):
+def torch_output(table, image_seeds, settings) -> GenerationOutput:
+    """PyTorch ``generate`` on the stub, in our output layout."""
     config = GPT2Config(vocab_size=VOCAB, n_embd=4, n_layer=1, n_head=1, bos_token_id=EOS,
                         eos_token_id=EOS, pad_token_id=EOS)
     model = TableLM(config, table).eval()
@@ -94,14 +102,12 @@ def run_torch(table, image_seeds, settings):
     with torch.no_grad():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
                              image_seeds=torch.tensor(image_seeds), **kwargs)
-    sequences = np.full((out.sequences.shape[0], settings.max_length), EOS, np.int32)
-    sequences[:, :out.sequences.shape[1]] = out.sequences.numpy()
-    if settings.num_beams > 1:
-        return sequences, out.sequences_scores.numpy()
-    transition = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
-    generated = out.sequences[:, 1:]
-    ended_before = torch.cumsum((generated == EOS).long(), dim=1) - (generated == EOS).long()
-    return sequences, torch.where(ended_before == 0, transition, 0.0).sum(dim=1).numpy()
+    return from_pytorch_output(model, out, settings)
+
+
+def run_torch(table, image_seeds, settings):
+    output = torch_output(table, image_seeds, settings)
+    return output.sequences, output.scores
 
 
 def assert_same_as_torch(table, image_seeds, settings):
@@ -276,7 +282,6 @@ def test_samples_depend_on_the_image_key_not_the_batch():
     (dict(temperature=0.0, do_sample=True), "temperature must be a number > 0"),
     (dict(repetition_penalty=0.0), "repetition_penalty must be a number > 0"),
     (dict(bad_words_ids=[[1, -2]]), "bad_words_ids must be"),
-    (dict(num_beams=2, do_sample=True), "beam sampling"),
     (dict(beam_width=3), "unknown generation setting(s): beam_width"),
 ])
 def test_invalid_settings_raise_one_line_value_errors(overrides, message):

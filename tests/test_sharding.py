@@ -129,7 +129,7 @@ GENERATOR_SCRIPT = textwrap.dedent("""
     jax.config.update("jax_default_matmul_precision", "highest")
     from flax_captioner.generator import Generator
     from flax_captioner.loading import load_checkpoint
-    from flax_captioner.search import GenerationSettings
+    from flax_captioner.settings import GenerationSettings
     from flax_captioner.sharding import data_parallel
 
     checkpoint, out = load_checkpoint(sys.argv[1]), sys.argv[2]
