@@ -173,8 +173,8 @@ def test_help_imports_no_jax_transformers_or_trainer():
 BAD_INPUTS = [
     # generation flags: valid JSON or not, every bad value is a usage error
     ("flat bad words", ["caption", "IMAGES", "--bad-words-ids", "[12]"], 2,
-     "--bad-words-ids must be a list of non-empty lists of non-negative token ids, "
-     "e.g. [[12],[7,9]], got [12]"),
+     "--bad-words-ids must be a list of non-empty token-id lists such as [[12], [7, 8]], "
+     "got [12]"),
     ("mixed bad words", ["caption", "IMAGES", "--bad-words-ids", "[[12], 7]"], 2,
      "--bad-words-ids must be"),
     ("negative bad word", ["caption", "IMAGES", "--bad-words-ids", "[[-1]]"], 2,
