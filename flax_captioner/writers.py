@@ -236,22 +236,42 @@ def _row_image(path: str, line: bytes) -> str:
             fix=("other_output", "start_over")) from None
 
 
-class ParquetChunkWriter:
-    """Parquet through atomically renamed chunk files, combined into the output on close.
+class _ChunkBuffer:
+    """Rows held back until a chunk is due: every ``flush_rows`` rows or ``flush_seconds``
+    seconds, whichever comes first, so a kill loses little work even when the model is slow.
+    Subclasses commit a chunk in ``_commit(rows)``."""
 
-    A chunk is written every ``flush_rows`` rows or ``flush_seconds`` seconds, whichever
-    comes first, so a kill loses little work even when the model is slow.
-    """
-
-    def __init__(self, path: str, *, resume: bool, flush_rows: int = 1024,
-                 flush_seconds: float = 30.0):
-        check_writable(path)
-        self.path = path
-        self.chunk_dir = f"{path}.chunks"
+    def __init__(self, flush_rows: int, flush_seconds: float):
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
         self._pending: list[Row] = []
         self._last_flush = time.monotonic()
+
+    def write(self, rows: Sequence[Row]) -> None:
+        self._pending.extend(rows)
+        if (len(self._pending) >= self.flush_rows
+                or time.monotonic() - self._last_flush >= self.flush_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if self._pending:
+            self._commit(self._pending)
+            self._pending = []
+
+    def _commit(self, rows: list[Row]) -> None:
+        raise NotImplementedError
+
+
+class ParquetChunkWriter(_ChunkBuffer):
+    """Parquet through atomically renamed chunk files, combined into the output on close."""
+
+    def __init__(self, path: str, *, resume: bool, flush_rows: int = 1024,
+                 flush_seconds: float = 30.0):
+        super().__init__(flush_rows, flush_seconds)
+        check_writable(path)
+        self.path = path
+        self.chunk_dir = f"{path}.chunks"
         if not resume:
             shutil.rmtree(self.chunk_dir, ignore_errors=True)
             _remove(path)
@@ -295,19 +315,9 @@ class ParquetChunkWriter:
         images = pq.read_table(chunks[-1], columns=["image"]).column("image")
         return images[len(images) - 1].as_py() if len(images) else None
 
-    def write(self, rows: Sequence[Row]) -> None:
-        self._pending.extend(rows)
-        if (len(self._pending) >= self.flush_rows
-                or time.monotonic() - self._last_flush >= self.flush_seconds):
-            self.flush()
-
-    def flush(self) -> None:
-        self._last_flush = time.monotonic()
-        if not self._pending:
-            return
+    def _commit(self, rows: list[Row]) -> None:
         final = self._chunk_name(len(self._chunks()))
-        _write_atomically(final, pa.Table.from_pylist(self._pending, schema=PARQUET_SCHEMA))
-        self._pending = []
+        _write_atomically(final, pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA))
 
     def close(self) -> None:
         self.flush()
@@ -330,25 +340,21 @@ def exists(path: str, storage_options: StorageOptions | None = None) -> bool:
     return os.path.exists(storage.local_path(path))
 
 
-class ObjectChunkWriter:
+class ObjectChunkWriter(_ChunkBuffer):
     """JSONL or Parquet on an object store: committed chunk objects, combined on close.
 
-    A chunk is PUT every ``flush_rows`` rows or ``flush_seconds`` seconds, whichever comes
-    first; its name carries its row count, so resuming costs one listing and one read (the
-    last chunk, for its last image).
+    A chunk is one PUT; its name carries its row count, so resuming costs one listing and one
+    read (the last chunk, for its last image).
     """
 
     def __init__(self, url: str, output_format: str, *, resume: bool, flush_rows: int = 1024,
                  flush_seconds: float = 30.0, storage_options: StorageOptions | None = None):
+        super().__init__(flush_rows, flush_seconds)
         check_writable(url, storage_options)
         self.path = url
         self.output_format = output_format
         self.fs, self._final = _output_fs(url, storage_options)
         self._prefix = f"{self._final}.chunks"
-        self.flush_rows = flush_rows
-        self.flush_seconds = flush_seconds
-        self._pending: list[Row] = []
-        self._last_flush = time.monotonic()
         try:
             if not resume:
                 self._remove_chunks()
@@ -428,26 +434,16 @@ class ObjectChunkWriter:
         last_line = data.rstrip(b"\n").rsplit(b"\n", 1)[-1]
         return _row_image(self.path, last_line) if last_line else None
 
-    def write(self, rows: Sequence[Row]) -> None:
-        self._pending.extend(rows)
-        if (len(self._pending) >= self.flush_rows
-                or time.monotonic() - self._last_flush >= self.flush_seconds):
-            self.flush()
-
-    def flush(self) -> None:
-        self._last_flush = time.monotonic()
-        if not self._pending:
-            return
-        name = self._chunk_name(len(self._chunks), len(self._pending))
+    def _commit(self, rows: list[Row]) -> None:
+        name = self._chunk_name(len(self._chunks), len(rows))
         if self.output_format == "parquet":
             buffer = pa.BufferOutputStream()
-            pq.write_table(pa.Table.from_pylist(self._pending, schema=PARQUET_SCHEMA), buffer)
+            pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), buffer)
             payload = buffer.getvalue().to_pybytes()
         else:
-            payload = "".join(_json_line(row) for row in self._pending).encode("utf-8")
+            payload = "".join(_json_line(row) for row in rows).encode("utf-8")
         _put(self.fs, self.path, name, payload)
-        self._chunks.append((name, len(self._pending)))
-        self._pending = []
+        self._chunks.append((name, len(rows)))
 
     def close(self) -> None:
         self.flush()

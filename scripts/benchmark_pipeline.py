@@ -34,6 +34,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_shapes_dataset import write_jpegs  # noqa: E402  (a sibling script)
+
 REPO = Path(__file__).resolve().parent.parent
 SHAPES_MODEL = REPO / "examples" / "shapes-captioner"
 
@@ -52,22 +55,6 @@ def write_photo_jpegs(directory: Path, count: int, size: tuple[int, int] = (640,
         noisy = smooth + rng.integers(-12, 13, smooth.shape, dtype=np.int16)
         path = directory / f"photo_{index:05d}.jpg"
         Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90)
-        paths.append(str(path))
-    return paths
-
-
-def write_shapes_jpegs(directory: Path, count: int) -> list[str]:
-    """Images of the shapes dataset, saved as JPEG."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from make_shapes_dataset import render_example
-
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for index in range(count):
-        image, _ = render_example(rng)
-        path = directory / f"shapes_{index:05d}.jpg"
-        image.convert("RGB").save(path, quality=95)
         paths.append(str(path))
     return paths
 
@@ -152,7 +139,7 @@ def benchmark_remote_shards(args: argparse.Namespace, work_dir: Path) -> dict:
     from flax_captioner.captioner import Captioner
     from flax_captioner.pipeline import run_pipeline
 
-    paths = write_shapes_jpegs(work_dir / "shapes", args.remote_shards)
+    paths = [str(path) for path in write_jpegs(work_dir / "shapes", args.remote_shards)]
     shards = write_shards(paths, work_dir / "shards", args.shard_size)
     pattern = f"shard-{{0000..{len(shards) - 1:04d}}}.tar"
     captioner = Captioner.from_pretrained(str(SHAPES_MODEL), parallelism=args.parallelism)
@@ -254,7 +241,7 @@ def main() -> None:
                 paths = sorted(str(path) for path in Path(args.image_dir).glob("*.jp*g"))
                 paths = paths[: args.images]
             elif image_kind == "shapes":
-                paths = write_shapes_jpegs(work_dir / "shapes", args.images)
+                paths = [str(path) for path in write_jpegs(work_dir / "shapes", args.images)]
             else:
                 paths = write_photo_jpegs(work_dir / "photos", args.images)
             result = {"model": Path(name).name, "images": len(paths), "batch_size": args.batch_size,

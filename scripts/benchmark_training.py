@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -78,16 +77,6 @@ def run_worker(tree: Path, data: Path, output_dir: Path, steps: int, batch_size:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", type=Path, help="checkout of the tree to compare with")
@@ -100,6 +89,7 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="benchmark-training-"))
     sys.path.insert(0, str(REPO / "scripts"))
+    from accelerator_benchmark import cpu_model
     from make_shapes_dataset import make_dataset
 
     data = make_dataset(work / "data", train=args.images, validation=0, seed=1)["train"]
@@ -120,7 +110,7 @@ def main() -> None:
                   f"{last['seconds']:.1f} s", file=sys.stderr)
 
     print(f"\nTraining, shapes model, batch {args.batch_size}, {args.steps} steps, "
-          f"{args.repeats} alternating runs each; {cpu_name()}, {os.cpu_count()} cores\n")
+          f"{args.repeats} alternating runs each; {cpu_model()}, {os.cpu_count()} cores\n")
     print("| tree | images/s after the first step | whole run | waited for input |")
     print("|---|---|---|---|")
     for name, runs in results.items():

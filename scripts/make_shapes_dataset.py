@@ -125,6 +125,20 @@ def make_dataset(out_dir: str | Path, *, train: int, validation: int, seed: int)
     return paths
 
 
+def write_jpegs(directory: str | Path, count: int, *, seed: int = 0) -> list[Path]:
+    """``count`` shapes images as JPEG files ``directory/shapes_NNNNN.jpg`` (no captions), the
+    photo-like encoding the pipeline benchmarks and object-store tests read."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        image, _ = render_example(rng)
+        paths.append(directory / f"shapes_{index:05d}.jpg")
+        image.convert("RGB").save(paths[-1], quality=95)
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)

@@ -16,7 +16,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -36,19 +35,11 @@ SETTINGS = {"num_beams": 2, "max_length": 12}
 
 
 def shapes_jpegs(directory: Path, count: int) -> list[Path]:
-    """``count`` images of the shapes dataset as JPEG files, named shapes_NNN.jpg."""
+    """``count`` images of the shapes dataset as JPEG files."""
     sys.path.insert(0, str(REPO / "scripts"))
-    from make_shapes_dataset import render_example
+    from make_shapes_dataset import write_jpegs
 
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for index in range(count):
-        image, _ = render_example(rng)
-        path = directory / f"shapes_{index:03d}.jpg"
-        image.convert("RGB").save(path, quality=95)
-        paths.append(path)
-    return paths
+    return write_jpegs(directory, count)
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> bytes:
