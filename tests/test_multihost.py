@@ -131,6 +131,27 @@ def test_two_processes_merge_into_the_single_process_output(captioner, captioner
     assert not list(tmp_path.glob("merged.jsonl.part-*"))
 
 
+@pytest.mark.slow
+def test_two_processes_merge_their_parts_on_an_object_store(captioner, captioner_source,
+                                                           subprocess_env, images, tmp_path):
+    s3fs = pytest.importorskip("s3fs")
+    from s3_server import CREDENTIALS, moto_s3
+
+    single = tmp_path / "single.jsonl"
+    run(captioner, [images], single, batch_size=2, num_threads=1)
+    with moto_s3() as endpoint:
+        store = s3fs.S3FileSystem(endpoint_url=endpoint)
+        store.mkdir("captions")
+        # The endpoint reaches both processes through fsspec's standard configuration.
+        env = dict(subprocess_env, FSSPEC_S3_ENDPOINT_URL=endpoint, **CREDENTIALS)
+        results = launch(captioner_source, images, "s3://captions/merged.jsonl", env)
+        for returncode, _, stderr, _ in results:
+            assert returncode == 0, stderr[-3000:]
+        store.invalidate_cache()
+        assert store.cat_file("captions/merged.jsonl") == single.read_bytes()
+        assert store.ls("captions", detail=False) == ["captions/merged.jsonl"]
+
+
 def assert_rerun_resumes(captioner, captioner_source, images, output, env, tmp_path) -> None:
     """Both processes again, unchanged: process 1 redoes only its second batch, and the
     merged output is the one-process run's."""
