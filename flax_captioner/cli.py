@@ -213,8 +213,10 @@ def check_caption_run(args: argparse.Namespace) -> str:
 def _import_transformers_without_torch() -> None:
     """Imports transformers with its PyTorch integration off (``USE_TORCH=0``), unless it is
     imported already. Captioning needs none (.bin weights are read with torch directly), and
-    transformers importing PyTorch costs 5-9 s of every cold start (docs/benchmarks.md). The
-    variable is restored at once, so child processes see the user's environment."""
+    transformers importing PyTorch costs 5-9 s of every cold start (docs/benchmarks.md). It
+    is a choice for the whole process, so only the executable (``main(own_process=True)``,
+    one command per process) makes it, never ``main`` called from Python. The variable is restored at once, so child
+    processes see the user's environment."""
     if "transformers" in sys.modules or "USE_TORCH" in os.environ:
         return
     os.environ["USE_TORCH"] = "0"
@@ -247,7 +249,8 @@ def _load_captioner(args: argparse.Namespace) -> Any:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     resolved_format = check_caption_run(args)
-    _import_transformers_without_torch()
+    if args.own_process:
+        _import_transformers_without_torch()
     if args.distributed:
         import jax
 
@@ -500,12 +503,17 @@ def _handle(args: argparse.Namespace) -> int:
         return _fail("interrupted by SIGTERM", 128 + signal.SIGTERM)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (see the module docstring)."""
+def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int:
+    """Runs the command line; returns the exit status (see the module docstring).
+
+    ``own_process``: the process runs this one command (the executable), so process-wide
+    choices such as ``_import_transformers_without_torch`` are allowed.
+    """
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error already printed
         return exit_.code if isinstance(exit_.code, int) else 2
+    args.own_process = own_process
     with _log_lines():
         if threading.current_thread() is not threading.main_thread():
             return _handle(args)  # signal handlers can only be set in the main thread
@@ -534,5 +542,10 @@ def _log_lines() -> Iterator[None]:
         package_logger.level, package_logger.propagate = saved
 
 
+def run() -> NoReturn:
+    """The ``flax-captioner`` executable: one command per process."""
+    sys.exit(main(own_process=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
