@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -19,6 +18,27 @@ pytest.importorskip("ray.data")
 from test_s3 import SETTINGS, SHAPES_MODEL, shapes_jpegs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+
+RAY_DRIVER = """
+import json, math, sys
+import ray
+from flax_captioner.ray_data import CaptionImages
+
+table, model, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+         runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu"}})
+try:
+    dataset = ray.data.read_parquet(table).map_batches(
+        CaptionImages, fn_constructor_kwargs={"model": model, "image_column": "jpg",
+                                              "id_column": "key", **settings},
+        batch_size=4, concurrency=1)
+    rows = dataset.take_all()
+finally:
+    ray.shutdown()
+clean = lambda value: None if isinstance(value, float) and math.isnan(value) else value
+print(json.dumps([{key: clean(value.item() if hasattr(value, "item") else value)
+                   for key, value in row.items()} for row in rows]))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -46,23 +66,18 @@ def test_map_batches_gives_the_command_lines_captions(table, tmp_path):
     assert completed.returncode == 1, completed.stderr[-2000:]  # one row is not an image
     expected = [json.loads(line) for line in output.read_text().splitlines()]
 
-    from flax_captioner.ray_data import CaptionImages
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu"}})
-    try:
-        dataset = ray.data.read_parquet(str(table)).map_batches(
-            CaptionImages, fn_constructor_kwargs={
-                "model": str(SHAPES_MODEL), "image_column": "jpg", "id_column": "key",
-                **SETTINGS}, batch_size=4, concurrency=1)
-        rows = sorted(dataset.take_all(), key=lambda row: row["key"])
-    finally:
-        ray.shutdown()
+    # The Ray driver runs in its own process, as a user's script would: Ray's runtime (its
+    # threads, gRPC, signal handlers) then never shares the test process.
+    driver = subprocess.run([sys.executable, "-c", RAY_DRIVER, str(table), str(SHAPES_MODEL),
+                             json.dumps(SETTINGS)],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    rows = sorted(json.loads(driver.stdout.strip().splitlines()[-1]), key=lambda row: row["key"])
     assert [row["key"] for row in rows] == [row["image"] for row in expected]
     assert "jpg" not in rows[0]
     for row, reference in zip(rows, expected):
         if "error" in reference:
-            assert row["caption"] is None and np.isnan(row["score"])
+            assert row["caption"] is None and row["score"] is None  # NaN, as JSON null
             assert row["error"] == reference["error"]
         else:
             assert row["error"] is None
