@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import pathlib
 
 import jax
@@ -22,3 +23,17 @@ def tiny_checkpoint(tmp_path_factory) -> pathlib.Path:
 def tiny_bin_checkpoint(tmp_path_factory) -> pathlib.Path:
     """The same architecture as ``tiny_checkpoint`` saved as ``pytorch_model.bin``."""
     return make_checkpoint(tmp_path_factory.mktemp("tiny_bin") / "model", seed=1, weights="bin")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Releases each test module's compiled XLA programs when the module ends.
+
+    One pytest process runs the whole suite; keeping every module's executables alive, XLA's
+    compiler crashed (SIGSEGV in ``backend_compile_and_load``) inside test_s3.py after ~600
+    tests, twice, while the same tests pass in a fresh process.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
+
