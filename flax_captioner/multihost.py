@@ -14,8 +14,10 @@ in process 0), not at a device barrier, because (measured with jax 0.10.2, two C
 
 Here a failure reaches the processes waiting in ``finish`` at once, and processes still
 working when they call ``raise_if_failed`` (between batches): they raise ``ProcessGroupError``
-naming the failed process. A process that never reports (killed, or hung) is named after
-``timeout_s``. Independently, JAX itself ends every process about
+naming the failed process. Each ``raise_if_failed`` call also counts as progress of its
+process; a process that neither reports nor progresses for ``timeout_s`` (killed, or hung)
+is named, while slow processes that still progress are waited for, however long their share
+takes. Independently, JAX itself ends every process about
 ``heartbeat_timeout_seconds`` (an argument of ``jax.distributed.initialize``, 100 s by
 default) after one stops sending heartbeats: SIGABRT, "Terminating process because the JAX
 distributed service detected fatal errors". A process's exit also waits for the others at
@@ -37,8 +39,9 @@ import jax
 
 from flax_captioner.errors import CaptionerError, ProcessGroupError
 
-# Long enough for processes that finish far apart (a resumed run where one process has much
-# more left); a killed process is usually caught sooner by JAX's heartbeat check.
+# Silence, not total wait: a process is named only after this long without finishing or
+# progressing (a batch). Long enough for a first compile or a slow batch; a killed process is
+# usually caught sooner by JAX's heartbeat check.
 DEFAULT_TIMEOUT_S = 600.0
 # Each blocking read is this short so that Ctrl-C, which Python handles between calls,
 # stops a waiting process within a second.
@@ -60,12 +63,13 @@ def finish(name: str, *, error: BaseException | None = None,
       name: the run, the same in every process (the pipeline passes its output path); it
         begins every message.
       error: what stopped this process, or None after success.
-      timeout_s: how long a successful process waits for the others to report.
+      timeout_s: how long a successful process waits for the others while none of the
+        unfinished ones progresses (calls ``raise_if_failed``).
 
     Raises:
       ProcessGroupError: another process reported a failure (the first one reported is
-        named), did not report within ``timeout_s``, or the coordination service (in
-        process 0) became unreachable.
+        named), neither reported nor progressed for ``timeout_s``, or the coordination
+        service (in process 0) became unreachable.
       ValueError: ``timeout_s`` is not positive.
     """
     if timeout_s <= 0:
@@ -83,7 +87,7 @@ def finish(name: str, *, error: BaseException | None = None,
         client.key_value_set(f"{run}/process/{index}", "ok")
         if client.key_value_increment(f"{run}/finished", 1) == count:
             client.key_value_set(f"{run}/end", "ok")
-        end = _wait(client, f"{run}/end", timeout_s)
+        end = _wait(client, f"{run}/end", f"{run}/progress/", timeout_s)
         silent = [] if end is not None else sorted(
             set(range(count)) - {int(key.rsplit("/", 1)[1])
                                  for key, _ in client.key_value_dir_get(f"{run}/process/")})
@@ -99,19 +103,21 @@ def finish(name: str, *, error: BaseException | None = None,
             named += f" and {len(silent) - _MAX_NAMED} more"
         processes = "process" if len(silent) == 1 else "processes"
         raise ProcessGroupError(
-            f"{name}: {processes} {named} of {count} did not report within {timeout_s:g} s "
-            f"(crashed, killed or hung?); {_remedy(index)}", silent[0])
+            f"{name}: {processes} {named} of {count} neither finished nor progressed for "
+            f"{timeout_s:g} s (crashed, killed or hung?); {_remedy(index)}", silent[0])
     if end != "ok":
         raise _failed(name, end, index, count)
 
 
 def raise_if_failed(name: str) -> None:
     """Raises ``ProcessGroupError`` if another process has reported a failure of the current
-    run of ``name`` (a no-op with one process).
+    run of ``name``, and counts one step of this process's progress (a no-op with one
+    process).
 
-    Two reads from the coordination service (about 1 ms on one host), for a long run to call
-    between batches: otherwise a process hears of a failure only at ``finish``, or is aborted
-    by JAX about ``shutdown_timeout_seconds`` (300 s) after the failed process exits.
+    Two reads and an increment in the coordination service (about 1 ms on one host), for a
+    long run to call between batches: otherwise a process hears of a failure only at
+    ``finish``, or is aborted by JAX about ``shutdown_timeout_seconds`` (300 s) after the
+    failed process exits; and processes waiting in ``finish`` see that this one is alive.
     """
     client = _client()
     count = jax.process_count()
@@ -123,8 +129,10 @@ def raise_if_failed(name: str) -> None:
         finished_runs = int(client.key_value_try_get(f"{base}/runs/{index}"))
     except jax.errors.JaxRuntimeError:  # NOT_FOUND: this is the first run of ``name``
         finished_runs = 0
+    run = f"{base}/{finished_runs + 1}"
     try:
-        end = client.key_value_try_get(f"{base}/{finished_runs + 1}/end")
+        client.key_value_increment(f"{run}/progress/{index}", 1)
+        end = client.key_value_try_get(f"{run}/end")
     except jax.errors.JaxRuntimeError:  # NOT_FOUND: nobody failed (an unreachable service is
         return                          # left to ``finish``, which waits and names it)
     if end != "ok":
@@ -175,9 +183,11 @@ def _report_failure(client, name: str, index: int, reason: str) -> None:
         pass
 
 
-def _wait(client, key: str, timeout_s: float) -> str | None:
-    """The value of ``key`` once it is set, or None after ``timeout_s``."""
+def _wait(client, key: str, progress: str, timeout_s: float) -> str | None:
+    """The value of ``key`` once it is set, or None once nothing under the key directory
+    ``progress`` has changed for ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
+    seen = sorted(client.key_value_dir_get(progress))
     while True:
         remaining = deadline - time.monotonic()
         try:
@@ -186,7 +196,10 @@ def _wait(client, key: str, timeout_s: float) -> str | None:
         except jax.errors.JaxRuntimeError as error:
             if "DEADLINE_EXCEEDED" not in str(error):
                 raise
-        if remaining <= _WAIT_SLICE_S:
+        counts = sorted(client.key_value_dir_get(progress))
+        if counts != seen:
+            deadline, seen = time.monotonic() + timeout_s, counts
+        elif deadline - time.monotonic() <= 0:
             return None
 
 

@@ -192,8 +192,8 @@ def test_a_killed_process_is_named_after_the_timeout_and_a_rerun_resumes(
         subprocess_env, FAIL_PROCESS_1_AT_BATCH_2="kill", FAILURE_MARKER=str(marker),
         PROCESS_TIMEOUT_S=str(KILLED_PEER_TIMEOUT_S)))[::-1]
     assert killed[0] == -9
-    message = (f"{output}: process 1 of 2 did not report within {KILLED_PEER_TIMEOUT_S} s "
-               "(crashed, killed or hung?); process 0 stopped, keeping its work; run every "
+    message = (f"{output}: process 1 of 2 neither finished nor progressed for "
+               f"{KILLED_PEER_TIMEOUT_S} s (crashed, killed or hung?); process 0 stopped, keeping its work; run every "
                "process again to resume")
     assert message in survivor[2].splitlines(), survivor[2][-3000:]
     # After that line, process 0's exit waits at JAX's shutdown barrier until the heartbeat
@@ -296,8 +296,32 @@ def test_processes_that_never_report_are_named_after_the_timeout(processes):
     assert 0.3 <= time.monotonic() - started < 5
     assert raised[0].process_index == 1
     assert str(raised[0]).startswith(
-        "out.jsonl: processes 1, 2, 3, 4, 5, 6, 7, 8 and 2 more of 11 did not report within "
-        "0.3 s (crashed, killed or hung?); process 0 stopped")
+        "out.jsonl: processes 1, 2, 3, 4, 5, 6, 7, 8 and 2 more of 11 neither finished nor "
+        "progressed for 0.3 s (crashed, killed or hung?); process 0 stopped")
+
+
+def test_a_slow_process_that_progresses_is_waited_for_past_the_timeout(processes):
+    def slow_but_alive() -> None:
+        """Six batches of 0.1 s, 0.6 s in all: twice the others' timeout, never silent
+        for as long as it."""
+        for _ in range(6):
+            multihost.raise_if_failed("out.jsonl")
+            time.sleep(0.1)
+        multihost.finish("out.jsonl")
+
+    started = time.monotonic()
+    assert processes([None, slow_but_alive, None], timeout_s=0.3) == [None, None, None]
+    assert time.monotonic() - started >= 0.6
+
+    def progresses_then_hangs() -> None:
+        for _ in range(3):
+            multihost.raise_if_failed("out.jsonl")
+            time.sleep(0.1)
+
+    started = time.monotonic()
+    raised = processes([None, progresses_then_hangs], timeout_s=0.3)
+    assert raised[0].process_index == 1 and "neither finished nor progressed" in str(raised[0])
+    assert 0.5 <= time.monotonic() - started < 5
 
 
 def test_a_run_after_a_failed_one_in_the_same_launch_is_not_confused_by_its_keys(processes):
