@@ -63,6 +63,21 @@ _MEMORY_SHARE = 0.75
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+# decode_step's cross-attention context form (decoder.CROSS_CONTEXT_FORMS) per platform.
+# decode_step alone, nlpconnect size, 8 images x 4 beams, 2-core AMD EPYC (Zen 4),
+# 2026-11-27, best of 5 (multiply_reduce vs einsum): float32 96.9 vs 114.6 ms (an earlier run
+# 100.5 vs 137.1), bfloat16 58.0 vs 90.6 ms: XLA:CPU runs the einsum as B x H matmuls of K
+# rows each. GPU and TPU keep the CPU's form until measured: part 3 of
+# scripts/accelerator_benchmark.py times both forms on the device ("einsum" rows), and its
+# result decides their entries.
+CROSS_CONTEXT = {"cpu": "multiply_reduce", "gpu": "multiply_reduce", "tpu": "multiply_reduce"}
+
+
+def cross_context(platform: str) -> str:
+    """The cross-attention context form for devices of ``platform`` ("cpu", "gpu", "tpu")."""
+    return CROSS_CONTEXT.get(platform, "multiply_reduce")
+
+
 def matmul_precision(dtype: Any) -> str:
     """The matmul precision programs of compute ``dtype`` are traced at.
 

@@ -29,6 +29,8 @@ from transformers.modeling_flax_utils import ACT2FN
 from flax_captioner.errors import ModelLoadError
 
 Params = Any  # the nested dict of FlaxVisionEncoderDecoderModel.params
+# The forms of decode_step's cross-attention context; backend.CROSS_CONTEXT picks one.
+CROSS_CONTEXT_FORMS = ("multiply_reduce", "einsum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +270,8 @@ def init_cache(batch: int, beams: int, max_length: int, spec: DecoderSpec,
 
 def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
                 cache: SelfAttentionCache, cross: CrossKV, spec: DecoderSpec,
-                dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, SelfAttentionCache]:
+                dtype: jnp.dtype = jnp.float32, cross_context: str = "multiply_reduce",
+                ) -> tuple[jax.Array, SelfAttentionCache]:
     """One GPT-2 step for every beam: returns (logits [B, K, V] float32, updated cache).
 
     Args:
@@ -277,7 +280,14 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
         ``<= position``.
       cache: L keys/values [B, K, H, T, Dh].
       cross: L keys/values [B, H, S, Dh], shared by the K beams of each image.
+      cross_context: how the cross-attention context (probabilities x values) is computed:
+        ``"multiply_reduce"`` (a float32 multiply and a sum over S) or ``"einsum"`` (a
+        batched matmul in ``dtype``); ``backend.CROSS_CONTEXT`` picks one per platform, with
+        the measurements.
     """
+    if cross_context not in CROSS_CONTEXT_FORMS:
+        raise ValueError(f"cross_context must be one of {CROSS_CONTEXT_FORMS}, "
+                         f"got {cross_context!r}")
     gpt2 = params["decoder"]["transformer"]
     batch, beams = tokens.shape
     heads, head_dim = spec.num_heads, spec.head_dim
@@ -322,11 +332,15 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
         query = split_heads(_conv1d(normed, cross_attention["q_attn"], dtype))
         scores = jnp.einsum("bkhd,bhsd->bkhs", query.astype(dtype), cross.key[index],
                             preferred_element_type=jnp.float32) / scale
-        # A float32 multiply-reduce over S, not an einsum: with only K query rows per (image,
-        # head), XLA:CPU runs the einsum as B x H tiny matmuls, ~6x slower.
         probs = jax.nn.softmax(scores, axis=-1)  # [B, K, H, S]
-        context = jnp.sum(probs[..., None] * cross.value[index][:, None].astype(jnp.float32),
-                          axis=-2)  # [B, K, H, Dh]
+        if cross_context == "einsum":
+            # In ``dtype``, as in _softmax_attention: it only feeds c_proj, which casts to it.
+            context = jnp.einsum("bkhs,bhsd->bkhd", probs.astype(dtype), cross.value[index],
+                                 preferred_element_type=dtype)  # [B, K, H, Dh]
+        else:
+            context = jnp.sum(probs[..., None]
+                              * cross.value[index][:, None].astype(jnp.float32),
+                              axis=-2)  # [B, K, H, Dh]
         hidden = hidden + _conv1d(context.reshape(batch, beams, -1), cross_attention["c_proj"],
                                   dtype)
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from flax_captioner import sharding, storage
 from flax_captioner.errors import ImageReadError
-from flax_captioner.preprocess import PreprocessConfig, load_and_preprocess_one
+from flax_captioner.preprocess import ImageDecoding, PreprocessConfig, load_and_preprocess_one
 from flax_captioner.sources import InputItem
 
 # Batches ready ahead of the consumer. One hides a batch's decoding behind the device's work on
@@ -65,7 +65,7 @@ class Batch:
 
 
 def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig, *,
-                exif_transpose: bool = False) -> np.ndarray:
+                decoding: ImageDecoding = ImageDecoding()) -> np.ndarray:
     """float32[3, H, W] of one item: ``encoded`` (its stream or fetched bytes, already read),
     its in-memory ``data``, or the file or URL at ``item.image``. Safe to call from many
     threads.
@@ -77,13 +77,13 @@ def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig
     if source is None and storage.is_remote(item.image):  # an item built without ``fetch``
         source = storage.fetcher(item.image)()
     return load_and_preprocess_one(storage.local_path(item.image) if source is None else source,
-                                   config, name=item.image, exif_transpose=exif_transpose)
+                                   config, name=item.image, decoding=decoding)
 
 
 @contextlib.contextmanager
 def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: int, *,
             num_threads: int | None = None, prefetch: int = DEFAULT_PREFETCH,
-            exif_transpose: bool = False) -> Iterator[Iterator[Batch]]:
+            decoding: ImageDecoding = ImageDecoding()) -> Iterator[Iterator[Batch]]:
     """Decodes ``items`` on background threads into ``Batch``es of ``batch_size`` images.
 
     A batch holds ``batch_size`` decoded images plus the failed items among them, so failures
@@ -98,7 +98,7 @@ def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: in
       batch_size: decoded images per batch.
       num_threads: decode threads; None means one per CPU core.
       prefetch: ready batches kept ahead of the consumer.
-      exif_transpose: apply EXIF orientation (see ``preprocess.load_image``).
+      decoding: how files become RGB images (EXIF orientation, fast JPEG decoding).
 
     Yields:
       An iterator of Batches; leaving the context stops the threads (unread work is dropped).
@@ -116,28 +116,28 @@ def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: in
     with contextlib.ExitStack() as stack:
         executor = concurrent.futures.ThreadPoolExecutor(threads, "flax-captioner-decode")
         stack.callback(executor.shutdown, cancel_futures=True)
-        decoded = _decoded_in_order(items, config, executor, window, exif_transpose)
+        decoded = _decoded_in_order(items, config, executor, window, decoding)
         yield stack.enter_context(_in_background(_group(decoded, config, batch_size), prefetch))
 
 
 def _decode_timed(item: InputItem, encoded: bytes | None, config: PreprocessConfig,
-                  exif_transpose: bool) -> Decoded:
+                  decoding: ImageDecoding) -> Decoded:
     started = time.perf_counter()
     try:
-        pixels, error = decode_item(item, encoded, config, exif_transpose=exif_transpose), None
+        pixels, error = decode_item(item, encoded, config, decoding=decoding), None
     except ImageReadError as read_error:
         pixels, error = None, read_error
     return pixels, error, time.perf_counter() - started
 
 
 def _submit(executor: concurrent.futures.Executor, item: InputItem, config: PreprocessConfig,
-            exif_transpose: bool, prefetcher: storage.Prefetcher) -> concurrent.futures.Future:
+            decoding: ImageDecoding, prefetcher: storage.Prefetcher) -> concurrent.futures.Future:
     """Queues the decoding of ``item``; stream bytes are read here, in input order; remote
     objects are fetched on the prefetcher's I/O threads first."""
     if item.fetch is not None:
         return prefetcher.submit(
             item.fetch, item.size, executor,
-            lambda encoded: _decode_timed(item, encoded, config, exif_transpose),
+            lambda encoded: _decode_timed(item, encoded, config, decoding),
             lambda error: (None, error, 0.0))
     encoded = None
     if item.read_bytes is not None:
@@ -147,12 +147,12 @@ def _submit(executor: concurrent.futures.Executor, item: InputItem, config: Prep
             failed: concurrent.futures.Future = concurrent.futures.Future()
             failed.set_result((None, error, 0.0))
             return failed
-    return executor.submit(_decode_timed, item, encoded, config, exif_transpose)
+    return executor.submit(_decode_timed, item, encoded, config, decoding)
 
 
 def _decoded_in_order(items: Iterable[InputItem], config: PreprocessConfig,
                       executor: concurrent.futures.Executor, window: int,
-                      exif_transpose: bool) -> Iterator[tuple[InputItem, Decoded]]:
+                      decoding: ImageDecoding) -> Iterator[tuple[InputItem, Decoded]]:
     """(item, decode result) in input order, with at most ``window`` decodes in flight.
 
     An error raised by ``items`` is re-raised after the items before it, so consumers still
@@ -170,7 +170,7 @@ def _decoded_in_order(items: Iterable[InputItem], config: PreprocessConfig,
             except Exception as error:  # re-raised below, in its place in the order
                 failure = error
                 break
-            in_flight.append((item, _submit(executor, item, config, exif_transpose,
+            in_flight.append((item, _submit(executor, item, config, decoding,
                                             prefetcher)))
             if len(in_flight) >= window:
                 item, future = in_flight.popleft()

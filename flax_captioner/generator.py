@@ -82,7 +82,8 @@ class GenerationOutput:
 
 
 def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
-                      dtype: Any = jnp.float32) -> GenerateFn:
+                      dtype: Any = jnp.float32,
+                      cross_context: str = "multiply_reduce") -> GenerateFn:
     """The whole search as one pure function of (params, pixels, keys).
 
     Returns ``fn(params, pixel_values [B, 3, H, W] float32, row_keys [B, 2] uint32) ->
@@ -90,6 +91,7 @@ def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
     then the per-token and, when asked for, per-step arrays); ``row_keys`` only matter when
     sampling. Cross-attention keys/values are computed once per image and shared by its
     beams; step one runs on B rows, the search expands the cache to K beams after it.
+    ``cross_context`` is ``decoder.decode_step``'s.
     """
 
     def generate_fn(params: Any, pixel_values: jax.Array,
@@ -100,7 +102,8 @@ def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
         cache = decoder.init_cache(batch, 1, settings.max_length, spec, dtype)
 
         def step_fn(tokens, position, cache):
-            return decoder.decode_step(params, tokens, position, cache, cross, spec, dtype)
+            return decoder.decode_step(params, tokens, position, cache, cross, spec, dtype,
+                                       cross_context)
 
         return search.search(step_fn, decoder.reorder_cache, cache, batch, settings, row_keys)
 
@@ -139,10 +142,13 @@ class Generator:
       dtype: matmul compute dtype: ``jnp.float32`` (parity) or ``jnp.bfloat16`` (fast).
       data_parallel: a ``sharding.DataParallel`` placement; ``None`` places everything on
         the first local device (``sharding.SingleDevice``).
+      cross_context: ``decoder.decode_step``'s cross-attention form; ``None`` takes the
+        devices' platform's (``backend.CROSS_CONTEXT``).
     """
 
     def __init__(self, model_or_params: Any, config: Any, *, dtype: Any = jnp.float32,
-                 data_parallel: sharding.DataParallel | None = None):
+                 data_parallel: sharding.DataParallel | None = None,
+                 cross_context: str | None = None):
         params = getattr(model_or_params, "params", model_or_params)
         self.spec = decoder.DecoderSpec.from_config(config)
         self.dtype = jnp.dtype(dtype)
@@ -150,9 +156,14 @@ class Generator:
             params = decoder.cast_params(params, self.dtype)
         self.data_parallel = data_parallel or sharding.SingleDevice()
         self.num_shards = self.data_parallel.num_shards
+        self.cross_context = cross_context or backend.cross_context(
+            self.data_parallel.devices[0].platform)
+        if self.cross_context not in decoder.CROSS_CONTEXT_FORMS:
+            raise ValueError(f"cross_context must be one of {decoder.CROSS_CONTEXT_FORMS}, "
+                             f"got {self.cross_context!r}")
         self.params = self.data_parallel.replicate(params)
-        self._programs: dict[tuple[int, GenerationSettings, Any], Callable] = {}
-        # Seconds spent in each program's first call: compiling it, plus running that batch.
+        self._programs: dict[tuple[int, GenerationSettings, Any], sharding.Program] = {}
+        # Seconds spent compiling programs (ahead of their first call, so running is apart).
         self.compile_seconds = 0.0
 
     def check(self, settings: GenerationSettings) -> None:
@@ -178,7 +189,7 @@ class Generator:
             raise ValueError(f"max_length {settings.max_length} exceeds the decoder's "
                              f"{self.spec.n_positions} positions")
 
-    def program(self, bucket: int, settings: GenerationSettings) -> Callable:
+    def program(self, bucket: int, settings: GenerationSettings) -> sharding.Program:
         """The compiled search for ``bucket`` images (compiled on first use, then cached)."""
         # Traced at the dtype's own precision ("highest" for float32, so not TF32 on GPUs),
         # whatever the caller's jax config (backend.py). Nothing is donated: the pixels cannot
@@ -189,7 +200,7 @@ class Generator:
         key = (bucket, settings, precision)
         if key not in self._programs:
             self.check(settings)
-            generate_fn = build_generate_fn(self.spec, settings, self.dtype)
+            generate_fn = build_generate_fn(self.spec, settings, self.dtype, self.cross_context)
             self._programs[key] = self.data_parallel.wrap(
                 backend.at_precision(generate_fn, precision))
         return self._programs[key]
@@ -232,17 +243,17 @@ class Generator:
         program = self.program(bucket, settings)
         padded = sharding.pad_to_multiple(pixel_values, bucket)
         keys = image_keys(rng if rng is not None else jax.random.PRNGKey(0), first_index, bucket)
-        started = time.perf_counter()
+        params = self.params if params is None else params
         try:  # waits for the results here: an execution failure surfaces late (async dispatch)
-            output = jax.block_until_ready(
-                program(self.params if params is None else params, padded, keys))
+            if len(self._programs) > programs_before:  # a new program: compile it, timed
+                started = time.perf_counter()
+                program.compile(params, padded, keys)
+                self.compile_seconds += time.perf_counter() - started
+            output = jax.block_until_ready(program(params, padded, keys))
         except RuntimeError as error:
             if not backend.is_out_of_memory(error):
                 raise
             raise backend.out_of_memory_error(error, batch=batch, bucket=bucket,
                                               num_shards=self.num_shards,
                                               platform=jax.default_backend()) from error
-        if len(self._programs) > programs_before:  # jit compiles on a program's first call
-            jax.block_until_ready(output)
-            self.compile_seconds += time.perf_counter() - started
         return GenerationOutput.from_search(output, batch, settings)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from flax_captioner import feed, multihost, sharding
 from flax_captioner.errors import DataError, OutputError, PipelineInterrupted
+from flax_captioner.preprocess import ImageDecoding
 from flax_captioner.sources import InputItem, check_inputs, iter_inputs
 from flax_captioner.writers import (Row, RowWriter, check_writable, exists, format_score,
                                     merge_shards, open_writer, part_path, resolve_format)
@@ -43,7 +44,8 @@ class PipelineStats:
       resumed: rows already in the output from earlier runs, skipped.
       wall_seconds: the run, from the first input read to the last row flushed.
       decode_seconds: image decoding + preprocessing, summed over the decoding threads.
-      device_seconds: the model: generate calls until their outputs were on the host.
+      device_seconds: the model: generate calls until their outputs were on the host,
+        compilation excluded.
       input_wait_seconds: time the device loop waited for decoded batches (0 when decoding
         keeps up).
       decode_threads: number of decoding threads.
@@ -113,6 +115,7 @@ def run_pipeline(
     seed: int = 0,
     settings: Mapping[str, Any] | None = None,
     exif_transpose: bool = False,
+    fast_decode: bool = False,
     token_logprobs: bool = False,
     progress: bool | None = None,
     flush_seconds: float = 30.0,
@@ -141,6 +144,8 @@ def run_pipeline(
         ``num_return_sequences`` > 1 each row also lists every returned sequence, ranked.
       exif_transpose: apply EXIF orientation before preprocessing (off: the model card's
         behaviour, which parity with PyTorch assumes).
+      fast_decode: decode JPEGs at reduced scale in the DCT domain (``ImageDecoding.fast``):
+        faster on large photos, pixels close to but not equal to the exact path's.
       token_logprobs: rows (and each ranked sequence) also carry ``token_logprobs``, the
         log-probability of every generated token, EOS included (``GenerationOutput.token_scores``).
       progress: show a tqdm bar on stderr; None shows it on a terminal, and elsewhere only
@@ -153,7 +158,8 @@ def run_pipeline(
       image_column, id_column: the encoded-image and row-name columns of Parquet/Arrow
         inputs (None: detected; see ``sources.iter_inputs``).
       process_timeout_s: under ``jax.distributed``, how long a process that has finished its
-        share waits for the others to finish theirs (``multihost.finish``).
+        share waits while none of the others progresses (finishes a batch); slower ones that
+        progress are waited for (``multihost.finish``).
 
     Returns:
       PipelineStats, also printed as one line on stderr.
@@ -199,7 +205,8 @@ def run_pipeline(
             flush_seconds=flush_seconds, storage_options=storage_options,
             num_threads=num_threads, progress=progress,
             show_progress=process_index == 0 if progress is None else progress,
-            batch_size=batch_size, exif_transpose=exif_transpose, seed=seed, settings=settings,
+            batch_size=batch_size, seed=seed, settings=settings,
+            decoding=ImageDecoding(exif_transpose=exif_transpose, fast=fast_decode),
             row_format=_RowFormat(resolved.num_return_sequences, resolved.eos_token_id,
                                   token_logprobs))
     except BaseException as error:
@@ -221,7 +228,7 @@ def _caption_slice(captioner: Any, items: Iterator[InputItem], output: str | Non
                    flush_seconds: float, storage_options: Mapping[str, Any] | None,
                    num_threads: int | None, progress: bool | None, show_progress: bool,
                    batch_size: int,
-                   exif_transpose: bool, seed: int, settings: dict[str, Any],
+                   decoding: ImageDecoding, seed: int, settings: dict[str, Any],
                    row_format: _RowFormat) -> PipelineStats:
     """This process's share of a run: resume ``target``, caption the rest of ``items`` into
     it, close it. Raises PipelineInterrupted after a signal, once the rows are flushed."""
@@ -239,7 +246,7 @@ def _caption_slice(captioner: Any, items: Iterator[InputItem], output: str | Non
             bar = stack.enter_context(_progress_bar(show_progress, progress))
             batches = stack.enter_context(feed.batches(
                 items, captioner.preprocess_config, batch_size, num_threads=num_threads,
-                exif_transpose=exif_transpose))
+                decoding=decoding))
             _caption_batches(captioner, batches, writer, stats, bar, stop_signal, output=output,
                              seed=seed, settings=settings, row_format=row_format)
     except BaseException:
@@ -288,10 +295,11 @@ def _caption_batches(captioner: Any, batches: Iterator[feed.Batch], writer: RowW
         stats.decode_seconds += batch.decode_seconds
         generated = None
         if batch.num_decoded:
-            started = time.perf_counter()
+            started, compiled = time.perf_counter(), captioner.generator.compile_seconds
             generated = captioner.generate(batch.pixel_values, rng=base_key,
                                            first_index=batch.items[0].index, **settings)
-            stats.device_seconds += time.perf_counter() - started
+            stats.device_seconds += (time.perf_counter() - started
+                                     - (captioner.generator.compile_seconds - compiled))
         writer.write(_rows(batch, generated, captioner.decode, row_format))
         errors = sum(error is not None for error in batch.errors)
         stats.captioned += batch.num_decoded

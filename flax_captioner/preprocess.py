@@ -165,8 +165,26 @@ class PreprocessConfig:
         return path
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageDecoding:
+    """How an image file becomes the RGB image that preprocessing resizes. The defaults give
+    the model card's pixels, which parity with PyTorch assumes.
+
+    Attributes:
+      exif_transpose: rotate/flip by the EXIF orientation tag first (``load_image``).
+      fast: decode JPEGs in the DCT domain at the largest reduction (1/2, 1/4 or 1/8) that
+        still covers the model's input size on both sides, then resize as usual. Pixels come
+        close to ViTImageProcessor's, not equal; docs/benchmarks.md has its speed and caption
+        agreement with the exact path.
+    """
+
+    exif_transpose: bool = False
+    fast: bool = False
+
+
 def load_image(source: ImageSource, *, name: str | None = None,
-               exif_transpose: bool = False) -> Image.Image:
+               exif_transpose: bool = False,
+               jpeg_draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Decodes an image fully and converts it to RGB, as the model card does.
 
     Every mode goes through ``image.convert("RGB")``: palette and alpha modes drop the alpha
@@ -181,6 +199,10 @@ def load_image(source: ImageSource, *, name: str | None = None,
       exif_transpose: rotate/flip by the EXIF orientation tag (``ImageOps.exif_transpose``, what
         ``pipeline("image-to-text")`` does). Off by default because the model card's code does
         not apply it, and parity with the card's captions is the default.
+      jpeg_draft_size: (width, height), for the fast decode path: a JPEG file is decoded at
+        1/2, 1/4 or 1/8 of its size in the DCT domain (``Image.draft``), the largest reduction
+        that keeps both sides at least this large. Other formats and in-memory images are
+        unaffected. None (default): full-size decoding, the model card's pixels.
 
     Returns:
       A loaded RGB image (the image itself when it is a loaded RGB image already).
@@ -203,6 +225,8 @@ def load_image(source: ImageSource, *, name: str | None = None,
         if limit is not None and image.width * image.height > limit:
             raise ImageReadError(name, f"{image.width}x{image.height} pixels is over PIL's "
                                        f"decompression-bomb limit of {limit} pixels")
+        if jpeg_draft_size is not None and image is not source:
+            image.draft(None, jpeg_draft_size)  # a no-op for other formats
         if exif_transpose:
             image = _exif_transposed(image, name)
         return _decode_rgb(image, name)
@@ -274,7 +298,8 @@ def preprocess(images: Sequence[Image.Image], config: PreprocessConfig) -> np.nd
 
 
 def load_and_preprocess_one(source: ImageSource, config: PreprocessConfig, *,
-                            name: str | None = None, exif_transpose: bool = False) -> np.ndarray:
+                            name: str | None = None,
+                            decoding: ImageDecoding = ImageDecoding()) -> np.ndarray:
     """``load_image`` then ``preprocess`` for one image; safe to call from many threads at once
     (``feed`` runs it on its decode threads).
 
@@ -284,7 +309,12 @@ def load_and_preprocess_one(source: ImageSource, config: PreprocessConfig, *,
     Raises:
       ImageReadError: see ``load_image``.
     """
-    image = load_image(source, name=name, exif_transpose=exif_transpose)
+    draft = None
+    if decoding.fast and config.do_resize:
+        side = max(config.size)  # square, so an EXIF rotation cannot leave a side short
+        draft = (side, side)
+    image = load_image(source, name=name, exif_transpose=decoding.exif_transpose,
+                       jpeg_draft_size=draft)
     height, width = config.size if config.do_resize else (image.height, image.width)
     pixel_values = np.empty((3, height, width), np.float32)
     _pixel_values_into(image, config, _pixel_lut(config), pixel_values)

@@ -31,6 +31,7 @@ from PIL import Image
 from flax_captioner import feed, storage
 from flax_captioner.defaults import DEFAULT_MODEL
 from flax_captioner.errors import ImageReadError
+from flax_captioner.preprocess import ImageDecoding
 from flax_captioner.sources import InputItem
 
 
@@ -47,6 +48,8 @@ class CaptionImages:
       num_threads: decoding threads per actor (None: one per CPU core).
       dtype: "float32" or "bfloat16".
       parallelism: "mesh", "pmap" or "none" (see ``Captioner.from_pretrained``).
+      exif_transpose, fast_decode: how files become RGB images (``preprocess.ImageDecoding``;
+        both off: the model card's pixels).
       settings: generation settings (``num_beams``, ``max_length``, ...); unset ones come
         from the checkpoint. Sampling keys fold in each row's position within its batch.
 
@@ -57,7 +60,8 @@ class CaptionImages:
     def __init__(self, model: str = DEFAULT_MODEL, *, image_column: str = "image",
                  id_column: str | None = None, batch_size: int | None = None,
                  num_threads: int | None = None, dtype: str = "float32",
-                 parallelism: str = "mesh", **settings: Any):
+                 parallelism: str = "mesh", exif_transpose: bool = False,
+                 fast_decode: bool = False, **settings: Any):
         import jax.numpy as jnp
 
         from flax_captioner.captioner import Captioner
@@ -69,6 +73,7 @@ class CaptionImages:
         self.id_column = id_column
         self.batch_size = batch_size or self.captioner.default_batch_size()
         self.num_threads = num_threads
+        self.decoding = ImageDecoding(exif_transpose=exif_transpose, fast=fast_decode)
         self.settings = self.captioner.settings(**settings)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -90,7 +95,7 @@ class CaptionImages:
         errors: list[str | None] = [None] * len(items)
         rows = self.settings.num_return_sequences
         with feed.batches(items, self.captioner.preprocess_config, self.batch_size,
-                          num_threads=self.num_threads) as batches:
+                          num_threads=self.num_threads, decoding=self.decoding) as batches:
             for decoded in batches:
                 done = [item.index for item, error in zip(decoded.items, decoded.errors)
                         if error is None]

@@ -154,8 +154,8 @@ def prepare_hf_flax(directory: Path, args: argparse.Namespace, dtype: str):
 
 def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
                  output_scores: bool = False):
-    """Compile seconds: the program's first call (``Generator.compile_seconds``: compiling
-    plus one batch, jit compiles on first call)."""
+    """Compile seconds: ``Generator.compile_seconds`` (ahead-of-time compilation, timed
+    apart from running the first batch)."""
     import jax.numpy as jnp
 
     from flax_captioner.generator import Generator

@@ -43,27 +43,36 @@ def test_smoke_run_measures_every_part_and_renders_markdown(tmp_path):
     env = parts["environment"]
     assert env["jax_backend"] == "cpu" and env["packages"]["jax"] and env["host_cores"] >= 1
 
-    # Parity: three chaotic checkpoints and the tiny random model, four settings each, 0 off.
+    # Parity: three chaotic checkpoints and the tiny random model, four settings each (and
+    # the chaotic ones' beam search with the other cross-attention form), 0 off.
     parity = {(row["model"], row["setting"]): row for row in parts["parity"]["rows"]}
     assert set(parity) == {(model, setting)
                            for model in ("chaotic-1", "chaotic-5", "chaotic-6", "tiny random")
-                           for setting in ("beam", "greedy", "min_length", "no_repeat_ngram")}
+                           for setting in ("beam", "greedy", "min_length", "no_repeat_ngram")
+                           } | {(f"chaotic-{seed}", "beam, einsum cross-attention")
+                                for seed in (1, 5, 6)}
     assert all(row["captions"] == 4 and row["mismatched"] == 0 for row in parity.values())
 
     rows = {(row["framework"], row["variant"], row["batch"]): row
             for row in parts["throughput"]["rows"]}
     assert set(rows) == {("ours", "float32", 2), ("ours", "bfloat16", 2),
+                         ("ours", "float32 einsum", 2), ("ours", "bfloat16 einsum", 2),
                          ("hf-flax", "float32", 2), ("pytorch", "float32", 2),
                          ("pytorch", "bfloat16-autocast", 2)}
     for row in rows.values():
         assert row["images_per_second"] > 0 and len(row["batch_seconds"]) == 2
     assert rows["ours", "float32", 2]["compile_seconds"] > 0
 
-    pipeline = parts["end_to_end"]["pipeline"]
-    assert pipeline["images"] == 32 and pipeline["captioned"] == 32 and pipeline["errors"] == 0
-    assert pipeline["images_per_second"] > 0 and pipeline["input_wait_seconds"] >= 0
-    scaling = {(row["mode"], row["workers"]) for row in parts["end_to_end"]["decode_scaling"]}
-    assert scaling == {("threads", 1), ("threads", 2), ("processes", 1), ("processes", 2)}
+    pipelines = {row["decode"]: row for row in parts["end_to_end"]["pipelines"]}
+    assert set(pipelines) == {"exact", "fast"}
+    for pipeline in pipelines.values():
+        assert pipeline["images"] == 32 and pipeline["captioned"] == 32
+        assert pipeline["errors"] == 0 and pipeline["input_wait_seconds"] >= 0
+        assert pipeline["images_per_second"] > 0 and pipeline["bound"] in ("decode", "device")
+    scaling = {(row["decode"], row["mode"], row["workers"])
+               for row in parts["end_to_end"]["decode_scaling"]}
+    assert scaling == {(decode, mode, workers) for decode, mode in (
+        ("exact", "threads"), ("exact", "processes"), ("fast", "threads")) for workers in (1, 2)}
 
     targets = {target["target"]: target for target in report["targets"]}
     assert targets["exact float32 caption mismatches vs PyTorch"]["measured"] == 0

@@ -98,6 +98,21 @@ def test_search_runs_without_host_callbacks_or_implicit_transfers(tiny_model):
                                   generator.generate(pixels, settings).sequences)
 
 
+def test_cross_attention_form_is_the_platforms_and_both_forms_give_the_same_search(
+        tiny_model):
+    assert backend.cross_context("cpu") == "multiply_reduce"
+    default = Generator(tiny_model.params, tiny_model.config)
+    assert default.cross_context == backend.CROSS_CONTEXT["cpu"]
+    einsum = Generator(tiny_model.params, tiny_model.config, cross_context="einsum")
+    settings = settings_for(num_beams=3, max_length=8)
+    pixels = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    expected, output = default.generate(pixels, settings), einsum.generate(pixels, settings)
+    np.testing.assert_array_equal(output.sequences, expected.sequences)
+    np.testing.assert_allclose(output.scores, expected.scores, rtol=1e-5)
+    with pytest.raises(ValueError, match="cross_context must be one of"):
+        Generator(tiny_model.params, tiny_model.config, cross_context="dot")
+
+
 class FakeDevice:
     def __init__(self, platform: str, bytes_limit: int | None = None):
         self.platform = platform

@@ -45,3 +45,34 @@ def test_a_lazy_iterable_of_bytes_and_pil_images_is_captioned_in_order(captioner
 def test_an_element_that_is_no_image_is_a_one_line_type_error(captioner):
     with pytest.raises(TypeError, match=r"^images\[1\]: expected a path, bytes, a PIL image"):
         captioner.caption([SAMPLES[0], 42], **SETTINGS)
+
+
+def test_fast_decode_changes_pixels_not_captions_of_large_jpegs(captioner, tmp_path):
+    """The shipped model's sample images, enlarged 8x as JPEGs: the fast path decodes them at
+    1/8 scale, so its pixels differ from the exact path's, and the captions do not."""
+    import numpy as np
+
+    from flax_captioner.ray_data import CaptionImages
+
+    side = captioner.preprocess_config.size[0] * 8
+    paths = []
+    for path in SAMPLES:
+        paths.append(tmp_path / f"{path.stem}.jpg")
+        Image.open(path).convert("RGB").resize((side, side), Image.Resampling.BICUBIC).save(
+            paths[-1], quality=90)
+    exact = captioner.preprocess(paths)
+    fast = captioner.preprocess(paths, fast_decode=True)
+    assert 0 < np.abs(fast - exact).mean() < 0.02
+    captions = captioner.caption(paths, fast_decode=True, **SETTINGS)
+    assert captions == captioner.caption(paths, **SETTINGS)
+
+    # Ray Data's callable takes the same option: its scores are those of the fast pixels.
+    caption_images = CaptionImages(str(SHAPES), parallelism="none", fast_decode=True,
+                                   **SETTINGS)
+    rows = caption_images({"image": np.array([path.read_bytes() for path in paths],
+                                             dtype=object)})
+    assert list(rows["caption"]) == captions
+    fast_scores = captioner.generate(fast, **SETTINGS).scores
+    np.testing.assert_allclose(rows["score"], fast_scores, rtol=1e-6)
+    assert not np.allclose(rows["score"], captioner.generate(exact, **SETTINGS).scores,
+                           rtol=1e-6)

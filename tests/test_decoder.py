@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint, make_full_size_checkpoint
-from flax_captioner.decoder import (DecoderSpec, cast_params, cross_kv, decode_step, encode,
-                                    init_cache, reorder_cache)
+from flax_captioner.decoder import (CROSS_CONTEXT_FORMS, DecoderSpec, cast_params, cross_kv,
+                                    decode_step, encode, init_cache, reorder_cache)
 from flax_captioner.errors import ModelLoadError
 
 TOLERANCE = 1e-4
@@ -55,9 +55,10 @@ def torch_logits(torch_model, pixels: np.ndarray, tokens: np.ndarray) -> np.ndar
     return output.logits.numpy()
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "dtype"))
-def jit_decode_step(params, tokens, position, cache, cross, spec, dtype=jnp.float32):
-    return decode_step(params, tokens, position, cache, cross, spec, dtype)
+@functools.partial(jax.jit, static_argnames=("spec", "dtype", "cross_context"))
+def jit_decode_step(params, tokens, position, cache, cross, spec, dtype=jnp.float32,
+                    cross_context="multiply_reduce"):
+    return decode_step(params, tokens, position, cache, cross, spec, dtype, cross_context)
 
 
 def test_encoder_matches_pytorch_and_hf_flax(tiny_models):
@@ -98,8 +99,10 @@ def test_single_beam_steps_match_full_forward(tiny_models):
     np.testing.assert_allclose(ours, hf_flax, atol=TOLERANCE, rtol=0)
 
 
-def test_beams_with_expansion_and_reorder_match_full_forward(tiny_models):
-    """Step 0 with one beam, expand to K, different tokens per beam, reorder mid-way."""
+@pytest.mark.parametrize("cross_context", CROSS_CONTEXT_FORMS)
+def test_beams_with_expansion_and_reorder_match_full_forward(tiny_models, cross_context):
+    """Step 0 with one beam, expand to K, different tokens per beam, reorder mid-way; both
+    forms of the cross-attention context."""
     torch_model, flax_model, spec = tiny_models
     batch, beams, length, reorder_at = 2, 3, 8, 4
     pixels = random_pixels(spec, batch, seed=2)
@@ -114,7 +117,7 @@ def test_beams_with_expansion_and_reorder_match_full_forward(tiny_models):
     cross = cross_kv(params, encode(params, pixels, spec), spec)
     cache = init_cache(batch, 1, length, spec)
     logits, cache = jit_decode_step(params, jnp.asarray(fed[:, :1, 0]), jnp.int32(0), cache,
-                                    cross, spec)
+                                    cross, spec, cross_context=cross_context)
     steps = [np.repeat(np.asarray(logits), beams, axis=1)]
     cache = reorder_cache(cache, jnp.zeros((batch, beams), jnp.int32))
     assert len(cache.key) == spec.num_layers
@@ -123,7 +126,8 @@ def test_beams_with_expansion_and_reorder_match_full_forward(tiny_models):
         if position == reorder_at:
             cache = reorder_cache(cache, jnp.asarray(parents))
         logits, cache = jit_decode_step(params, jnp.asarray(fed[:, :, position]),
-                                        jnp.int32(position), cache, cross, spec)
+                                        jnp.int32(position), cache, cross, spec,
+                                        cross_context=cross_context)
         steps.append(np.asarray(logits))
     ours = np.stack(steps, axis=2)  # [B, K, T, V]
 
@@ -142,7 +146,8 @@ def test_beams_with_expansion_and_reorder_match_full_forward(tiny_models):
                                atol=TOLERANCE, rtol=0)
 
 
-def bfloat16_and_float32_logits(flax_model, spec, pixels, tokens):
+def bfloat16_and_float32_logits(flax_model, spec, pixels, tokens,
+                                cross_context="multiply_reduce"):
     """Teacher-forced logits [B, K, T, V] for tokens [B, K, T] in both compute dtypes."""
     batch, beams, length = tokens.shape
     results = []
@@ -154,17 +159,19 @@ def bfloat16_and_float32_logits(flax_model, spec, pixels, tokens):
         steps = []
         for position in range(length):
             logits, cache = jit_decode_step(params, jnp.asarray(tokens[:, :, position]),
-                                            jnp.int32(position), cache, cross, spec, dtype)
+                                            jnp.int32(position), cache, cross, spec, dtype,
+                                            cross_context)
             steps.append(np.asarray(logits))
         results.append(np.stack(steps, axis=2))
     return results
 
 
-def test_bfloat16_logits_close_to_float32(tiny_models):
+@pytest.mark.parametrize("cross_context", CROSS_CONTEXT_FORMS)
+def test_bfloat16_logits_close_to_float32(tiny_models, cross_context):
     _, flax_model, spec = tiny_models
     pixels = random_pixels(spec, batch=2, seed=3)
     tokens = np.random.default_rng(3).integers(0, spec.vocab_size, (2, 2, 8)).astype(np.int32)
-    half, full = bfloat16_and_float32_logits(flax_model, spec, pixels, tokens)
+    half, full = bfloat16_and_float32_logits(flax_model, spec, pixels, tokens, cross_context)
     assert half.dtype == np.float32
     spread = full.max() - full.min()
     assert np.abs(half - full).max() < 0.05 * spread

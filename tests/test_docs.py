@@ -417,7 +417,9 @@ def caption_rows(argv: list[str], stdout: str, sandbox: Path) -> list[dict]:
     if output and output.endswith(".parquet"):
         import pyarrow.parquet
 
-        return pyarrow.parquet.read_table(sandbox / output).to_pylist()
+        rows = pyarrow.parquet.read_table(sandbox / output).to_pylist()
+        # A Parquet row has every column; the ones a JSONL row would omit are null.
+        return [{key: value for key, value in row.items() if value is not None} for row in rows]
     text = (sandbox / output).read_text() if output else stdout
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from flax_captioner import feed
 from flax_captioner.errors import DataError, ImageReadError
-from flax_captioner.preprocess import PreprocessConfig, load_and_preprocess_one
+from flax_captioner.preprocess import ImageDecoding, PreprocessConfig, load_and_preprocess_one
 from flax_captioner.sources import InputItem
 
 CONFIG = PreprocessConfig(size=(4, 4))
@@ -102,7 +102,7 @@ def test_exif_orientation_is_applied_only_on_request():
     item = [InputItem(0, "rotated", data=buffer.getvalue())]
     with feed.batches(item, config, 1) as batches:
         assert next(batches).pixel_values.shape == (1, 3, 4, 6)
-    with feed.batches(item, config, 1, exif_transpose=True) as batches:
+    with feed.batches(item, config, 1, decoding=ImageDecoding(exif_transpose=True)) as batches:
         transposed = next(batches).pixel_values
     assert transposed.shape == (1, 3, 6, 4)
     upright = load_and_preprocess_one(image.transpose(Image.Transpose.ROTATE_270), config)

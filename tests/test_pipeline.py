@@ -480,3 +480,18 @@ def subprocess_env(tmp_path_factory) -> dict[str, str]:
     return dict(os.environ, JAX_PLATFORMS="cpu",
                 JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def test_fast_decode_rows_are_those_of_the_fast_pixels(captioner, tmp_path):
+    """Large JPEGs: the pipeline's ``fast_decode`` rows score the DCT-reduced pixels."""
+    side = captioner.preprocess_config.size[0] * 8
+    paths = [str(write_image(tmp_path / "big" / f"img{seed}.jpg", seed, size=(side, side)))
+             for seed in range(3)]
+    output = tmp_path / "fast.jsonl"
+    run(captioner, paths, output, fast_decode=True)
+    scores = [row["score"] for row in jsonl_rows(output)]
+    for fast in (True, False):
+        direct = captioner.generate(captioner.preprocess(paths, fast_decode=fast),
+                                    **BEAM_SETTINGS)
+        best = np.asarray(direct.scores)[::len(direct.scores) // 3]
+        assert np.allclose(scores, best, rtol=1e-6) == fast

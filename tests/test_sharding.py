@@ -28,6 +28,23 @@ SMALL_FN_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from flax_captioner.sharding import data_parallel, pad_to_multiple
 
+    import logging
+
+    class Compiles(logging.Handler):  # names of the programs XLA compiles
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def emit(self, record):
+            message = record.getMessage()
+            if message.startswith("Finished XLA compilation of "):
+                self.names.append(message.split(" in ")[0].rsplit(" ", 1)[-1])
+
+    jax.config.update("jax_log_compiles", True)
+    logging.getLogger("jax").addHandler(handler := Compiles())
+    logging.getLogger("jax").propagate = False
+    compiles = handler.names
+
     def batch_fn(params, pixel_values, row_keys):
         features = pixel_values.reshape(pixel_values.shape[0], -1) @ params["w"]
         tokens = jnp.argsort(features, axis=-1).astype(jnp.int32) + row_keys[:, :1].astype(jnp.int32)
@@ -45,8 +62,14 @@ SMALL_FN_SCRIPT = textwrap.dedent("""
             pixels = np.random.RandomState(batch).randint(-4, 5, size=(batch, 3, 4, 4)) / 4
             pixels = pixels.astype(np.float32)
             keys = np.arange(2 * batch, dtype=np.uint32).reshape(batch, 2)
-            tokens, scores = fn(placed, pad_to_multiple(pixels, placement.num_shards),
-                                pad_to_multiple(keys, placement.num_shards))
+            padded = (pad_to_multiple(pixels, placement.num_shards),
+                      pad_to_multiple(keys, placement.num_shards))
+            fn.compile(placed, *padded)  # ahead of time: the call must not compile again
+            compiled = len(compiles)
+            tokens, scores = fn(placed, *padded)
+            # pmap's output reshapes compile at the call; they are not the program.
+            results[f"{mode}-{batch}-compiles_at_call"] = np.asarray(
+                len([name for name in compiles[compiled:] if name != "jit(reshape)"]))
             results[f"{mode}-{batch}-tokens"] = np.asarray(tokens)[: 2 * batch]
             results[f"{mode}-{batch}-scores"] = np.asarray(scores)[: 2 * batch]
         results[f"{mode}-num_shards"] = np.asarray(placement.num_shards)
@@ -91,6 +114,10 @@ def test_small_fn_mesh_and_pmap_equal_one_device(device_count, small_fn_referenc
                 assert actual.shape == expected.shape
                 np.testing.assert_array_equal(actual, expected, err_msg=f"{mode} {batch} {name}")
     assert int(sharded["none-num_shards"]) == 1
+    # Program.compile compiled the very executable each first call then ran.
+    assert {mode: [int(sharded[f"{mode}-{batch}-compiles_at_call"]) for batch in RAGGED_BATCHES]
+            for mode in ("mesh", "pmap", "none")} == {mode: [0] * len(RAGGED_BATCHES)
+                                                       for mode in ("mesh", "pmap", "none")}
 
 
 def test_pad_to_multiple_repeats_first_row():
