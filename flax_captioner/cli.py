@@ -197,13 +197,18 @@ def check_caption_run(args: argparse.Namespace) -> str:
         raise ValueError(f"--compilation-cache {cache}: not a folder")
     requested_format = output_format(args.output, args.format)
     # Imported here, after the flag checks: PIL, numpy and pyarrow take most of a second.
-    from flax_captioner.sources import check_inputs, iter_inputs
+    from flax_captioner.sources import PIPE_PREFIX, check_inputs, iter_inputs
+    from flax_captioner.storage import is_remote
     from flax_captioner.writers import check_writable, resolve_format
 
     resolved = resolve_format(args.output, requested_format)
     columns = {"image_column": args.image_column, "id_column": args.id_column}
     check_inputs(args.inputs, args.storage_options, **columns)
-    if next(iter_inputs(args.inputs, args.storage_options, **columns), None) is None:
+    # Empty path lists and tables pass check_inputs. Peeking costs little on local inputs; a
+    # bucket prefix or glob would be listed in full once more, and a pipe: command run twice,
+    # so runs with such inputs learn of emptiness from the run itself, after the load.
+    if not any(is_remote(spec) or spec.startswith(PIPE_PREFIX) for spec in args.inputs) and \
+            next(iter_inputs(args.inputs, args.storage_options, **columns), None) is None:
         raise DataError(f"{' '.join(args.inputs)}: no images to caption")  # e.g. empty lists
     if args.output is not None:
         check_writable(args.output, args.storage_options)

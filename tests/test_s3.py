@@ -174,6 +174,39 @@ def test_a_missing_bucket_fails_before_any_work_in_one_line(bucket, options):
     assert "\n" not in str(raised.value)
 
 
+def test_a_prefix_without_images_is_one_line_from_the_run(bucket, options, capsys):
+    """The command line does not list a bucket prefix an extra time to look for images before
+    the model loads; the run itself reports that there were none."""
+    from flax_captioner.cli import main
+
+    bucket.pipe_file("data/notes/readme.txt", b"no images here")
+    status = main(["caption", "s3://data/notes/", "--model", str(SHAPES_MODEL),
+                   "--storage-options", json.dumps(options)])
+    assert status == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "flax-captioner: error: s3://data/notes/: no images to caption")
+
+
+def test_a_command_line_run_lists_a_bucket_prefix_once(bucket, options, images, tmp_path,
+                                                     monkeypatch):
+    import s3fs
+
+    from flax_captioner.cli import main
+
+    for path in images[:2]:
+        bucket.pipe_file(f"data/listed/{path.name}", path.read_bytes())
+    listings = []
+    find = s3fs.S3FileSystem.find
+    monkeypatch.setattr(s3fs.S3FileSystem, "find",
+                        lambda fs, path, *args, **kwargs: listings.append(path)
+                        or find(fs, path, *args, **kwargs))
+    assert main(["caption", "s3://data/listed/", "--model", str(SHAPES_MODEL), "--max-length",
+                 "4", "--storage-options", json.dumps(options),
+                 "-o", str(tmp_path / "listed.jsonl")]) == 0
+    assert len((tmp_path / "listed.jsonl").read_text().splitlines()) == 2
+    assert listings == ["data/listed"]  # the run's own listing, nothing before the load
+
+
 def test_refused_credentials_fail_before_any_work_in_one_line(bucket, endpoint, images):
     bucket.pipe_file("data/auth/a.jpg", images[0].read_bytes())
     bad = {"endpoint_url": endpoint, "key": "AKIAWRONG", "secret": "wrong"}
