@@ -5,13 +5,11 @@ objects, a missing bucket and refused credentials; kill -9 and resume on the buc
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import textwrap
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
 from s3_server import enforce_credentials, moto_s3  # noqa: E402
+from test_pipeline import write_tar  # noqa: E402
 
 from flax_captioner.errors import DataError, OutputError  # noqa: E402
 from flax_captioner.pipeline import check_run, run_pipeline  # noqa: E402
@@ -40,15 +39,6 @@ def shapes_jpegs(directory: Path, count: int) -> list[Path]:
     from make_shapes_dataset import write_jpegs
 
     return write_jpegs(directory, count)
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> bytes:
-    with tarfile.open(path, "w") as archive:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            archive.addfile(info, io.BytesIO(payload))
-    return path.read_bytes()
 
 
 def caption(captioner, inputs, output, options, **kwargs):
@@ -119,7 +109,7 @@ def test_brace_pattern_tar_shards_give_the_local_captions_in_parquet_on_the_buck
         payload = write_tar(tmp_path / "shard.tar", [
             (entry, data) for path in members
             for entry, data in ((path.name, path.read_bytes()),
-                                (path.stem + ".txt", b"a caption"))])
+                                (path.stem + ".txt", b"a caption"))]).read_bytes()
         bucket.pipe_file(f"data/shards/shard-{shard:04d}.tar", payload)
     caption(captioner, ["s3://data/shards/shard-{0000..0002}.tar"], "s3://out/shards.parquet",
             options)
@@ -151,7 +141,8 @@ def test_unreadable_objects_and_a_truncated_shard_become_error_rows(
     bucket.pipe_file("data/broken/b.jpg", b"this is not a JPEG")
     bucket.pipe_file("data/broken/list.txt",
                      b"a.jpg\ns3://data/broken/gone.jpg\ns3://nobucket/c.jpg\n")
-    whole = write_tar(tmp_path / "t.tar", [(path.name, path.read_bytes()) for path in images[:3]])
+    whole = write_tar(tmp_path / "t.tar",
+                      [(path.name, path.read_bytes()) for path in images[:3]]).read_bytes()
     bucket.pipe_file("data/broken/cut.tar", whole[:len(whole) // 2])
     caption(captioner, ["s3://data/broken/b.jpg", "s3://data/broken/list.txt",
                         "s3://data/broken/cut.tar"], "s3://out/broken.jsonl", options)
