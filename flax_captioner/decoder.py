@@ -268,6 +268,12 @@ def init_cache(batch: int, beams: int, max_length: int, spec: DecoderSpec,
     return SelfAttentionCache(key=zeros, value=zeros)
 
 
+def check_cross_context(form: str) -> None:
+    """Raises ValueError (one line) unless ``form`` is one of ``CROSS_CONTEXT_FORMS``."""
+    if form not in CROSS_CONTEXT_FORMS:
+        raise ValueError(f"cross_context must be one of {CROSS_CONTEXT_FORMS}, got {form!r}")
+
+
 def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
                 cache: SelfAttentionCache, cross: CrossKV, spec: DecoderSpec,
                 dtype: jnp.dtype = jnp.float32, cross_context: str = "multiply_reduce",
@@ -285,9 +291,7 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
         batched matmul in ``dtype``); ``backend.CROSS_CONTEXT`` picks one per platform, with
         the measurements.
     """
-    if cross_context not in CROSS_CONTEXT_FORMS:
-        raise ValueError(f"cross_context must be one of {CROSS_CONTEXT_FORMS}, "
-                         f"got {cross_context!r}")
+    check_cross_context(cross_context)
     gpt2 = params["decoder"]["transformer"]
     batch, beams = tokens.shape
     heads, head_dim = spec.num_heads, spec.head_dim

@@ -158,9 +158,7 @@ class Generator:
         self.num_shards = self.data_parallel.num_shards
         self.cross_context = cross_context or backend.cross_context(
             self.data_parallel.devices[0].platform)
-        if self.cross_context not in decoder.CROSS_CONTEXT_FORMS:
-            raise ValueError(f"cross_context must be one of {decoder.CROSS_CONTEXT_FORMS}, "
-                             f"got {self.cross_context!r}")
+        decoder.check_cross_context(self.cross_context)  # at construction, not first call
         self.params = self.data_parallel.replicate(params)
         self._programs: dict[tuple[int, GenerationSettings, Any], sharding.Program] = {}
         # Seconds spent compiling programs (ahead of their first call, so running is apart).
