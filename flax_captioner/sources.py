@@ -117,8 +117,9 @@ def check_inputs(inputs: Sequence[str], storage_options: StorageOptions | None =
                  image_column: str | None = None, id_column: str | None = None) -> None:
     """Fails fast, before any work, on inputs that would make the whole run pointless.
 
-    A glob matching nothing, a path list, tar shard or table that does not exist, a table
-    without the image column, a directory without image files, a URL whose bucket is missing
+    A glob matching nothing, a path list, tar shard or table that does not exist, a missing
+    directory (a path ending in a separator), a table without the image column, a directory
+    without image files, a URL whose bucket is missing
     or refuses the credentials, or whose protocol needs an extra that is not installed,
     raises. A missing image file does not: it becomes an error row, like a missing list entry.
 
@@ -147,6 +148,8 @@ def check_inputs(inputs: Sequence[str], storage_options: StorageOptions | None =
         if glob.has_magic(spec):
             if not glob.glob(spec, recursive=True):
                 raise DataError(f"{spec}: no files match this pattern")
+        elif spec.endswith(("/", os.sep)):  # meant as a directory: no rows to report it in
+            raise DataError(f"{spec}: no such directory")
         elif _extension(spec) in LIST_EXTENSIONS | TAR_EXTENSIONS | TABLE_EXTENSIONS:
             raise DataError(f"{spec}: no such file")
 

@@ -234,6 +234,7 @@ BAD_INPUTS = [
     ("empty path list", ["caption", "LIST"], 1, "list.txt: no images to caption"),
     ("glob matching nothing", ["caption", "EMPTY/*.png"], 1, "no files match this pattern"),
     ("missing path list", ["caption", "EMPTY/paths.txt"], 1, "paths.txt: no such file"),
+    ("missing directory", ["caption", "EMPTY/gone/"], 1, "gone/: no such directory"),
     ("output in a missing folder", ["caption", "IMAGES", "-o", "EMPTY/no/out.jsonl"], 1,
      "cannot write the output: directory"),
     ("output is a folder", ["caption", "IMAGES", "-o", "EMPTY", "--format", "jsonl"], 1,
