@@ -29,6 +29,9 @@ from flax_captioner.defaults import DEFAULT_MODEL
 from flax_captioner.errors import CaptionerError, DataError, PipelineInterrupted
 from flax_captioner.train_config import TrainConfig
 
+if typing.TYPE_CHECKING:  # imported at run time only once the flags are checked
+    from flax_captioner.sources import CheckedInputs
+
 PROG = "flax-captioner"
 
 # errors.FIXES key -> the flags that apply it (a test keeps the keys in step).
@@ -185,10 +188,11 @@ def output_format(output: str | None, requested: str | None, *,
     return OUTPUT_SUFFIXES[suffix]
 
 
-def check_caption_run(args: argparse.Namespace) -> str:
+def check_caption_run(args: argparse.Namespace) -> tuple[str, CheckedInputs]:
     """Everything a caption run can get wrong before the model loads: flag values, inputs
-    (a glob matching nothing, no image at all) and the output. Returns the output format.
-    Imports no JAX (the point: a typo answers in a second, not after loading)."""
+    (a glob matching nothing, no image at all) and the output. Returns the output format and
+    the checked inputs (the run lists no glob again). Imports no JAX (the point: a typo
+    answers in a second, not after loading)."""
     check_generation_flags(args)
     if not 0 <= args.seed < 2**63:  # what a JAX PRNG key takes
         raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
@@ -203,16 +207,16 @@ def check_caption_run(args: argparse.Namespace) -> str:
 
     resolved = resolve_format(args.output, requested_format)
     columns = {"image_column": args.image_column, "id_column": args.id_column}
-    check_inputs(args.inputs, args.storage_options, **columns)
+    inputs = check_inputs(args.inputs, args.storage_options, **columns)
     # Empty path lists and tables pass check_inputs. Peeking costs little on local inputs; a
-    # bucket prefix or glob would be listed in full once more, and a pipe: command run twice,
-    # so runs with such inputs learn of emptiness from the run itself, after the load.
+    # bucket prefix would be listed in full once more, and a pipe: command run twice, so runs
+    # with such inputs learn of emptiness from the run itself, after the load.
     if not any(is_remote(spec) or spec.startswith(PIPE_PREFIX) for spec in args.inputs) and \
-            next(iter_inputs(args.inputs, args.storage_options, **columns), None) is None:
+            next(iter_inputs(inputs, args.storage_options, **columns), None) is None:
         raise DataError(f"{' '.join(args.inputs)}: no images to caption")  # e.g. empty lists
     if args.output is not None:
         check_writable(args.output, args.storage_options)
-    return resolved
+    return resolved, inputs
 
 
 def _import_transformers_without_torch() -> None:
@@ -253,7 +257,7 @@ def _load_captioner(args: argparse.Namespace) -> Any:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    resolved_format = check_caption_run(args)
+    resolved_format, inputs = check_caption_run(args)
     if args.own_process:
         _import_transformers_without_torch()
     if args.distributed:
@@ -264,7 +268,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from flax_captioner.pipeline import run_pipeline
 
     stats = run_pipeline(
-        captioner, args.inputs, args.output, batch_size=args.batch_size,
+        captioner, inputs, args.output, batch_size=args.batch_size,
         output_format=resolved_format, resume=not args.no_resume, num_threads=args.threads,
         seed=args.seed, settings=_generation_settings(args), exif_transpose=args.exif_transpose,
         fast_decode=args.fast_decode, token_logprobs=args.token_logprobs,

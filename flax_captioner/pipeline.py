@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from flax_captioner import feed, multihost, sharding
 from flax_captioner.errors import DataError, OutputError, PipelineInterrupted
 from flax_captioner.preprocess import ImageDecoding
-from flax_captioner.sources import InputItem, check_inputs, iter_inputs
+from flax_captioner.sources import CheckedInputs, InputItem, Inputs, check_inputs, iter_inputs
 from flax_captioner.writers import (Row, RowWriter, check_writable, exists, format_score,
                                     merge_shards, open_writer, part_path, resolve_format)
 
@@ -83,12 +83,15 @@ class PipelineStats:
                 f"device waited for input {self.input_wait_seconds:.1f} s")
 
 
-def check_run(inputs: Sequence[str], output: str | None,
+def check_run(inputs: Inputs, output: str | None,
               output_format: str | None = None, *,
               storage_options: Mapping[str, Any] | None = None,
-              image_column: str | None = None, id_column: str | None = None) -> str:
+              image_column: str | None = None,
+              id_column: str | None = None) -> tuple[CheckedInputs, str]:
     """Fails fast on inputs or an output that would make a run pointless; call it before
-    loading a model. Returns the output format (``resolve_format``).
+    loading a model. Returns the checked inputs (``check_inputs``; pass them to
+    ``run_pipeline``, which then lists nothing again) and the output format
+    (``resolve_format``).
 
     Raises:
       DataError: a glob matches nothing, a path list or tar shard does not exist, or a
@@ -97,15 +100,16 @@ def check_run(inputs: Sequence[str], output: str | None,
       ValueError: an unknown format, or Parquet to stdout.
     """
     output_format = resolve_format(output, output_format)
-    check_inputs(inputs, storage_options, image_column=image_column, id_column=id_column)
+    checked = check_inputs(inputs, storage_options, image_column=image_column,
+                           id_column=id_column)
     if output is not None:
         check_writable(output, storage_options)
-    return output_format
+    return checked, output_format
 
 
 def run_pipeline(
     captioner: Any,
-    inputs: Sequence[str],
+    inputs: Inputs,
     output: str | None,
     *,
     batch_size: int | None = None,
@@ -129,7 +133,7 @@ def run_pipeline(
     Args:
       captioner: a ``Captioner``.
       inputs: image files, directories, globs, .txt/.csv path lists, .tar shards
-        (see ``sources.iter_inputs``).
+        (see ``sources.iter_inputs``), or what ``check_run`` returned for them.
       output: a .jsonl or .parquet file; None writes JSONL to stdout (no resume).
       batch_size: images per device batch; None picks the backend's default
         (``Captioner.default_batch_size``). Every batch is full but the last, which is padded
@@ -179,8 +183,9 @@ def run_pipeline(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if num_threads is not None and num_threads < 1:
         raise ValueError(f"num_threads must be at least 1, got {num_threads}")
-    output_format = check_run(inputs, output, output_format, storage_options=storage_options,
-                              image_column=image_column, id_column=id_column)
+    inputs, output_format = check_run(inputs, output, output_format,
+                                      storage_options=storage_options,
+                                      image_column=image_column, id_column=id_column)
     settings = dict(settings or {})
     resolved = captioner.settings(**settings)  # validates them before any work
     if resolved.output_scores or resolved.output_logits:
@@ -214,7 +219,7 @@ def run_pipeline(
             multihost.finish(output, error=error, timeout_s=process_timeout_s)
         raise
     if process_count == 1 and not stats.resumed + stats.captioned + stats.errors:
-        raise DataError(f"{' '.join(inputs)}: no images to caption")
+        raise DataError(f"{' '.join(inputs.names)}: no images to caption")
     if process_count > 1:
         # Once every process has closed its part, process 0 interleaves them into one file.
         multihost.finish(output, timeout_s=process_timeout_s)

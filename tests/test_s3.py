@@ -198,6 +198,35 @@ def test_a_command_line_run_lists_a_bucket_prefix_once(bucket, options, images, 
     assert listings == ["data/listed"]  # the run's own listing, nothing before the load
 
 
+def test_a_command_line_run_lists_a_glob_once_and_checks_each_shard_once(
+        bucket, options, images, tmp_path, monkeypatch):
+    """The check before the load keeps its glob listing for the run, and the run checks the
+    brace-expanded shards no second time: at bucket scale each listing or check is requests."""
+    import s3fs
+
+    from flax_captioner.cli import main
+
+    for path in images[:2]:
+        bucket.pipe_file(f"data/globbed/{path.name}", path.read_bytes())
+    for shard in range(3):
+        bucket.pipe_file(f"data/checked/part-{shard}.tar", write_tar(
+            tmp_path / "part.tar", [(images[shard].name, images[shard].read_bytes())]
+        ).read_bytes())
+    calls = []
+    for method in ("glob", "exists"):
+        original = getattr(s3fs.S3FileSystem, method)
+        monkeypatch.setattr(s3fs.S3FileSystem, method,
+                            lambda fs, path, *args, _method=method, _original=original, **kwargs:
+                            calls.append((_method, path)) or _original(fs, path, *args, **kwargs))
+    assert main(["caption", "s3://data/globbed/*.jpg", "s3://data/checked/part-{0..2}.tar",
+                 "--model", str(SHAPES_MODEL), "--max-length", "4",
+                 "--storage-options", json.dumps(options),
+                 "-o", str(tmp_path / "globbed.jsonl")]) == 0
+    assert len((tmp_path / "globbed.jsonl").read_text().splitlines()) == 5
+    assert sorted(calls) == [("exists", f"data/checked/part-{shard}.tar") for shard in range(3)] \
+        + [("glob", "data/globbed/*.jpg")]
+
+
 def test_refused_credentials_fail_before_any_work_in_one_line(bucket, endpoint, images):
     bucket.pipe_file("data/auth/a.jpg", images[0].read_bytes())
     bad = {"endpoint_url": endpoint, "key": "AKIAWRONG", "secret": "wrong"}

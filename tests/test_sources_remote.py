@@ -191,6 +191,24 @@ def test_missing_objects_and_patterns_fail_before_any_work(memfs):
         check_inputs(["memory://bkt/list.txt"])
 
 
+def test_checked_inputs_keep_their_glob_listing_and_report_the_first_failure(memfs):
+    """check_inputs hands its listing on (iter_inputs does not list the glob again), and of
+    checks run in parallel, the first failing input in order is the one reported."""
+    for name in ("a", "b"):
+        memfs.pipe_file(f"/bkt/{name}.png", png(0))
+    checked = check_inputs(["memory://bkt/*.png"])
+    memfs.pipe_file("/bkt/c.png", png(1))  # after the check: not in its listing
+    assert check_inputs(checked) is checked
+    assert [item.image for item in iter_inputs(checked)] == [
+        "memory:///bkt/a.png", "memory:///bkt/b.png"]
+    assert [item.image for item in iter_inputs(["memory://bkt/*.png"])][-1] == \
+        "memory:///bkt/c.png"
+    for shard in (*range(20), 25):
+        memfs.pipe_file(f"/bkt/s-{shard}.tar", tar_bytes([("x.png", png(2))]))
+    with pytest.raises(DataError, match=r"^memory://bkt/s-20.tar: no such object$"):
+        check_inputs(["memory://bkt/s-{0..40}.tar"])
+
+
 def test_a_protocol_without_its_extra_names_the_extra(monkeypatch):
     def missing(*args, **kwargs):
         raise ImportError("Install s3fs to access S3")
