@@ -68,6 +68,7 @@ def test_smoke_run_measures_every_part_and_renders_markdown(tmp_path):
     for pipeline in pipelines.values():
         assert pipeline["images"] == 32 and pipeline["captioned"] == 32
         assert pipeline["errors"] == 0 and pipeline["input_wait_seconds"] >= 0
+        assert 0 <= pipeline["rows_seconds"] < pipeline["wall_seconds"]
         assert pipeline["images_per_second"] > 0 and pipeline["bound"] in ("decode", "device")
     scaling = {(row["decode"], row["mode"], row["workers"])
                for row in parts["end_to_end"]["decode_scaling"]}
