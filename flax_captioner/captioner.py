@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 
 from flax_captioner import backend, feed, loading, sharding, sources, storage
-from flax_captioner.generator import GenerationOutput, GenerationSettings, Generator
+from flax_captioner.generator import (Dispatched, GenerationOutput, GenerationSettings,
+                                      Generator, one_ahead)
 from flax_captioner.preprocess import ImageDecoding
 from flax_captioner.sources import InputItem
 
@@ -172,14 +173,18 @@ class Captioner:
         resolved = self.settings(**settings)
         rows = resolved.num_return_sequences
         captions: list[str] = []
+
+        def dispatch(batch: feed.Batch) -> Dispatched:
+            _raise_first_error(batch)
+            return self.generator.dispatch(batch.pixel_values, resolved, rng=rng,
+                                           first_index=batch.items[0].index)
+
         with feed.batches(_items(images), self.preprocess_config,
                           batch_size or self.default_batch_size(), num_threads=num_threads,
                           decoding=ImageDecoding(exif_transpose=exif_transpose,
                                                  fast=fast_decode)) as batches:
-            for batch in batches:
-                _raise_first_error(batch)
-                output = self.generator.generate(batch.pixel_values, resolved, rng=rng,
-                                                 first_index=batch.items[0].index)
+            for batch, dispatched in one_ahead(batches, dispatch):  # devices run meanwhile
+                output = dispatched.result()
                 captions.extend(self.decode(output.sequences[:batch.num_decoded * rows]))
         return captions
 

@@ -8,10 +8,12 @@ compiled programs keyed by (batch bucket, settings).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +22,9 @@ import numpy as np
 from flax_captioner import backend, decoder, search, sharding
 from flax_captioner.settings import GenerationSettings
 
-__all__ = ["GenerationOutput", "GenerationSettings", "Generator", "build_generate_fn",
-           "bucket_size", "enable_compilation_cache", "image_keys"]
+__all__ = ["Dispatched", "GenerationOutput", "GenerationSettings", "Generator",
+           "build_generate_fn", "bucket_size", "enable_compilation_cache", "image_keys",
+           "one_ahead"]
 
 GenerateFn = Callable[[Any, jax.Array, jax.Array], search.SearchOutput]
 
@@ -119,11 +122,49 @@ def bucket_size(batch: int, num_shards: int = 1) -> int:
 
 def image_keys(rng: jax.Array, first_index: int, count: int) -> np.ndarray:
     """uint32 [count, 2]: image ``first_index + i`` gets ``fold_in(rng, first_index + i)``,
-    so its samples do not depend on how images are batched."""
+    so its samples do not depend on how images are batched.
+
+    Computed on the host's CPU backend (where JAX has one): on an accelerator the fold-ins
+    would queue behind the search in flight, and copying them back would wait for it.
+    """
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.key_data(rng)
-    indices = jnp.arange(first_index, first_index + count, dtype=jnp.uint32)
+    try:
+        host = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu
+        host = jax.local_devices()[0]
+    rng = jax.device_put(np.asarray(rng), host)
+    indices = jax.device_put(np.arange(first_index, first_index + count, dtype=np.uint32), host)
     return np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices))
+
+
+Item = TypeVar("Item")
+Launched = TypeVar("Launched")
+
+
+def one_ahead(items: Iterable[Item],
+              dispatch: Callable[[Item], Launched]) -> Iterator[tuple[Item, Launched]]:
+    """``(item, dispatch(item))`` for each item, in order, each yielded once the next item is
+    dispatched too: with ``dispatch`` = ``Generator.dispatch``, the devices run batch i + 1
+    while the caller waits for batch i's result and writes its rows, and batch i + 1's pixels
+    travel to the devices during batch i's search.
+
+    An error reading or dispatching item i + 1 is raised after item i is yielded, so the work
+    already on the devices is kept.
+    """
+    previous: tuple[Item, Launched] | None = None
+    try:
+        for item in items:
+            launched = dispatch(item)
+            if previous is not None:
+                yield previous
+            previous = item, launched
+    except Exception:
+        if previous is not None:
+            yield previous
+        raise
+    if previous is not None:
+        yield previous
 
 
 def enable_compilation_cache(path: str | os.PathLike) -> None:
@@ -206,7 +247,7 @@ class Generator:
     def generate(self, pixel_values: np.ndarray | jax.Array, settings: GenerationSettings, *,
                  rng: jax.Array | None = None, first_index: int = 0,
                  params: Any = None) -> GenerationOutput:
-        """Captions a batch of preprocessed images.
+        """Captions a batch of preprocessed images: ``dispatch(...).result()``.
 
         Args:
           pixel_values: float [B, 3, H, W] (normalized as the checkpoint's preprocessor does).
@@ -226,32 +267,81 @@ class Generator:
           CaptionerError: the batch does not fit in device memory (one line naming the batch
             size and a smaller one to try, ``fix=("smaller_batch",)``).
         """
+        return self.dispatch(pixel_values, settings, rng=rng, first_index=first_index,
+                             params=params).result()
+
+    def dispatch(self, pixel_values: np.ndarray | jax.Array, settings: GenerationSettings, *,
+                 rng: jax.Array | None = None, first_index: int = 0,
+                 params: Any = None) -> Dispatched:
+        """Starts ``generate``'s search on the devices and returns without waiting for it
+        (compiling first, timed, when the program is new); ``Dispatched.result`` waits. The
+        arguments and errors are ``generate``'s; running out of memory may surface in either.
+        """
         pixel_values = np.asarray(pixel_values, np.float32)
         size, channels = self.spec.image_size, self.spec.num_channels
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != (channels, size, size):
             raise ValueError(f"pixel_values must have shape [B, {channels}, {size}, {size}], "
                              f"got {list(pixel_values.shape)}")
         batch = pixel_values.shape[0]
+        bucket = bucket_size(batch, self.num_shards) if batch else 0
+        dispatched = Dispatched(None, batch, bucket, self.num_shards, settings)
         if batch == 0:
-            return GenerationOutput(np.zeros((0, settings.max_length), np.int32),
-                                    np.zeros((0,), np.float32),
-                                    np.zeros((0, settings.max_length), np.float32))
-        bucket = bucket_size(batch, self.num_shards)
+            return dispatched
         programs_before = len(self._programs)
         program = self.program(bucket, settings)
         padded = sharding.pad_to_multiple(pixel_values, bucket)
         keys = image_keys(rng if rng is not None else jax.random.PRNGKey(0), first_index, bucket)
         params = self.params if params is None else params
-        try:  # waits for the results here: an execution failure surfaces late (async dispatch)
+        with dispatched.out_of_memory_as_error():
             if len(self._programs) > programs_before:  # a new program: compile it, timed
                 started = time.perf_counter()
                 program.compile(params, padded, keys)
                 self.compile_seconds += time.perf_counter() - started
-            output = jax.block_until_ready(program(params, padded, keys))
+            return dataclasses.replace(dispatched, output=program(params, padded, keys))
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatched:
+    """A batch's search, running on the devices (``Generator.dispatch``).
+
+    Attributes:
+      output: the program's ``search.SearchOutput`` (device arrays, maybe not yet computed);
+        None for an empty batch.
+      images: images in the batch (the program ran on ``bucket``, padded).
+      bucket: the batch size the program was compiled for.
+      num_shards: devices the batch is split over.
+      settings: the batch's ``GenerationSettings``.
+    """
+
+    output: search.SearchOutput | None
+    images: int
+    bucket: int
+    num_shards: int
+    settings: GenerationSettings
+
+    def result(self) -> GenerationOutput:
+        """Waits for the search and copies its first ``images`` images' rows to the host.
+
+        Raises:
+          CaptionerError: the batch did not fit in device memory (execution failures surface
+            here, under asynchronous dispatch).
+        """
+        if self.output is None:
+            length = self.settings.max_length
+            return GenerationOutput(np.zeros((0, length), np.int32), np.zeros((0,), np.float32),
+                                    np.zeros((0, length), np.float32))
+        with self.out_of_memory_as_error():
+            jax.block_until_ready(self.output)
+        return GenerationOutput.from_search(self.output, self.images, self.settings)
+
+    @contextlib.contextmanager
+    def out_of_memory_as_error(self) -> Iterator[None]:
+        """XLA's RESOURCE_EXHAUSTED inside, as ``backend.out_of_memory_error``'s one line."""
+        try:
+            yield
         except RuntimeError as error:
             if not backend.is_out_of_memory(error):
                 raise
-            raise backend.out_of_memory_error(error, batch=batch, bucket=bucket,
+            raise backend.out_of_memory_error(error, batch=self.images, bucket=self.bucket,
                                               num_shards=self.num_shards,
                                               platform=jax.default_backend()) from error
-        return GenerationOutput.from_search(output, batch, settings)

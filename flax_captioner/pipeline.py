@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from flax_captioner import feed, multihost, sharding
 from flax_captioner.errors import DataError, OutputError, PipelineInterrupted
+from flax_captioner.generator import Dispatched, one_ahead
 from flax_captioner.preprocess import ImageDecoding
 from flax_captioner.sources import CheckedInputs, InputItem, Inputs, check_inputs, iter_inputs
 from flax_captioner.writers import (Row, RowWriter, check_writable, exists, format_score,
@@ -44,8 +45,11 @@ class PipelineStats:
       resumed: rows already in the output from earlier runs, skipped.
       wall_seconds: the run, from the first input read to the last row flushed.
       decode_seconds: image decoding + preprocessing, summed over the decoding threads.
-      device_seconds: the model: generate calls until their outputs were on the host,
-        compilation excluded.
+      device_seconds: time the device loop spent on the model: dispatching batches (their
+        pixels copied to the devices) and waiting for their outputs, compilation excluded.
+        A batch also runs while the loop reads the next one and writes the rows of the one
+        before; that overlap is not counted, so images / device_seconds is the devices' own
+        rate only where they bound the run.
       input_wait_seconds: time the device loop waited for decoded batches (0 when decoding
         keeps up).
       decode_threads: number of decoding threads.
@@ -287,24 +291,40 @@ def _caption_batches(captioner: Any, batches: Iterator[feed.Batch], writer: RowW
                      stats: PipelineStats, bar: tqdm, stop_signal: threading.Event, *,
                      output: str | None, seed: int, settings: dict[str, Any],
                      row_format: _RowFormat) -> None:
-    """The device loop: generate, detokenize, write rows, until the inputs or a signal end
-    (or, in a multi-process run, another process's failure: two reads per batch, ~1 ms)."""
+    """The device loop: dispatch a batch, write the rows of the one before it (the devices run
+    meanwhile: ``generator.one_ahead``), until the inputs or a signal end (or, in a
+    multi-process run, another process's failure: two reads per batch, ~1 ms)."""
     base_key = jax.random.key(seed)
-    while not stop_signal.is_set():
-        multihost.raise_if_failed(output)
-        waited = time.perf_counter()
-        batch = next(batches, None)
-        stats.input_wait_seconds += time.perf_counter() - waited
-        if batch is None:
-            return
-        stats.decode_seconds += batch.decode_seconds
+    resolved = captioner.settings(**settings)
+    generator = captioner.generator
+
+    def inputs() -> Iterator[feed.Batch]:
+        while not stop_signal.is_set():
+            multihost.raise_if_failed(output)
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            stats.input_wait_seconds += time.perf_counter() - waited
+            if batch is None:
+                return
+            stats.decode_seconds += batch.decode_seconds
+            yield batch
+
+    def dispatch(batch: feed.Batch) -> Dispatched | None:
+        if not batch.num_decoded:
+            return None
+        started, compiled = time.perf_counter(), generator.compile_seconds
+        dispatched = generator.dispatch(batch.pixel_values, resolved, rng=base_key,
+                                        first_index=batch.items[0].index)
+        stats.device_seconds += (time.perf_counter() - started
+                                 - (generator.compile_seconds - compiled))
+        return dispatched
+
+    for batch, dispatched in one_ahead(inputs(), dispatch):
         generated = None
-        if batch.num_decoded:
-            started, compiled = time.perf_counter(), captioner.generator.compile_seconds
-            generated = captioner.generate(batch.pixel_values, rng=base_key,
-                                           first_index=batch.items[0].index, **settings)
-            stats.device_seconds += (time.perf_counter() - started
-                                     - (captioner.generator.compile_seconds - compiled))
+        if dispatched is not None:
+            started = time.perf_counter()
+            generated = dispatched.result()
+            stats.device_seconds += time.perf_counter() - started
         writer.write(_rows(batch, generated, captioner.decode, row_format))
         errors = sum(error is not None for error in batch.errors)
         stats.captioned += batch.num_decoded
@@ -366,8 +386,9 @@ def _sequence(caption: str, score: float, tokens: np.ndarray, token_scores: np.n
 
 @contextlib.contextmanager
 def _stop_on_signals(stop_signal: threading.Event) -> Iterator[None]:
-    """SIGINT/SIGTERM set ``stop_signal`` (the loop ends after the batch on the device); a
-    second one raises PipelineInterrupted at once. Signals are only handled in the main thread."""
+    """SIGINT/SIGTERM set ``stop_signal`` (the loop ends once the batches on the device are
+    written); a second one raises PipelineInterrupted at once. Signals are only handled in the
+    main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -381,8 +402,8 @@ def _stop_on_signals(stop_signal: threading.Event) -> Iterator[None]:
                 "with the same output to resume", None, signum)
         stop_signal.signal_number = signum
         stop_signal.set()
-        print(f"\n{signal.Signals(signum).name}: finishing the current batch and flushing the "
-              "output (send it again to stop at once)", file=sys.stderr)
+        print(f"\n{signal.Signals(signum).name}: finishing the batches on the device and "
+              "flushing the output (send it again to stop at once)", file=sys.stderr)
 
     for signum in handled:
         signal.signal(signum, request_stop)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
+import functools
 import glob
 import io
 import itertools
@@ -149,8 +150,9 @@ def check_inputs(inputs: Inputs, storage_options: StorageOptions | None = None, 
     without image files, a URL whose bucket is missing
     or refuses the credentials, or whose protocol needs an extra that is not installed,
     raises. A missing image file does not: it becomes an error row, like a missing list entry.
-    Remote specs are checked ``_CHECK_THREADS`` at a time; the first failure in input order
-    is raised. ``CheckedInputs`` come back as they are.
+    Specs are checked ``_CHECK_THREADS`` at a time; of their failures, the first in input
+    order is raised (after any URL whose protocol lacks its extra). ``CheckedInputs`` come
+    back as they are.
 
     Returns:
       CheckedInputs: pass them on to ``iter_inputs`` (or ``run_pipeline``), which then lists
@@ -165,17 +167,21 @@ def check_inputs(inputs: Inputs, storage_options: StorageOptions | None = None, 
         raise DataError("no inputs given")
     specs = tuple(expanded for spec in inputs for expanded in _specs(spec))
 
-    def check(spec: str) -> tuple[str, ...] | None:
+    def check_of(spec: str) -> Callable[[], tuple[str, ...] | None]:
         if spec.startswith(PIPE_PREFIX):
-            return None
+            return lambda: None
         if storage.is_remote(spec):
-            return _check_remote(spec, storage_options, image_column, id_column)
-        return _check_local(spec, image_column, id_column)
+            # Made in this thread: fsspec caches an instance per thread, and each checking
+            # thread would otherwise open a client of its own (session, credentials).
+            fs, path = storage.filesystem(spec, storage_options)
+            return functools.partial(_check_remote, spec, fs, path, image_column, id_column)
+        return functools.partial(_check_local, spec, image_column, id_column)
 
+    checks = [check_of(spec) for spec in specs]
     pool = concurrent.futures.ThreadPoolExecutor(min(_CHECK_THREADS, len(specs)),
                                                  "flax-captioner-check")
     try:
-        matches = tuple(pool.map(check, specs))
+        matches = tuple(pool.map(lambda check: check(), checks))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return CheckedInputs(tuple(inputs), specs, matches)
@@ -207,10 +213,10 @@ def _check_local(spec: str, image_column: str | None,
     return None
 
 
-def _check_remote(spec: str, storage_options: StorageOptions | None, image_column: str | None,
+def _check_remote(spec: str, fs: Any, path: str, image_column: str | None,
                   id_column: str | None) -> tuple[str, ...] | None:
-    """Checks one URL (``check_inputs``); returns a glob's sorted matches."""
-    fs, path = storage.filesystem(spec, storage_options)
+    """Checks the URL ``spec`` (``path`` on ``fs``) for ``check_inputs``; returns a glob's
+    sorted matches."""
     try:
         if glob.has_magic(path):
             matches = tuple(sorted(fs.glob(path)))

@@ -552,9 +552,8 @@ def pipeline_rates(stats: Any, images: int) -> dict[str, Any]:
     decode_rate = (images * stats.decode_threads / stats.decode_seconds
                    if stats.decode_seconds else None)
     device_rate = images / stats.device_seconds if stats.device_seconds else None
-    # The loop's own time: detokenizing, building and writing rows. The device idles through
-    # it (the next batch is dispatched after the rows are written), so a large share here is
-    # what overlapping the two would win.
+    # The loop's own time: detokenizing, building and writing rows, while the next batch runs
+    # on the device (generator.one_ahead); above that batch's device time, the device idles.
     row["rows_seconds"] = max(0.0, stats.wall_seconds - stats.device_seconds
                               - stats.input_wait_seconds - stats.compile_seconds)
     row.update(decode_capacity_images_per_second=decode_rate,
@@ -886,9 +885,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     out += [f"## 4. End to end from JPEG files ({e2e['status']})", ""]
     if e2e.get("pipelines"):
         out += ["Decode capacity: images/s all decode threads together could give (images x "
-                "threads / decode seconds); device rate: images / device seconds; the smaller "
-                "bounds the run. Rows s: the loop's own time (detokenize, build and write "
-                "rows), during which the device idles too.", "",
+                "threads / decode seconds); device rate: images / seconds the loop spent dispatching "
+                "to and waiting on the device (time the device overlaps other work is not "
+                "counted, so this is an upper bound); the smaller bounds the run. Rows s: the loop's own time (detokenize, build and write "
+                "rows), while the next batch runs on the device.", "",
                 markdown_table(
                     ["decode", "images", "batch", "dtype", "images/s", "wall s",
                      "device waited for input s", "rows s", "decode threads",

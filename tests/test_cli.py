@@ -17,6 +17,7 @@ from PIL import Image
 from flax_captioner import cli, errors
 from flax_captioner.captioner import Captioner
 from flax_captioner.errors import FIXES, ImageReadError
+from flax_captioner.generator import Generator
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = REPO / "examples" / "shapes-captioner"
@@ -384,20 +385,20 @@ def test_settings_checked_after_loading_show_the_flag(tmp_path, capsys):
 
 def test_sigterm_while_captioning_exits_143_and_resumes(shapes_rows, tmp_path, capsys,
                                                         monkeypatch):
-    """SIGTERM finishes the batch on the device, keeps its rows, exits 143; a rerun
+    """SIGTERM finishes the batches on the device, keeps their rows, exits 143; a rerun
     completes the output with the rows an uninterrupted run writes."""
     output = tmp_path / "captions.jsonl"
-    generate = Captioner.generate
+    dispatch = Generator.dispatch
 
-    def generate_then_signal(self, *args, **kwargs):
+    def dispatch_then_signal(self, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
-        return generate(self, *args, **kwargs)
+        return dispatch(self, *args, **kwargs)
 
-    monkeypatch.setattr(Captioner, "generate", generate_then_signal)
+    monkeypatch.setattr(Generator, "dispatch", dispatch_then_signal)
     assert cli.main(caption_args(output, "--batch-size", "3")) == 128 + signal.SIGTERM
     assert one_error_line(capsys).startswith("flax-captioner: error: interrupted: 3 rows")
     assert len(output.read_text().splitlines()) == 3
-    monkeypatch.setattr(Captioner, "generate", generate)
+    monkeypatch.setattr(Generator, "dispatch", dispatch)
     assert cli.main(caption_args(output, "--batch-size", "3")) == 0
     assert [json.loads(line) for line in output.read_text().splitlines()] == shapes_rows
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main put it back

@@ -45,23 +45,30 @@ PROCESS_SCRIPT = f"HEARTBEAT_TIMEOUT_S = {HEARTBEAT_TIMEOUT_S}\n" + textwrap.ded
     captioner = make_captioner(checkpoint)
     failure = os.environ.get("FAIL_PROCESS_1_AT_BATCH_2")  # "raise" or "kill"
     if failure:
-        # Process 1 fails at its second batch, and process 0 starts its own second (last)
-        # batch only after that, so it reaches the end of its run after the failure.
+        # Process 1 fails at its second batch once process 0 has reached its own second
+        # (last) one, which process 0 starts only after the failure, so it reaches the end
+        # of its run after it (had process 0 been slower, it would have heard of the failure
+        # between its batches and stopped with one batch undone).
         marker = Path(os.environ["FAILURE_MARKER"])
-        generate, calls = captioner.generate, []
+        at_second_batch = marker.with_name(marker.name + ".process-0-at-batch-2")
+        dispatch, calls = captioner.generator.dispatch, []
 
-        def generate_around_failure(*args, **kwargs):
+        def dispatch_around_failure(*args, **kwargs):
             calls.append(None)
             if len(calls) == 2 and jax.process_index() == 1:
+                while not at_second_batch.exists():
+                    time.sleep(0.05)
                 marker.write_text(str(time.time()))
                 if failure == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError("simulated device failure")
-            while len(calls) == 2 and not marker.exists():
-                time.sleep(0.05)
-            return generate(*args, **kwargs)
+            if len(calls) == 2:
+                at_second_batch.touch()
+                while not marker.exists():
+                    time.sleep(0.05)
+            return dispatch(*args, **kwargs)
 
-        captioner.generate = generate_around_failure
+        captioner.generator.dispatch = dispatch_around_failure
     try:
         stats = run_pipeline(captioner, [inputs], output, batch_size=2, settings=BEAM_SETTINGS,
                              num_threads=1, flush_seconds=0,
@@ -152,14 +159,16 @@ def test_two_processes_merge_their_parts_on_an_object_store(captioner, captioner
         assert store.ls("captions", detail=False) == ["captions/merged.jsonl"]
 
 
-def assert_rerun_resumes(captioner, captioner_source, images, output, env, tmp_path) -> None:
-    """Both processes again, unchanged: process 1 redoes only its second batch, and the
-    merged output is the one-process run's."""
+def assert_rerun_resumes(captioner, captioner_source, images, output, env, tmp_path, *,
+                         kept_by_process_1: int) -> None:
+    """Both processes again, unchanged: process 1 redoes only what it had not written
+    (``4 - kept_by_process_1`` rows), and the merged output is the one-process run's."""
     results = launch(captioner_source, images, output, env)
     for returncode, _, stderr, _ in results:
         assert returncode == 0, stderr[-3000:]
     assert "process 0 of 2: 0 captioned, 4 resumed" in results[0][1]
-    assert "process 1 of 2: 2 captioned, 2 resumed" in results[1][1]
+    assert (f"process 1 of 2: {4 - kept_by_process_1} captioned, {kept_by_process_1} resumed"
+            in results[1][1])
     single = tmp_path / "single.jsonl"
     run(captioner, [images], single, batch_size=2, num_threads=1)
     assert output.read_bytes() == single.read_bytes()
@@ -181,7 +190,9 @@ def test_a_failed_process_is_named_by_the_others_at_once_and_a_rerun_resumes(
         f"{output}: process 1 of 2 failed: RuntimeError: simulated device failure; process 0 "
         "stopped, keeping its work; run every process again to resume")
     assert not output.exists()
-    assert_rerun_resumes(captioner, captioner_source, images, output, subprocess_env, tmp_path)
+    # Failing to dispatch its second batch, process 1 still wrote the first one's rows.
+    assert_rerun_resumes(captioner, captioner_source, images, output, subprocess_env, tmp_path,
+                         kept_by_process_1=2)
 
 
 @pytest.mark.slow
@@ -201,7 +212,10 @@ def test_a_killed_process_is_named_after_the_timeout_and_a_rerun_resumes(
     assert survivor[0] != 0
     assert survivor[3] - float(marker.read_text()) < HEARTBEAT_TIMEOUT_S + 15
     assert not output.exists()
-    assert_rerun_resumes(captioner, captioner_source, images, output, subprocess_env, tmp_path)
+    # Killed while dispatching its second batch, process 1 had not yet written the first
+    # one's rows (they are written once the next batch is on the device): both are redone.
+    assert_rerun_resumes(captioner, captioner_source, images, output, subprocess_env, tmp_path,
+                         kept_by_process_1=0)
 
 
 class FakeCoordinationService:

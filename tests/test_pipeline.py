@@ -339,24 +339,66 @@ def test_finished_parquet_output_extends_on_resume(captioner, image_dir, tmp_pat
     assert pq.read_table(output).equals(pq.read_table(tmp_path / "reference.parquet"))
 
 
-def test_final_partial_batch_reuses_the_full_batch_program(captioner, image_dir, tmp_path):
+def test_final_partial_batch_reuses_the_full_batch_program(captioner, image_dir, tmp_path,
+                                                          monkeypatch):
     shapes = []
-    generate = captioner.generate
+    dispatch = captioner.generator.dispatch
 
-    def recording_generate(pixel_values, **settings):
+    def recording_dispatch(pixel_values, *args, **kwargs):
         shapes.append(pixel_values.shape[0])
-        return generate(pixel_values, **settings)
+        return dispatch(pixel_values, *args, **kwargs)
 
-    captioner.generate = recording_generate
-    try:
-        run(captioner, [image_dir], tmp_path / "out.jsonl", batch_size=4)
-        run(captioner, sorted_images(image_dir)[:3], tmp_path / "small.jsonl", batch_size=4)
-    finally:
-        del captioner.generate
+    monkeypatch.setattr(captioner.generator, "dispatch", recording_dispatch)
+    run(captioner, [image_dir], tmp_path / "out.jsonl", batch_size=4)
+    run(captioner, sorted_images(image_dir)[:3], tmp_path / "small.jsonl", batch_size=4)
     # 13 images: three full batches, then the last image padded to the full batch size;
     # a run smaller than one batch compiles only its own size.
     assert shapes == [4, 4, 4, 4, 3]
     assert len(jsonl_rows(tmp_path / "out.jsonl")) == 13
+
+
+def test_the_next_batch_is_dispatched_before_a_batch_is_waited_for(captioner, image_dir,
+                                                                   tmp_path, monkeypatch):
+    """The devices run batch i + 1 while the loop waits for batch i and writes its rows."""
+    from flax_captioner.generator import Dispatched
+
+    events = []
+    dispatch, result = captioner.generator.dispatch, Dispatched.result
+
+    def recording_dispatch(pixel_values, *args, first_index, **kwargs):
+        events.append(("dispatch", first_index))
+        return dispatch(pixel_values, *args, first_index=first_index, **kwargs)
+
+    monkeypatch.setattr(captioner.generator, "dispatch", recording_dispatch)
+    monkeypatch.setattr(Dispatched, "result",
+                        lambda self: events.append(("result", len(events))) or result(self))
+    run(captioner, [image_dir], tmp_path / "out.jsonl", batch_size=4)
+    order = [event if kind == "dispatch" else "result" for kind, event in events]
+    assert order == [0, 4, "result", 8, "result", 12, "result", "result"]
+    assert len(jsonl_rows(tmp_path / "out.jsonl")) == 13
+
+
+def test_one_ahead_keeps_the_batch_in_flight_when_the_next_fails():
+    from flax_captioner.generator import one_ahead
+
+    def dispatch(item):
+        if item == 2:
+            raise ValueError("batch 2 cannot run")
+        return f"launched {item}"
+
+    def items(fail_reading_at):
+        for item in range(4):
+            if item == fail_reading_at:
+                raise OSError(f"cannot read batch {item}")
+            yield item
+
+    for failing, error in ((4, ValueError), (2, OSError), (1, OSError)):
+        got = []
+        with pytest.raises(error):
+            for pair in one_ahead(items(failing), dispatch):
+                got.append(pair)
+        assert got == [(0, "launched 0"), (1, "launched 1")][:min(failing, 2)]
+    assert list(one_ahead([], dispatch)) == []
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
@@ -397,11 +439,11 @@ SLOW_RUN_SCRIPT = textwrap.dedent("""
     from flax_captioner.errors import CaptionerError
 
     captioner = make_captioner(sys.argv[2])
-    generate = captioner.generate
-    def slow_generate(pixel_values, **settings):
+    dispatch = captioner.generator.dispatch
+    def slow_dispatch(*args, **kwargs):
         time.sleep(0.3)
-        return generate(pixel_values, **settings)
-    captioner.generate = slow_generate
+        return dispatch(*args, **kwargs)
+    captioner.generator.dispatch = slow_dispatch
     try:
         run_pipeline(captioner, [sys.argv[3]], sys.argv[4], batch_size=2,
                      settings={"num_beams": 2, "max_length": 6}, num_threads=1,
