@@ -120,22 +120,24 @@ def bucket_size(batch: int, num_shards: int = 1) -> int:
     return -(-bucket // num_shards) * num_shards
 
 
-def image_keys(rng: jax.Array, first_index: int, count: int) -> np.ndarray:
+def image_keys(rng: jax.Array | None, first_index: int, count: int) -> np.ndarray:
     """uint32 [count, 2]: image ``first_index + i`` gets ``fold_in(rng, first_index + i)``,
-    so its samples do not depend on how images are batched.
+    so its samples do not depend on how images are batched (``rng`` None: ``PRNGKey(0)``).
 
-    Computed on the host's CPU backend (where JAX has one): on an accelerator the fold-ins
-    would queue behind the search in flight, and copying them back would wait for it.
+    Made on the host's CPU backend (where JAX has one), the key too: on an accelerator any op
+    of theirs would queue behind the search in flight, and reading its result back would
+    wait for that search.
     """
-    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        rng = jax.random.key_data(rng)
     try:
         host = jax.local_devices(backend="cpu")[0]
     except RuntimeError:  # JAX_PLATFORMS without cpu
         host = jax.local_devices()[0]
-    rng = jax.device_put(np.asarray(rng), host)
-    indices = jax.device_put(np.arange(first_index, first_index + count, dtype=np.uint32), host)
-    return np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices))
+    with jax.default_device(host):
+        rng = jax.random.PRNGKey(0) if rng is None else jax.device_put(rng, host)
+        if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            rng = jax.random.key_data(rng)
+        indices = np.arange(first_index, first_index + count, dtype=np.uint32)
+        return np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices))
 
 
 Item = TypeVar("Item")
@@ -290,7 +292,7 @@ class Generator:
         programs_before = len(self._programs)
         program = self.program(bucket, settings)
         padded = sharding.pad_to_multiple(pixel_values, bucket)
-        keys = image_keys(rng if rng is not None else jax.random.PRNGKey(0), first_index, bucket)
+        keys = image_keys(rng, first_index, bucket)
         params = self.params if params is None else params
         with dispatched.out_of_memory_as_error():
             if len(self._programs) > programs_before:  # a new program: compile it, timed

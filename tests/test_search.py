@@ -266,6 +266,21 @@ def test_samples_depend_on_the_image_key_not_the_batch():
     assert len({tuple(row) for row in together}) > 4  # the R rows of an image differ
 
 
+def test_image_keys_fold_the_global_index_into_any_form_of_key():
+    """Typed, raw and default (None) keys give ``fold_in(key, first_index + i)``, made on
+    the host (generator.image_keys), whatever device the key was made on."""
+    from flax_captioner.generator import image_keys
+
+    indices = np.arange(5, 9, dtype=np.uint32)
+    expected = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+        jax.random.PRNGKey(7), indices))
+    for key in (jax.random.PRNGKey(7), jax.random.key(7)):
+        np.testing.assert_array_equal(image_keys(key, 5, 4), expected)
+    np.testing.assert_array_equal(image_keys(None, 5, 4),
+                                  image_keys(jax.random.PRNGKey(0), 5, 4))
+    assert image_keys(None, 0, 3).dtype == np.uint32
+
+
 # ----------------------------------------------------------------------------------------
 # Settings.
 # ----------------------------------------------------------------------------------------
