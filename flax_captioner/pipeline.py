@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from flax_captioner import feed, multihost, sharding
 from flax_captioner.errors import DataError, OutputError, PipelineInterrupted
-from flax_captioner.generator import Dispatched, one_ahead
+from flax_captioner.generator import Dispatched, GenerationSettings, one_ahead
 from flax_captioner.preprocess import ImageDecoding
 from flax_captioner.sources import CheckedInputs, InputItem, Inputs, check_inputs, iter_inputs
 from flax_captioner.writers import (Row, RowWriter, check_writable, exists, format_score,
@@ -190,8 +190,7 @@ def run_pipeline(
     inputs, output_format = check_run(inputs, output, output_format,
                                       storage_options=storage_options,
                                       image_column=image_column, id_column=id_column)
-    settings = dict(settings or {})
-    resolved = captioner.settings(**settings)  # validates them before any work
+    resolved = captioner.settings(**(settings or {}))  # validates them before any work
     if resolved.output_scores or resolved.output_logits:
         raise ValueError("output_scores and output_logits are per-step arrays of "
                          "Captioner.generate; rows carry per-token log-probabilities instead "
@@ -214,7 +213,7 @@ def run_pipeline(
             flush_seconds=flush_seconds, storage_options=storage_options,
             num_threads=num_threads, progress=progress,
             show_progress=process_index == 0 if progress is None else progress,
-            batch_size=batch_size, seed=seed, settings=settings,
+            batch_size=batch_size, seed=seed, settings=resolved,
             decoding=ImageDecoding(exif_transpose=exif_transpose, fast=fast_decode),
             row_format=_RowFormat(resolved.num_return_sequences, resolved.eos_token_id,
                                   token_logprobs))
@@ -237,7 +236,7 @@ def _caption_slice(captioner: Any, items: Iterator[InputItem], output: str | Non
                    flush_seconds: float, storage_options: Mapping[str, Any] | None,
                    num_threads: int | None, progress: bool | None, show_progress: bool,
                    batch_size: int,
-                   decoding: ImageDecoding, seed: int, settings: dict[str, Any],
+                   decoding: ImageDecoding, seed: int, settings: GenerationSettings,
                    row_format: _RowFormat) -> PipelineStats:
     """This process's share of a run: resume ``target``, caption the rest of ``items`` into
     it, close it. Raises PipelineInterrupted after a signal, once the rows are flushed."""
@@ -289,13 +288,12 @@ def _skip_done(items: Iterator[InputItem], writer: RowWriter, target: str | None
 
 def _caption_batches(captioner: Any, batches: Iterator[feed.Batch], writer: RowWriter,
                      stats: PipelineStats, bar: tqdm, stop_signal: threading.Event, *,
-                     output: str | None, seed: int, settings: dict[str, Any],
+                     output: str | None, seed: int, settings: GenerationSettings,
                      row_format: _RowFormat) -> None:
     """The device loop: dispatch a batch, write the rows of the one before it (the devices run
     meanwhile: ``generator.one_ahead``), until the inputs or a signal end (or, in a
     multi-process run, another process's failure: two reads per batch, ~1 ms)."""
     base_key = jax.random.key(seed)
-    resolved = captioner.settings(**settings)
     generator = captioner.generator
 
     def inputs() -> Iterator[feed.Batch]:
@@ -313,7 +311,7 @@ def _caption_batches(captioner: Any, batches: Iterator[feed.Batch], writer: RowW
         if not batch.num_decoded:
             return None
         started, compiled = time.perf_counter(), generator.compile_seconds
-        dispatched = generator.dispatch(batch.pixel_values, resolved, rng=base_key,
+        dispatched = generator.dispatch(batch.pixel_values, settings, rng=base_key,
                                         first_index=batch.items[0].index)
         stats.device_seconds += (time.perf_counter() - started
                                  - (generator.compile_seconds - compiled))

@@ -21,7 +21,7 @@ import re
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any
 
 import pyarrow as pa
@@ -202,10 +202,7 @@ def _check_local(spec: str, image_column: str | None,
                 _table_columns(spec, _table_schema(spec, handle), image_column, id_column)
         return None
     if glob.has_magic(spec):
-        matches = tuple(sorted(glob.glob(spec, recursive=True)))
-        if not matches:
-            raise DataError(f"{spec}: no files match this pattern")
-        return matches
+        return _sorted_matches(spec, glob.glob(spec, recursive=True), "files")
     if spec.endswith(("/", os.sep)):  # meant as a directory: no rows to report it in
         raise DataError(f"{spec}: no such directory")
     if _extension(spec) in LIST_EXTENSIONS | TAR_EXTENSIONS | TABLE_EXTENSIONS:
@@ -219,10 +216,7 @@ def _check_remote(spec: str, fs: Any, path: str, image_column: str | None,
     sorted matches."""
     try:
         if glob.has_magic(path):
-            matches = tuple(sorted(fs.glob(path)))
-            if not matches:
-                raise DataError(f"{spec}: no objects match this pattern")
-            return matches
+            return _sorted_matches(spec, fs.glob(path), "objects")
         if fs.exists(path):
             if _extension(path) in TABLE_EXTENSIONS:
                 with fs.open(path, "rb") as handle:
@@ -241,6 +235,14 @@ def _check_remote(spec: str, fs: Any, path: str, image_column: str | None,
         raise DataError(f"{spec}: access denied: {storage.describe(error)}") from None
     except Exception as error:  # endpoint unreachable, ...
         raise DataError(f"{spec}: cannot access: {storage.describe(error)}") from None
+
+
+def _sorted_matches(spec: str, matches: Iterable[str], kind: str) -> tuple[str, ...]:
+    """A glob's ``matches`` sorted; a DataError naming ``spec`` when there are none."""
+    found = tuple(sorted(matches))
+    if not found:
+        raise DataError(f"{spec}: no {kind} match this pattern")
+    return found
 
 
 def iter_inputs(inputs: Inputs, storage_options: StorageOptions | None = None, *,
@@ -326,9 +328,7 @@ def _expand_spec(spec: str, storage_options: StorageOptions | None, image_column
         return
     spec = storage.local_path(spec)
     if matches is None and not os.path.exists(spec) and glob.has_magic(spec):
-        matches = tuple(sorted(glob.glob(spec, recursive=True)))
-        if not matches:
-            raise DataError(f"{spec}: no files match this pattern")
+        matches = _sorted_matches(spec, glob.glob(spec, recursive=True), "files")
     for path in matches or (spec,):
         yield from _expand_path(path, storage_options, image_column, id_column)
 
@@ -354,9 +354,7 @@ def _expand_remote(spec: str, storage_options: StorageOptions | None, image_colu
                    id_column: str | None, matches: tuple[str, ...] | None) -> Iterator[InputItem]:
     fs, path = storage.filesystem(spec, storage_options)
     if matches is None and glob.has_magic(path):
-        matches = tuple(sorted(_remote_call(spec, fs.glob, path)))
-        if not matches:
-            raise DataError(f"{spec}: no objects match this pattern")
+        matches = _sorted_matches(spec, _remote_call(spec, fs.glob, path), "objects")
     if matches is None:
         yield from _expand_remote_path(fs, path, spec, storage_options, image_column, id_column)
         return

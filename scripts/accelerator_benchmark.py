@@ -885,10 +885,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     out += [f"## 4. End to end from JPEG files ({e2e['status']})", ""]
     if e2e.get("pipelines"):
         out += ["Decode capacity: images/s all decode threads together could give (images x "
-                "threads / decode seconds); device rate: images / seconds the loop spent dispatching "
-                "to and waiting on the device (time the device overlaps other work is not "
-                "counted, so this is an upper bound); the smaller bounds the run. Rows s: the loop's own time (detokenize, build and write "
-                "rows), while the next batch runs on the device.", "",
+                "threads / decode seconds); device rate: images / seconds the loop spent "
+                "dispatching to and waiting on the device (time the device overlaps other work "
+                "is not counted, so this is an upper bound); the smaller bounds the run. Rows "
+                "s: the loop's own time (detokenize, build and write rows), while the next "
+                "batch runs on the device.", "",
                 markdown_table(
                     ["decode", "images", "batch", "dtype", "images/s", "wall s",
                      "device waited for input s", "rows s", "decode threads",
