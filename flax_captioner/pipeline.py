@@ -187,9 +187,10 @@ def run_pipeline(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if num_threads is not None and num_threads < 1:
         raise ValueError(f"num_threads must be at least 1, got {num_threads}")
-    inputs, output_format = check_run(inputs, output, output_format,
-                                      storage_options=storage_options,
-                                      image_column=image_column, id_column=id_column)
+    # The output is probed once, by the writer, which opens before any batch is read.
+    output_format = resolve_format(output, output_format)
+    inputs = check_inputs(inputs, storage_options, image_column=image_column,
+                          id_column=id_column)
     resolved = captioner.settings(**(settings or {}))  # validates them before any work
     if resolved.output_scores or resolved.output_logits:
         raise ValueError("output_scores and output_logits are per-step arrays of "

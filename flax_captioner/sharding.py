@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 import jax
 import numpy as np
 from flax import jax_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 MODES = ("mesh", "pmap", "none")
 DATA_AXIS = "data"
@@ -38,10 +38,10 @@ class Program:
     """A batch function compiled for a placement: call it as ``fn(params, *batch_args)``.
 
     ``compile(params, *batch_args)`` compiles it ahead of time for those arguments' shapes
-    (JAX's AOT ``lower(...).compile()``), so a caller can time compilation apart from running;
-    the next call with such arguments reuses the executable (a toy program's first call took
-    0.02 s after it and 1.4 s without, jax 0.10.2 on CPU; tests/test_sharding.py checks that
-    no call compiles again).
+    (JAX's AOT ``lower(...).compile()``; the batch is not copied to the devices for it), so a
+    caller can time compilation apart from running; the next call with such arguments reuses
+    the executable (a toy program's first call took 0.02 s after it and 1.4 s without, jax
+    0.10.2 on CPU; tests/test_sharding.py checks that no call compiles again).
     """
 
     call: BatchFn
@@ -84,6 +84,13 @@ def _padded_size(rows: int, num_shards: int) -> int:
     return -(-rows // num_shards) * num_shards
 
 
+def _placed_shapes(batch_args: Sequence[Any], placement: Sharding) -> tuple:
+    """Shapes of ``batch_args`` as ``put_batch`` places them, to lower a program for its
+    calls without copying a batch to the devices first."""
+    return tuple(jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=placement)
+                 for array in batch_args)
+
+
 def _check_divisible(batch_args: Sequence[Any], num_shards: int) -> None:
     for array in batch_args:
         if array.shape[0] % num_shards:
@@ -117,7 +124,7 @@ class SingleDevice:
             return compiled(params, *self.put_batch(batch_args))
 
         return Program(on_device, lambda params, *batch_args: compiled.lower(
-            params, *self.put_batch(batch_args)))
+            params, *_placed_shapes(batch_args, SingleDeviceSharding(self.device))))
 
 
 class MeshDataParallel:
@@ -155,10 +162,10 @@ class MeshDataParallel:
             _check_divisible(batch_args, self.num_shards)
             return compiled(params, self.put_batch(batch_args))
 
-        # Lowered from placed arguments, as calls pass them: lowered from host arrays, the
+        # Lowered for arguments placed as calls place them: lowered from host arrays, the
         # program compiled again at the first call (measured, jax 0.10.2).
         return Program(sharded, lambda params, *batch_args: compiled.lower(
-            params, self.put_batch(batch_args)))
+            params, _placed_shapes(batch_args, self.batch_split)))
 
 
 class PmapDataParallel:

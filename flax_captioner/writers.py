@@ -34,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -86,11 +87,13 @@ def check_writable(path: str, storage_options: StorageOptions | None = None) -> 
     """Raises ``OutputError`` unless a file can be created next to ``path`` and ``path``
     itself (when present) is a writable file. Creates and removes a probe file (or object),
     which catches read-only mounts, missing buckets and refused credentials the way an
-    actual write would.
+    actual write would. Each probe has its own name: the processes of a multi-host run probe
+    one output at the same moment, and on GCS, where deleting a missing object fails, a
+    shared name failed whichever process deleted second.
     """
     if storage.is_remote(path):
         fs, remote = _output_fs(path, storage_options)
-        probe = f"{remote}.flax-captioner-probe"
+        probe = f"{remote}.flax-captioner-probe-{uuid.uuid4().hex}"
         try:
             fs.pipe_file(probe, b"")
             fs.rm_file(probe)

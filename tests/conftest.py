@@ -1,8 +1,10 @@
-"""Shared fixtures: float32 at the highest matmul precision, and session-wide tiny checkpoints."""
+"""Shared fixtures: float32 at the highest matmul precision, session-wide tiny checkpoints,
+the tiny checkpoint's Captioner, and the environment of the tests' JAX subprocesses."""
 
 from __future__ import annotations
 
 import gc
+import os
 import pathlib
 
 import jax
@@ -23,6 +25,28 @@ def tiny_checkpoint(tmp_path_factory) -> pathlib.Path:
 def tiny_bin_checkpoint(tmp_path_factory) -> pathlib.Path:
     """The same architecture as ``tiny_checkpoint`` saved as ``pytorch_model.bin``."""
     return make_checkpoint(tmp_path_factory.mktemp("tiny_bin") / "model", seed=1, weights="bin")
+
+
+@pytest.fixture(scope="module")
+def captioner_source(tiny_checkpoint) -> str:
+    """What the tiny checkpoint's Captioner loads from (subprocesses load it too)."""
+    return str(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def captioner(captioner_source):
+    """The tiny checkpoint's Captioner; test modules with another model define their own."""
+    from flax_captioner.captioner import Captioner
+
+    return Captioner.from_pretrained(captioner_source)
+
+
+@pytest.fixture(scope="module")
+def subprocess_env(tmp_path_factory) -> dict[str, str]:
+    """Subprocesses share a persistent compilation cache: only the first one compiles."""
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -66,3 +66,30 @@ def test_prefix_and_shard_on_gcs_give_the_local_captions(options, tmp_path):
     again = run_pipeline(captioner, inputs, "gs://data/out/captions.jsonl", **common)
     assert (again.resumed, again.captioned) == (6, 0)
     assert list(read_rows("gs://data/out/captions.jsonl", "jsonl", options)) == rows
+
+
+def test_processes_probing_one_output_at_once_both_pass(options):
+    """Every process of a multi-host run probes the shared output as it starts. GCS refuses
+    to delete a missing object, so with one probe name for all, the process that deleted
+    second was told its output could not be written. Here a second probe runs in full
+    between the first one's write and its delete."""
+    from flax_captioner.storage import filesystem
+    from flax_captioner.writers import check_writable
+
+    output = "gs://data/probed/captions.jsonl"
+    fs, _ = filesystem(output, options)  # fsspec's cached instance, the one the probe gets
+    write, nested = fs.pipe_file, []
+
+    def pipe_file(path, value, **kwargs):
+        write(path, value, **kwargs)
+        if not nested:
+            nested.append(path)
+            check_writable(output, options)
+
+    fs.pipe_file = pipe_file
+    try:
+        check_writable(output, options)
+    finally:
+        fs.pipe_file = write
+    fs.invalidate_cache()
+    assert nested and fs.find("data/probed/") == []

@@ -19,9 +19,7 @@ import pytest
 from flax_captioner import multihost
 from flax_captioner.errors import ProcessGroupError
 
-# The captioner fixtures are shared with the pipeline tests (one tiny model per session).
-from test_pipeline import (captioner, captioner_source, run, subprocess_env,  # noqa: F401
-                           write_image)
+from test_pipeline import run, write_image
 
 # JAX ends every process this long after one stops sending heartbeats (default 100 s);
 # shortened so that a killed process ends the test soon, but longer than the survivor's last
@@ -38,11 +36,12 @@ PROCESS_SCRIPT = f"HEARTBEAT_TIMEOUT_S = {HEARTBEAT_TIMEOUT_S}\n" + textwrap.ded
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2,
                                process_id=int(process_id), initialization_timeout=120,
                                heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
-    from test_pipeline import BEAM_SETTINGS, make_captioner
+    from test_pipeline import BEAM_SETTINGS
+    from flax_captioner.captioner import Captioner
     from flax_captioner.errors import CaptionerError
     from flax_captioner.pipeline import run_pipeline
 
-    captioner = make_captioner(checkpoint)
+    captioner = Captioner.from_pretrained(checkpoint)
     failure = os.environ.get("FAIL_PROCESS_1_AT_BATCH_2")  # "raise" or "kill"
     if failure:
         # Process 1 fails at its second batch once process 0 has reached its own second

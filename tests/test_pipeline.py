@@ -225,8 +225,10 @@ def test_bad_inputs_become_error_rows_and_the_rest_goes_on(captioner, tmp_path):
     assert (stats.captioned, stats.errors) == (len(captioned), len(errors)) == (8, 9)
 
 
-def test_unwritable_output_fails_before_any_work(image_dir, tmp_path):
+def test_unwritable_output_fails_before_any_work(captioner, image_dir, tmp_path):
     class NeverCalled:
+        settings = captioner.settings  # validated before the writer probes the output
+
         @property
         def preprocess_config(self):
             raise AssertionError("the pipeline started work")
@@ -434,11 +436,11 @@ def test_merge_refuses_unfinished_parts(tmp_path):
 SLOW_RUN_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[1])
-    from test_pipeline import make_captioner
+    from flax_captioner.captioner import Captioner
     from flax_captioner.pipeline import run_pipeline
     from flax_captioner.errors import CaptionerError
 
-    captioner = make_captioner(sys.argv[2])
+    captioner = Captioner.from_pretrained(sys.argv[2])
     dispatch = captioner.generator.dispatch
     def slow_dispatch(*args, **kwargs):
         time.sleep(0.3)
@@ -497,31 +499,6 @@ def test_resume_after_sigkill_and_sigterm_loses_and_repeats_nothing(
         assert output.read_text() == reference.read_text()
     else:
         assert pq.read_table(output).equals(pq.read_table(reference))
-
-
-def make_captioner(checkpoint: str):
-    """The tiny checkpoint's Captioner (also what the subprocesses build)."""
-    from flax_captioner.captioner import Captioner
-
-    return Captioner.from_pretrained(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def captioner_source(tiny_checkpoint) -> str:
-    return str(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def captioner(captioner_source):
-    return make_captioner(captioner_source)
-
-
-@pytest.fixture(scope="module")
-def subprocess_env(tmp_path_factory) -> dict[str, str]:
-    """Subprocesses share a persistent compilation cache: only the first one compiles."""
-    return dict(os.environ, JAX_PLATFORMS="cpu",
-                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def test_fast_decode_rows_are_those_of_the_fast_pixels(captioner, tmp_path):

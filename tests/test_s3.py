@@ -201,7 +201,9 @@ def test_a_command_line_run_lists_a_bucket_prefix_once(bucket, options, images, 
 def test_a_command_line_run_lists_a_glob_once_and_checks_each_shard_once(
         bucket, options, images, tmp_path, monkeypatch):
     """The check before the load keeps its glob listing for the run, and the run checks the
-    brace-expanded shards no second time: at bucket scale each listing or check is requests."""
+    brace-expanded shards no second time: at bucket scale each listing or check is requests.
+    The output is probed twice: before the load, and by its writer as the run starts (the run
+    probed it a third time in between)."""
     import s3fs
 
     from flax_captioner.cli import main
@@ -219,13 +221,23 @@ def test_a_command_line_run_lists_a_glob_once_and_checks_each_shard_once(
         monkeypatch.setattr(s3fs.S3FileSystem, method,
                             lambda fs, path, *args, _method=method, _original=original, **kwargs:
                             calls.append((_method, path)) or _original(fs, path, *args, **kwargs))
+    write = s3fs.S3FileSystem._pipe_file
+
+    async def pipe_file(fs, path, *args, **kwargs):
+        if ".flax-captioner-probe-" in path:
+            calls.append(("probe", path.split(".flax-captioner-probe-")[0]))
+        return await write(fs, path, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_pipe_file", pipe_file)
     assert main(["caption", "s3://data/globbed/*.jpg", "s3://data/checked/part-{0..2}.tar",
                  "--model", str(SHAPES_MODEL), "--max-length", "4",
                  "--storage-options", json.dumps(options),
-                 "-o", str(tmp_path / "globbed.jsonl")]) == 0
-    assert len((tmp_path / "globbed.jsonl").read_text().splitlines()) == 5
+                 "-o", "s3://data/out/globbed.jsonl"]) == 0
+    assert len(list(read_rows("s3://data/out/globbed.jsonl", "jsonl", options))) == 5
+    # The writer asks once whether a finished output is there to extend.
     assert sorted(calls) == [("exists", f"data/checked/part-{shard}.tar") for shard in range(3)] \
-        + [("glob", "data/globbed/*.jpg")]
+        + [("exists", "data/out/globbed.jsonl"), ("glob", "data/globbed/*.jpg")] \
+        + [("probe", "data/out/globbed.jsonl")] * 2
 
 
 def test_refused_credentials_fail_before_any_work_in_one_line(bucket, endpoint, images):
