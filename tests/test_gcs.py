@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import tarfile
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 pytest.importorskip("gcsfs")
 pytest.importorskip("gcp_storage_emulator")
 
+from gcs_server import gcs_emulator  # noqa: E402
 from test_s3 import SETTINGS, SHAPES_MODEL, shapes_jpegs  # noqa: E402
 
 from flax_captioner.pipeline import run_pipeline  # noqa: E402
@@ -22,15 +22,8 @@ from flax_captioner.writers import read_rows  # noqa: E402
 
 @pytest.fixture(scope="module")
 def options():
-    from gcp_storage_emulator.server import create_server
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="data")
-    server.start()
-    yield {"endpoint_url": f"http://127.0.0.1:{port}", "token": "anon", "project": "test"}
-    server.stop()
+    with gcs_emulator("data") as options:
+        yield options
 
 
 def test_prefix_and_shard_on_gcs_give_the_local_captions(options, tmp_path):

@@ -5,13 +5,16 @@ bounded time, and running both again resumes."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import pytest
@@ -137,25 +140,47 @@ def test_two_processes_merge_into_the_single_process_output(captioner, captioner
     assert not list(tmp_path.glob("merged.jsonl.part-*"))
 
 
-@pytest.mark.slow
-def test_two_processes_merge_their_parts_on_an_object_store(captioner, captioner_source,
-                                                           subprocess_env, images, tmp_path):
+@contextlib.contextmanager
+def s3_bucket(name: str) -> Iterator[tuple[Any, dict[str, str]]]:
+    """A bucket on moto's S3 server: (s3fs file system, the workers' environment)."""
     s3fs = pytest.importorskip("s3fs")
     from s3_server import CREDENTIALS, moto_s3
 
-    single = tmp_path / "single.jsonl"
-    run(captioner, [images], single, batch_size=2, num_threads=1)
     with moto_s3() as endpoint:
         store = s3fs.S3FileSystem(endpoint_url=endpoint)
-        store.mkdir("captions")
+        store.mkdir(name)
+        yield store, dict(FSSPEC_S3_ENDPOINT_URL=endpoint, **CREDENTIALS)
+
+
+@contextlib.contextmanager
+def gcs_bucket(name: str) -> Iterator[tuple[Any, dict[str, str]]]:
+    """A bucket on the GCS emulator: (gcsfs file system, the workers' environment)."""
+    gcsfs = pytest.importorskip("gcsfs")
+    pytest.importorskip("gcp_storage_emulator")
+    from gcs_server import fsspec_env, gcs_emulator
+
+    with gcs_emulator(name) as options:
+        yield gcsfs.GCSFileSystem(**options), fsspec_env(options)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_two_processes_merge_their_parts_on_an_object_store(
+        captioner, captioner_source, subprocess_env, images, tmp_path, scheme):
+    """Both processes probe the output and commit their parts as chunk objects, and process
+    0 merges them, on S3 and on GCS (the store of TPU jobs, whose semantics differ: it
+    refuses to delete a missing object, for one)."""
+    single = tmp_path / "single.jsonl"
+    run(captioner, [images], single, batch_size=2, num_threads=1)
+    with (s3_bucket if scheme == "s3" else gcs_bucket)("captions") as (store, store_env):
         # The endpoint reaches both processes through fsspec's standard configuration.
-        env = dict(subprocess_env, FSSPEC_S3_ENDPOINT_URL=endpoint, **CREDENTIALS)
-        results = launch(captioner_source, images, "s3://captions/merged.jsonl", env)
+        results = launch(captioner_source, images, f"{scheme}://captions/merged.jsonl",
+                         dict(subprocess_env, **store_env))
         for returncode, _, stderr, _ in results:
             assert returncode == 0, stderr[-3000:]
         store.invalidate_cache()
         assert store.cat_file("captions/merged.jsonl") == single.read_bytes()
-        assert store.ls("captions", detail=False) == ["captions/merged.jsonl"]
+        assert store.find("captions") == ["captions/merged.jsonl"]
 
 
 def assert_rerun_resumes(captioner, captioner_source, images, output, env, tmp_path, *,
