@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--format", choices=("jsonl", "parquet"), default=None,
                          help="output format [from the --output suffix, else jsonl]")
     caption.add_argument("--batch-size", type=_count(1), default=None, metavar="N",
-                         help="images per batch [8 on CPU; a per-device default on GPU/TPU]")
+                         help="images per batch, split over the local devices [8 on CPU; 256 "
+                              "per GPU/TPU chip, fewer if its memory is short]")
     caption.add_argument("--threads", type=_count(1), default=None, metavar="N",
                          help="image decoding threads [all cores]")
     caption.add_argument("--no-resume", action="store_true",

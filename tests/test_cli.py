@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flax_captioner import cli, errors
+from flax_captioner import backend, cli, errors
 from flax_captioner.captioner import Captioner
 from flax_captioner.errors import FIXES, ImageReadError
 from flax_captioner.generator import Generator
@@ -165,7 +165,9 @@ def test_help_imports_no_jax_transformers_or_trainer():
         assert result["stdout"].startswith(" ".join(["usage: flax-captioner", *argv[:-1]]))
         assert result["stderr"] == ""
     caption_help = " ".join(report["results"][1]["stdout"].split())
-    assert "[8 on CPU; a per-device default on GPU/TPU]" in caption_help
+    # The defaults the help states are backend.py's (which --help must not import).
+    assert (f"[{backend.CPU_BATCH_SIZE} on CPU; {backend.ACCELERATOR_BATCH_PER_DEVICE} per "
+            "GPU/TPU chip, fewer if its memory is short]") in caption_help
     assert "nlpconnect/vit-gpt2-image-captioning" in caption_help
 
 
@@ -406,7 +408,7 @@ def test_sigterm_while_captioning_exits_143_and_resumes(shapes_rows, tmp_path, c
 
 _SIGNAL_WHILE_LOADING = """
 import os, signal, sys, time
-from flax_captioner import cli, errors
+from flax_captioner import backend, cli, errors
 def load(args):
     os.kill(os.getpid(), getattr(signal, sys.argv[1]))
     time.sleep(30)
