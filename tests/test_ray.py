@@ -1,5 +1,5 @@
 """Ray Data: ``CaptionImages`` in ``map_batches`` on a local Ray instance gives the captions
-the command line gives for the same Parquet file."""
+the command line gives for the same Parquet file, and so does a call of it in this process."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -16,6 +17,10 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
 from test_s3 import SETTINGS, SHAPES_MODEL, shapes_jpegs  # noqa: E402
+
+from flax_captioner.captioner import Captioner  # noqa: E402
+from flax_captioner.generator import Dispatched  # noqa: E402
+from flax_captioner.ray_data import CaptionImages  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,8 +35,9 @@ ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
 try:
     dataset = ray.data.read_parquet(table).map_batches(
         CaptionImages, fn_constructor_kwargs={"model": model, "image_column": "jpg",
-                                              "id_column": "key", **settings},
-        batch_size=4, concurrency=1)
+                                              "id_column": "key", "batch_size": 2,
+                                              **settings},
+        batch_size=4, concurrency=1)  # calls of 4 rows, each two device batches
     rows = dataset.take_all()
 finally:
     ray.shutdown()
@@ -81,7 +87,34 @@ def test_map_batches_gives_the_command_lines_captions(table, tmp_path):
             assert row["error"] == reference["error"]
         else:
             assert row["error"] is None
-            # Ray's batches of 4 compile another batch size than the CLI's 8: float32
-            # rounding moves a score by up to ~2e-7 (measured), never the caption.
+            # Ray's device batches of 2 compile another batch size than the CLI's 8:
+            # float32 rounding moves a score by up to ~2e-7 (measured), never the caption.
             assert row["caption"] == reference["caption"]
             assert row["score"] == pytest.approx(reference["score"], rel=1e-4, abs=1e-5)
+
+
+def test_a_call_captions_its_rows_over_several_device_batches(table, monkeypatch):
+    """One call of 10 rows, one of them a bad image (which takes no place in a batch), in
+    device batches of 4, 4 and 1: each row gets the caption ``Captioner.caption`` gives its
+    image alone, and the devices run batch i + 1 while batch i's rows are made."""
+    columns = pq.read_table(table).to_pydict()
+    images = CaptionImages(str(SHAPES_MODEL), image_column="jpg", id_column="key",
+                           batch_size=4, num_threads=1, **SETTINGS)
+    events, dispatch, wait = [], images.captioner.generator.dispatch, Dispatched.result
+
+    def recording_dispatch(pixel_values, *args, first_index, **kwargs):
+        events.append(first_index)
+        return dispatch(pixel_values, *args, first_index=first_index, **kwargs)
+
+    monkeypatch.setattr(images.captioner.generator, "dispatch", recording_dispatch)
+    monkeypatch.setattr(Dispatched, "result", lambda self: events.append("result") or wait(self))
+    result = images({"key": np.array(columns["key"], dtype=object),
+                     "jpg": np.array(columns["jpg"], dtype=object)})
+    assert events == [0, 5, "result", 9, "result", "result"]  # first input index of each
+    assert list(result["key"]) == columns["key"] and "jpg" not in result
+    assert result["error"][3] and result["caption"][3] is None and np.isnan(result["score"][3])
+    good = [index for index in range(10) if index != 3]
+    expected = Captioner.from_pretrained(str(SHAPES_MODEL)).caption(
+        [columns["jpg"][index] for index in good], batch_size=1, **SETTINGS)
+    assert [result["caption"][index] for index in good] == expected
+    assert all(result["error"][index] is None for index in good)
