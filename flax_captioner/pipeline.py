@@ -140,8 +140,9 @@ def run_pipeline(
         (see ``sources.iter_inputs``), or what ``check_run`` returned for them.
       output: a .jsonl or .parquet file; None writes JSONL to stdout (no resume).
       batch_size: images per batch, split over this process's local devices; None picks the
-        backend's default (``Captioner.default_batch_size``: 256 per GPU/TPU chip, 8 on CPU). Every batch is full but the last, which is padded
-        to ``batch_size`` once a full batch has compiled, so it reuses that program.
+        backend's default (``Captioner.default_batch_size``: 256 per GPU/TPU chip, 8 on
+        CPU). Every batch is full but the last, which is padded to ``batch_size`` once a full
+        batch has compiled, so it reuses that program.
       output_format: "jsonl" or "parquet"; None picks by the output's suffix.
       resume: continue after the rows ``output`` already holds (the default); False starts
         over.
