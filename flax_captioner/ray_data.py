@@ -46,8 +46,8 @@ class CaptionImages:
       id_column: a column naming each row in error messages (None: the row's position).
       batch_size: images per device batch (None: the captioner's default, 256 per GPU/TPU
         chip); Ray's own ``batch_size`` decides how many rows each call gets. A call captions
-        its rows in batches of this size, the last padded only to the next power of two, so
-        give calls a multiple of it: calls of 64 rows run 64-image batches whatever this is.
+        its rows in batches of this size, so give calls a multiple of it: a call of fewer
+        rows runs one smaller batch (calls of 64 rows run 64-image batches whatever this is).
       num_threads: decoding threads per actor (None: one per CPU core).
       dtype: "float32" or "bfloat16".
       parallelism: "mesh", "pmap" or "none" (see ``Captioner.from_pretrained``).
@@ -97,6 +97,7 @@ class CaptionImages:
         scores = np.full(len(items), np.nan, np.float32)
         errors: list[str | None] = [None] * len(items)
         rows = self.settings.num_return_sequences
+
         def dispatch(decoded: feed.Batch) -> Dispatched:
             return self.captioner.generator.dispatch(decoded.pixel_values, self.settings,
                                                      first_index=decoded.items[0].index)
