@@ -408,7 +408,7 @@ def test_sigterm_while_captioning_exits_143_and_resumes(shapes_rows, tmp_path, c
 
 _SIGNAL_WHILE_LOADING = """
 import os, signal, sys, time
-from flax_captioner import backend, cli, errors
+from flax_captioner import cli, errors
 def load(args):
     os.kill(os.getpid(), getattr(signal, sys.argv[1]))
     time.sleep(30)
