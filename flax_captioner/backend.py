@@ -67,9 +67,9 @@ BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # decode_step alone, nlpconnect size, 8 images x 4 beams, 2-core AMD EPYC (Zen 4),
 # 2026-11-27, best of 5 (multiply_reduce vs einsum): float32 96.9 vs 114.6 ms (an earlier run
 # 100.5 vs 137.1), bfloat16 58.0 vs 90.6 ms: XLA:CPU runs the einsum as B x H matmuls of K
-# rows each. GPU and TPU keep the CPU's form until measured: part 3 of
-# scripts/accelerator_benchmark.py times both forms on the device ("einsum" rows), and its
-# result decides their entries.
+# rows each. One H200 (scripts/accelerator_benchmark.py, 2026-11-27, bfloat16, batch 256, 4
+# beams, XLA:GPU's autotuner off): 373 vs 380 images/s, no gap worth a second form, so GPUs
+# keep it until a run with the default compile options shows one. TPU: not measured.
 CROSS_CONTEXT = {"cpu": "multiply_reduce", "gpu": "multiply_reduce", "tpu": "multiply_reduce"}
 
 

@@ -265,11 +265,16 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
         jax.distributed.initialize()
     captioner = _load_captioner(args)
+    from flax_captioner.decode_processes import use_processes
     from flax_captioner.pipeline import run_pipeline
 
+    decode_processes = args.decode_processes
+    if decode_processes is None:
+        decode_processes = use_processes(args.threads or os.cpu_count() or 1)
     stats = run_pipeline(
         captioner, inputs, args.output, batch_size=args.batch_size,
         output_format=resolved_format, resume=not args.no_resume, num_threads=args.threads,
+        decode_processes=decode_processes,
         seed=args.seed, settings=_generation_settings(args), exif_transpose=args.exif_transpose,
         fast_decode=args.fast_decode, token_logprobs=args.token_logprobs,
         **({} if args.process_timeout is None else {"process_timeout_s": args.process_timeout}),
@@ -385,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "per GPU/TPU chip, fewer if its memory is short]")
     caption.add_argument("--threads", type=_count(1), default=None, metavar="N",
                          help="image decoding threads [all cores]")
+    caption.add_argument("--decode-processes", action=argparse.BooleanOptionalAction,
+                         default=None,
+                         help="each decoding thread hands its images to a worker process, "
+                              "past Python's GIL [on with more than 4 threads]")
     caption.add_argument("--no-resume", action="store_true",
                          help="start over instead of continuing an existing --output")
     caption.add_argument("--token-logprobs", action="store_true",

@@ -55,6 +55,9 @@ class ImageReadError(CaptionerError):
         self.path = path
         self.reason = reason
 
+    def __reduce__(self) -> tuple:  # pickled back from decoding processes (decode_processes)
+        return type(self), (self.path, self.reason)
+
 
 class DataError(CaptionerError):
     """Inputs or a dataset are unusable (a glob matching nothing, a missing column, empty)."""

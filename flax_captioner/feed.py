@@ -6,6 +6,7 @@ One feed serves every consumer of images: the captioning pipeline, ``Captioner.c
     InputItems, in order
       -> reader thread: reads stream members (tar) in order, queues their decoding
       -> decode threads: load_image + preprocess -> float32[3, H, W], or the ImageReadError
+         (or each hands that work to a process: decode_processes.py)
       -> Batch: ``batch_size`` decoded images, the failed items riding along in input order
       -> at most ``prefetch`` ready batches wait for the consumer
 
@@ -19,17 +20,19 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
 
 from flax_captioner import sharding, storage
+from flax_captioner.decode_processes import DecodeProcesses
 from flax_captioner.errors import ImageReadError
 from flax_captioner.preprocess import ImageDecoding, PreprocessConfig, load_and_preprocess_one
 from flax_captioner.sources import InputItem
@@ -65,10 +68,11 @@ class Batch:
 
 
 def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig, *,
-                decoding: ImageDecoding = ImageDecoding()) -> np.ndarray:
+                decoding: ImageDecoding = ImageDecoding(),
+                processes: DecodeProcesses | None = None) -> np.ndarray:
     """float32[3, H, W] of one item: ``encoded`` (its stream or fetched bytes, already read),
-    its in-memory ``data``, or the file or URL at ``item.image``. Safe to call from many
-    threads.
+    its in-memory ``data``, or the file or URL at ``item.image``; decoded on ``processes``
+    when given. Safe to call from many threads.
 
     Raises:
       ImageReadError: naming ``item.image`` and the cause.
@@ -76,14 +80,18 @@ def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig
     source = encoded if encoded is not None else item.data
     if source is None and storage.is_remote(item.image):  # an item built without ``fetch``
         source = storage.fetcher(item.image)()
-    return load_and_preprocess_one(storage.local_path(item.image) if source is None else source,
-                                   config, name=item.image, decoding=decoding)
+    if source is None:
+        source = storage.local_path(item.image)
+    if processes is not None:
+        return processes.decode(source, item.image, config, decoding)
+    return load_and_preprocess_one(source, config, name=item.image, decoding=decoding)
 
 
 @contextlib.contextmanager
 def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: int, *,
             num_threads: int | None = None, prefetch: int = DEFAULT_PREFETCH,
-            decoding: ImageDecoding = ImageDecoding()) -> Iterator[Iterator[Batch]]:
+            decoding: ImageDecoding = ImageDecoding(),
+            decode_processes: bool = False) -> Iterator[Iterator[Batch]]:
     """Decodes ``items`` on background threads into ``Batch``es of ``batch_size`` images.
 
     A batch holds ``batch_size`` decoded images plus the failed items among them, so failures
@@ -99,6 +107,10 @@ def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: in
       num_threads: decode threads; None means one per CPU core.
       prefetch: ready batches kept ahead of the consumer.
       decoding: how files become RGB images (EXIF orientation, fast JPEG decoding).
+      decode_processes: each decode thread hands its images to a worker process
+        (``decode_processes.py``): faster with more than 4 threads. Python starts those
+        processes by importing the calling script again, so its work must sit under
+        ``if __name__ == "__main__":``.
 
     Yields:
       An iterator of Batches; leaving the context stops the threads (unread work is dropped).
@@ -114,30 +126,38 @@ def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: in
     # Enough queued decodes to keep every thread busy through a whole batch.
     window = 2 * max(batch_size, threads)
     with contextlib.ExitStack() as stack:
+        processes = None
+        if decode_processes:  # closed after the threads that use it have stopped
+            processes = DecodeProcesses(threads, config)
+            stack.callback(processes.close)
         executor = concurrent.futures.ThreadPoolExecutor(threads, "flax-captioner-decode")
         stack.callback(executor.shutdown, cancel_futures=True)
-        decoded = _decoded_in_order(items, config, executor, window, decoding)
+        decode = functools.partial(_decode_timed, config=config, decoding=decoding,
+                                   processes=processes)
+        decoded = _decoded_in_order(items, executor, window, decode)
         yield stack.enter_context(_in_background(_group(decoded, config, batch_size), prefetch))
 
 
-def _decode_timed(item: InputItem, encoded: bytes | None, config: PreprocessConfig,
-                  decoding: ImageDecoding) -> Decoded:
+def _decode_timed(item: InputItem, encoded: bytes | None, *, config: PreprocessConfig,
+                  decoding: ImageDecoding, processes: DecodeProcesses | None) -> Decoded:
     started = time.perf_counter()
     try:
-        pixels, error = decode_item(item, encoded, config, decoding=decoding), None
+        pixels = decode_item(item, encoded, config, decoding=decoding, processes=processes)
+        error = None
     except ImageReadError as read_error:
         pixels, error = None, read_error
     return pixels, error, time.perf_counter() - started
 
 
-def _submit(executor: concurrent.futures.Executor, item: InputItem, config: PreprocessConfig,
-            decoding: ImageDecoding, prefetcher: storage.Prefetcher) -> concurrent.futures.Future:
+def _submit(executor: concurrent.futures.Executor, item: InputItem,
+            decode: Callable[[InputItem, bytes | None], Decoded],
+            prefetcher: storage.Prefetcher) -> concurrent.futures.Future:
     """Queues the decoding of ``item``; stream bytes are read here, in input order; remote
     objects are fetched on the prefetcher's I/O threads first."""
     if item.fetch is not None:
         return prefetcher.submit(
             item.fetch, item.size, executor,
-            lambda encoded: _decode_timed(item, encoded, config, decoding),
+            lambda encoded: decode(item, encoded),
             lambda error: (None, error, 0.0))
     encoded = None
     if item.read_bytes is not None:
@@ -147,12 +167,12 @@ def _submit(executor: concurrent.futures.Executor, item: InputItem, config: Prep
             failed: concurrent.futures.Future = concurrent.futures.Future()
             failed.set_result((None, error, 0.0))
             return failed
-    return executor.submit(_decode_timed, item, encoded, config, decoding)
+    return executor.submit(decode, item, encoded)
 
 
-def _decoded_in_order(items: Iterable[InputItem], config: PreprocessConfig,
-                      executor: concurrent.futures.Executor, window: int,
-                      decoding: ImageDecoding) -> Iterator[tuple[InputItem, Decoded]]:
+def _decoded_in_order(items: Iterable[InputItem], executor: concurrent.futures.Executor,
+                      window: int, decode: Callable[[InputItem, bytes | None], Decoded]
+                      ) -> Iterator[tuple[InputItem, Decoded]]:
     """(item, decode result) in input order, with at most ``window`` decodes in flight.
 
     An error raised by ``items`` is re-raised after the items before it, so consumers still
@@ -170,8 +190,7 @@ def _decoded_in_order(items: Iterable[InputItem], config: PreprocessConfig,
             except Exception as error:  # re-raised below, in its place in the order
                 failure = error
                 break
-            in_flight.append((item, _submit(executor, item, config, decoding,
-                                            prefetcher)))
+            in_flight.append((item, _submit(executor, item, decode, prefetcher)))
             if len(in_flight) >= window:
                 item, future = in_flight.popleft()
                 yield item, future.result()

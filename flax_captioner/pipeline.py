@@ -53,6 +53,7 @@ class PipelineStats:
       input_wait_seconds: time the device loop waited for decoded batches (0 when decoding
         keeps up).
       decode_threads: number of decoding threads.
+      decode_processes: whether each decoding thread handed its work to a process.
       load_seconds: loading the captioner's checkpoint (before the run; 0 when unknown).
       compile_seconds: compiling the generator's programs during the run.
     """
@@ -65,6 +66,7 @@ class PipelineStats:
     device_seconds: float = 0.0
     input_wait_seconds: float = 0.0
     decode_threads: int = 1
+    decode_processes: bool = False
     load_seconds: float = 0.0
     compile_seconds: float = 0.0
 
@@ -82,7 +84,8 @@ class PipelineStats:
         return (f"captioned {self.captioned} images ({self.errors} errors{resumed}) in "
                 f"{self.wall_seconds:.1f} s, {self.images_per_second:.2f} images/s; "
                 f"load {self.load_seconds:.1f} s, compile {self.compile_seconds:.1f} s, "
-                f"decoding {self.decode_seconds:.1f} s over {self.decode_threads} threads, "
+                f"decoding {self.decode_seconds:.1f} s over {self.decode_threads} "
+                f"{'processes' if self.decode_processes else 'threads'}, "
                 f"device {self.device_seconds:.1f} s, "
                 f"device waited for input {self.input_wait_seconds:.1f} s")
 
@@ -120,6 +123,7 @@ def run_pipeline(
     output_format: str | None = None,
     resume: bool = True,
     num_threads: int | None = None,
+    decode_processes: bool = False,
     seed: int = 0,
     settings: Mapping[str, Any] | None = None,
     exif_transpose: bool = False,
@@ -147,6 +151,10 @@ def run_pipeline(
       resume: continue after the rows ``output`` already holds (the default); False starts
         over.
       num_threads: image decoding threads (None: one per CPU core).
+      decode_processes: each decoding thread hands its images to a worker process, which
+        decodes faster with more than 4 threads (``decode_processes.py``; the command line's
+        default). Python starts those processes by importing the calling script again, so
+        its work must sit under ``if __name__ == "__main__":``.
       seed: sampling seed; each batch passes its first input index as ``first_index``, so a
         resumed run samples what an uninterrupted one would.
       settings: generation settings for ``captioner.generate`` (num_beams, ...); with
@@ -213,7 +221,7 @@ def run_pipeline(
         stats = _caption_slice(
             captioner, items, output, target, output_format, resume=resume,
             flush_seconds=flush_seconds, storage_options=storage_options,
-            num_threads=num_threads, progress=progress,
+            num_threads=num_threads, decode_processes=decode_processes, progress=progress,
             show_progress=process_index == 0 if progress is None else progress,
             batch_size=batch_size, seed=seed, settings=resolved,
             decoding=ImageDecoding(exif_transpose=exif_transpose, fast=fast_decode),
@@ -236,7 +244,8 @@ def run_pipeline(
 def _caption_slice(captioner: Any, items: Iterator[InputItem], output: str | None,
                    target: str | None, output_format: str, *, resume: bool,
                    flush_seconds: float, storage_options: Mapping[str, Any] | None,
-                   num_threads: int | None, progress: bool | None, show_progress: bool,
+                   num_threads: int | None, decode_processes: bool, progress: bool | None,
+                   show_progress: bool,
                    batch_size: int,
                    decoding: ImageDecoding, seed: int, settings: GenerationSettings,
                    row_format: _RowFormat) -> PipelineStats:
@@ -246,6 +255,7 @@ def _caption_slice(captioner: Any, items: Iterator[InputItem], output: str | Non
                          flush_seconds=flush_seconds, storage_options=storage_options)
     stats = PipelineStats(resumed=writer.rows_done,
                           decode_threads=num_threads or os.cpu_count() or 1,
+                          decode_processes=decode_processes,
                           load_seconds=getattr(captioner, "load_seconds", 0.0))
     _skip_done(items, writer, target)
     stop_signal = threading.Event()
@@ -256,7 +266,7 @@ def _caption_slice(captioner: Any, items: Iterator[InputItem], output: str | Non
             bar = stack.enter_context(_progress_bar(show_progress, progress))
             batches = stack.enter_context(feed.batches(
                 items, captioner.preprocess_config, batch_size, num_threads=num_threads,
-                decoding=decoding))
+                decoding=decoding, decode_processes=decode_processes))
             _caption_batches(captioner, batches, writer, stats, bar, stop_signal, output=output,
                              seed=seed, settings=settings, row_format=row_format)
     except BaseException:

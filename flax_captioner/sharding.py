@@ -76,8 +76,9 @@ class DataParallel(Protocol):
         """Places a pytree of global host arrays (batch axis 0) as the wrapped functions take
         them; the row count must be a multiple of ``num_shards``."""
 
-    def wrap(self, fn: BatchFn) -> Program:
-        """Compiles ``fn`` for this placement (on first call, or ``Program.compile``)."""
+    def wrap(self, fn: BatchFn, compiler_options: dict[str, Any] | None = None) -> Program:
+        """Compiles ``fn`` for this placement (on first call, or ``Program.compile``), with
+        XLA ``compiler_options`` where the placement takes them (not ``pmap``)."""
 
 
 def _padded_size(rows: int, num_shards: int) -> int:
@@ -117,8 +118,8 @@ class SingleDevice:
     def put_batch(self, batch: Any) -> Any:
         return jax.device_put(batch, self.device)
 
-    def wrap(self, fn: BatchFn) -> Program:
-        compiled = jax.jit(fn)
+    def wrap(self, fn: BatchFn, compiler_options: dict[str, Any] | None = None) -> Program:
+        compiled = jax.jit(fn, compiler_options=compiler_options)
 
         def on_device(params: Any, *batch_args: Any) -> Any:
             return compiled(params, *self.put_batch(batch_args))
@@ -151,12 +152,12 @@ class MeshDataParallel:
         """
         return jax.device_put(batch, self.batch_split)
 
-    def wrap(self, fn: BatchFn) -> Program:
+    def wrap(self, fn: BatchFn, compiler_options: dict[str, Any] | None = None) -> Program:
         # The batch args travel as one tuple so a single sharding prefix covers any number.
         compiled = jax.jit(
             lambda params, batch_args: fn(params, *batch_args),
             in_shardings=(self.replicated, self.batch_split),
-            out_shardings=self.batch_split)
+            out_shardings=self.batch_split, compiler_options=compiler_options)
 
         def sharded(params: Any, *batch_args: Any) -> Any:
             _check_divisible(batch_args, self.num_shards)
@@ -185,7 +186,10 @@ class PmapDataParallel:
         """Host arrays stay on the host: the wrapped ``pmap`` splits them over devices."""
         return batch
 
-    def wrap(self, fn: BatchFn) -> Program:
+    def wrap(self, fn: BatchFn, compiler_options: dict[str, Any] | None = None) -> Program:
+        if compiler_options:
+            raise ValueError("compiler_options need the mesh or single-device placement: "
+                             "jax.pmap takes none")
         mapped = jax.pmap(lambda params, batch_args: fn(params, *batch_args),
                           axis_name=DATA_AXIS, devices=self.devices)
 

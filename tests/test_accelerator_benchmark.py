@@ -63,8 +63,10 @@ def test_smoke_run_measures_every_part_and_renders_markdown(tmp_path):
         assert row["images_per_second"] > 0 and len(row["batch_seconds"]) == 2
     assert rows["ours", "float32", 2]["compile_seconds"] > 0
 
-    pipelines = {row["decode"]: row for row in parts["end_to_end"]["pipelines"]}
-    assert set(pipelines) == {"exact", "fast"}
+    pipelines = {(row["decode"], row["workers"]): row
+                 for row in parts["end_to_end"]["pipelines"]}
+    assert set(pipelines) == {("exact", "threads"), ("exact", "processes"),
+                              ("fast", "processes")}
     for pipeline in pipelines.values():
         assert pipeline["images"] == 32 and pipeline["captioned"] == 32
         assert pipeline["errors"] == 0 and pipeline["input_wait_seconds"] >= 0

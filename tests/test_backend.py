@@ -62,7 +62,7 @@ def test_generator_traces_at_its_own_precision_whatever_the_callers_config(
         tiny_model, dtype, expected):
     generator = Generator(tiny_model.params, tiny_model.config, dtype=dtype,
                           data_parallel=sharding.SingleDevice())
-    generator.data_parallel.wrap = lambda fn: fn  # the traced function itself, not jitted
+    generator.data_parallel.wrap = lambda fn, options: fn  # the traced function, not jitted
     settings = settings_for(num_beams=2, max_length=5)
     pixels = np.zeros((2, 3, 32, 32), np.float32)
     keys = np.zeros((2, 2), np.uint32)
@@ -111,6 +111,25 @@ def test_cross_attention_form_is_the_platforms_and_both_forms_give_the_same_sear
     np.testing.assert_allclose(output.scores, expected.scores, rtol=1e-5)
     with pytest.raises(ValueError, match="cross_context must be one of"):
         Generator(tiny_model.params, tiny_model.config, cross_context="dot")
+
+
+@pytest.mark.parametrize("mode", ["none", "mesh"])
+def test_searches_compile_with_the_callers_xla_options(tiny_model, mode):
+    placement = sharding.data_parallel(mode)
+    pixels = np.zeros((2, 3, 32, 32), np.float32)
+    # An option XLA does not know fails the compile: the options reach it.
+    unknown = Generator(tiny_model.params, tiny_model.config, data_parallel=placement,
+                        compiler_options={"no_such_xla_option": 1})
+    with pytest.raises(Exception, match="no_such_xla_option"):
+        unknown.generate(pixels, settings_for(max_length=4))
+
+
+def test_pmap_placement_refuses_compiler_options_at_construction(tiny_model):
+    with pytest.raises(ValueError, match="^compiler_options need the mesh or single-device "
+                                         "placement: jax.pmap takes none$"):
+        Generator(tiny_model.params, tiny_model.config,
+                  data_parallel=sharding.data_parallel("pmap"),
+                  compiler_options={"xla_gpu_autotune_level": 0})
 
 
 class FakeDevice:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flax_captioner import backend, cli, errors
+from flax_captioner import backend, cli, decode_processes, errors
 from flax_captioner.captioner import Captioner
 from flax_captioner.errors import FIXES, ImageReadError
 from flax_captioner.generator import Generator
@@ -169,6 +169,7 @@ def test_help_imports_no_jax_transformers_or_trainer():
     assert (f"[{backend.CPU_BATCH_SIZE} on CPU; {backend.ACCELERATOR_BATCH_PER_DEVICE} per "
             "GPU/TPU chip, fewer if its memory is short]") in caption_help
     assert "nlpconnect/vit-gpt2-image-captioning" in caption_help
+    assert f"[on with more than {decode_processes.THREADS_UP_TO} threads]" in caption_help
 
 
 # (name, arguments after the command, exit status, text the one error line holds). Paths
@@ -350,6 +351,19 @@ def shapes_rows(tmp_path_factory) -> list[dict]:
     output = tmp_path_factory.mktemp("whole") / "captions.jsonl"
     assert cli.main(caption_args(output, "--batch-size", "3")) == 0
     return [json.loads(line) for line in output.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("flags, workers", [(["--threads", "5"], "5 processes"),
+                                            (["--threads", "5", "--no-decode-processes"],
+                                             "5 threads"),
+                                            (["--threads", "2", "--decode-processes"],
+                                             "2 processes")])
+def test_decoding_runs_in_processes_past_four_threads_unless_told(tmp_path, capsys, shapes_rows,
+                                                                   flags, workers):
+    output = tmp_path / "captions.jsonl"
+    assert cli.main(caption_args(output, "--batch-size", "3", *flags)) == 0
+    assert [json.loads(line) for line in output.read_text().splitlines()] == shapes_rows
+    assert f"over {workers}," in capsys.readouterr().err
 
 
 def test_caption_writes_every_sample(shapes_rows):

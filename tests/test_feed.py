@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import threading
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from flax_captioner import feed
-from flax_captioner.errors import DataError, ImageReadError
+from flax_captioner.errors import CaptionerError, DataError, ImageReadError
 from flax_captioner.preprocess import ImageDecoding, PreprocessConfig, load_and_preprocess_one
 from flax_captioner.sources import InputItem
 
@@ -148,3 +149,56 @@ def test_bad_sizes_are_one_line_errors(name, value):
 def test_image_read_errors_name_the_item():
     with pytest.raises(ImageReadError, match="^shard.tar/x.jpg: not an image"):
         feed.decode_item(InputItem(0, "shard.tar/x.jpg"), b"junk", CONFIG)
+
+
+def every_source(tmp_path) -> list[InputItem]:
+    """One item of each way an image reaches the feed, plus broken ones."""
+    path = tmp_path / "file.png"
+    path.write_bytes(png_bytes(0))
+    return [InputItem(0, str(path)),
+            InputItem(1, "bytes", data=png_bytes(1)),
+            InputItem(2, "pil", data=Image.open(io.BytesIO(png_bytes(2)))),
+            InputItem(3, "fetched", fetch=lambda: png_bytes(3), size=100),
+            InputItem(4, "member", read_bytes=lambda: png_bytes(4)),
+            InputItem(5, "broken", data=b"not an image"),
+            InputItem(6, str(tmp_path / "missing.png"))]
+
+
+@pytest.mark.parametrize("config", [CONFIG, PreprocessConfig(do_resize=False)],
+                         ids=["resized", "own size"])
+def test_decode_processes_give_the_threads_pixels_and_errors(tmp_path, config):
+    # "own size" pixels do not fit a fixed slot: they travel back through the pool's pipe.
+    results = {}
+    for processes in (False, True):
+        with feed.batches(every_source(tmp_path), config, 8, num_threads=2,
+                          decode_processes=processes) as batches:
+            (batch,) = list(batches)
+        results[processes] = batch
+    threads, processes = results[False], results[True]
+    assert processes.num_decoded == threads.num_decoded == 5
+    np.testing.assert_array_equal(processes.pixel_values, threads.pixel_values)
+    assert [(type(e), e.path, e.reason) if e else None for e in processes.errors] == [
+        (type(e), e.path, e.reason) if e else None for e in threads.errors]
+    assert processes.errors[5].reason == threads.errors[5].reason != ""
+
+
+class _EndsTheProcess:
+    """Unpickling it ends the process that unpickles it (a decoder crashing on an image)."""
+
+    def __reduce__(self):
+        import os
+        return os._exit, (1,)
+
+
+def test_a_decoding_process_that_dies_is_a_one_line_error():
+    items = [InputItem(0, "fine", data=png_bytes(0)), InputItem(1, "crasher",
+                                                               data=_EndsTheProcess())]
+    with pytest.raises(CaptionerError, match=r"^a decoding process ended abruptly while "
+                                             r"decoding crasher \(a script [^\n]+\)$"):
+        collect(items, 2, decode_processes=True)
+
+
+def test_decode_processes_leave_no_shared_memory_behind(tmp_path):
+    before = set(os.listdir("/dev/shm"))
+    collect(every_source(tmp_path), 2, decode_processes=True)
+    assert set(os.listdir("/dev/shm")) - before == set()
