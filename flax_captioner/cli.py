@@ -266,11 +266,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
         jax.distributed.initialize()
     captioner = _load_captioner(args)
     from flax_captioner.decode_processes import use_processes
+    from flax_captioner.feed import decode_threads
     from flax_captioner.pipeline import run_pipeline
 
     decode_processes = args.decode_processes
     if decode_processes is None:
-        decode_processes = use_processes(args.threads or os.cpu_count() or 1)
+        decode_processes = use_processes(decode_threads(args.threads))
     stats = run_pipeline(
         captioner, inputs, args.output, batch_size=args.batch_size,
         output_format=resolved_format, resume=not args.no_resume, num_threads=args.threads,

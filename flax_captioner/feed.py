@@ -87,6 +87,11 @@ def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig
     return load_and_preprocess_one(source, config, name=item.image, decoding=decoding)
 
 
+def decode_threads(num_threads: int | None) -> int:
+    """The decode threads a feed of ``num_threads`` runs: None means one per CPU core."""
+    return num_threads or os.cpu_count() or 1
+
+
 @contextlib.contextmanager
 def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: int, *,
             num_threads: int | None = None, prefetch: int = DEFAULT_PREFETCH,
@@ -122,7 +127,7 @@ def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: in
                         ("prefetch", prefetch)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
-    threads = num_threads or os.cpu_count() or 1
+    threads = decode_threads(num_threads)
     # Enough queued decodes to keep every thread busy through a whole batch.
     window = 2 * max(batch_size, threads)
     with contextlib.ExitStack() as stack:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import os
 import signal
 import sys
 import threading
@@ -254,7 +253,7 @@ def _caption_slice(captioner: Any, items: Iterator[InputItem], output: str | Non
     writer = open_writer(target, output_format, resume=resume and output is not None,
                          flush_seconds=flush_seconds, storage_options=storage_options)
     stats = PipelineStats(resumed=writer.rows_done,
-                          decode_threads=num_threads or os.cpu_count() or 1,
+                          decode_threads=feed.decode_threads(num_threads),
                           decode_processes=decode_processes,
                           load_seconds=getattr(captioner, "load_seconds", 0.0))
     _skip_done(items, writer, target)
