@@ -16,10 +16,10 @@ config:
   bfloat16 because it only feeds the next projection.
 
 No host round trips inside the search: the compiled program has no host callbacks, infeed or
-outfeed, and runs under ``jax.transfer_guard("disallow")`` (tests/test_backend.py). One
-round trip remains below JAX: XLA:GPU's while loop decides each iteration on the host (its
-while thunk copies the loop predicate back and waits for it), one small copy per generated
-token; its cost on a GPU is not measured yet.
+outfeed, and runs under ``jax.transfer_guard("disallow")`` (tests/test_backend.py). Below
+JAX, XLA:GPU decides each iteration of a while loop whose trip count it does not know on the
+host (its while thunk copies the predicate back and waits for it), so GPUs run the search's
+step loop for a fixed number of steps (``SEARCH_LOOP``).
 """
 
 from __future__ import annotations
@@ -71,6 +71,26 @@ BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # beams, XLA:GPU's autotuner off): 373 vs 380 images/s, no gap worth a second form, so GPUs
 # keep it until a run with the default compile options shows one. TPU: not measured.
 CROSS_CONTEXT = {"cpu": "multiply_reduce", "gpu": "multiply_reduce", "tpu": "multiply_reduce"}
+
+
+# The search's step loop (search.SEARCH_LOOPS) per platform.
+# - GPU: "fixed_steps". Read from XLA's source, not yet timed: XLA:GPU's WhileThunk copies a
+#   while loop's predicate to the host and blocks on the stream every iteration unless the
+#   trip count is known, when it launches the iterations back to back. The cost is the steps
+#   after every image of a batch is done: none for the random-weight benchmark model, and at
+#   the GPU default batch (256 images x 4 beams) the slowest caption of the batch sets the
+#   count either way. scripts/accelerator_benchmark.py times both forms ("until_done" rows).
+# - CPU: "until_done". XLA:CPU runs the loop on the host: its predicate cost nothing
+#   measurable (until_done 2.28 vs fixed_steps 2.20 images/s, full-size, batch 8, no caption
+#   ending early, 2-core AMD EPYC, 2026-11-27; docs/benchmarks.md, "The search loop form"),
+#   and it stops once a batch's captions have all ended.
+# - TPU: "until_done": the TPU evaluates the predicate on the chip. Not measured.
+SEARCH_LOOP = {"cpu": "until_done", "gpu": "fixed_steps", "tpu": "until_done"}
+
+
+def search_loop(platform: str) -> str:
+    """The search loop form for devices of ``platform`` ("cpu", "gpu", "tpu")."""
+    return SEARCH_LOOP.get(platform, "until_done")
 
 
 def cross_context(platform: str) -> str:

@@ -86,7 +86,8 @@ class GenerationOutput:
 
 def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
                       dtype: Any = jnp.float32,
-                      cross_context: str = "multiply_reduce") -> GenerateFn:
+                      cross_context: str = "multiply_reduce",
+                      search_loop: str = "until_done") -> GenerateFn:
     """The whole search as one pure function of (params, pixels, keys).
 
     Returns ``fn(params, pixel_values [B, 3, H, W] float32, row_keys [B, 2] uint32) ->
@@ -94,7 +95,7 @@ def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
     then the per-token and, when asked for, per-step arrays); ``row_keys`` only matter when
     sampling. Cross-attention keys/values are computed once per image and shared by its
     beams; step one runs on B rows, the search expands the cache to K beams after it.
-    ``cross_context`` is ``decoder.decode_step``'s.
+    ``cross_context`` is ``decoder.decode_step``'s, ``search_loop`` ``search.run_steps``'s.
     """
 
     def generate_fn(params: Any, pixel_values: jax.Array,
@@ -108,7 +109,8 @@ def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
             return decoder.decode_step(params, tokens, position, cache, cross, spec, dtype,
                                        cross_context)
 
-        return search.search(step_fn, decoder.reorder_cache, cache, batch, settings, row_keys)
+        return search.search(step_fn, decoder.reorder_cache, cache, batch, settings, row_keys,
+                             search_loop)
 
     return generate_fn
 
@@ -187,6 +189,8 @@ class Generator:
         the first local device (``sharding.SingleDevice``).
       cross_context: ``decoder.decode_step``'s cross-attention form; ``None`` takes the
         devices' platform's (``backend.CROSS_CONTEXT``).
+      search_loop: how the search's step loop ends (``search.run_steps``); ``None`` takes
+        the devices' platform's (``backend.SEARCH_LOOP``).
       compiler_options: XLA options the searches compile with (``jax.jit``'s; the pmap
         placement takes none). XLA's defaults serve best: on one H200 (jax 0.11.2,
         2026-11-27, nlpconnect size, 4 beams, max_length 16, batch 64),
@@ -198,6 +202,7 @@ class Generator:
     def __init__(self, model_or_params: Any, config: Any, *, dtype: Any = jnp.float32,
                  data_parallel: sharding.DataParallel | None = None,
                  cross_context: str | None = None,
+                 search_loop: str | None = None,
                  compiler_options: dict[str, Any] | None = None):
         params = getattr(model_or_params, "params", model_or_params)
         self.spec = decoder.DecoderSpec.from_config(config)
@@ -206,9 +211,11 @@ class Generator:
             params = decoder.cast_params(params, self.dtype)
         self.data_parallel = data_parallel or sharding.SingleDevice()
         self.num_shards = self.data_parallel.num_shards
-        self.cross_context = cross_context or backend.cross_context(
-            self.data_parallel.devices[0].platform)
+        platform = self.data_parallel.devices[0].platform
+        self.cross_context = cross_context or backend.cross_context(platform)
         decoder.check_cross_context(self.cross_context)  # at construction, not first call
+        self.search_loop = search_loop or backend.search_loop(platform)
+        search.check_search_loop(self.search_loop)
         self.compiler_options = dict(compiler_options or {})
         if self.compiler_options:  # at construction, not first call
             self.data_parallel.wrap(lambda params: params, self.compiler_options)
@@ -251,7 +258,8 @@ class Generator:
         key = (bucket, settings, precision)
         if key not in self._programs:
             self.check(settings)
-            generate_fn = build_generate_fn(self.spec, settings, self.dtype, self.cross_context)
+            generate_fn = build_generate_fn(self.spec, settings, self.dtype, self.cross_context,
+                                            self.search_loop)
             self._programs[key] = self.data_parallel.wrap(
                 backend.at_precision(generate_fn, precision), self.compiler_options)
         return self._programs[key]

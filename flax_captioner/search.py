@@ -14,7 +14,8 @@ because before it every beam of an image holds the same prompt.
 Shapes: B images, K beams (or R sampled rows per image), V vocabulary, T = ``max_length``
 (the prompt ``[decoder_start]`` included). Each image carries its own sticky "done" flag and
 a done image's results are frozen, so an image's caption never depends on the rest of the
-batch; the loop exits as soon as every image is done.
+batch. The loop either exits as soon as every image is done or runs a fixed number of steps
+(``SEARCH_LOOPS``); both return the same arrays.
 
 The arithmetic mirrors transformers 4.57 (``GenerationMixin._beam_search`` and helpers,
 ``_sample``, ``LogitsProcessor``s) operation by operation, in float32, including its
@@ -40,6 +41,8 @@ MASK_SCORE = -1.0e9
 
 StepFn = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 ReorderFn = Callable[[Any, jax.Array], Any]
+# How the step loop ends (``run_steps``); backend.SEARCH_LOOP picks one per platform.
+SEARCH_LOOPS = ("until_done", "fixed_steps")
 
 
 def process_scores(scores: jax.Array, sequences: jax.Array, cur_len: jax.Array,
@@ -335,6 +338,50 @@ def _record(buffer: jax.Array | None, step: jax.Array, values: jax.Array) -> jax
     return lax.dynamic_update_slice_in_dim(buffer, values[:, :, None], step, axis=2)
 
 
+def check_search_loop(loop: str) -> None:
+    """Raises ValueError (one line) unless ``loop`` is one of ``SEARCH_LOOPS``."""
+    if loop not in SEARCH_LOOPS:
+        raise ValueError(f"search_loop must be one of {SEARCH_LOOPS}, got {loop!r}")
+
+
+def run_steps(keep_going: Callable[[Any], jax.Array], body: Callable[[Any], Any], state: Any,
+              steps: int, loop: str) -> Any:
+    """Applies ``body`` to ``state`` while ``keep_going(state)``, at most ``steps`` times.
+
+    ``loop`` (``SEARCH_LOOPS``):
+
+    - ``"until_done"``: a while loop that exits as soon as ``keep_going`` is false. Its trip
+      count is data-dependent, so XLA:GPU decides every iteration on the host (its while
+      thunk copies the predicate back and waits for it), and over a mesh the predicate is an
+      all-reduce per step.
+    - ``"fixed_steps"``: exactly ``steps`` iterations, a trip count XLA knows at compile time
+      (``known_trip_count``), so XLA:GPU launches the iterations back to back without reading
+      anything back. The iterations after ``keep_going`` turns false change nothing the
+      search returns: a done image's results are frozen, and the per-step records
+      (``step_scores``, ``step_logits``) are only written while ``keep_going``.
+
+    ``state`` has ``step_scores`` and ``step_logits`` fields (None when not recorded).
+    """
+    check_search_loop(loop)
+    if loop == "until_done":
+        return lax.while_loop(keep_going, body, state)
+
+    def fixed_body(_: jax.Array, state: Any) -> Any:
+        advanced = body(state)
+        if state.step_scores is None and state.step_logits is None:
+            return advanced
+        running = keep_going(state)
+
+        def unless_stopped(old: jax.Array | None, new: jax.Array | None) -> jax.Array | None:
+            return None if old is None else jnp.where(running, new, old)
+
+        return advanced.replace(
+            step_scores=unless_stopped(state.step_scores, advanced.step_scores),
+            step_logits=unless_stopped(state.step_logits, advanced.step_logits))
+
+    return lax.fori_loop(0, steps, fixed_body, state)
+
+
 def _flat_rows(array: jax.Array | None) -> jax.Array | None:
     """[B, S, ...] -> [B * S, ...]."""
     return None if array is None else array.reshape((-1,) + array.shape[2:])
@@ -372,8 +419,8 @@ def _step_keys(row_keys: jax.Array, step: jax.Array) -> jax.Array:
 
 
 def sample_search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batch_size: int,
-                  settings: GenerationSettings,
-                  row_keys: jax.Array | None = None) -> SearchOutput:
+                  settings: GenerationSettings, row_keys: jax.Array | None = None,
+                  loop: str = "until_done") -> SearchOutput:
     """Greedy search (``do_sample`` false) or ancestral sampling, PyTorch ``_sample`` semantics.
 
     Args:
@@ -384,6 +431,7 @@ def sample_search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batc
       row_keys: uint32 [B, 2], one PRNG key per image (sampling only). Step ``t`` of image
         ``b`` draws its R tokens with ``fold_in(row_keys[b], t)``, so samples do not depend on
         the batch the image is in.
+      loop: how the step loop ends (``run_steps``).
 
     Returns:
       ``SearchOutput`` (no ``beam_indices``).
@@ -443,7 +491,8 @@ def sample_search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batc
         logits, model_state = step_fn(tokens, state.step, state.model_state)
         return advance(state, logits).replace(model_state=model_state)
 
-    state = lax.while_loop(keep_going, body, state)
+    # Steps 1 .. T - 2 (step 0 ran above; the last one fills position T - 1).
+    state = run_steps(keep_going, body, state, max(length - 2, 0), loop)
     return SearchOutput(sequences=_flat_rows(state.sequences), scores=_flat_rows(state.scores),
                         token_scores=_flat_rows(state.token_scores),
                         step_scores=_flat_rows(state.step_scores),
@@ -498,8 +547,8 @@ def _length_divisors(exponent: float, lengths: np.ndarray) -> np.ndarray:
 
 
 def beam_search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batch_size: int,
-                settings: GenerationSettings,
-                row_keys: jax.Array | None = None) -> SearchOutput:
+                settings: GenerationSettings, row_keys: jax.Array | None = None,
+                loop: str = "until_done") -> SearchOutput:
     """Beam search (or beam sampling) with transformers 4.57's vectorized semantics, one
     sticky state per image.
 
@@ -519,6 +568,7 @@ def beam_search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batch_
       settings: static settings with ``num_beams > 1``.
       row_keys: uint32 [B, 2] (beam sampling only): step ``t`` of image ``b`` draws with
         ``fold_in(row_keys[b], t)``.
+      loop: how the step loop ends (``run_steps``).
 
     Returns:
       ``SearchOutput``: the R best finished hypotheses per image, padded with
@@ -681,7 +731,7 @@ def beam_search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batch_
         state, source_beams = select(state, logits)
         return state.replace(model_state=reorder_fn(model_state, source_beams))
 
-    state = lax.while_loop(keep_going, body, state)
+    state = run_steps(keep_going, body, state, max(length - 2, 0), loop)
     returned = settings.num_return_sequences
     return SearchOutput(
         sequences=_flat_rows(state.finished_sequences[:, :returned]),
@@ -693,13 +743,15 @@ def beam_search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batch_
 
 
 def search(step_fn: StepFn, reorder_fn: ReorderFn, model_state: Any, batch_size: int,
-           settings: GenerationSettings,
-           row_keys: jax.Array | None = None) -> SearchOutput:
+           settings: GenerationSettings, row_keys: jax.Array | None = None,
+           loop: str = "until_done") -> SearchOutput:
     """Runs the search ``settings`` asks for; see ``beam_search`` and ``sample_search``.
 
-    ``row_keys`` (uint32 [B, 2]) are only used when ``settings.do_sample``.
+    ``row_keys`` (uint32 [B, 2]) are only used when ``settings.do_sample``; ``loop`` is
+    ``run_steps``'s.
     """
     row_keys = row_keys if settings.do_sample else None
     if settings.num_beams > 1:
-        return beam_search(step_fn, reorder_fn, model_state, batch_size, settings, row_keys)
-    return sample_search(step_fn, reorder_fn, model_state, batch_size, settings, row_keys)
+        return beam_search(step_fn, reorder_fn, model_state, batch_size, settings, row_keys,
+                           loop)
+    return sample_search(step_fn, reorder_fn, model_state, batch_size, settings, row_keys, loop)

@@ -15,8 +15,11 @@ wheels first); it finishes in under 8 minutes and writes ``accelerator-benchmark
    ours at batch 64 / 256 / 1024 in float32 (exact) and bfloat16, PyTorch ``generate`` float32
    eager (TF32 off) and float16 / bfloat16 weights with SDPA attention at the same batches,
    HF Flax ``generate`` under jit at batch 64: images/s (host pixel values in, host tokens
-   out), compile seconds, peak device memory; ours with the other cross-attention form at
-   batch 256 ("einsum" rows), which decides ``backend.CROSS_CONTEXT`` for the platform;
+   out), compile seconds, peak device memory; at batch 256, ours with one of
+   ``backend.py``'s choices switched, to decide it for the platform (``throughput_variants``:
+   the other cross-attention form, the other search loop, on GPUs the step loop as CUDA
+   graphs); and one bfloat16 batch of 256 under ``jax.profiler``: kernels per step and the
+   device's busy share (``device_activity``; the trace is kept in ``traces/``);
 4. end to end: 4,096 JPEGs (640x480) on local disk through ``pipeline.run_pipeline`` with a
    decode thread per host core, bfloat16, batch 256: exact decoding on threads, then on
    processes (``decode_processes``), then ``--fast-decode`` on processes: images/s, device
@@ -409,7 +412,35 @@ def device_peak_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
+# XLA:GPU's default command-buffer kinds (jax 0.11's XLA) plus the loop ones: the whole step
+# loop as one CUDA graph with device-side control flow, instead of launches from the host.
+CUDA_GRAPH_OPTIONS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,"
+                      "CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL"}
+
+
+def throughput_variants(platform: str, gpu: bool) -> dict[str, dict[str, Any]]:
+    """Variant name -> ``Generator`` arguments besides the dtype, for ``platform``'s devices.
+
+    "<dtype>" is the library's choice; the others each change one choice of
+    ``backend.py``, to decide it for the platform: the other cross-attention form ("einsum",
+    ``CROSS_CONTEXT``), the other search loop (``SEARCH_LOOP``), and on GPUs the step loop
+    as CUDA graphs (``CUDA_GRAPH_OPTIONS``).
+    """
+    from flax_captioner import backend, search
+
+    other_loop = next(form for form in search.SEARCH_LOOPS
+                      if form != backend.search_loop(platform))
+    variants: dict[str, dict[str, Any]] = {"": {}, " " + other_loop: {"search_loop": other_loop}}
+    if backend.cross_context(platform) != "einsum":
+        variants[" einsum"] = {"cross_context": "einsum"}
+    if gpu:
+        variants[" cuda graphs"] = {"compiler_options": CUDA_GRAPH_OPTIONS}
+    return {dtype + suffix: kwargs for dtype in ("float32", "bfloat16")
+            for suffix, kwargs in variants.items()}
+
+
 def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None:
+    import jax
     import jax.numpy as jnp
 
     from flax_captioner import backend, loading, sharding
@@ -422,25 +453,31 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
     checkpoint = loading.load_checkpoint(work / "full")
     settings = throughput_settings(work)
     image_size = checkpoint.model.config.encoder.image_size
-    # Variant "<dtype>" is the library's choice for this platform; "<dtype> einsum" the other
-    # cross-attention form (backend.CROSS_CONTEXT), timed at the middle batch to decide it.
-    generators = {}
-    for dtype in ("float32", "bfloat16"):
-        for form, suffix in ((None, ""), ("einsum", " einsum")):
-            generators[dtype + suffix] = Generator(
+    variants = throughput_variants(jax.devices()[0].platform, profile.name == "gpu")
+    generators: dict[str, Generator] = {}
+
+    def generator_for(variant: str) -> Generator:
+        if variant not in generators:
+            dtype = variant.split()[0]
+            generators[variant] = Generator(
                 checkpoint.model.params, checkpoint.model.config, dtype=getattr(jnp, dtype),
-                data_parallel=sharding.data_parallel("mesh"), cross_context=form)
+                data_parallel=sharding.data_parallel("mesh"), **variants[variant])
+        return generators[variant]
+
     # The rows the targets read first, since a short budget drops the last ones: bfloat16 at
-    # the larger batches, float32 at the middle one, then the rest. JAX's peak memory only
-    # grows, so a row's peak is its own only where it exceeds every earlier one
-    # (``peak_attributable``).
+    # the larger batches, float32 at the middle one; then bfloat16's other choices at the
+    # middle batch (they decide backend.py's table), the remaining batches, and float32's
+    # other choices. JAX's peak memory only grows, so a row's peak is its own only where it
+    # exceeds every earlier one (``peak_attributable``).
     middle = profile.batches[len(profile.batches) // 2]
     plan = [("ours", "bfloat16", batch) for batch in profile.batches[1:]]
     plan += [("ours", "float32", middle)]
+    plan += [("ours", variant, middle) for variant in variants
+             if variant.startswith("bfloat16 ")]
     plan += [("ours", dtype, batch) for dtype in ("bfloat16", "float32")
              for batch in profile.batches if ("ours", dtype, batch) not in plan]
-    if generators["bfloat16"].cross_context != "einsum":
-        plan += [("ours", dtype + " einsum", middle) for dtype in ("bfloat16", "float32")]
+    plan += [("ours", variant, middle) for variant in variants
+             if variant.startswith("float32 ")]
     # Last: its compile is long, and no target depends on it.
     plan.append(("hf-flax", "float32", profile.hf_flax_batch))
     # Guesses until measured (then the last measurement of that kind): compile seconds, and
@@ -470,7 +507,7 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
         pixels = seeded_pixels(batch, image_size)
         try:
             if framework == "ours":
-                generator = generators[dtype]
+                generator = generator_for(dtype)
                 call = lambda: generator.generate(pixels, settings).sequences  # noqa: E731
                 compiled_before = generator.compile_seconds
                 _, first = timed(call)  # compiles ahead of running, timed apart
@@ -480,8 +517,9 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
                 _, first = timed(call)
             seconds = [timed(call)[1] for _ in range(profile.repeats)]
         except (CaptionerError, RuntimeError) as error:  # out of memory (ours: one line)
-            if not isinstance(error, CaptionerError) and not backend.is_out_of_memory(error):
-                raise
+            if (not isinstance(error, CaptionerError) and not backend.is_out_of_memory(error)
+                    and not variants.get(dtype, {}).get("compiler_options")):
+                raise  # a row with XLA options records what XLA said of them
             recorder.emit("throughput", framework=framework, variant=dtype, batch=batch,
                           error=str(error).splitlines()[0][:200])
             continue
@@ -496,6 +534,59 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
             peak_gib=None if peak is None else peak / 2**30,
             peak_attributable=None if peak is None else peak > previous_peak)
         previous_peak = max(previous_peak, peak or 0)
+        if (framework, dtype, batch) == ("ours", "bfloat16", middle) and recorder.fits(
+                f"device profile of ours bfloat16 batch {batch}", 3 * median + 15):
+            trace = work / "traces" / f"bfloat16-{batch}"
+            options = jax.profiler.ProfileOptions()
+            options.python_tracer_level = 0  # device and XLA host events only: a small file
+            try:
+                with jax.profiler.trace(str(trace), profiler_options=options):
+                    _, traced = timed(call)
+                activity = device_activity(trace)
+            except Exception as error:  # noqa: BLE001 - a profiler failure loses no rows
+                traced, activity = None, {"devices": [], "error": str(error).splitlines()[0]}
+            recorder.emit("profile", variant=dtype, batch=batch, call_seconds=traced,
+                          steps=settings.max_length - 1, **activity)
+
+
+def device_activity(trace: Path) -> dict[str, Any]:
+    """What the devices did during a traced call, from the XSpace ``jax.profiler.trace`` wrote
+    under ``trace``.
+
+    Per device plane (``/device:GPU:N``), over the kernels and copies on its "Stream" lines:
+    their count, the span from the first start to the last end, the time any of them ran
+    (``busy_ms``, overlaps counted once), ``busy_share`` = busy / span, and the kernels with
+    the most time. A busy share well below 1 means the device waited for the host
+    (launches, synchronisation) between kernels; near 1, the kernels themselves bound it.
+    Devices whose kernels the trace does not show (XLA:CPU) give an empty list.
+    """
+    from jax.profiler import ProfileData
+
+    paths = sorted(trace.glob("**/*.xplane.pb"))
+    if not paths:
+        return {"devices": [], "error": f"no .xplane.pb under {trace}"}
+    devices = []
+    for plane in ProfileData.from_file(str(paths[-1])).planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        events = sorted((event.start_ns, event.start_ns + event.duration_ns, event.name)
+                        for line in plane.lines if line.name.startswith("Stream")
+                        for event in line.events)
+        if not events:
+            continue
+        busy, covered_until = 0.0, events[0][0]
+        per_kernel: dict[str, list[float]] = {}
+        for start, end, name in events:
+            busy += max(0.0, end - max(start, covered_until))
+            covered_until = max(covered_until, end)
+            per_kernel.setdefault(name, []).append(end - start)
+        span = covered_until - events[0][0]
+        top = sorted(per_kernel.items(), key=lambda item: -sum(item[1]))[:10]
+        devices.append({"device": plane.name, "kernels": len(events), "span_ms": span / 1e6,
+                        "busy_ms": busy / 1e6, "busy_share": busy / span if span else None,
+                        "top_kernels": [{"name": name, "count": len(times),
+                                         "total_ms": sum(times) / 1e6} for name, times in top]})
+    return {"devices": devices}
 
 
 def hf_flax_generate(checkpoint: Any, settings: Any,
@@ -792,7 +883,8 @@ def assemble(profile: Profile, env: dict[str, Any], setup_seconds: float,
             "parity": part(WORKERS["parity"]) | {"rows": lines("parity", "parity")},
             "throughput": part(WORKERS["throughput"]) | {
                 "rows": lines("torch_throughput", "throughput")
-                + lines("jax_throughput", "throughput")},
+                + lines("jax_throughput", "throughput"),
+                "profiles": lines("jax_throughput", "profile")},
             "end_to_end": part(WORKERS["end_to_end"]) | {
                 "pipelines": lines("end_to_end", "pipeline"),
                 "decode_scaling": lines("end_to_end", "decode")},
@@ -819,8 +911,9 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                    if "einsum" not in row["setting"]]  # the library's own form only
     pipelines = {(row["decode"], row["workers"]): row
                  for row in report["parts"]["end_to_end"]["pipelines"]}
-    compiles = [row["compile_seconds"] for row in rows
-                if row["framework"] == "ours" and row.get("compile_seconds") is not None]
+    compiles = [row["compile_seconds"] for row in rows  # the library's own choices only
+                if row["framework"] == "ours" and row["variant"] in ("float32", "bfloat16")
+                and row.get("compile_seconds") is not None]
 
     def ratio(a: dict | None, b: dict | None) -> float | None:
         return a["images_per_second"] / b["images_per_second"] if a and b else None
@@ -902,6 +995,26 @@ def render_markdown(report: dict[str, Any]) -> str:
           r.get("compile_seconds"), r.get("first_call_seconds"), r.get("peak_gib"),
           r.get("peak_attributable"), r.get("error") or r.get("attention")]
          for r in parts["throughput"].get("rows", [])]), ""]
+
+    profiles = parts["throughput"].get("profiles", [])
+    if profiles:
+        out += ["### Device profile of one batch (jax.profiler)", "",
+                "Kernels and copies on the device's streams during one call: busy = time any "
+                "of them ran; busy share = busy / span from the first to the last; well below "
+                "1, the device waited for the host between kernels.", "",
+                markdown_table(["variant", "batch", "call s", "device", "kernels",
+                                "kernels per step", "span ms", "busy ms", "busy share",
+                                "top kernels (ms)"],
+                               [[r["variant"], r["batch"], r["call_seconds"], d["device"],
+                                 d["kernels"], d["kernels"] / r["steps"], d["span_ms"],
+                                 d["busy_ms"], d["busy_share"],
+                                 ", ".join(f"{k['name'][:40]} {k['total_ms']:.1f}"
+                                           for k in d["top_kernels"][:5])]
+                                for r in profiles for d in r["devices"]]
+                               + [[r["variant"], r["batch"], r["call_seconds"],
+                                   r.get("error", "no device kernels in the trace"), None, None,
+                                   None, None, None, None]
+                                  for r in profiles if not r["devices"]]), ""]
 
     e2e = parts["end_to_end"]
     out += [f"## 4. End to end from JPEG files ({e2e['status']})", ""]
@@ -1005,7 +1118,18 @@ def main(argv: list[str] | None = None) -> None:
                 # After each worker, so a run stopped from outside keeps what it measured.
                 markdown = write_report(out, assemble(profile, dict(env), setup_seconds,
                                                       workers, time.perf_counter() - started))
+        keep_traces(work / "traces", out / "traces")
     print(markdown)
+
+
+def keep_traces(traces: Path, out: Path, limit_bytes: int = 15 * 2**20) -> None:
+    """Copies the workers' profiler traces (.xplane.pb, for XProf/TensorBoard) into ``out``,
+    each up to ``limit_bytes`` (the device tool brings back files of up to 16 MiB)."""
+    for path in sorted(traces.glob("*/**/*.xplane.pb")):
+        if path.stat().st_size <= limit_bytes:
+            target = out / f"{path.relative_to(traces).parts[0]}.xplane.pb"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
 
 
 def write_report(out: Path, report: dict[str, Any]) -> str:

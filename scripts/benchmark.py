@@ -153,16 +153,23 @@ def prepare_hf_flax(directory: Path, args: argparse.Namespace, dtype: str):
 
 
 def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
-                 output_scores: bool = False):
+                 output_scores: bool = False, other_search_loop: bool = False):
     """Compile seconds: ``Generator.compile_seconds`` (ahead-of-time compilation, timed
     apart from running the first batch)."""
+    import jax
     import jax.numpy as jnp
 
+    from flax_captioner import backend, search
     from flax_captioner.generator import Generator
     from flax_captioner.loading import load_checkpoint
 
     model = load_checkpoint(directory).model
-    generator = Generator(model, model.config, dtype=getattr(jnp, dtype))
+    search_loop = None
+    if other_search_loop:
+        platform_loop = backend.search_loop(jax.devices()[0].platform)
+        search_loop = next(form for form in search.SEARCH_LOOPS if form != platform_loop)
+    generator = Generator(model, model.config, dtype=getattr(jnp, dtype),
+                          search_loop=search_loop)
     settings = settings_for(model.config, args, output_scores)
     generator.generate(seeded_pixels(args.batch_size, model.config.encoder.image_size,
                                      args.seed), settings)
@@ -175,8 +182,13 @@ def prepare_ours_with_scores(directory: Path, args: argparse.Namespace, dtype: s
     return prepare_ours(directory, args, dtype, output_scores=True)
 
 
+def prepare_ours_other_loop(directory: Path, args: argparse.Namespace, dtype: str):
+    """Ours with the search loop form its platform does not use (``backend.SEARCH_LOOP``)."""
+    return prepare_ours(directory, args, dtype, other_search_loop=True)
+
+
 PREPARE = {"pytorch": prepare_pytorch, "hf-flax": prepare_hf_flax, "ours": prepare_ours,
-           "ours-scores": prepare_ours_with_scores}
+           "ours-scores": prepare_ours_with_scores, "ours-loop": prepare_ours_other_loop}
 
 
 READY, TIMED = "@benchmark ready", "@benchmark seconds"
@@ -314,6 +326,9 @@ def report(measurements: list[Measurement], args: argparse.Namespace) -> dict[st
         checks["ours_vs_pytorch"] = token_agreement(ours.sequences, reference.sequences)
     if hf_flax and reference:
         checks["hf_flax_vs_pytorch"] = token_agreement(hf_flax.sequences, reference.sequences)
+    if ours and ("ours-loop", args.dtype) in by_key:  # the loop forms' contract: equal
+        checks["ours_other_loop_vs_ours"] = token_agreement(
+            by_key["ours-loop", args.dtype].sequences, ours.sequences)
     if ("ours", "float32") in by_key and ("ours", "bfloat16") in by_key:
         checks["ours_bfloat16_vs_float32"] = token_agreement(
             by_key["ours", "bfloat16"].sequences, by_key["ours", "float32"].sequences)
@@ -348,6 +363,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also run ours with output_scores=True ('ours-scores', per-step "
                              "scores [B * K, max_length - 1, V] returned), interleaved with "
                              "the others: the cost of asking for them")
+    parser.add_argument("--other-search-loop", action="store_true",
+                        help="also run ours with the search loop form its platform does not "
+                             "use ('ours-loop'; backend.SEARCH_LOOP), interleaved")
     parser.add_argument("--worker", choices=tuple(PREPARE), help=argparse.SUPPRESS)
     parser.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -373,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(("ours", "bfloat16" if args.dtype == "float32" else "float32"))
         if args.output_scores:
             runs.append(("ours-scores", args.dtype))
+        if args.other_search_loop:
+            runs.append(("ours-loop", args.dtype))
         workers = []
         for framework, dtype in runs:
             print(f"loading, compiling, warming up {framework} ({dtype}) ...", file=sys.stderr,

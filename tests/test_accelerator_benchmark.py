@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +11,52 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "accelerator_benchmark.py"
+
+
+def benchmark_module():
+    spec = importlib.util.spec_from_file_location("accelerator_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def xspace_event(metadata_id: int, start_ms: float, end_ms: float) -> str:
+    return (f"events {{ metadata_id: {metadata_id} offset_ps: {int(start_ms * 1e9)} "
+            f"duration_ps: {int((end_ms - start_ms) * 1e9)} }}")
+
+
+def test_device_activity_counts_stream_kernels_once_each_and_their_busy_share(tmp_path):
+    from jax.profiler import ProfileData
+
+    # A GPU plane as XLA:GPU's profiler writes it: kernels on "Stream" lines (two overlap,
+    # one copy on another stream), plus derived lines ("XLA Ops") and a host plane to ignore.
+    kernels = " ".join([xspace_event(1, 0, 5), xspace_event(2, 3, 8), xspace_event(1, 10, 11)])
+    text = f"""
+      planes {{ name: "/host:CPU" lines {{ name: "python" {xspace_event(3, 0, 50)} }}
+                event_metadata {{ key: 3 value {{ id: 3 name: "host work" }} }} }}
+      planes {{ name: "/device:GPU:0"
+        lines {{ name: "Stream #13(Compute)" timestamp_ns: 1000000 {kernels} }}
+        lines {{ name: "Stream #14(MemcpyH2D)" timestamp_ns: 1000000 {xspace_event(4, 12, 13)} }}
+        lines {{ name: "XLA Ops" timestamp_ns: 1000000 {xspace_event(1, 0, 40)} }}
+        event_metadata {{ key: 1 value {{ id: 1 name: "loop_fusion" }} }}
+        event_metadata {{ key: 2 value {{ id: 2 name: "gemm" }} }}
+        event_metadata {{ key: 4 value {{ id: 4 name: "MemcpyH2D" }} }} }}
+    """
+    trace = tmp_path / "trace" / "plugins" / "profile" / "run"
+    trace.mkdir(parents=True)
+    (trace / "host.xplane.pb").write_bytes(ProfileData.text_proto_to_serialized_xspace(text))
+
+    activity = benchmark_module().device_activity(tmp_path / "trace")
+    [device] = activity["devices"]
+    assert device["device"] == "/device:GPU:0" and device["kernels"] == 4
+    assert device["span_ms"] == pytest.approx(13)
+    assert device["busy_ms"] == pytest.approx(10)  # 0-8 (overlap once), 10-11, 12-13
+    assert device["busy_share"] == pytest.approx(10 / 13)
+    assert [(k["name"], k["count"], k["total_ms"]) for k in device["top_kernels"]] == [
+        ("loop_fusion", 2, pytest.approx(6)), ("gemm", 1, pytest.approx(5)),
+        ("MemcpyH2D", 1, pytest.approx(1))]
+    assert benchmark_module().device_activity(tmp_path / "empty")["devices"] == []
 
 
 def table_blocks(markdown: str) -> list[list[str]]:
@@ -55,13 +102,21 @@ def test_smoke_run_measures_every_part_and_renders_markdown(tmp_path):
 
     rows = {(row["framework"], row["variant"], row["batch"]): row
             for row in parts["throughput"]["rows"]}
+    # The library's choices, then each with one choice of backend.py switched (on CPU: the
+    # einsum cross-attention and the fixed-steps loop).
     assert set(rows) == {("ours", "float32", 2), ("ours", "bfloat16", 2),
                          ("ours", "float32 einsum", 2), ("ours", "bfloat16 einsum", 2),
+                         ("ours", "float32 fixed_steps", 2), ("ours", "bfloat16 fixed_steps", 2),
                          ("hf-flax", "float32", 2), ("pytorch", "float32", 2),
                          ("pytorch", "bfloat16-autocast", 2)}
     for row in rows.values():
         assert row["images_per_second"] > 0 and len(row["batch_seconds"]) == 2
     assert rows["ours", "float32", 2]["compile_seconds"] > 0
+    # One profiled batch of the library's bfloat16; XLA:CPU's trace has no device plane.
+    [profiled] = parts["throughput"]["profiles"]
+    assert profiled["variant"] == "bfloat16" and profiled["devices"] == []
+    assert profiled["call_seconds"] > 0 and profiled["steps"] == 15
+    assert list((tmp_path / "traces").glob("bfloat16-2.xplane.pb"))  # kept for XProf
 
     pipelines = {(row["decode"], row["workers"]): row
                  for row in parts["end_to_end"]["pipelines"]}
@@ -83,12 +138,40 @@ def test_smoke_run_measures_every_part_and_renders_markdown(tmp_path):
 
     # Every table renders: a header, a separator, and rows with the header's cell count.
     tables = table_blocks(markdown)
-    assert len(tables) == 6  # targets, environment, parity, throughput, pipeline, decode
+    assert len(tables) == 7  # targets, environment, parity, throughput, profile, pipeline,
+    #                          decode
     for table in tables:
         cells = table[0].count("|")
         assert table[1] == "|" + "---|" * (cells - 1)
         assert len(table) >= 3 and all(line.count("|") == cells for line in table)
     for heading in ("## Targets (issue 10)", "## 1. Environment", "## 2. Parity",
-                    "## 3. Generator throughput", "## 4. End to end from JPEG files",
+                    "## 3. Generator throughput", "### Device profile of one batch",
+                    "## 4. End to end from JPEG files",
                     "### Host decode scaling"):
         assert heading in markdown
+
+
+def test_gpu_variants_switch_one_backend_choice_each_and_their_xla_options_parse(tiny_checkpoint):
+    import numpy as np
+
+    from flax_captioner import loading
+    from flax_captioner.generator import GenerationSettings, Generator
+
+    module = benchmark_module()
+    variants = module.throughput_variants("gpu", gpu=True)
+    assert variants == {
+        "float32": {}, "bfloat16": {},
+        "float32 until_done": {"search_loop": "until_done"},
+        "bfloat16 until_done": {"search_loop": "until_done"},
+        "float32 einsum": {"cross_context": "einsum"},
+        "bfloat16 einsum": {"cross_context": "einsum"},
+        "float32 cuda graphs": {"compiler_options": module.CUDA_GRAPH_OPTIONS},
+        "bfloat16 cuda graphs": {"compiler_options": module.CUDA_GRAPH_OPTIONS}}
+    assert "cuda graphs" not in " ".join(module.throughput_variants("cpu", gpu=False))
+    # XLA rejects an option value it does not know, on any backend: this one it knows.
+    model = loading.load_checkpoint(tiny_checkpoint).model
+    generator = Generator(model.params, model.config, **variants["bfloat16 cuda graphs"])
+    settings = GenerationSettings.resolve(loading.generation_defaults(model.config),
+                                          max_length=4)
+    assert generator.generate(np.zeros((1, 3, 32, 32), np.float32), settings).sequences.shape \
+        == (1, 4)

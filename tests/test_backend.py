@@ -114,6 +114,32 @@ def test_cross_attention_form_is_the_platforms_and_both_forms_give_the_same_sear
 
 
 @pytest.mark.parametrize("mode", ["none", "mesh"])
+def test_fixed_steps_loop_compiles_to_a_trip_count_xla_knows(tiny_model, mode):
+    # XLA:GPU's while thunk reads the predicate back to the host each iteration unless the
+    # loop carries known_trip_count (annotated by a pass XLA:CPU runs too); the GPU's form must.
+    assert backend.search_loop("gpu") == "fixed_steps"
+    assert backend.search_loop("cpu") == "until_done"
+    assert Generator(tiny_model.params, tiny_model.config).search_loop == "until_done"
+    settings = settings_for(num_beams=3, max_length=8)
+    pixels = np.random.default_rng(2).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    keys = np.zeros((4, 2), np.uint32)
+    trip_counts, sequences = {}, {}
+    for loop in ("until_done", "fixed_steps"):
+        generator = Generator(tiny_model.params, tiny_model.config, search_loop=loop,
+                              data_parallel=sharding.data_parallel(mode))
+        hlo = generator.program(4, settings).lower(generator.params, pixels, keys).compile(
+        ).as_text()
+        loops = [line for line in hlo.splitlines() if re.search(r"\bwhile\(", line)]
+        assert len(loops) == 1, loops
+        trip_counts[loop] = re.findall(r'"known_trip_count":\{"n":"(\d+)"\}', loops[0])
+        sequences[loop] = generator.generate(pixels, settings).sequences
+    assert trip_counts == {"until_done": [], "fixed_steps": ["6"]}  # steps 1 .. max_length - 2
+    np.testing.assert_array_equal(sequences["fixed_steps"], sequences["until_done"])
+    with pytest.raises(ValueError, match="search_loop must be one of"):
+        Generator(tiny_model.params, tiny_model.config, search_loop="forever")
+
+
+@pytest.mark.parametrize("mode", ["none", "mesh"])
 def test_searches_compile_with_the_callers_xla_options(tiny_model, mode):
     placement = sharding.data_parallel(mode)
     pixels = np.zeros((2, 3, 32, 32), np.float32)

@@ -54,9 +54,9 @@ class TableLM(PreTrainedModel, GenerationMixin):
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_search(settings: GenerationSettings):
-    """The search over the same decoder in JAX, compiled once per settings; the table is an
-    argument. The decoder state is the hash per beam, [B, K] int32."""
+def compiled_search(settings: GenerationSettings, loop: str = "until_done"):
+    """The search over the same decoder in JAX, compiled once per settings and loop form; the
+    table is an argument. The decoder state is the hash per beam, [B, K] int32."""
 
     def run(table, seeds, row_keys):
         def step_fn(tokens, position, hashes):
@@ -67,7 +67,7 @@ def compiled_search(settings: GenerationSettings):
             return jnp.take_along_axis(hashes, beam_indices, axis=1)
 
         return search.search(step_fn, reorder_fn, seeds[:, None], seeds.shape[0], settings,
-                             row_keys)
+                             row_keys, loop)
 
     return jax.jit(run)
 
@@ -77,10 +77,11 @@ def settings_for(**overrides) -> GenerationSettings:
     return GenerationSettings.resolve(type("Defaults", (), defaults), **overrides)
 
 
-def search_output(table, image_seeds, settings, row_keys=None) -> search.SearchOutput:
+def search_output(table, image_seeds, settings, row_keys=None,
+                  loop: str = "until_done") -> search.SearchOutput:
     """The whole ``SearchOutput`` as host arrays."""
-    output = compiled_search(settings)(jnp.asarray(table), jnp.asarray(image_seeds, jnp.int32),
-                                       row_keys)
+    output = compiled_search(settings, loop)(jnp.asarray(table),
+                                             jnp.asarray(image_seeds, jnp.int32), row_keys)
     return search.SearchOutput(*(None if x is None else np.asarray(x) for x in output))
 
 
@@ -202,6 +203,38 @@ def test_finished_beam_pool_rank_gate_and_max_length_beams():
 # ----------------------------------------------------------------------------------------
 # Sampling: checked by distribution.
 # ----------------------------------------------------------------------------------------
+
+
+LOOP_CASES = [
+    dict(num_beams=3, num_return_sequences=2),
+    dict(num_beams=3, do_sample=True, early_stopping=True),
+    dict(num_beams=1),
+    dict(num_beams=1, do_sample=True, num_return_sequences=2),
+]
+
+
+@pytest.mark.parametrize("overrides", LOOP_CASES, ids=str)
+def test_fixed_steps_loop_returns_what_the_until_done_loop_returns(overrides):
+    # EOS-heavy tables end every caption well before max_length, so the fixed loop runs steps
+    # after the whole batch is done: they must change nothing, per-step records included.
+    settings = settings_for(max_length=12, output_scores=True, output_logits=True, **overrides)
+    keys = row_keys(len(IMAGE_SEEDS))
+    for table_seed in (0, 1):
+        table = make_table(table_seed, eos_bias=6.0)
+        until_done = search_output(table, IMAGE_SEEDS, settings, keys, "until_done")
+        fixed = search_output(table, IMAGE_SEEDS, settings, keys, "fixed_steps")
+        assert np.isnan(until_done.step_scores[:, -1]).all()  # the batch ended early
+        for name, expected in until_done._asdict().items():
+            actual = getattr(fixed, name)
+            if expected is None:
+                assert actual is None, name
+            else:
+                np.testing.assert_array_equal(actual, expected, err_msg=f"{name} {overrides}")
+
+
+def test_unknown_search_loop_is_one_line_error():
+    with pytest.raises(ValueError, match="search_loop must be one of"):
+        search.run_steps(lambda state: True, lambda state: state, None, 3, "forever")
 
 
 def row_keys(count: int, seed: int = 0) -> jax.Array:
