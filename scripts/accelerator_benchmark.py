@@ -449,17 +449,19 @@ def throughput_plan(variants: dict[str, dict[str, Any]], batches: tuple[int, ...
     drops the last ones.
 
     First bfloat16 at the middle batch: the other search loop (the form earlier runs
-    measured, a baseline should the library's form compile badly), the library's form (then
-    profiled), its other choices but einsum (measured before); then what the targets read:
-    bfloat16 at the larger batches, float32 at the middle one; then einsum, the remaining
-    batches, float32's other choices, and HF Flax (a long compile no target needs).
+    measured, a baseline should the library's form compile badly), the library's form, its
+    other choices but einsum (measured before); then what the targets read: bfloat16 at the
+    larger batches, float32 at the middle one; then a profiled batch of the library's
+    bfloat16 at the middle batch ("profile": after the target rows, so a profiler that
+    takes the process down loses none of them), einsum, the remaining batches, float32's
+    other choices, and HF Flax (a long compile no target needs).
     """
     middle = batches[len(batches) // 2]
     switched = [variant for variant in variants if variant.startswith("bfloat16 ")]
     plan = [("ours", switched[0], middle), ("ours", "bfloat16", middle)]
     plan += [("ours", variant, middle) for variant in switched[1:] if "einsum" not in variant]
     plan += [("ours", "bfloat16", batch) for batch in batches if batch > middle]
-    plan += [("ours", "float32", middle)]
+    plan += [("ours", "float32", middle), ("profile", "bfloat16", middle)]
     plan += [("ours", variant, middle) for variant in switched if "einsum" in variant]
     plan += [("ours", dtype, batch) for dtype in ("bfloat16", "float32") for batch in batches
              if ("ours", dtype, batch) not in plan]
@@ -492,7 +494,6 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
                 data_parallel=sharding.data_parallel("mesh"), **variants[variant])
         return generators[variant]
 
-    middle = profile.batches[len(profile.batches) // 2]
     plan = throughput_plan(variants, profile.batches, profile.hf_flax_batch)
     # Guesses until measured (then the last measurement of that kind): compile seconds, and
     # seconds per image. GPU compiles: one H200, 2026-11-27, batch 64 (docs/benchmarks.md).
@@ -512,8 +513,20 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
     }[profile.name]
     # JAX's peak memory only grows: a row's peak is its own where it exceeds every earlier one.
     previous_peak = 0
+    measured = set()  # the (framework, variant, batch) rows run so far
     for framework, dtype, batch in plan:
         what = f"{framework} {dtype} batch {batch}"
+        if framework == "profile":  # a batch whose program an earlier row compiled
+            if ("ours", dtype, batch) not in measured:
+                recorder.emit("skipped", what=what, why=f"ours {dtype} batch {batch} not run")
+            elif recorder.fits(what, 15 + 3 * batch * per_image["ours", dtype]):
+                pixels = seeded_pixels(batch, image_size)
+                generator = generator_for(dtype)
+                recorder.emit("profile", variant=dtype, batch=batch,
+                              steps=settings.max_length - 1, **profiled_call(
+                                  lambda: generator.generate(pixels, settings).sequences,
+                                  work / "traces" / f"{dtype}-{batch}"))
+            continue
         kind = (framework, dtype.split()[0])
         estimate = (compile_estimate[kind] + (profile.repeats + 1) * batch
                     * per_image.get((framework, dtype), per_image[kind]))
@@ -549,19 +562,22 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
             peak_gib=None if peak is None else peak / 2**30,
             peak_attributable=None if peak is None else peak > previous_peak)
         previous_peak = max(previous_peak, peak or 0)
-        if (framework, dtype, batch) == ("ours", "bfloat16", middle) and recorder.fits(
-                f"device profile of ours bfloat16 batch {batch}", 3 * median + 15):
-            trace = work / "traces" / f"bfloat16-{batch}"
-            options = jax.profiler.ProfileOptions()
-            options.python_tracer_level = 0  # device and XLA host events only: a small file
-            try:
-                with jax.profiler.trace(str(trace), profiler_options=options):
-                    _, traced = timed(call)
-                activity = device_activity(trace)
-            except Exception as error:  # noqa: BLE001 - a profiler failure loses no rows
-                traced, activity = None, {"devices": [], "error": str(error).splitlines()[0]}
-            recorder.emit("profile", variant=dtype, batch=batch, call_seconds=traced,
-                          steps=settings.max_length - 1, **activity)
+        measured.add((framework, dtype, batch))
+
+
+def profiled_call(call: Callable[[], Any], trace: Path) -> dict[str, Any]:
+    """Runs ``call`` once under ``jax.profiler.trace`` into ``trace``: its seconds and
+    ``device_activity``; a profiler that fails gives its error instead."""
+    import jax
+
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # device and XLA host events only: a small file
+    try:
+        with jax.profiler.trace(str(trace), profiler_options=options):
+            _, seconds = timed(call)
+        return {"call_seconds": seconds, **device_activity(trace)}
+    except Exception as error:  # noqa: BLE001 - a profiler failure loses no rows
+        return {"call_seconds": None, "devices": [], "error": str(error).splitlines()[0]}
 
 
 def device_activity(trace: Path) -> dict[str, Any]:

@@ -181,8 +181,9 @@ def test_gpu_plan_puts_a_known_baseline_first_and_the_targets_rows_before_the_re
     module = benchmark_module()
     plan = module.throughput_plan(module.throughput_variants("gpu", gpu=True), (64, 256, 1024),
                                   64)
-    assert plan[:6] == [("ours", "bfloat16 until_done", 256), ("ours", "bfloat16", 256),
+    assert plan[:7] == [("ours", "bfloat16 until_done", 256), ("ours", "bfloat16", 256),
                         ("ours", "bfloat16 cuda graphs", 256), ("ours", "bfloat16", 1024),
-                        ("ours", "float32", 256), ("ours", "bfloat16 einsum", 256)]
+                        ("ours", "float32", 256), ("profile", "bfloat16", 256),
+                        ("ours", "bfloat16 einsum", 256)]
     assert plan[-1] == ("hf-flax", "float32", 64)
-    assert len(plan) == len(set(plan)) == 6 + 3 + 3 + 1  # + 64s and f32 1024, f32 switched
+    assert len(plan) == len(set(plan)) == 7 + 3 + 3 + 1  # + 64s and f32 1024, f32 switched
