@@ -430,10 +430,11 @@ def throughput_variants(platform: str, gpu: bool) -> dict[str, dict[str, Any]]:
     (``SEARCH_LOOP``), on GPUs the step loop as CUDA graphs (``CUDA_GRAPH_OPTIONS``), and
     the other cross-attention form ("einsum", ``CROSS_CONTEXT``).
     """
-    from flax_captioner import backend, search
+    from benchmark import other_search_loop
 
-    other_loop = next(form for form in search.SEARCH_LOOPS
-                      if form != backend.search_loop(platform))
+    from flax_captioner import backend
+
+    other_loop = other_search_loop(platform)
     variants: dict[str, dict[str, Any]] = {"": {}, " " + other_loop: {"search_loop": other_loop}}
     if gpu:
         variants[" cuda graphs"] = {"compiler_options": CUDA_GRAPH_OPTIONS}

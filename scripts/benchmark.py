@@ -152,22 +152,25 @@ def prepare_hf_flax(directory: Path, args: argparse.Namespace, dtype: str):
     return compile_seconds, lambda pixels: np.asarray(compiled(model.params, pixels))
 
 
+def other_search_loop(platform: str) -> str:
+    """The search loop form devices of ``platform`` do not use (``backend.SEARCH_LOOP``)."""
+    from flax_captioner import backend, search
+
+    return next(form for form in search.SEARCH_LOOPS if form != backend.search_loop(platform))
+
+
 def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
-                 output_scores: bool = False, other_search_loop: bool = False):
+                 output_scores: bool = False, other_loop: bool = False):
     """Compile seconds: ``Generator.compile_seconds`` (ahead-of-time compilation, timed
     apart from running the first batch)."""
     import jax
     import jax.numpy as jnp
 
-    from flax_captioner import backend, search
     from flax_captioner.generator import Generator
     from flax_captioner.loading import load_checkpoint
 
     model = load_checkpoint(directory).model
-    search_loop = None
-    if other_search_loop:
-        platform_loop = backend.search_loop(jax.devices()[0].platform)
-        search_loop = next(form for form in search.SEARCH_LOOPS if form != platform_loop)
+    search_loop = other_search_loop(jax.devices()[0].platform) if other_loop else None
     generator = Generator(model, model.config, dtype=getattr(jnp, dtype),
                           search_loop=search_loop)
     settings = settings_for(model.config, args, output_scores)
@@ -184,7 +187,7 @@ def prepare_ours_with_scores(directory: Path, args: argparse.Namespace, dtype: s
 
 def prepare_ours_other_loop(directory: Path, args: argparse.Namespace, dtype: str):
     """Ours with the search loop form its platform does not use (``backend.SEARCH_LOOP``)."""
-    return prepare_ours(directory, args, dtype, other_search_loop=True)
+    return prepare_ours(directory, args, dtype, other_loop=True)
 
 
 PREPARE = {"pytorch": prepare_pytorch, "hf-flax": prepare_hf_flax, "ours": prepare_ours,
