@@ -59,7 +59,8 @@ _MEMORY_SHARE = 0.75
 # - AMD EPYC family 25 model 17 (Zen 4: avx512_bf16, no AMX), 2 cores, 2026-11-27:
 #   1.98 vs 1.14 (1.74x faster).
 # - Intel Xeon with AMX (amx_bf16), 2 cores, 2026-11-26: 2.70 vs 1.76 (1.53x faster).
-# - An AVX2-only AMD EPYC (neither flag), reported in issue 10: 0.86 vs 1.09 (slower).
+# - AMD EPYC family 25 model 1 (Zen 3: AVX2, neither flag), 2 cores, 2026-12-04: 1.18 vs
+#   1.58 (0.75x: slower; issue 10 had reported 0.86 vs 1.09 on such a host).
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -67,9 +68,12 @@ BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # decode_step alone, nlpconnect size, 8 images x 4 beams, 2-core AMD EPYC (Zen 4),
 # 2026-11-27, best of 5 (multiply_reduce vs einsum): float32 96.9 vs 114.6 ms (an earlier run
 # 100.5 vs 137.1), bfloat16 58.0 vs 90.6 ms: XLA:CPU runs the einsum as B x H matmuls of K
-# rows each. One H200 (scripts/accelerator_benchmark.py, 2026-11-27, bfloat16, batch 256, 4
-# beams, XLA:GPU's autotuner off): 373 vs 380 images/s, no gap worth a second form, so GPUs
-# keep it until a run with the default compile options shows one. TPU: not measured.
+# rows each. On an AVX2-only AMD EPYC (Zen 3), 2026-12-04, whole searches interleaved
+# (scripts/benchmark.py --other-cross-context, batch 8): no gap either way (float32 1.36 vs
+# 1.46 and 1.65 vs 1.52 images/s, bfloat16 1.09 vs 1.03). One H200
+# (scripts/accelerator_benchmark.py, 2026-11-27, bfloat16, batch 256, 4 beams, XLA:GPU's
+# autotuner off): 373 vs 380 images/s, no gap worth a second form, so GPUs keep it until a
+# run with the default compile options shows one. TPU: not measured.
 CROSS_CONTEXT = {"cpu": "multiply_reduce", "gpu": "multiply_reduce", "tpu": "multiply_reduce"}
 
 

@@ -46,7 +46,7 @@ class DecodeProcesses:
     processes and frees the shared memory.
     """
 
-    def __init__(self, workers: int, config: PreprocessConfig):
+    def __init__(self, workers: int, config: PreprocessConfig, decoding: ImageDecoding):
         height, width = config.size
         # do_resize=False leaves each image its own size: its pixels travel through the pipe.
         self._slot_floats = 3 * height * width if config.do_resize else 0
@@ -63,12 +63,11 @@ class DecodeProcesses:
         context = multiprocessing.get_context("forkserver")
         self._pool = concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=context, initializer=_attach,
-            initargs=(self._memory.name, workers, self._slot_floats))
+            initargs=(self._memory.name, workers, self._slot_floats, config, decoding))
 
-    def decode(self, source: Any, name: str | None, config: PreprocessConfig,
-               decoding: ImageDecoding) -> np.ndarray:
+    def decode(self, source: Any, name: str | None) -> np.ndarray:
         """``load_and_preprocess_one(source, config, name=name, decoding=decoding)`` on a
-        worker process: float32[3, H, W].
+        worker process, with the pool's ``config`` and ``decoding``: float32[3, H, W].
 
         Raises:
           ImageReadError: as ``load_and_preprocess_one``.
@@ -77,8 +76,7 @@ class DecodeProcesses:
         slot = self._free.get()
         try:
             try:
-                shape = self._pool.submit(_decode_into_slot, slot, source, name, config,
-                                          decoding).result()
+                shape = self._pool.submit(_decode_into_slot, slot, source, name).result()
             except concurrent.futures.process.BrokenProcessPool:
                 raise CaptionerError(
                     f"a decoding process ended abruptly while decoding {name} (a script that "
@@ -96,22 +94,25 @@ class DecodeProcesses:
         self._memory.unlink()
 
 
-# Worker-process side: the slots of this process's pool, set once by the pool's initializer.
-_WORKER_SLOTS: dict[str, Any] = {}
+# Worker-process side: the slots, preprocessing and decoding of this process's pool, set once
+# by the pool's initializer, so each image sends only its source and slot through the pipe.
+_WORKER: dict[str, Any] = {}
 
 
-def _attach(memory_name: str, workers: int, slot_floats: int) -> None:
+def _attach(memory_name: str, workers: int, slot_floats: int, config: PreprocessConfig,
+            decoding: ImageDecoding) -> None:
     memory = shared_memory.SharedMemory(name=memory_name)
-    _WORKER_SLOTS["memory"] = memory  # keeps the mapping alive
-    _WORKER_SLOTS["slots"] = np.ndarray((workers, slot_floats), np.float32, buffer=memory.buf)
+    _WORKER["memory"] = memory  # keeps the mapping alive
+    _WORKER["slots"] = np.ndarray((workers, slot_floats), np.float32, buffer=memory.buf)
+    _WORKER["config"], _WORKER["decoding"] = config, decoding
 
 
-def _decode_into_slot(slot: int, source: Any, name: str | None, config: PreprocessConfig,
-                      decoding: ImageDecoding) -> tuple[int, ...] | np.ndarray:
+def _decode_into_slot(slot: int, source: Any, name: str | None) -> tuple[int, ...] | np.ndarray:
     """Decodes into ``slot`` and returns the pixels' shape, or the pixels when they do not
     fit a slot."""
-    pixels = load_and_preprocess_one(source, config, name=name, decoding=decoding)
-    slots = _WORKER_SLOTS["slots"]
+    pixels = load_and_preprocess_one(source, _WORKER["config"], name=name,
+                                     decoding=_WORKER["decoding"])
+    slots = _WORKER["slots"]
     if pixels.size > slots.shape[1]:
         return pixels
     slots[slot, :pixels.size] = pixels.ravel()

@@ -72,7 +72,8 @@ def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig
                 processes: DecodeProcesses | None = None) -> np.ndarray:
     """float32[3, H, W] of one item: ``encoded`` (its stream or fetched bytes, already read),
     its in-memory ``data``, or the file or URL at ``item.image``; decoded on ``processes``
-    when given. Safe to call from many threads.
+    when given (with the ``config`` and ``decoding`` the pool was built with). Safe to call
+    from many threads.
 
     Raises:
       ImageReadError: naming ``item.image`` and the cause.
@@ -83,7 +84,7 @@ def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig
     if source is None:
         source = storage.local_path(item.image)
     if processes is not None:
-        return processes.decode(source, item.image, config, decoding)
+        return processes.decode(source, item.image)
     return load_and_preprocess_one(source, config, name=item.image, decoding=decoding)
 
 
@@ -133,7 +134,7 @@ def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: in
     with contextlib.ExitStack() as stack:
         processes = None
         if decode_processes:  # closed after the threads that use it have stopped
-            processes = DecodeProcesses(threads, config)
+            processes = DecodeProcesses(threads, config, decoding)
             stack.callback(processes.close)
         executor = concurrent.futures.ThreadPoolExecutor(threads, "flax-captioner-decode")
         stack.callback(executor.shutdown, cancel_futures=True)

@@ -18,8 +18,9 @@ wheels first); it finishes in under 8 minutes and writes ``accelerator-benchmark
    out), compile seconds, peak device memory; at batch 256, ours with one of
    ``backend.py``'s choices switched, to decide it for the platform (``throughput_variants``:
    the other cross-attention form, the other search loop, on GPUs the step loop as CUDA
-   graphs); and one bfloat16 batch of 256 under ``jax.profiler``: kernels per step and the
-   device's busy share (``device_activity``; the trace is kept in ``traces/``);
+   graphs and float32 with cuBLAS matmuls); and one bfloat16 batch of 256 under
+   ``jax.profiler``: kernels per step and the device's busy share (``device_activity``; the
+   trace is kept in ``traces/``);
 4. end to end: 4,096 JPEGs (640x480) on local disk through ``pipeline.run_pipeline`` with a
    decode thread per host core, bfloat16, batch 256: exact decoding on threads, then on
    processes (``decode_processes``), then ``--fast-decode`` on processes: images/s, device
@@ -160,9 +161,11 @@ class Recorder:
             file.write(json.dumps({"kind": kind, **data}, default=_jsonable) + "\n")
 
     def fits(self, what: str, estimate: float) -> bool:
-        """Whether ``estimate`` seconds still fit the budget; records a skip when not."""
+        """Whether ``estimate`` seconds still fit the budget; records a skip when not, and
+        that ``what`` starts when so (``run_worker`` names it if the budget ends first)."""
         left = self.deadline - time.time()
         if estimate <= left:
+            self.emit("started", what=what, at=time.time())
             return True
         self.emit("skipped", what=what,
                   why=f"needs ~{estimate:.0f} s, {max(left, 0):.0f} s of the budget left")
@@ -187,6 +190,16 @@ def timed(call: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     result = call()
     return result, time.perf_counter() - start
+
+
+def timed_repeats(call: Callable[[], Any], repeats: int, recorder: Recorder,
+                  what: str) -> tuple[float, list[float]]:
+    """Seconds of a first call, then of ``repeats`` timed calls, none where those no longer
+    fit the budget (a speed guess far off)."""
+    _, first = timed(call)
+    if not recorder.fits(f"{what}, timed batches", repeats * first):
+        return first, []
+    return first, [timed(call)[1] for _ in range(repeats)]
 
 
 def check_backend(profile: Profile, recorder: Recorder) -> None:
@@ -377,19 +390,22 @@ def run_torch_throughput(work: Path, profile: Profile, recorder: Recorder) -> No
             try:
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                _, first = timed(call)
-                seconds = [timed(call)[1] for _ in range(profile.repeats)]
+                first, repeats = timed_repeats(call, profile.repeats, recorder, what)
             except torch.cuda.OutOfMemoryError as error:
                 recorder.emit("throughput", framework="pytorch", variant=variant, batch=batch,
                               error="out of memory: " + str(error).splitlines()[0][:120])
                 torch.cuda.empty_cache()
                 continue
+            # PyTorch compiles nothing: where the timed batches did not fit, its first call
+            # is the row's one measurement.
+            seconds = repeats or [first]
             median = statistics.median(seconds)
             seconds_per_image = median / batch
             recorder.emit(
                 "throughput", framework="pytorch", variant=variant, batch=batch,
                 images_per_second=batch / median, batch_seconds=seconds, compile_seconds=None,
                 first_call_seconds=first, attention=attention,
+                timed=None if repeats else "first call only",
                 peak_gib=(torch.cuda.max_memory_allocated() / 2**30 if device == "cuda"
                           else None))
         model = None  # frees its device memory before the next variant loads
@@ -420,6 +436,10 @@ def device_peak_bytes() -> int | None:
 # loop as one CUDA graph with device-side control flow, instead of launches from the host.
 CUDA_GRAPH_OPTIONS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,"
                       "CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL"}
+# Matmuls on cuBLAS only, not Triton: float32 compiles took 72 s on one H200 (2026-11-27), most
+# of it autotuning Triton GEMM configurations; turning autotuning off instead (21 s) made the
+# search 4.6x slower. Tried on float32, to decide whether the exact mode compiles this way.
+CUBLAS_GEMM_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
 def throughput_variants(platform: str, gpu: bool) -> dict[str, dict[str, Any]]:
@@ -428,7 +448,8 @@ def throughput_variants(platform: str, gpu: bool) -> dict[str, dict[str, Any]]:
     "<dtype>" is the library's choice; the others each change one choice of
     ``backend.py``, to decide it for the platform, in this order: the other search loop
     (``SEARCH_LOOP``), on GPUs the step loop as CUDA graphs (``CUDA_GRAPH_OPTIONS``), and
-    the other cross-attention form ("einsum", ``CROSS_CONTEXT``).
+    the other cross-attention form ("einsum", ``CROSS_CONTEXT``); on GPUs also float32 with
+    cuBLAS matmuls (``CUBLAS_GEMM_OPTIONS``), for its compile time.
     """
     from benchmark import other_search_loop
 
@@ -440,8 +461,11 @@ def throughput_variants(platform: str, gpu: bool) -> dict[str, dict[str, Any]]:
         variants[" cuda graphs"] = {"compiler_options": CUDA_GRAPH_OPTIONS}
     if backend.cross_context(platform) != "einsum":
         variants[" einsum"] = {"cross_context": "einsum"}
-    return {dtype + suffix: kwargs for dtype in ("float32", "bfloat16")
-            for suffix, kwargs in variants.items()}
+    switched = {dtype + suffix: kwargs for dtype in ("float32", "bfloat16")
+                for suffix, kwargs in variants.items()}
+    if gpu:
+        switched["float32 cublas"] = {"compiler_options": CUBLAS_GEMM_OPTIONS}
+    return switched
 
 
 def throughput_plan(variants: dict[str, dict[str, Any]], batches: tuple[int, ...],
@@ -454,8 +478,9 @@ def throughput_plan(variants: dict[str, dict[str, Any]], batches: tuple[int, ...
     other choices but einsum (measured before); then what the targets read: bfloat16 at the
     larger batches, float32 at the middle one; then a profiled batch of the library's
     bfloat16 at the middle batch ("profile": after the target rows, so a profiler that
-    takes the process down loses none of them), einsum, the remaining batches, float32's
-    other choices, and HF Flax (a long compile no target needs).
+    takes the process down loses none of them), float32 with cuBLAS matmuls (the compile
+    target's question), einsum, the remaining batches, float32's other choices, and HF Flax
+    (a long compile no target needs).
     """
     middle = batches[len(batches) // 2]
     switched = [variant for variant in variants if variant.startswith("bfloat16 ")]
@@ -463,10 +488,12 @@ def throughput_plan(variants: dict[str, dict[str, Any]], batches: tuple[int, ...
     plan += [("ours", variant, middle) for variant in switched[1:] if "einsum" not in variant]
     plan += [("ours", "bfloat16", batch) for batch in batches if batch > middle]
     plan += [("ours", "float32", middle), ("profile", "bfloat16", middle)]
+    plan += [("ours", variant, middle) for variant in variants if variant == "float32 cublas"]
     plan += [("ours", variant, middle) for variant in switched if "einsum" in variant]
     plan += [("ours", dtype, batch) for dtype in ("bfloat16", "float32") for batch in batches
              if ("ours", dtype, batch) not in plan]
-    plan += [("ours", variant, middle) for variant in variants if variant.startswith("float32 ")]
+    plan += [("ours", variant, middle) for variant in variants
+             if variant.startswith("float32 ") and ("ours", variant, middle) not in plan]
     return plan + [("hf-flax", "float32", hf_flax_batch)]
 
 
@@ -500,7 +527,7 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
     # seconds per image. GPU compiles: one H200, 2026-11-27, batch 64 (docs/benchmarks.md).
     compile_estimate, per_image = {
         "gpu": ({("ours", "float32"): 75.0, ("ours", "bfloat16"): 22.0,
-                 ("hf-flax", "float32"): 50.0},
+                 ("ours", "float32 cublas"): 30.0, ("hf-flax", "float32"): 50.0},
                 {("ours", "float32"): 1 / 480, ("ours", "bfloat16"): 1 / 1300,
                  ("hf-flax", "float32"): 1 / 110}),
         "cpu": ({("ours", "float32"): 15.0, ("ours", "bfloat16"): 15.0,
@@ -529,7 +556,9 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
                                   work / "traces" / f"{dtype}-{batch}"))
             continue
         kind = (framework, dtype.split()[0])
-        estimate = (compile_estimate[kind] + (profile.repeats + 1) * batch
+        # A variant that changes XLA's options has its own compile estimate.
+        compiled_as = (framework, dtype) if (framework, dtype) in compile_estimate else kind
+        estimate = (compile_estimate[compiled_as] + (profile.repeats + 1) * batch
                     * per_image.get((framework, dtype), per_image[kind]))
         if not recorder.fits(what, estimate):
             continue
@@ -553,7 +582,7 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
                           error=str(error).splitlines()[0][:200])
             continue
         median = statistics.median(seconds)
-        compile_estimate[kind] = 1.2 * compile_seconds + 2
+        compile_estimate[compiled_as] = 1.2 * compile_seconds + 2
         per_image[framework, dtype] = median / batch
         peak = device_peak_bytes()
         recorder.emit(
@@ -815,9 +844,19 @@ def run_worker(name: str, work: Path, profile: Profile, log: Path) -> dict[str, 
     results = work / f"{name}.jsonl"
     if results.exists():
         lines = [json.loads(line) for line in results.read_text().splitlines() if line]
+    if status.startswith("stopped"):
+        status += cut_short(lines, deadline)
     if status.startswith("failed"):
         status += ": " + last_error_line(log)
     return {"status": status, "seconds": time.perf_counter() - started, "lines": lines}
+
+
+def cut_short(lines: list[dict[str, Any]], deadline: float) -> str:
+    """"; <what> had run N s without finishing" where a stopped worker's last record is a
+    start (``Recorder.fits``): what the budget cut short, and a lower bound on its time."""
+    if not lines or lines[-1]["kind"] != "started":
+        return ""
+    return f"; {lines[-1]['what']} had run {deadline - lines[-1]['at']:.0f} s without finishing"
 
 
 def last_error_line(log: Path) -> str:
@@ -856,14 +895,24 @@ def environment(profile: Profile) -> dict[str, Any]:
     return info
 
 
-def cpu_model() -> str:
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's name, family and model, and its bfloat16 units (``backend.BFLOAT16_CPU_FLAGS``,
+    what decides whether bfloat16 is fast on it); e.g. "AMD EPYC (family 25 model 1; bfloat16
+    units: none)". The same name covers CPUs that differ in both. ``cpuinfo``: the text of
+    /proc/cpuinfo, read when None."""
+    from flax_captioner import backend
+
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        cpuinfo = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return platform.processor() or "unknown"
+    fields = dict(re.findall(r"^(model name|cpu family|model)\s*:\s*(.*)$", cpuinfo, re.MULTILINE))
+    flags = backend.cpu_flags(cpuinfo)
+    units = "unknown" if flags is None else (
+        ", ".join(flag for flag in backend.BFLOAT16_CPU_FLAGS if flag in flags) or "none")
+    return (f"{fields.get('model name', platform.processor() or 'unknown')} (family "
+            f"{fields.get('cpu family', '?')} model {fields.get('model', '?')}; bfloat16 "
+            f"units: {units})")
 
 
 def host_memory_gib() -> float | None:
@@ -937,7 +986,10 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
     ours_bf16 = best("ours", ("bfloat16",))
     ours_f32 = best("ours", ("float32",))
-    torch_fast = best("pytorch", ("float16-sdpa", "bfloat16-sdpa", "bfloat16-autocast"))
+    # Every PyTorch configuration: on a CPU without bfloat16 units its float32 is the fastest
+    # (AMD EPYC Zen 3, 2026-12-04: 0.85 images/s, bfloat16 autocast 0.026).
+    torch_fast = best("pytorch", ("float32", "float16-sdpa", "bfloat16-sdpa",
+                                  "bfloat16-autocast"))
     torch_f32 = best("pytorch", ("float32",))
     parity_rows = [row for row in report["parts"]["parity"]["rows"]
                    if "einsum" not in row["setting"]]  # the library's own form only
@@ -1025,7 +1077,8 @@ def render_markdown(report: dict[str, Any]) -> str:
          "own peak", "note"],
         [[r["framework"], r["variant"], r["batch"], r.get("images_per_second"),
           r.get("compile_seconds"), r.get("first_call_seconds"), r.get("peak_gib"),
-          r.get("peak_attributable"), r.get("error") or r.get("attention")]
+          r.get("peak_attributable"),
+          r.get("error") or ", ".join(filter(None, (r.get("attention"), r.get("timed"))))]
          for r in parts["throughput"].get("rows", [])]), ""]
 
     profiles = parts["throughput"].get("profiles", [])

@@ -159,8 +159,17 @@ def other_search_loop(platform: str) -> str:
     return next(form for form in search.SEARCH_LOOPS if form != backend.search_loop(platform))
 
 
+def other_cross_context(platform: str) -> str:
+    """The cross-attention form devices of ``platform`` do not use (``backend.CROSS_CONTEXT``)."""
+    from flax_captioner import backend, decoder
+
+    return next(form for form in decoder.CROSS_CONTEXT_FORMS
+                if form != backend.cross_context(platform))
+
+
 def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
-                 output_scores: bool = False, other_loop: bool = False):
+                 output_scores: bool = False, other_loop: bool = False,
+                 other_cross: bool = False):
     """Compile seconds: ``Generator.compile_seconds`` (ahead-of-time compilation, timed
     apart from running the first batch)."""
     import jax
@@ -170,9 +179,10 @@ def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
     from flax_captioner.loading import load_checkpoint
 
     model = load_checkpoint(directory).model
-    search_loop = other_search_loop(jax.devices()[0].platform) if other_loop else None
+    platform = jax.devices()[0].platform
     generator = Generator(model, model.config, dtype=getattr(jnp, dtype),
-                          search_loop=search_loop)
+                          search_loop=other_search_loop(platform) if other_loop else None,
+                          cross_context=other_cross_context(platform) if other_cross else None)
     settings = settings_for(model.config, args, output_scores)
     generator.generate(seeded_pixels(args.batch_size, model.config.encoder.image_size,
                                      args.seed), settings)
@@ -190,8 +200,14 @@ def prepare_ours_other_loop(directory: Path, args: argparse.Namespace, dtype: st
     return prepare_ours(directory, args, dtype, other_loop=True)
 
 
+def prepare_ours_other_cross(directory: Path, args: argparse.Namespace, dtype: str):
+    """Ours with the cross-attention form its platform does not use (``backend.CROSS_CONTEXT``)."""
+    return prepare_ours(directory, args, dtype, other_cross=True)
+
+
 PREPARE = {"pytorch": prepare_pytorch, "hf-flax": prepare_hf_flax, "ours": prepare_ours,
-           "ours-scores": prepare_ours_with_scores, "ours-loop": prepare_ours_other_loop}
+           "ours-scores": prepare_ours_with_scores, "ours-loop": prepare_ours_other_loop,
+           "ours-cross": prepare_ours_other_cross}
 
 
 READY, TIMED = "@benchmark ready", "@benchmark seconds"
@@ -332,6 +348,9 @@ def report(measurements: list[Measurement], args: argparse.Namespace) -> dict[st
     if ours and ("ours-loop", args.dtype) in by_key:  # the loop forms' contract: equal
         checks["ours_other_loop_vs_ours"] = token_agreement(
             by_key["ours-loop", args.dtype].sequences, ours.sequences)
+    if ours and ("ours-cross", args.dtype) in by_key:  # equal up to float rounding
+        checks["ours_other_cross_vs_ours"] = token_agreement(
+            by_key["ours-cross", args.dtype].sequences, ours.sequences)
     if ("ours", "float32") in by_key and ("ours", "bfloat16") in by_key:
         checks["ours_bfloat16_vs_float32"] = token_agreement(
             by_key["ours", "bfloat16"].sequences, by_key["ours", "float32"].sequences)
@@ -369,6 +388,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--other-search-loop", action="store_true",
                         help="also run ours with the search loop form its platform does not "
                              "use ('ours-loop'; backend.SEARCH_LOOP), interleaved")
+    parser.add_argument("--other-cross-context", action="store_true",
+                        help="also run ours with the cross-attention form its platform does "
+                             "not use ('ours-cross'; backend.CROSS_CONTEXT), interleaved")
     parser.add_argument("--worker", choices=tuple(PREPARE), help=argparse.SUPPRESS)
     parser.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -396,6 +418,8 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(("ours-scores", args.dtype))
         if args.other_search_loop:
             runs.append(("ours-loop", args.dtype))
+        if args.other_cross_context:
+            runs.append(("ours-cross", args.dtype))
         workers = []
         for framework, dtype in runs:
             print(f"loading, compiling, warming up {framework} ({dtype}) ...", file=sys.stderr,

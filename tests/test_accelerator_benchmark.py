@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,53 @@ def test_device_activity_counts_stream_kernels_once_each_and_their_busy_share(tm
         ("loop_fusion", 2, pytest.approx(6)), ("gemm", 1, pytest.approx(5)),
         ("MemcpyH2D", 1, pytest.approx(1))]
     assert benchmark_module().device_activity(tmp_path / "empty")["devices"] == []
+
+
+def test_a_slow_first_call_stands_in_for_timed_batches_and_a_cut_names_its_row(tmp_path):
+    module = benchmark_module()
+    results = tmp_path / "worker.jsonl"
+    recorder = module.Recorder(results, deadline=time.time() + 100)
+    calls = []
+    first, repeats = module.timed_repeats(lambda: calls.append("fast"), 3, recorder, "fast row")
+    assert calls == ["fast"] * 4 and len(repeats) == 3
+    # A first call that takes most of what is left: its timed batches do not fit, none run.
+    recorder.deadline = time.time() + 1.0
+    first, repeats = module.timed_repeats(lambda: (calls.append("slow"), time.sleep(0.6)), 3,
+                                          recorder, "slow row")
+    assert calls[4:] == ["slow"] and repeats == [] and first >= 0.6
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert lines[-1]["kind"] == "skipped" and lines[-1]["what"] == "slow row, timed batches"
+    assert module.cut_short(lines, recorder.deadline) == ""  # nothing was running
+    # A row that starts and is still running when the budget ends (its worker is killed).
+    assert recorder.fits("long row", 0.0)
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert module.cut_short(lines, lines[-1]["at"] + 40) == \
+        "; long row had run 40 s without finishing"
+
+
+def test_the_bfloat16_target_compares_with_the_fastest_pytorch_whatever_its_dtype():
+    module = benchmark_module()
+    rows = [{"framework": "pytorch", "variant": "float32", "batch": 8, "images_per_second": 0.8},
+            {"framework": "pytorch", "variant": "bfloat16-autocast", "batch": 8,
+             "images_per_second": 0.02},  # as on a CPU without bfloat16 units
+            {"framework": "ours", "variant": "bfloat16", "batch": 8, "images_per_second": 1.2},
+            {"framework": "ours", "variant": "bfloat16 einsum", "batch": 8,
+             "images_per_second": 9.0}]  # a switched variant: not the library's
+    report = {"parts": {"throughput": {"rows": rows}, "parity": {"rows": []},
+                        "end_to_end": {"pipelines": []}}}
+    targets = {target["target"]: target for target in module.targets(report)}
+    assert targets["bfloat16 vs fastest PyTorch"]["measured"] == pytest.approx(1.5)
+    assert targets["bfloat16 vs fastest PyTorch"]["met"] is False
+    assert targets["bfloat16 images/s, best batch"]["measured"] == 1.2
+
+
+def test_the_cpu_is_named_with_its_family_model_and_bfloat16_units():
+    module = benchmark_module()
+    cpuinfo = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+               "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert module.cpu_model(cpuinfo) == \
+        "AMD EPYC (family 25 model 17; bfloat16 units: avx512_bf16)"
+    assert module.cpu_model(cpuinfo.replace(" avx512_bf16", "")).endswith("units: none)")
 
 
 def table_blocks(markdown: str) -> list[list[str]]:
@@ -166,24 +214,27 @@ def test_gpu_variants_switch_one_backend_choice_each_and_their_xla_options_parse
         "float32 einsum": {"cross_context": "einsum"},
         "bfloat16 einsum": {"cross_context": "einsum"},
         "float32 cuda graphs": {"compiler_options": module.CUDA_GRAPH_OPTIONS},
-        "bfloat16 cuda graphs": {"compiler_options": module.CUDA_GRAPH_OPTIONS}}
-    assert "cuda graphs" not in " ".join(module.throughput_variants("cpu", gpu=False))
-    # XLA rejects an option value it does not know, on any backend: this one it knows.
+        "bfloat16 cuda graphs": {"compiler_options": module.CUDA_GRAPH_OPTIONS},
+        "float32 cublas": {"compiler_options": module.CUBLAS_GEMM_OPTIONS}}
+    cpu_variants = " ".join(module.throughput_variants("cpu", gpu=False))
+    assert "cuda graphs" not in cpu_variants and "cublas" not in cpu_variants
+    # XLA rejects an option name or value it does not know, on any backend: these it knows.
     model = loading.load_checkpoint(tiny_checkpoint).model
-    generator = Generator(model.params, model.config, **variants["bfloat16 cuda graphs"])
     settings = GenerationSettings.resolve(loading.generation_defaults(model.config),
                                           max_length=4)
-    assert generator.generate(np.zeros((1, 3, 32, 32), np.float32), settings).sequences.shape \
-        == (1, 4)
+    for variant in ("bfloat16 cuda graphs", "float32 cublas"):
+        generator = Generator(model.params, model.config, **variants[variant])
+        assert generator.generate(np.zeros((1, 3, 32, 32), np.float32),
+                                  settings).sequences.shape == (1, 4)
 
 
 def test_gpu_plan_puts_a_known_baseline_first_and_the_targets_rows_before_the_rest():
     module = benchmark_module()
     plan = module.throughput_plan(module.throughput_variants("gpu", gpu=True), (64, 256, 1024),
                                   64)
-    assert plan[:7] == [("ours", "bfloat16 until_done", 256), ("ours", "bfloat16", 256),
+    assert plan[:8] == [("ours", "bfloat16 until_done", 256), ("ours", "bfloat16", 256),
                         ("ours", "bfloat16 cuda graphs", 256), ("ours", "bfloat16", 1024),
                         ("ours", "float32", 256), ("profile", "bfloat16", 256),
-                        ("ours", "bfloat16 einsum", 256)]
+                        ("ours", "float32 cublas", 256), ("ours", "bfloat16 einsum", 256)]
     assert plan[-1] == ("hf-flax", "float32", 64)
-    assert len(plan) == len(set(plan)) == 7 + 3 + 3 + 1  # + 64s and f32 1024, f32 switched
+    assert len(plan) == len(set(plan)) == 8 + 3 + 3 + 1  # + 64s and f32 1024, f32 switched

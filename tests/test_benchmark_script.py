@@ -39,15 +39,17 @@ def test_benchmark_interleaves_frameworks_and_reports_ratios(tiny_checkpoint, tm
         completed.stdout)
 
 
-def test_benchmark_times_the_other_search_loop_beside_ours(tiny_checkpoint, tmp_path):
+def test_benchmark_times_the_other_backend_choices_beside_ours(tiny_checkpoint, tmp_path):
     output = tmp_path / "bench.json"
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--checkpoint", str(tiny_checkpoint), "--batch-size", "2",
          "--num-beams", "2", "--max-length", "6", "--repeats", "1", "--frameworks", "ours",
-         "--no-dtype-check", "--other-search-loop", "--json", str(output)],
+         "--no-dtype-check", "--other-search-loop", "--other-cross-context",
+         "--json", str(output)],
         capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
     report = json.loads(output.read_text())
-    assert [row["framework"] for row in report["measurements"]] == ["ours", "ours-loop"]
-    assert report["agreement"]["ours_other_loop_vs_ours"] == {"captions_equal": 1.0,
-                                                              "tokens_equal": 1.0}
+    assert [row["framework"] for row in report["measurements"]] == ["ours", "ours-loop",
+                                                                    "ours-cross"]
+    for check in ("ours_other_loop_vs_ours", "ours_other_cross_vs_ours"):
+        assert report["agreement"][check] == {"captions_equal": 1.0, "tokens_equal": 1.0}
