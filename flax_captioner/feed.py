@@ -97,7 +97,8 @@ def decode_threads(num_threads: int | None) -> int:
 def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: int, *,
             num_threads: int | None = None, prefetch: int = DEFAULT_PREFETCH,
             decoding: ImageDecoding = ImageDecoding(),
-            decode_processes: bool = False) -> Iterator[Iterator[Batch]]:
+            decode_processes: bool = False,
+            pad_first: bool = False) -> Iterator[Iterator[Batch]]:
     """Decodes ``items`` on background threads into ``Batch``es of ``batch_size`` images.
 
     A batch holds ``batch_size`` decoded images plus the failed items among them, so failures
@@ -117,6 +118,9 @@ def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: in
         (``decode_processes.py``): faster with more than 4 threads. Python starts those
         processes by importing the calling script again, so its work must sit under
         ``if __name__ == "__main__":``.
+      pad_first: pad a short batch to ``batch_size`` rows even before a full one: a resumed
+        run then runs the programs of the run it resumes (XLA compiles one per batch shape,
+        and another shape may round the scores differently in their last digits).
 
     Yields:
       An iterator of Batches; leaving the context stops the threads (unread work is dropped).
@@ -141,7 +145,8 @@ def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: in
         decode = functools.partial(_decode_timed, config=config, decoding=decoding,
                                    processes=processes)
         decoded = _decoded_in_order(items, executor, window, decode)
-        yield stack.enter_context(_in_background(_group(decoded, config, batch_size), prefetch))
+        yield stack.enter_context(_in_background(_group(decoded, config, batch_size, pad_first),
+                                                 prefetch))
 
 
 def _decode_timed(item: InputItem, encoded: bytes | None, *, config: PreprocessConfig,
@@ -208,12 +213,12 @@ def _decoded_in_order(items: Iterable[InputItem], executor: concurrent.futures.E
 
 
 def _group(decoded: Iterator[tuple[InputItem, Decoded]], config: PreprocessConfig,
-           batch_size: int) -> Iterator[Batch]:
+           batch_size: int, pad_first: bool) -> Iterator[Batch]:
     items: list[InputItem] = []
     errors: list[ImageReadError | None] = []
     pixels: list[np.ndarray] = []
     seconds = 0.0
-    yielded_full = False
+    yielded_full = pad_first  # whether a short batch is padded to batch_size
     try:
         for item, (item_pixels, error, item_seconds) in decoded:
             items.append(item)

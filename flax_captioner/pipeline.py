@@ -263,9 +263,11 @@ def _caption_slice(captioner: Any, items: Iterator[InputItem], output: str | Non
         with contextlib.ExitStack() as stack:
             stack.enter_context(_stop_on_signals(stop_signal))
             bar = stack.enter_context(_progress_bar(show_progress, progress))
+            # A resumed run pads as the run it resumes did: the same programs, the same rows.
             batches = stack.enter_context(feed.batches(
                 items, captioner.preprocess_config, batch_size, num_threads=num_threads,
-                decoding=decoding, decode_processes=decode_processes))
+                decoding=decoding, decode_processes=decode_processes,
+                pad_first=stats.resumed > 0))
             _caption_batches(captioner, batches, writer, stats, bar, stop_signal, output=output,
                              seed=seed, settings=settings, row_format=row_format)
     except BaseException:

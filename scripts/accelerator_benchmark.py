@@ -448,19 +448,16 @@ def throughput_variants(platform: str, gpu: bool) -> dict[str, dict[str, Any]]:
     "<dtype>" is the library's choice; the others each change one choice of
     ``backend.py``, to decide it for the platform, in this order: the other search loop
     (``SEARCH_LOOP``), on GPUs the step loop as CUDA graphs (``CUDA_GRAPH_OPTIONS``), and
-    the other cross-attention form ("einsum", ``CROSS_CONTEXT``); on GPUs also float32 with
-    cuBLAS matmuls (``CUBLAS_GEMM_OPTIONS``), for its compile time.
+    the other cross-attention form (``CROSS_CONTEXT``; "einsum" on every platform now); on
+    GPUs also float32 with cuBLAS matmuls (``CUBLAS_GEMM_OPTIONS``), for its compile time.
     """
-    from benchmark import other_search_loop
+    from benchmark import other_cross_context, other_search_loop
 
-    from flax_captioner import backend
-
-    other_loop = other_search_loop(platform)
+    other_loop, other_cross = other_search_loop(platform), other_cross_context(platform)
     variants: dict[str, dict[str, Any]] = {"": {}, " " + other_loop: {"search_loop": other_loop}}
     if gpu:
         variants[" cuda graphs"] = {"compiler_options": CUDA_GRAPH_OPTIONS}
-    if backend.cross_context(platform) != "einsum":
-        variants[" einsum"] = {"cross_context": "einsum"}
+    variants[" " + other_cross] = {"cross_context": other_cross}
     switched = {dtype + suffix: kwargs for dtype in ("float32", "bfloat16")
                 for suffix, kwargs in variants.items()}
     if gpu:
@@ -475,21 +472,22 @@ def throughput_plan(variants: dict[str, dict[str, Any]], batches: tuple[int, ...
 
     First bfloat16 at the middle batch: the other search loop (the form earlier runs
     measured, a baseline should the library's form compile badly), the library's form, its
-    other choices but einsum (measured before); then what the targets read: bfloat16 at the
-    larger batches, float32 at the middle one; then a profiled batch of the library's
-    bfloat16 at the middle batch ("profile": after the target rows, so a profiler that
-    takes the process down loses none of them), float32 with cuBLAS matmuls (the compile
-    target's question), einsum, the remaining batches, float32's other choices, and HF Flax
-    (a long compile no target needs).
+    other choices but the cross-attention form (measured before); then what the targets
+    read: bfloat16 at the larger batches, float32 at the middle one; then a profiled batch of
+    the library's bfloat16 at the middle batch ("profile": after the target rows, so a
+    profiler that takes the process down loses none of them), float32 with cuBLAS matmuls
+    (the compile target's question), the other cross-attention form, the remaining batches,
+    float32's other choices, and HF Flax (a long compile no target needs).
     """
     middle = batches[len(batches) // 2]
     switched = [variant for variant in variants if variant.startswith("bfloat16 ")]
+    crossed = [variant for variant in switched if "cross_context" in variants[variant]]
     plan = [("ours", switched[0], middle), ("ours", "bfloat16", middle)]
-    plan += [("ours", variant, middle) for variant in switched[1:] if "einsum" not in variant]
+    plan += [("ours", variant, middle) for variant in switched[1:] if variant not in crossed]
     plan += [("ours", "bfloat16", batch) for batch in batches if batch > middle]
     plan += [("ours", "float32", middle), ("profile", "bfloat16", middle)]
     plan += [("ours", variant, middle) for variant in variants if variant == "float32 cublas"]
-    plan += [("ours", variant, middle) for variant in switched if "einsum" in variant]
+    plan += [("ours", variant, middle) for variant in crossed]
     plan += [("ours", dtype, batch) for dtype in ("bfloat16", "float32") for batch in batches
              if ("ours", dtype, batch) not in plan]
     plan += [("ours", variant, middle) for variant in variants

@@ -50,9 +50,13 @@ def test_last_partial_batch_is_padded_only_after_a_full_batch():
     last = collect(items, 4)[-1]
     assert last.num_decoded == 1 and last.pixel_values.shape[0] == 4
     np.testing.assert_array_equal(last.pixel_values[1:], np.repeat(last.pixel_values[:1], 3, 0))
-    # A run shorter than one batch compiles its own size: no padding.
+    # A run shorter than one batch compiles its own size: no padding, unless asked for (a
+    # resumed run, which pads as the run it resumes did).
     (only,) = collect(items[:3], 4)
     assert only.num_decoded == 3 and only.pixel_values.shape[0] == 3
+    (padded,) = collect(items[:3], 4, pad_first=True)
+    assert padded.num_decoded == 3 and padded.pixel_values.shape[0] == 4
+    np.testing.assert_array_equal(padded.pixel_values[:3], only.pixel_values)
 
 
 def test_a_batch_of_only_failures_has_no_pixels():
