@@ -263,7 +263,7 @@ def _caption_slice(captioner: Any, items: Iterator[InputItem], output: str | Non
         with contextlib.ExitStack() as stack:
             stack.enter_context(_stop_on_signals(stop_signal))
             bar = stack.enter_context(_progress_bar(show_progress, progress))
-            # A resumed run pads as the run it resumes did: the same programs, the same rows.
+            # A resumed run pads as the run it resumes did: the same programs (feed.batches).
             batches = stack.enter_context(feed.batches(
                 items, captioner.preprocess_config, batch_size, num_threads=num_threads,
                 decoding=decoding, decode_processes=decode_processes,
