@@ -218,7 +218,7 @@ def _group(decoded: Iterator[tuple[InputItem, Decoded]], config: PreprocessConfi
     errors: list[ImageReadError | None] = []
     pixels: list[np.ndarray] = []
     seconds = 0.0
-    yielded_full = pad_first  # whether a short batch is padded to batch_size
+    pad_short = pad_first  # pad a short batch: from the start, or once a full one went out
     try:
         for item, (item_pixels, error, item_seconds) in decoded:
             items.append(item)
@@ -229,21 +229,21 @@ def _group(decoded: Iterator[tuple[InputItem, Decoded]], config: PreprocessConfi
             if len(pixels) == batch_size:
                 yield Batch(items, errors, np.stack(pixels), batch_size, seconds)
                 items, errors, pixels, seconds = [], [], [], 0.0
-                yielded_full = True
+                pad_short = True
     except Exception:  # the inputs failed: the items before the failure still go out
         if items:
-            yield _last_batch(items, errors, pixels, seconds, config, batch_size, yielded_full)
+            yield _last_batch(items, errors, pixels, seconds, config, batch_size, pad_short)
         raise
     if items:
-        yield _last_batch(items, errors, pixels, seconds, config, batch_size, yielded_full)
+        yield _last_batch(items, errors, pixels, seconds, config, batch_size, pad_short)
 
 
 def _last_batch(items: list[InputItem], errors: list[ImageReadError | None],
                 pixels: list[np.ndarray], seconds: float, config: PreprocessConfig,
-                batch_size: int, yielded_full: bool) -> Batch:
+                batch_size: int, pad_short: bool) -> Batch:
     if pixels:
         pixel_values = np.stack(pixels)
-        if yielded_full:  # padded with copies of a real image: see sharding.pad_to_multiple
+        if pad_short:  # padded with copies of a real image: see sharding.pad_to_multiple
             pixel_values = sharding.pad_to_multiple(pixel_values, batch_size)
     else:
         height, width = config.size

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -190,24 +191,13 @@ def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
                                                                         settings).sequences
 
 
-def prepare_ours_with_scores(directory: Path, args: argparse.Namespace, dtype: str):
-    """Ours with ``output_scores=True`` (per-step scores [B * K, max_length - 1, V] back)."""
-    return prepare_ours(directory, args, dtype, output_scores=True)
-
-
-def prepare_ours_other_loop(directory: Path, args: argparse.Namespace, dtype: str):
-    """Ours with the search loop form its platform does not use (``backend.SEARCH_LOOP``)."""
-    return prepare_ours(directory, args, dtype, other_loop=True)
-
-
-def prepare_ours_other_cross(directory: Path, args: argparse.Namespace, dtype: str):
-    """Ours with the cross-attention form its platform does not use (``backend.CROSS_CONTEXT``)."""
-    return prepare_ours(directory, args, dtype, other_cross=True)
-
-
+# "ours-scores": output_scores=True (per-step scores [B * K, max_length - 1, V] back);
+# "ours-loop" / "ours-cross": the search loop form / cross-attention form its platform does
+# not use (backend.SEARCH_LOOP / backend.CROSS_CONTEXT).
 PREPARE = {"pytorch": prepare_pytorch, "hf-flax": prepare_hf_flax, "ours": prepare_ours,
-           "ours-scores": prepare_ours_with_scores, "ours-loop": prepare_ours_other_loop,
-           "ours-cross": prepare_ours_other_cross}
+           "ours-scores": functools.partial(prepare_ours, output_scores=True),
+           "ours-loop": functools.partial(prepare_ours, other_loop=True),
+           "ours-cross": functools.partial(prepare_ours, other_cross=True)}
 
 
 READY, TIMED = "@benchmark ready", "@benchmark seconds"
