@@ -50,10 +50,14 @@ class DecodeProcesses:
         height, width = config.size
         # do_resize=False leaves each image its own size: its pixels travel through the pipe.
         self._slot_floats = 3 * height * width if config.do_resize else 0
-        self._memory = shared_memory.SharedMemory(
-            create=True, size=max(1, workers * self._slot_floats * 4))
+        pixel_bytes = workers * self._slot_floats * 4
+        self._memory = shared_memory.SharedMemory(create=True, size=pixel_bytes + workers)
         self._slots = np.ndarray((workers, self._slot_floats), np.float32,
                                  buffer=self._memory.buf)
+        # busy[slot] is 1 from submission until a process has finished with it: when a process
+        # dies, the pool fails every pending image at once, and the busy ones are the suspects.
+        self._busy = np.ndarray((workers,), np.uint8, buffer=self._memory.buf, offset=pixel_bytes)
+        self._names: list[str | None] = [None] * workers
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for slot in range(workers):
             self._free.put(slot)
@@ -71,17 +75,26 @@ class DecodeProcesses:
 
         Raises:
           ImageReadError: as ``load_and_preprocess_one``.
-          CaptionerError: a worker process died (the pool cannot go on).
+          CaptionerError: a worker process died (the pool cannot go on), naming the images
+            it may have been decoding.
         """
         slot = self._free.get()
+        self._names[slot] = name
+        self._busy[slot] = 1  # the process clears it when done with the image
         try:
             try:
                 shape = self._pool.submit(_decode_into_slot, slot, source, name).result()
             except concurrent.futures.process.BrokenProcessPool:
+                # busy stays set, so every thread the break reaches names the same suspects.
+                suspects = sorted(str(self._names[s]) for s in np.flatnonzero(self._busy))
+                images = suspects[0] if len(suspects) == 1 else "one of " + ", ".join(suspects)
                 raise CaptionerError(
-                    f"a decoding process ended abruptly while decoding {name} (a script that "
-                    "decodes in processes must keep its work under "
+                    f"a decoding process ended abruptly while decoding {images} (a script "
+                    "that decodes in processes must keep its work under "
                     "'if __name__ == \"__main__\":')") from None
+            except BaseException:  # e.g. a source that does not pickle: no process saw it
+                self._busy[slot] = 0
+                raise
             if isinstance(shape, np.ndarray):  # larger than a slot: sent whole
                 return shape
             return self._slots[slot, :math.prod(shape)].reshape(shape).copy()
@@ -104,14 +117,19 @@ def _attach(memory_name: str, workers: int, slot_floats: int, config: Preprocess
     memory = shared_memory.SharedMemory(name=memory_name)
     _WORKER["memory"] = memory  # keeps the mapping alive
     _WORKER["slots"] = np.ndarray((workers, slot_floats), np.float32, buffer=memory.buf)
+    _WORKER["busy"] = np.ndarray((workers,), np.uint8, buffer=memory.buf,
+                                 offset=workers * slot_floats * 4)
     _WORKER["config"], _WORKER["decoding"] = config, decoding
 
 
 def _decode_into_slot(slot: int, source: Any, name: str | None) -> tuple[int, ...] | np.ndarray:
     """Decodes into ``slot`` and returns the pixels' shape, or the pixels when they do not
     fit a slot."""
-    pixels = load_and_preprocess_one(source, _WORKER["config"], name=name,
-                                     decoding=_WORKER["decoding"])
+    try:
+        pixels = load_and_preprocess_one(source, _WORKER["config"], name=name,
+                                         decoding=_WORKER["decoding"])
+    finally:  # this image did not end the process, whatever happens to the pool next
+        _WORKER["busy"][slot] = 0
     slots = _WORKER["slots"]
     if pixels.size > slots.shape[1]:
         return pixels

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from flax_captioner import feed
+from flax_captioner.decode_processes import DecodeProcesses
 from flax_captioner.errors import CaptionerError, DataError, ImageReadError
 from flax_captioner.preprocess import ImageDecoding, PreprocessConfig, load_and_preprocess_one
 from flax_captioner.sources import InputItem
@@ -195,11 +196,47 @@ class _EndsTheProcess:
 
 
 def test_a_decoding_process_that_dies_is_a_one_line_error():
+    # The pool fails every pending image at once, and the feed reports "fine" first (input
+    # order): the message still names the crasher, and "fine" only if it had not finished.
     items = [InputItem(0, "fine", data=png_bytes(0)), InputItem(1, "crasher",
                                                                data=_EndsTheProcess())]
     with pytest.raises(CaptionerError, match=r"^a decoding process ended abruptly while "
-                                             r"decoding crasher \(a script [^\n]+\)$"):
+                                             r"decoding (crasher|one of crasher, fine) "
+                                             r"\(a script [^\n]+\)$"):
         collect(items, 2, decode_processes=True)
+
+
+def test_a_dead_decoding_process_names_only_the_images_it_may_have_had():
+    processes = DecodeProcesses(2, CONFIG, ImageDecoding())
+    try:
+        processes.decode(png_bytes(0), "decoded before")
+        with pytest.raises(CaptionerError, match=r"while decoding crasher \("):
+            processes.decode(_EndsTheProcess(), "crasher")
+    finally:
+        processes.close()
+
+
+def test_decoding_processes_that_die_together_are_all_named():
+    processes = DecodeProcesses(2, CONFIG, ImageDecoding())
+    both_submitting = threading.Barrier(2)
+    messages = []
+
+    def decode(name):
+        both_submitting.wait()  # both set busy in microseconds; a process starts in ~100 ms
+        with pytest.raises(CaptionerError) as error:
+            processes.decode(_EndsTheProcess(), name)
+        messages.append(str(error.value))
+
+    threads = [threading.Thread(target=decode, args=(name,)) for name in ("a", "b")]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        processes.close()
+    assert len(messages) == 2
+    assert all("while decoding one of a, b (" in message for message in messages), messages
 
 
 def test_decode_processes_leave_no_shared_memory_behind(tmp_path):
