@@ -50,13 +50,9 @@ class DecodeProcesses:
         height, width = config.size
         # do_resize=False leaves each image its own size: its pixels travel through the pipe.
         self._slot_floats = 3 * height * width if config.do_resize else 0
-        pixel_bytes = workers * self._slot_floats * 4
-        self._memory = shared_memory.SharedMemory(create=True, size=pixel_bytes + workers)
-        self._slots = np.ndarray((workers, self._slot_floats), np.float32,
-                                 buffer=self._memory.buf)
-        # busy[slot] is 1 from submission until a process has finished with it: when a process
-        # dies, the pool fails every pending image at once, and the busy ones are the suspects.
-        self._busy = np.ndarray((workers,), np.uint8, buffer=self._memory.buf, offset=pixel_bytes)
+        self._memory = shared_memory.SharedMemory(
+            create=True, size=workers * (self._slot_floats * 4 + 1))
+        self._slots, self._busy = _shared_views(self._memory, workers, self._slot_floats)
         self._names: list[str | None] = [None] * workers
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for slot in range(workers):
@@ -107,6 +103,17 @@ class DecodeProcesses:
         self._memory.unlink()
 
 
+def _shared_views(memory: shared_memory.SharedMemory, workers: int,
+                  slot_floats: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pool's shared memory as both sides see it: float32[workers, slot_floats] pixel
+    slots, then uint8[workers] busy flags. A busy flag is 1 from an image's submission until a
+    process has finished with it: when a process dies, the pool fails every pending image at
+    once, and the busy ones are the suspects."""
+    slots = np.ndarray((workers, slot_floats), np.float32, buffer=memory.buf)
+    busy = np.ndarray((workers,), np.uint8, buffer=memory.buf, offset=slots.nbytes)
+    return slots, busy
+
+
 # Worker-process side: the slots, preprocessing and decoding of this process's pool, set once
 # by the pool's initializer, so each image sends only its source and slot through the pipe.
 _WORKER: dict[str, Any] = {}
@@ -116,9 +123,7 @@ def _attach(memory_name: str, workers: int, slot_floats: int, config: Preprocess
             decoding: ImageDecoding) -> None:
     memory = shared_memory.SharedMemory(name=memory_name)
     _WORKER["memory"] = memory  # keeps the mapping alive
-    _WORKER["slots"] = np.ndarray((workers, slot_floats), np.float32, buffer=memory.buf)
-    _WORKER["busy"] = np.ndarray((workers,), np.uint8, buffer=memory.buf,
-                                 offset=workers * slot_floats * 4)
+    _WORKER["slots"], _WORKER["busy"] = _shared_views(memory, workers, slot_floats)
     _WORKER["config"], _WORKER["decoding"] = config, decoding
 
 
