@@ -201,21 +201,11 @@ def check_caption_run(args: argparse.Namespace) -> tuple[str, CheckedInputs]:
         raise ValueError(f"--compilation-cache {cache}: not a folder")
     requested_format = output_format(args.output, args.format)
     # Imported here, after the flag checks: PIL, numpy and pyarrow take most of a second.
-    from flax_captioner.sources import PIPE_PREFIX, check_inputs, iter_inputs
-    from flax_captioner.storage import is_remote
-    from flax_captioner.writers import check_writable, resolve_format
+    from flax_captioner.preflight import check_run
 
-    resolved = resolve_format(args.output, requested_format)
-    columns = {"image_column": args.image_column, "id_column": args.id_column}
-    inputs = check_inputs(args.inputs, args.storage_options, **columns)
-    # Empty path lists and tables pass check_inputs. Peeking costs little on local inputs; a
-    # bucket prefix would be listed in full once more, and a pipe: command run twice, so runs
-    # with such inputs learn of emptiness from the run itself, after the load.
-    if not any(is_remote(spec) or spec.startswith(PIPE_PREFIX) for spec in args.inputs) and \
-            next(iter_inputs(inputs, args.storage_options, **columns), None) is None:
-        raise DataError(f"{' '.join(args.inputs)}: no images to caption")  # e.g. empty lists
-    if args.output is not None:
-        check_writable(args.output, args.storage_options)
+    inputs, resolved = check_run(args.inputs, args.output, requested_format,
+                                 storage_options=args.storage_options,
+                                 image_column=args.image_column, id_column=args.id_column)
     return resolved, inputs
 
 
@@ -224,8 +214,8 @@ def _import_transformers_without_torch() -> None:
     imported already. Captioning needs none (.bin weights are read with torch directly), and
     transformers importing PyTorch costs 5-9 s of every cold start (docs/benchmarks.md). It
     is a choice for the whole process, so only the executable (``main(own_process=True)``,
-    one command per process) makes it, never ``main`` called from Python. The variable is restored at once, so child
-    processes see the user's environment."""
+    one command per process) makes it, never ``main`` called from Python. The variable is
+    restored at once, so child processes see the user's environment."""
     if "transformers" in sys.modules or "USE_TORCH" in os.environ:
         return
     os.environ["USE_TORCH"] = "0"

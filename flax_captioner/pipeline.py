@@ -26,8 +26,8 @@ from flax_captioner import feed, multihost, sharding
 from flax_captioner.errors import DataError, OutputError, PipelineInterrupted
 from flax_captioner.generator import Dispatched, GenerationSettings, one_ahead
 from flax_captioner.preprocess import ImageDecoding
-from flax_captioner.sources import CheckedInputs, InputItem, Inputs, check_inputs, iter_inputs
-from flax_captioner.writers import (Row, RowWriter, check_writable, exists, format_score,
+from flax_captioner.sources import InputItem, Inputs, check_inputs, iter_inputs
+from flax_captioner.writers import (Row, RowWriter, exists, format_score,
                                     merge_shards, open_writer, part_path, resolve_format)
 
 # Without a terminal, a progress bar appears only for runs at least this long (a log line).
@@ -89,30 +89,6 @@ class PipelineStats:
                 f"device waited for input {self.input_wait_seconds:.1f} s")
 
 
-def check_run(inputs: Inputs, output: str | None,
-              output_format: str | None = None, *,
-              storage_options: Mapping[str, Any] | None = None,
-              image_column: str | None = None,
-              id_column: str | None = None) -> tuple[CheckedInputs, str]:
-    """Fails fast on inputs or an output that would make a run pointless; call it before
-    loading a model. Returns the checked inputs (``check_inputs``; pass them to
-    ``run_pipeline``, which then lists nothing again) and the output format
-    (``resolve_format``).
-
-    Raises:
-      DataError: a glob matches nothing, a path list or tar shard does not exist, or a
-        directory holds no image files.
-      OutputError: the output's directory is missing or not writable, or it is a directory.
-      ValueError: an unknown format, or Parquet to stdout.
-    """
-    output_format = resolve_format(output, output_format)
-    checked = check_inputs(inputs, storage_options, image_column=image_column,
-                           id_column=id_column)
-    if output is not None:
-        check_writable(output, storage_options)
-    return checked, output_format
-
-
 def run_pipeline(
     captioner: Any,
     inputs: Inputs,
@@ -140,7 +116,7 @@ def run_pipeline(
     Args:
       captioner: a ``Captioner``.
       inputs: image files, directories, globs, .txt/.csv path lists, .tar shards
-        (see ``sources.iter_inputs``), or what ``check_run`` returned for them.
+        (see ``sources.iter_inputs``), or what ``preflight.check_run`` returned for them.
       output: a .jsonl or .parquet file; None writes JSONL to stdout (no resume).
       batch_size: images per batch, split over this process's local devices; None picks the
         backend's default (``Captioner.default_batch_size``: 256 per GPU/TPU chip, 8 on

@@ -21,6 +21,7 @@ from PIL import Image
 
 from flax_captioner.errors import DataError, OutputError
 from flax_captioner.pipeline import PipelineStats, run_pipeline
+from flax_captioner.preflight import check_run
 from flax_captioner.writers import merge_shards, part_path, read_rows, write_rows
 
 BEAM_SETTINGS = {"num_beams": 2, "max_length": 6}
@@ -261,6 +262,33 @@ def test_inputs_naming_no_image_are_an_error_not_a_silent_success(tmp_path, capt
     with pytest.raises(DataError, match="no images to caption"):
         run(captioner, [tmp_path / "list.txt"], None)
     assert "nothing to caption" in capsys.readouterr().err
+
+
+def test_preflight_fails_without_loading_jax_and_its_listing_feeds_the_run(
+        tmp_path, captioner, image_dir, subprocess_env):
+    empty_list = tmp_path / "list.txt"
+    empty_list.write_text("# nothing listed\n")
+    probe = textwrap.dedent(f"""
+        import sys
+        from flax_captioner.errors import DataError
+        from flax_captioner.preflight import check_run
+        try:
+            check_run([{str(empty_list)!r}], None)
+        except DataError as error:
+            print(error)
+        print("jax imported:", "jax" in sys.modules)
+    """)
+    printed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             check=True, env=subprocess_env).stdout
+    assert printed.splitlines() == [f"{empty_list}: no images to caption", "jax imported: False"]
+
+    output = tmp_path / "out.parquet"
+    checked, output_format = check_run([str(image_dir)], str(output))
+    assert output_format == "parquet" and not output.exists()
+    stats = run_pipeline(captioner, checked, str(output), batch_size=4, settings=BEAM_SETTINGS)
+    assert stats.captioned == 13
+    assert sorted(row["image"] for row in read_rows(str(output), "parquet")) == sorted(
+        str(path) for path in image_dir.rglob("img*"))
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])

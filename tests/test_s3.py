@@ -25,7 +25,8 @@ from s3_server import enforce_credentials, moto_s3  # noqa: E402
 from test_pipeline import write_tar  # noqa: E402
 
 from flax_captioner.errors import DataError, OutputError  # noqa: E402
-from flax_captioner.pipeline import check_run, run_pipeline  # noqa: E402
+from flax_captioner.pipeline import run_pipeline  # noqa: E402
+from flax_captioner.preflight import check_run  # noqa: E402
 from flax_captioner.writers import read_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
