@@ -16,10 +16,10 @@ config:
   bfloat16 because it only feeds the next projection.
 
 No host round trips inside the search: the compiled program has no host callbacks, infeed or
-outfeed, and runs under ``jax.transfer_guard("disallow")`` (tests/test_backend.py). Below
-JAX, XLA:GPU decides each iteration of a while loop whose trip count it does not know on the
-host (its while thunk copies the predicate back and waits for it), so GPUs run the search's
-step loop for a fixed number of steps (``SEARCH_LOOP``).
+outfeed, and runs under ``jax.transfer_guard("disallow")`` (tests/test_backend.py).
+
+XLA options per backend and compute dtype (``COMPILER_OPTIONS``): exact-mode programs on GPUs
+run their matmuls on cuBLAS rather than Triton, which compiles 5x faster at the same speed.
 """
 
 from __future__ import annotations
@@ -65,31 +65,50 @@ BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 # decode_step's cross-attention context form (decoder.CROSS_CONTEXT_FORMS) per platform.
-# decode_step alone, nlpconnect size, 8 images x 4 beams, 2-core AMD EPYC (Zen 4),
-# 2026-11-27, best of 5 (multiply_reduce vs einsum): float32 96.9 vs 114.6 ms (an earlier run
-# 100.5 vs 137.1), bfloat16 58.0 vs 90.6 ms: XLA:CPU runs the einsum as B x H matmuls of K
-# rows each. On an AVX2-only AMD EPYC (Zen 3), 2026-12-04, whole searches interleaved
-# (scripts/benchmark.py --other-cross-context, batch 8): no gap either way (float32 1.36 vs
-# 1.46 and 1.65 vs 1.52 images/s, bfloat16 1.09 vs 1.03). One H200
-# (scripts/accelerator_benchmark.py, 2026-11-27, bfloat16, batch 256, 4 beams, XLA:GPU's
-# autotuner off): 373 vs 380 images/s, no gap worth a second form, so GPUs keep it until a
-# run with the default compile options shows one. TPU: not measured.
-CROSS_CONTEXT = {"cpu": "multiply_reduce", "gpu": "multiply_reduce", "tpu": "multiply_reduce"}
+# - CPU: "multiply_reduce". decode_step alone, nlpconnect size, 8 images x 4 beams, 2-core AMD
+#   EPYC (Zen 4), 2026-11-27, best of 5 (multiply_reduce vs einsum): float32 96.9 vs 114.6 ms
+#   (an earlier run 100.5 vs 137.1), bfloat16 58.0 vs 90.6 ms: XLA:CPU runs the einsum as
+#   B x H matmuls of K rows each. On an AVX2-only AMD EPYC (Zen 3), 2026-12-04, whole
+#   searches interleaved (scripts/benchmark.py --other-cross-context, batch 8): no gap either
+#   way (float32 1.36 vs 1.46 and 1.65 vs 1.52 images/s, bfloat16 1.09 vs 1.03).
+# - GPU: "einsum". One H200 (scripts/accelerator_benchmark.py, jax 0.11.2, bfloat16, batch
+#   256, 4 beams, max_length 16), two runs on 2026-12-04: 1,960 vs 2,028 and 1,917 vs 2,082
+#   images/s (einsum 1.03x and 1.09x); with the autotuner off (2026-11-27) 373 vs 380. Its
+#   beam captions matched PyTorch's on the chaotic checkpoints (2026-11-27). float32's speed
+#   with either form is not measured on a GPU.
+# - TPU: not measured.
+CROSS_CONTEXT = {"cpu": "multiply_reduce", "gpu": "einsum", "tpu": "multiply_reduce"}
 
 
-# The search's step loop (search.SEARCH_LOOPS) per platform.
-# - GPU: "fixed_steps". Read from XLA's source, not yet timed: XLA:GPU's WhileThunk copies a
-#   while loop's predicate to the host and blocks on the stream every iteration unless the
-#   trip count is known, when it launches the iterations back to back. The cost is the steps
-#   after every image of a batch is done: none for the random-weight benchmark model, and at
-#   the GPU default batch (256 images x 4 beams) the slowest caption of the batch sets the
-#   count either way. scripts/accelerator_benchmark.py times both forms ("until_done" rows).
-# - CPU: "until_done". XLA:CPU runs the loop on the host: its predicate cost nothing
-#   measurable (until_done 2.28 vs fixed_steps 2.20 images/s, full-size, batch 8, no caption
-#   ending early, 2-core AMD EPYC, 2026-11-27; docs/benchmarks.md, "The search loop form"),
-#   and it stops once a batch's captions have all ended.
-# - TPU: "until_done": the TPU evaluates the predicate on the chip. Not measured.
-SEARCH_LOOP = {"cpu": "until_done", "gpu": "fixed_steps", "tpu": "until_done"}
+# The search's step loop (search.SEARCH_LOOPS) per platform: "until_done" everywhere, which
+# also stops once a batch's captions have all ended.
+# - GPU: XLA:GPU's WhileThunk copies an until_done loop's predicate to the host every
+#   iteration; "fixed_steps" (a trip count XLA knows) avoids that, but on one H200
+#   (scripts/accelerator_benchmark.py, 2026-12-04, jax 0.11.2, bfloat16, batch 256, 4 beams,
+#   max_length 16, no caption ending early) it gained nothing: until_done 1,975, fixed_steps
+#   1,960, the loop as CUDA graphs 1,973 images/s; in a second run until_done 1,917,
+#   fixed_steps 1,907.
+# - CPU: XLA:CPU runs the loop on the host: until_done 2.28 vs fixed_steps 2.20 images/s
+#   (full-size, batch 8, no caption ending early, 2-core AMD EPYC, 2026-11-27;
+#   docs/benchmarks.md, "The search loop form").
+# - TPU: the TPU evaluates the predicate on the chip. Not measured.
+SEARCH_LOOP = {"cpu": "until_done", "gpu": "until_done", "tpu": "until_done"}
+
+
+# XLA options per (platform, compute dtype) for the mesh and single-device placements
+# (jax.pmap takes none). GPU float32: matmuls on cuBLAS, not Triton GEMM fusions. On one H200
+# (scripts/accelerator_benchmark.py, 2026-12-04, jax 0.11.2, batch 256, 4 beams, max_length
+# 16) the exact mode compiled in 13.2 s instead of 65.5 s (most of it autotuning Triton
+# configurations) and ran at 567 against 576 images/s. Turning the autotuner off instead
+# (2026-11-27) compiled in 21 s but ran 4.6x slower.
+COMPILER_OPTIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("gpu", "float32"): {"xla_gpu_enable_triton_gemm": False},
+}
+
+
+def compiler_options(platform: str, dtype: Any) -> dict[str, Any]:
+    """XLA options for programs of compute ``dtype`` on devices of ``platform``."""
+    return dict(COMPILER_OPTIONS.get((platform, jnp.dtype(dtype).name), {}))
 
 
 def search_loop(platform: str) -> str:

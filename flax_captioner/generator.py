@@ -191,12 +191,9 @@ class Generator:
         devices' platform's (``backend.CROSS_CONTEXT``).
       search_loop: how the search's step loop ends (``search.run_steps``); ``None`` takes
         the devices' platform's (``backend.SEARCH_LOOP``).
-      compiler_options: XLA options the searches compile with (``jax.jit``'s; the pmap
-        placement takes none). XLA's defaults serve best: on one H200 (jax 0.11.2,
-        2026-11-27, nlpconnect size, 4 beams, max_length 16, batch 64),
-        ``{"xla_gpu_autotune_level": 0}`` cut float32 compiles from 72.4 s to 21.2 s but
-        ran 4.6x slower (484 -> 106 images/s; bfloat16 1,309 -> 249). The parity benchmark
-        uses it, where compile time is what counts.
+      compiler_options: XLA options the searches compile with (``jax.jit``'s); ``None``
+        takes the platform's for ``dtype`` (``backend.COMPILER_OPTIONS``), ``{}`` XLA's
+        defaults. The pmap placement takes none and compiles with XLA's defaults.
     """
 
     def __init__(self, model_or_params: Any, config: Any, *, dtype: Any = jnp.float32,
@@ -216,7 +213,10 @@ class Generator:
         decoder.check_cross_context(self.cross_context)  # at construction, not first call
         self.search_loop = search_loop or backend.search_loop(platform)
         search.check_search_loop(self.search_loop)
-        self.compiler_options = dict(compiler_options or {})
+        if compiler_options is None:
+            compiler_options = ({} if isinstance(self.data_parallel, sharding.PmapDataParallel)
+                                else backend.compiler_options(platform, self.dtype))
+        self.compiler_options = dict(compiler_options)
         if self.compiler_options:  # at construction, not first call
             self.data_parallel.wrap(lambda params: params, self.compiler_options)
         self.params = self.data_parallel.replicate(params)

@@ -76,11 +76,6 @@ CHAOTIC_VOCAB = 32
 SHAPES_MODEL = REPO / "examples" / "shapes-captioner"
 SAMPLE_IMAGES = REPO / "examples" / "images"
 RESULT_NAME = "accelerator-benchmark"
-# Parity compiles without XLA:GPU's autotuner, which picks kernels, not precision ("highest"
-# fixes that). On one H200 (2026-11-27) it cut a float32 nlpconnect-size compile from 72 s to
-# 21 s, so the full-size model's four settings fit the budget; the full-size beam and greedy
-# captions compiled so matched PyTorch's, as the autotuned tiny models' did.
-PARITY_COMPILER_OPTIONS = {"gpu": {"xla_gpu_autotune_level": 0}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,12 +113,13 @@ def worker_counts(cores: int) -> tuple[int, ...]:
 
 PROFILES = {
     # Budgets sum to 440 s; with the setup (~30 s) and the wheel install, under 8 minutes.
-    # XLA:GPU compiles take 20 s (bfloat16) to 72 s (float32) per batch size (one H200,
-    # 2026-11-27), so the throughput worker fits about six. PyTorch bfloat16 was its fastest
-    # variant there (742 images/s at batch 1,024, float16 719): float16 comes last, where a
-    # short budget drops it. In run 2 PyTorch's rows took 27 s of its 70 s (float32 at 1,024
-    # alone 16 s; imports, CUDA start-up and model loads the rest), and its bfloat16 rows at
-    # 256 and 1,024 did not fit: 80 s now, taken from parity's, and largest batches first.
+    # XLA:GPU compiles take 11-19 s per batch size (one H200, 2026-12-04; float32 on Triton
+    # GEMMs 65 s, last in the plan), so the throughput worker fits about ten. PyTorch
+    # bfloat16 was its fastest variant (773 images/s at batch 1,024, 2026-12-04): float16
+    # comes last, where a short budget drops it. In run 2 (2026-11-27) PyTorch's rows took
+    # 27 s of its 70 s (float32 at 1,024 alone 16 s; imports, CUDA start-up and model loads
+    # the rest), and its bfloat16 rows at 256 and 1,024 did not fit: 80 s now, taken from
+    # parity's, and largest batches first.
     "gpu": Profile("gpu", True, (64, 256, 1024), 64,
                    ("float32", "bfloat16-sdpa", "float16-sdpa"), 8, 4096, 256, (640, 480),
                    worker_counts(host_cores()),
@@ -284,7 +280,9 @@ def parity_models(work: Path, profile: Profile) -> Iterator[tuple[str, Path, Cal
 
 
 def run_parity(work: Path, profile: Profile, recorder: Recorder) -> None:
+    import jax
     import torch
+    from benchmark import other_cross_context
     from transformers import VisionEncoderDecoderModel
 
     from flax_captioner import loading
@@ -296,7 +294,10 @@ def run_parity(work: Path, profile: Profile, recorder: Recorder) -> None:
     recorder.emit("info", torch_device=torch.cuda.get_device_name(0) if device == "cuda"
                   else "cpu")
     generators: dict[DecoderSpec, Any] = {}  # same architecture: same compiled programs
-    einsum_generators: dict[DecoderSpec, Any] = {}
+    # The other cross-attention form (backend.CROSS_CONTEXT), so a platform can switch to it
+    # knowing its captions.
+    other_cross = other_cross_context(jax.devices()[0].platform)
+    other_cross_generators: dict[DecoderSpec, Any] = {}
     for name, directory, make_pixels, max_length in parity_models(work, profile):
         # A row is mostly its compile; the first of a model is guessed, the rest measured.
         estimate = 20.0 if profile.full_size and name.startswith("full") else 8.0
@@ -308,8 +309,7 @@ def run_parity(work: Path, profile: Profile, recorder: Recorder) -> None:
         swap = {}
         if generator is None:
             generator = generators[architecture] = Generator(
-                checkpoint.model.params, checkpoint.model.config,
-                compiler_options=PARITY_COMPILER_OPTIONS.get(profile.name))
+                checkpoint.model.params, checkpoint.model.config)
         else:  # the compiled programs of the first model with these shapes, other weights
             swap = {"params": generator.data_parallel.replicate(checkpoint.model.params)}
             estimate = 2.0
@@ -325,22 +325,20 @@ def run_parity(work: Path, profile: Profile, recorder: Recorder) -> None:
             recorder.emit("parity", model=name, setting=setting, captions=len(ours),
                           mismatched=len(differs), first_mismatch=differs[:1].tolist(),
                           seconds=estimate)
-        if name.startswith("chaotic") and recorder.fits(f"parity {name} beam einsum", 10.0):
-            # The other cross-attention form (backend.CROSS_CONTEXT), so a platform can switch
-            # to it knowing its captions.
-            if architecture not in einsum_generators:
-                einsum_generators[architecture] = Generator(
-                    checkpoint.model.params, checkpoint.model.config, cross_context="einsum",
-                    compiler_options=PARITY_COMPILER_OPTIONS.get(profile.name))
-            einsum = einsum_generators[architecture]
+        if name.startswith("chaotic") and recorder.fits(f"parity {name} beam {other_cross}",
+                                                        10.0):
+            if architecture not in other_cross_generators:
+                other_cross_generators[architecture] = Generator(
+                    checkpoint.model.params, checkpoint.model.config, cross_context=other_cross)
+            crossed = other_cross_generators[architecture]
             settings = GenerationSettings.resolve(checkpoint.generation_defaults,
                                                   **parity_settings(max_length)[0][1])
             started = time.perf_counter()
-            ours = einsum.generate(pixels, settings, params=einsum.data_parallel.replicate(
+            ours = crossed.generate(pixels, settings, params=crossed.data_parallel.replicate(
                 checkpoint.model.params)).sequences
             theirs = torch_sequences(reference, pixels, settings, device)
             differs = np.flatnonzero((ours != theirs).any(axis=1))
-            recorder.emit("parity", model=name, setting="beam, einsum cross-attention",
+            recorder.emit("parity", model=name, setting=f"beam, {other_cross} cross-attention",
                           captions=len(ours), mismatched=len(differs),
                           first_mismatch=differs[:1].tolist(),
                           seconds=time.perf_counter() - started)
@@ -432,36 +430,28 @@ def device_peak_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-# XLA:GPU's default command-buffer kinds (jax 0.11's XLA) plus the loop ones: the whole step
-# loop as one CUDA graph with device-side control flow, instead of launches from the host.
-CUDA_GRAPH_OPTIONS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,"
-                      "CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL"}
-# Matmuls on cuBLAS only, not Triton: float32 compiles took 72 s on one H200 (2026-11-27), most
-# of it autotuning Triton GEMM configurations; turning autotuning off instead (21 s) made the
-# search 4.6x slower. Tried on float32, to decide whether the exact mode compiles this way.
-CUBLAS_GEMM_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
-
-
 def throughput_variants(platform: str, gpu: bool) -> dict[str, dict[str, Any]]:
     """Variant name -> ``Generator`` arguments besides the dtype, for ``platform``'s devices.
 
-    "<dtype>" is the library's choice; the others each change one choice of
-    ``backend.py``, to decide it for the platform, in this order: the other search loop
-    (``SEARCH_LOOP``), on GPUs the step loop as CUDA graphs (``CUDA_GRAPH_OPTIONS``), and
-    the other cross-attention form (``CROSS_CONTEXT``; "einsum" on every platform now); on
-    GPUs also float32 with cuBLAS matmuls (``CUBLAS_GEMM_OPTIONS``), for its compile time.
+    "<dtype>" is the library's choice; the others each change one choice of ``backend.py``,
+    to decide it for the platform: the other search loop (``SEARCH_LOOP``), the other
+    cross-attention form (``CROSS_CONTEXT``) and, on GPUs, the other matmul backend
+    (``COMPILER_OPTIONS``): "float32 triton" (XLA's default Triton GEMM fusions) and
+    "bfloat16 cublas" (cuBLAS only, as the exact mode compiles).
     """
     from benchmark import other_cross_context, other_search_loop
 
+    from flax_captioner import backend
+
     other_loop, other_cross = other_search_loop(platform), other_cross_context(platform)
-    variants: dict[str, dict[str, Any]] = {"": {}, " " + other_loop: {"search_loop": other_loop}}
-    if gpu:
-        variants[" cuda graphs"] = {"compiler_options": CUDA_GRAPH_OPTIONS}
-    variants[" " + other_cross] = {"cross_context": other_cross}
+    variants: dict[str, dict[str, Any]] = {"": {}, " " + other_loop: {"search_loop": other_loop},
+                                           " " + other_cross: {"cross_context": other_cross}}
     switched = {dtype + suffix: kwargs for dtype in ("float32", "bfloat16")
                 for suffix, kwargs in variants.items()}
     if gpu:
-        switched["float32 cublas"] = {"compiler_options": CUBLAS_GEMM_OPTIONS}
+        switched["float32 triton"] = {"compiler_options": {}}
+        switched["bfloat16 cublas"] = {
+            "compiler_options": backend.compiler_options("gpu", "float32")}
     return switched
 
 
@@ -470,29 +460,23 @@ def throughput_plan(variants: dict[str, dict[str, Any]], batches: tuple[int, ...
     """(framework, variant, batch) rows in the order they are needed, since a short budget
     drops the last ones.
 
-    First bfloat16 at the middle batch: the other search loop (the form earlier runs
-    measured, a baseline should the library's form compile badly), the library's form, its
-    other choices but the cross-attention form (measured before); then what the targets
-    read: bfloat16 at the larger batches, float32 at the middle one; then a profiled batch of
-    the library's bfloat16 at the middle batch ("profile": after the target rows, so a
-    profiler that takes the process down loses none of them), float32 with cuBLAS matmuls
-    (the compile target's question), the other cross-attention form, the remaining batches,
-    float32's other choices, and HF Flax (a long compile no target needs).
+    First what the targets read: the library's bfloat16 and float32 at the middle batch and
+    the larger ones; then a profiled batch of bfloat16 at the middle batch ("profile": after
+    the target rows, so a profiler that takes the process down loses none of them); then
+    bfloat16's other choices at the middle batch, the remaining batches, float32's other
+    choices (on GPUs "float32 triton", a long compile, last of them), and HF Flax (a long
+    compile no target needs).
     """
     middle = batches[len(batches) // 2]
-    switched = [variant for variant in variants if variant.startswith("bfloat16 ")]
-    crossed = [variant for variant in switched if "cross_context" in variants[variant]]
-    plan = [("ours", switched[0], middle), ("ours", "bfloat16", middle)]
-    plan += [("ours", variant, middle) for variant in switched[1:] if variant not in crossed]
-    plan += [("ours", "bfloat16", batch) for batch in batches if batch > middle]
-    plan += [("ours", "float32", middle), ("profile", "bfloat16", middle)]
-    if "float32 cublas" in variants:
-        plan.append(("ours", "float32 cublas", middle))
-    plan += [("ours", variant, middle) for variant in crossed]
+    plan = [("ours", dtype, batch) for dtype in ("bfloat16", "float32") for batch in batches
+            if batch >= middle]
+    plan += [("profile", "bfloat16", middle)]
+    plan += [("ours", variant, middle) for variant in variants if variant.startswith("bfloat16 ")]
     plan += [("ours", dtype, batch) for dtype in ("bfloat16", "float32") for batch in batches
-             if ("ours", dtype, batch) not in plan]
-    plan += [("ours", variant, middle) for variant in variants
-             if variant.startswith("float32 ") and ("ours", variant, middle) not in plan]
+             if batch < middle]
+    plan += [("ours", variant, middle) for variant in sorted(
+        (variant for variant in variants if variant.startswith("float32 ")),
+        key=lambda variant: variant == "float32 triton")]
     return plan + [("hf-flax", "float32", hf_flax_batch)]
 
 
@@ -523,11 +507,11 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
 
     plan = throughput_plan(variants, profile.batches, profile.hf_flax_batch)
     # Guesses until measured (then the last measurement of that kind): compile seconds, and
-    # seconds per image. GPU compiles: one H200, 2026-11-27, batch 64 (docs/benchmarks.md).
+    # seconds per image. GPU: one H200, 2026-12-04, batch 256 (docs/benchmarks.md).
     compile_estimate, per_image = {
-        "gpu": ({("ours", "float32"): 75.0, ("ours", "bfloat16"): 22.0,
-                 ("ours", "float32 cublas"): 30.0, ("hf-flax", "float32"): 50.0},
-                {("ours", "float32"): 1 / 480, ("ours", "bfloat16"): 1 / 1300,
+        "gpu": ({("ours", "float32"): 18.0, ("ours", "bfloat16"): 22.0,
+                 ("ours", "float32 triton"): 75.0, ("hf-flax", "float32"): 50.0},
+                {("ours", "float32"): 1 / 560, ("ours", "bfloat16"): 1 / 1900,
                  ("hf-flax", "float32"): 1 / 110}),
         "cpu": ({("ours", "float32"): 15.0, ("ours", "bfloat16"): 15.0,
                  ("hf-flax", "float32"): 20.0},

@@ -209,32 +209,34 @@ def test_gpu_variants_switch_one_backend_choice_each_and_their_xla_options_parse
     variants = module.throughput_variants("gpu", gpu=True)
     assert variants == {
         "float32": {}, "bfloat16": {},
-        "float32 until_done": {"search_loop": "until_done"},
-        "bfloat16 until_done": {"search_loop": "until_done"},
-        "float32 einsum": {"cross_context": "einsum"},
-        "bfloat16 einsum": {"cross_context": "einsum"},
-        "float32 cuda graphs": {"compiler_options": module.CUDA_GRAPH_OPTIONS},
-        "bfloat16 cuda graphs": {"compiler_options": module.CUDA_GRAPH_OPTIONS},
-        "float32 cublas": {"compiler_options": module.CUBLAS_GEMM_OPTIONS}}
+        "float32 fixed_steps": {"search_loop": "fixed_steps"},
+        "bfloat16 fixed_steps": {"search_loop": "fixed_steps"},
+        "float32 multiply_reduce": {"cross_context": "multiply_reduce"},
+        "bfloat16 multiply_reduce": {"cross_context": "multiply_reduce"},
+        "float32 triton": {"compiler_options": {}},
+        "bfloat16 cublas": {"compiler_options": {"xla_gpu_enable_triton_gemm": False}}}
     cpu_variants = " ".join(module.throughput_variants("cpu", gpu=False))
-    assert "cuda graphs" not in cpu_variants and "cublas" not in cpu_variants
+    assert "triton" not in cpu_variants and "cublas" not in cpu_variants
     # XLA rejects an option name or value it does not know, on any backend: these it knows.
     model = loading.load_checkpoint(tiny_checkpoint).model
     settings = GenerationSettings.resolve(loading.generation_defaults(model.config),
                                           max_length=4)
-    for variant in ("bfloat16 cuda graphs", "float32 cublas"):
+    for variant in ("bfloat16 cublas", "float32 triton"):
         generator = Generator(model.params, model.config, **variants[variant])
         assert generator.generate(np.zeros((1, 3, 32, 32), np.float32),
                                   settings).sequences.shape == (1, 4)
 
 
-def test_gpu_plan_puts_a_known_baseline_first_and_the_targets_rows_before_the_rest():
+def test_gpu_plan_puts_the_targets_rows_first_and_the_long_compiles_last():
     module = benchmark_module()
     plan = module.throughput_plan(module.throughput_variants("gpu", gpu=True), (64, 256, 1024),
                                   64)
-    assert plan[:8] == [("ours", "bfloat16 until_done", 256), ("ours", "bfloat16", 256),
-                        ("ours", "bfloat16 cuda graphs", 256), ("ours", "bfloat16", 1024),
-                        ("ours", "float32", 256), ("profile", "bfloat16", 256),
-                        ("ours", "float32 cublas", 256), ("ours", "bfloat16 einsum", 256)]
-    assert plan[-1] == ("hf-flax", "float32", 64)
-    assert len(plan) == len(set(plan)) == 8 + 3 + 3 + 1  # + 64s and f32 1024, f32 switched
+    assert plan == [("ours", "bfloat16", 256), ("ours", "bfloat16", 1024),
+                    ("ours", "float32", 256), ("ours", "float32", 1024),
+                    ("profile", "bfloat16", 256), ("ours", "bfloat16 fixed_steps", 256),
+                    ("ours", "bfloat16 multiply_reduce", 256),
+                    ("ours", "bfloat16 cublas", 256),
+                    ("ours", "bfloat16", 64), ("ours", "float32", 64),
+                    ("ours", "float32 fixed_steps", 256),
+                    ("ours", "float32 multiply_reduce", 256),
+                    ("ours", "float32 triton", 256), ("hf-flax", "float32", 64)]

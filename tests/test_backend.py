@@ -116,9 +116,10 @@ def test_cross_attention_form_is_the_platforms_and_both_forms_give_the_same_sear
 @pytest.mark.parametrize("mode", ["none", "mesh"])
 def test_fixed_steps_loop_compiles_to_a_trip_count_xla_knows(tiny_model, mode):
     # XLA:GPU's while thunk reads the predicate back to the host each iteration unless the
-    # loop carries known_trip_count (annotated by a pass XLA:CPU runs too); the GPU's form must.
-    assert backend.search_loop("gpu") == "fixed_steps"
-    assert backend.search_loop("cpu") == "until_done"
+    # loop carries known_trip_count (annotated by a pass XLA:CPU runs too); the benchmark's
+    # "fixed_steps" rows must have it. Every platform's default stops when captions end.
+    assert {backend.search_loop(platform) for platform in ("cpu", "gpu", "tpu")} == {
+        "until_done"}
     assert Generator(tiny_model.params, tiny_model.config).search_loop == "until_done"
     settings = settings_for(num_beams=3, max_length=8)
     pixels = np.random.default_rng(2).standard_normal((4, 3, 32, 32)).astype(np.float32)
@@ -148,6 +149,17 @@ def test_searches_compile_with_the_callers_xla_options(tiny_model, mode):
                         compiler_options={"no_such_xla_option": 1})
     with pytest.raises(Exception, match="no_such_xla_option"):
         unknown.generate(pixels, settings_for(max_length=4))
+
+
+def test_exact_mode_on_gpus_compiles_its_matmuls_for_cublas_and_pmap_takes_no_options(
+        tiny_model):
+    assert backend.compiler_options("gpu", jnp.float32) == {"xla_gpu_enable_triton_gemm": False}
+    assert backend.compiler_options("gpu", jnp.bfloat16) == {}
+    assert backend.compiler_options("cpu", jnp.float32) == {}
+    assert Generator(tiny_model.params, tiny_model.config).compiler_options == {}
+    pmapped = Generator(tiny_model.params, tiny_model.config,
+                        data_parallel=sharding.data_parallel("pmap"))
+    assert pmapped.compiler_options == {}
 
 
 def test_pmap_placement_refuses_compiler_options_at_construction(tiny_model):
