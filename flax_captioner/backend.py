@@ -80,19 +80,23 @@ BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 CROSS_CONTEXT = {"cpu": "multiply_reduce", "gpu": "einsum", "tpu": "multiply_reduce"}
 
 
-# The search's step loop (search.SEARCH_LOOPS) per platform: "until_done" everywhere, which
-# also stops once a batch's captions have all ended.
-# - GPU: XLA:GPU's WhileThunk copies an until_done loop's predicate to the host every
-#   iteration; "fixed_steps" (a trip count XLA knows) avoids that, but on one H200
-#   (scripts/accelerator_benchmark.py, 2026-12-04, jax 0.11.2, bfloat16, batch 256, 4 beams,
-#   max_length 16, no caption ending early) it gained nothing: until_done 1,975, fixed_steps
-#   1,960, the loop as CUDA graphs 1,973 images/s; in a second run until_done 1,917,
-#   fixed_steps 1,907.
+# The search's step loop (search.SEARCH_LOOPS) per platform.
+# - GPU: "fixed_steps". XLA:GPU's WhileThunk copies an until_done loop's predicate to the host
+#   every iteration, so the call that launches the program returns only when the search ends:
+#   a batch cannot be dispatched while the one before runs (generator.one_ahead). Traces of
+#   one bfloat16 batch of 256 on one H200 (2026-12-04, jax 0.11.2, 4 beams, max_length 16;
+#   docs/benchmarks.md, "What the traces show"): the jitted call returned after 150 ms with
+#   until_done, after 60 ms with fixed_steps, whose remaining ~83 ms of kernels ran with the
+#   host free; each call spends ~29 ms copying the pixels into a staging buffer and ~16 ms
+#   setting up CUDA graphs before the device starts, which overlaps the batch before only
+#   with fixed_steps. One batch at a time the two ran even (fixed_steps 1,960 and 1,907,
+#   until_done 1,975 and 1,917 images/s), which is why until_done was kept until the traces
+#   were read; fixed_steps runs every step even after a batch's captions have ended.
 # - CPU: XLA:CPU runs the loop on the host: until_done 2.28 vs fixed_steps 2.20 images/s
 #   (full-size, batch 8, no caption ending early, 2-core AMD EPYC, 2026-11-27;
 #   docs/benchmarks.md, "The search loop form").
 # - TPU: the TPU evaluates the predicate on the chip. Not measured.
-SEARCH_LOOP = {"cpu": "until_done", "gpu": "until_done", "tpu": "until_done"}
+SEARCH_LOOP = {"cpu": "until_done", "gpu": "fixed_steps", "tpu": "until_done"}
 
 
 # XLA options per (platform, compute dtype) for the mesh and single-device placements

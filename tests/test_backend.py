@@ -116,10 +116,11 @@ def test_cross_attention_form_is_the_platforms_and_both_forms_give_the_same_sear
 @pytest.mark.parametrize("mode", ["none", "mesh"])
 def test_fixed_steps_loop_compiles_to_a_trip_count_xla_knows(tiny_model, mode):
     # XLA:GPU's while thunk reads the predicate back to the host each iteration unless the
-    # loop carries known_trip_count (annotated by a pass XLA:CPU runs too); the benchmark's
-    # "fixed_steps" rows must have it. Every platform's default stops when captions end.
-    assert {backend.search_loop(platform) for platform in ("cpu", "gpu", "tpu")} == {
-        "until_done"}
+    # loop carries known_trip_count (annotated by a pass XLA:CPU runs too), and the call that
+    # launches the program then holds the host until the search ends: GPUs run "fixed_steps"
+    # for it. The other platforms' default stops when captions end.
+    assert {platform: backend.search_loop(platform) for platform in ("cpu", "gpu", "tpu")} == {
+        "cpu": "until_done", "gpu": "fixed_steps", "tpu": "until_done"}
     assert Generator(tiny_model.params, tiny_model.config).search_loop == "until_done"
     settings = settings_for(num_beams=3, max_length=8)
     pixels = np.random.default_rng(2).standard_normal((4, 3, 32, 32)).astype(np.float32)
