@@ -31,6 +31,9 @@ from flax_captioner.errors import ModelLoadError
 Params = Any  # the nested dict of FlaxVisionEncoderDecoderModel.params
 # The forms of decode_step's cross-attention context; backend.CROSS_CONTEXT picks one.
 CROSS_CONTEXT_FORMS = ("multiply_reduce", "einsum")
+# jax.nn.dot_product_attention implementations the encoder's self-attention and the decoder's
+# cross-attention can run through instead of this module's einsums (``fused_attention``).
+FUSED_ATTENTION = ("xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +118,9 @@ class CrossKV:
     size, ~75 ms of a ~120 ms float32 step on a 2-core CPU).
 
     Attributes:
-      key: L arrays [B, H, S, Dh] in the compute dtype.
-      value: L arrays [B, H, S, Dh] in the compute dtype.
+      key: L arrays [B, H, S, Dh] in the compute dtype; [B, S, H, Dh] for fused attention
+        (``jax.nn.dot_product_attention``'s layout).
+      value: L arrays, as ``key``.
     """
 
     key: tuple[jax.Array, ...]
@@ -125,17 +129,27 @@ class CrossKV:
 
 @flax.struct.dataclass
 class SelfAttentionCache:
-    """Fixed-length self-attention cache; slot ``t`` holds the keys/values of position ``t``.
+    """Fixed-length self-attention cache, read through ``rows`` so a beam reorder moves no
+    keys or values.
 
-    One array per layer, like ``CrossKV``, so a step updates and reads each in place.
+    Slot ``t`` of row ``k`` holds the keys/values row ``k`` computed at position ``t``, and
+    beam ``k`` reads slot ``t`` from row ``rows[b, k, t]`` (FasterTransformer's "cache
+    indirection"). Reordering beams gathers ``rows`` only: gathering the keys and values
+    instead wrote a new cache every step, which XLA then copied back into the loop's buffers
+    (on one H200, bfloat16, batch 256: 0.34 ms of gather and 0.34 ms of 33 copies in a 4.0 ms
+    step; docs/benchmarks.md, "What the traces show"; the reads through ``rows`` are not
+    yet measured there). One array per layer, like ``CrossKV``, so a step updates and reads
+    each in place.
 
     Attributes:
       key: L arrays [B, K, H, T, Dh] in the compute dtype.
       value: L arrays [B, K, H, T, Dh] in the compute dtype.
+      rows: int32 [B, K, T], the row each beam reads each slot from.
     """
 
     key: tuple[jax.Array, ...]
     value: tuple[jax.Array, ...]
+    rows: jax.Array
 
 
 def cast_params(params: Params, dtype: jnp.dtype) -> Params:
@@ -192,11 +206,32 @@ def _softmax_attention(scores: jax.Array, values: jax.Array, equation: str,
                       preferred_element_type=dtype)
 
 
+def check_fused_attention(fused_attention: str | None) -> None:
+    """Raises ValueError (one line) unless ``fused_attention`` is None or one of
+    ``FUSED_ATTENTION``."""
+    if fused_attention is not None and fused_attention not in FUSED_ATTENTION:
+        raise ValueError(f"fused_attention must be None or one of {FUSED_ATTENTION}, got "
+                         f"{fused_attention!r}")
+
+
+def _fused_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: jnp.dtype,
+                     implementation: str) -> jax.Array:
+    """``jax.nn.dot_product_attention`` over [B, T, H, Dh] queries and [B, S, H, Dh] keys and
+    values, all in ``dtype``: [B, T, H, Dh] in ``dtype``. Scores are scaled by 1 / sqrt(Dh)
+    (exactly as the einsums' division where Dh is a power of two), the softmax runs in
+    float32 and the probabilities meet the values in ``dtype``, as in the einsums."""
+    return jax.nn.dot_product_attention(
+        query.astype(dtype), key.astype(dtype), value.astype(dtype),
+        scale=1.0 / math.sqrt(query.shape[-1]), implementation=implementation)
+
+
 def encode(params: Params, pixel_values: jax.Array, spec: DecoderSpec,
-           dtype: jnp.dtype = jnp.float32) -> jax.Array:
+           dtype: jnp.dtype = jnp.float32, fused_attention: str | None = None) -> jax.Array:
     """The ViT encoder: pixels [B, C, H, W] (normalized, float) -> hidden [B, S, D] float32.
 
     Equals ``VisionEncoderDecoderModel.encoder(pixel_values).last_hidden_state``.
+    ``fused_attention``: the ``jax.nn.dot_product_attention`` implementation the
+    self-attention runs through (``FUSED_ATTENTION``), or None for this module's einsums.
     """
     vit = params["encoder"]
     batch = pixel_values.shape[0]
@@ -223,15 +258,20 @@ def encode(params: Params, pixel_values: jax.Array, spec: DecoderSpec,
         layer = vit["encoder"]["layer"][str(index)]
         attention = layer["attention"]["attention"]
         normed = _layer_norm(hidden, layer["layernorm_before"], spec.encoder_layer_norm_eps)
-        query = split_heads(_dense(normed, attention["query"], dtype))
-        key = split_heads(_dense(normed, attention["key"], dtype))
-        value = split_heads(_dense(normed, attention["value"], dtype))
-        scores = jnp.einsum("bhqd,bhkd->bhqk", query.astype(dtype), key.astype(dtype),
-                            preferred_element_type=jnp.float32) / math.sqrt(head_dim)
-        # Heads-major output, then one transpose: asking the einsum for [B, S, H, Dh] directly
-        # makes XLA:CPU pick a layout ~2x slower.
-        context = _softmax_attention(scores, value, "bhqk,bhkd->bhqd", dtype)
-        context = context.transpose(0, 2, 1, 3).reshape(batch, -1, spec.encoder_hidden_size)
+        query, key, value = (_dense(normed, attention[name], dtype)
+                             for name in ("query", "key", "value"))  # [B, S, D] each
+        if fused_attention:  # [B, S, H, Dh] in and out: no head transposes
+            context = _fused_attention(*(x.reshape(batch, -1, heads, head_dim)
+                                         for x in (query, key, value)), dtype, fused_attention)
+        else:
+            query, key, value = map(split_heads, (query, key, value))  # [B, H, S, Dh]
+            scores = jnp.einsum("bhqd,bhkd->bhqk", query.astype(dtype), key.astype(dtype),
+                                preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+            # Heads-major output, then one transpose: asking the einsum for [B, S, H, Dh]
+            # directly makes XLA:CPU pick a layout ~2x slower.
+            context = _softmax_attention(scores, value, "bhqk,bhkd->bhqd", dtype)
+            context = context.transpose(0, 2, 1, 3)  # [B, S, H, Dh]
+        context = context.reshape(batch, -1, spec.encoder_hidden_size)
         hidden = hidden + _dense(context, layer["attention"]["output"]["dense"], dtype)
         normed = _layer_norm(hidden, layer["layernorm_after"], spec.encoder_layer_norm_eps)
         intermediate = activation(_dense(normed, layer["intermediate"]["dense"], dtype))
@@ -240,18 +280,21 @@ def encode(params: Params, pixel_values: jax.Array, spec: DecoderSpec,
 
 
 def cross_kv(params: Params, encoder_hidden: jax.Array, spec: DecoderSpec,
-             dtype: jnp.dtype = jnp.float32) -> CrossKV:
+             dtype: jnp.dtype = jnp.float32, fused_attention: str | None = None) -> CrossKV:
     """Cross-attention keys/values of all decoder layers from ``encoder_hidden`` [B, S, D].
 
-    Run once per image; returns ``CrossKV`` with L keys/values [B, H, S, Dh] in ``dtype``.
+    Run once per image; returns ``CrossKV`` with L keys/values [B, H, S, Dh] in ``dtype``
+    ([B, S, H, Dh] when ``decode_step`` runs ``fused_attention``).
     """
     batch, length = encoder_hidden.shape[:2]
+    # [2, B, S, H, Dh] -> [2, B, H, S, Dh], or kept for fused attention.
+    order = (2, 0, 1, 3, 4) if fused_attention else (2, 0, 3, 1, 4)
     keys, values = [], []
     for index in range(spec.num_layers):
         projection = params["decoder"]["transformer"]["h"][str(index)]["crossattention"]["c_attn"]
         key_value = _conv1d(encoder_hidden, projection, dtype)  # [B, S, 2D]
         key_value = key_value.reshape(batch, length, 2, spec.num_heads, spec.head_dim)
-        key_value = key_value.transpose(2, 0, 3, 1, 4).astype(dtype)  # [2, B, H, S, Dh]
+        key_value = key_value.transpose(order).astype(dtype)
         keys.append(key_value[0])
         values.append(key_value[1])
     return CrossKV(key=tuple(keys), value=tuple(values))
@@ -259,13 +302,25 @@ def cross_kv(params: Params, encoder_hidden: jax.Array, spec: DecoderSpec,
 
 def init_cache(batch: int, beams: int, max_length: int, spec: DecoderSpec,
                dtype: jnp.dtype = jnp.float32) -> SelfAttentionCache:
-    """An all-zero cache with L keys/values [B, K, H, T=max_length, Dh] in ``dtype``."""
+    """An all-zero cache with L keys/values [B, K, H, T=max_length, Dh] in ``dtype``, each
+    beam reading its own row."""
     if max_length > spec.n_positions:
         raise ValueError(f"max_length {max_length} exceeds the decoder's n_positions "
                          f"{spec.n_positions}")
     shape = (batch, beams, spec.num_heads, max_length, spec.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(spec.num_layers))
-    return SelfAttentionCache(key=zeros, value=zeros)
+    return SelfAttentionCache(key=zeros, value=zeros, rows=_own_rows(batch, beams, max_length))
+
+
+def _own_rows(batch: int, beams: int, length: int) -> jax.Array:
+    """int32 [B, K, T]: every beam reads every slot from its own row."""
+    return jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[:, None], (batch, beams, length))
+
+
+def _read_rows(array: jax.Array, rows: jax.Array) -> jax.Array:
+    """Beam ``k``'s keys or values: ``array`` [B, K, H, T, Dh] read through ``rows``
+    [B, K, T]; [B, K, H, T, Dh]."""
+    return jnp.take_along_axis(array, rows[:, :, None, :, None], axis=1, mode="clip")
 
 
 def check_cross_context(form: str) -> None:
@@ -274,24 +329,45 @@ def check_cross_context(form: str) -> None:
         raise ValueError(f"cross_context must be one of {CROSS_CONTEXT_FORMS}, got {form!r}")
 
 
+def _cross_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: jnp.dtype,
+                     cross_context: str, fused_attention: str | None) -> jax.Array:
+    """Cross-attention of the K beams' queries [B, K, H, Dh] over their image's keys and
+    values (``CrossKV``'s layout): the context [B, K, H, Dh] (``decode_step``'s forms)."""
+    if fused_attention:  # an image's beams are its K queries
+        return _fused_attention(query, key, value, dtype, fused_attention)
+    scores = jnp.einsum("bkhd,bhsd->bkhs", query.astype(dtype), key,
+                        preferred_element_type=jnp.float32) / math.sqrt(query.shape[-1])
+    probs = jax.nn.softmax(scores, axis=-1)  # [B, K, H, S]
+    if cross_context == "einsum":
+        # In ``dtype``, as in _softmax_attention: it only feeds c_proj, which casts to it.
+        return jnp.einsum("bkhs,bhsd->bkhd", probs.astype(dtype), value,
+                          preferred_element_type=dtype)
+    return jnp.sum(probs[..., None] * value[:, None].astype(jnp.float32), axis=-2)
+
+
 def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
                 cache: SelfAttentionCache, cross: CrossKV, spec: DecoderSpec,
                 dtype: jnp.dtype = jnp.float32, cross_context: str = "multiply_reduce",
-                ) -> tuple[jax.Array, SelfAttentionCache]:
+                fused_attention: str | None = None) -> tuple[jax.Array, SelfAttentionCache]:
     """One GPT-2 step for every beam: returns (logits [B, K, V] float32, updated cache).
 
     Args:
       tokens: [B, K] int32, the tokens at ``position`` (the decoder start token at 0).
       position: int32 scalar; the step writes cache slot ``position`` and attends to slots
         ``<= position``.
-      cache: L keys/values [B, K, H, T, Dh].
-      cross: L keys/values [B, H, S, Dh], shared by the K beams of each image.
+      cache: L keys/values [B, K, H, T, Dh] and the rows each beam reads.
+      cross: L keys/values [B, H, S, Dh] ([B, S, H, Dh] with ``fused_attention``), shared by
+        the K beams of each image.
       cross_context: how the cross-attention context (probabilities x values) is computed:
         ``"multiply_reduce"`` (a float32 multiply and a sum over S) or ``"einsum"`` (a
         batched matmul in ``dtype``); ``backend.CROSS_CONTEXT`` picks one per platform, with
         the measurements.
+      fused_attention: the ``jax.nn.dot_product_attention`` implementation the
+        cross-attention runs through, the K beams of an image as its K queries (``cross``
+        then in its [B, S, H, Dh] layout; ``cross_context`` unused), or None.
     """
     check_cross_context(cross_context)
+    check_fused_attention(fused_attention)
     gpt2 = params["decoder"]["transformer"]
     batch, beams = tokens.shape
     heads, head_dim = spec.num_heads, spec.head_dim
@@ -311,6 +387,9 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
     def split_heads(x):  # [B, K, D] -> [B, K, H, Dh]
         return x.reshape(batch, beams, heads, head_dim)
 
+    # This step's slot is its row's own: every beam reads slot `position` from itself.
+    rows = jnp.where(jnp.arange(cache_length) == position,
+                     jnp.arange(beams, dtype=jnp.int32)[:, None], cache.rows)  # [B, K, T]
     cache_keys, cache_values = [], []
     for index in range(spec.num_layers):
         layer = gpt2["h"][str(index)]
@@ -325,26 +404,19 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
         cache_keys.append(layer_key)
         cache_values.append(layer_value)
         scores = jnp.einsum("bkhd,bkhtd->bkht", split_heads(query).astype(dtype),
-                            layer_key, preferred_element_type=jnp.float32) / scale
+                            _read_rows(layer_key, rows), preferred_element_type=jnp.float32
+                            ) / scale
         scores = jnp.where(visible, scores, mask_value)
-        context = _softmax_attention(scores, layer_value, "bkht,bkhtd->bkhd", dtype)
+        context = _softmax_attention(scores, _read_rows(layer_value, rows), "bkht,bkhtd->bkhd",
+                                     dtype)
         hidden = hidden + _conv1d(context.reshape(batch, beams, -1), layer["attn"]["c_proj"],
                                   dtype)
 
         cross_attention = layer["crossattention"]
         normed = _layer_norm(hidden, layer["ln_cross_attn"], spec.layer_norm_epsilon)
         query = split_heads(_conv1d(normed, cross_attention["q_attn"], dtype))
-        scores = jnp.einsum("bkhd,bhsd->bkhs", query.astype(dtype), cross.key[index],
-                            preferred_element_type=jnp.float32) / scale
-        probs = jax.nn.softmax(scores, axis=-1)  # [B, K, H, S]
-        if cross_context == "einsum":
-            # In ``dtype``, as in _softmax_attention: it only feeds c_proj, which casts to it.
-            context = jnp.einsum("bkhs,bhsd->bkhd", probs.astype(dtype), cross.value[index],
-                                 preferred_element_type=dtype)  # [B, K, H, Dh]
-        else:
-            context = jnp.sum(probs[..., None]
-                              * cross.value[index][:, None].astype(jnp.float32),
-                              axis=-2)  # [B, K, H, Dh]
+        context = _cross_attention(query, cross.key[index], cross.value[index], dtype,
+                                   cross_context, fused_attention)  # [B, K, H, Dh]
         hidden = hidden + _conv1d(context.reshape(batch, beams, -1), cross_attention["c_proj"],
                                   dtype)
 
@@ -356,18 +428,27 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
     # The lm_head is tied to wte: [B, K, D] x [V, D] -> [B, K, V].
     logits = jax.lax.dot_general(normed.astype(dtype), wte.astype(dtype),
                                  (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return logits, SelfAttentionCache(key=tuple(cache_keys), value=tuple(cache_values))
+    return logits, SelfAttentionCache(key=tuple(cache_keys), value=tuple(cache_values),
+                                      rows=rows)
 
 
 def reorder_cache(cache: SelfAttentionCache, beam_indices: jax.Array) -> SelfAttentionCache:
-    """Selects beams: ``beam_indices`` [B, K'] int32 into a cache of L arrays [B, K, H, T, Dh].
+    """Selects beams: new beam ``k`` continues old beam ``beam_indices[b, k]`` ([B, K'] int32).
 
-    Returns L arrays [B, K', H, T, Dh]; with K = 1 and zero indices this expands the single
-    live beam of step one to K' beams.
+    With K' = K only ``rows`` is gathered (new beam k reads what its source beam read). With
+    K' != K (K = 1 and zero indices: the single live beam of step one expanded to K' beams)
+    the keys and values are gathered as their beams read them, into L arrays
+    [B, K', H, T, Dh] that each beam reads from its own row.
     """
+    batch, beams = beam_indices.shape
+    if beams == cache.rows.shape[1]:
+        return cache.replace(rows=jnp.take_along_axis(cache.rows, beam_indices[:, :, None],
+                                                      axis=1, mode="clip"))
     indices = beam_indices[:, :, None, None, None]
 
-    def select(x):
-        return jnp.take_along_axis(x, indices, axis=1, mode="clip")
+    def select(x: jax.Array) -> jax.Array:
+        return jnp.take_along_axis(_read_rows(x, cache.rows), indices, axis=1, mode="clip")
 
-    return jax.tree_util.tree_map(select, cache)
+    return SelfAttentionCache(key=tuple(map(select, cache.key)),
+                              value=tuple(map(select, cache.value)),
+                              rows=_own_rows(batch, beams, cache.rows.shape[2]))

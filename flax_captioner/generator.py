@@ -87,7 +87,8 @@ class GenerationOutput:
 def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
                       dtype: Any = jnp.float32,
                       cross_context: str = "multiply_reduce",
-                      search_loop: str = "until_done") -> GenerateFn:
+                      search_loop: str = "until_done",
+                      fused_attention: str | None = None) -> GenerateFn:
     """The whole search as one pure function of (params, pixels, keys).
 
     Returns ``fn(params, pixel_values [B, 3, H, W] float32, row_keys [B, 2] uint32) ->
@@ -95,19 +96,20 @@ def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
     then the per-token and, when asked for, per-step arrays); ``row_keys`` only matter when
     sampling. Cross-attention keys/values are computed once per image and shared by its
     beams; step one runs on B rows, the search expands the cache to K beams after it.
-    ``cross_context`` is ``decoder.decode_step``'s, ``search_loop`` ``search.run_steps``'s.
+    ``cross_context`` and ``fused_attention`` are ``decoder.decode_step``'s (the encoder
+    takes ``fused_attention`` too), ``search_loop`` is ``search.run_steps``'s.
     """
 
     def generate_fn(params: Any, pixel_values: jax.Array,
                     row_keys: jax.Array) -> search.SearchOutput:
         batch = pixel_values.shape[0]
-        encoder_hidden = decoder.encode(params, pixel_values, spec, dtype)
-        cross = decoder.cross_kv(params, encoder_hidden, spec, dtype)
+        encoder_hidden = decoder.encode(params, pixel_values, spec, dtype, fused_attention)
+        cross = decoder.cross_kv(params, encoder_hidden, spec, dtype, fused_attention)
         cache = decoder.init_cache(batch, 1, settings.max_length, spec, dtype)
 
         def step_fn(tokens, position, cache):
             return decoder.decode_step(params, tokens, position, cache, cross, spec, dtype,
-                                       cross_context)
+                                       cross_context, fused_attention)
 
         return search.search(step_fn, decoder.reorder_cache, cache, batch, settings, row_keys,
                              search_loop)
@@ -194,13 +196,19 @@ class Generator:
       compiler_options: XLA options the searches compile with (``jax.jit``'s); ``None``
         takes the platform's for ``dtype`` (``backend.COMPILER_OPTIONS``), ``{}`` XLA's
         defaults. The pmap placement takes none and compiles with XLA's defaults.
+      fused_attention: run the encoder's self-attention and the decoder's cross-attention
+        through ``jax.nn.dot_product_attention`` with this implementation: ``"cudnn"`` (one
+        fused kernel each; GPUs, bfloat16 only) or ``"xla"``; ``None`` (the default) runs
+        ``decoder``'s einsums. Not yet measured on a device
+        (scripts/accelerator_benchmark.py's "bfloat16 cudnn" row measures it).
     """
 
     def __init__(self, model_or_params: Any, config: Any, *, dtype: Any = jnp.float32,
                  data_parallel: sharding.DataParallel | None = None,
                  cross_context: str | None = None,
                  search_loop: str | None = None,
-                 compiler_options: dict[str, Any] | None = None):
+                 compiler_options: dict[str, Any] | None = None,
+                 fused_attention: str | None = None):
         params = getattr(model_or_params, "params", model_or_params)
         self.spec = decoder.DecoderSpec.from_config(config)
         self.dtype = jnp.dtype(dtype)
@@ -213,6 +221,11 @@ class Generator:
         decoder.check_cross_context(self.cross_context)  # at construction, not first call
         self.search_loop = search_loop or backend.search_loop(platform)
         search.check_search_loop(self.search_loop)
+        decoder.check_fused_attention(fused_attention)
+        if fused_attention == "cudnn" and (platform != "gpu" or self.dtype != jnp.bfloat16):
+            raise ValueError(f"fused_attention 'cudnn' runs on GPUs in bfloat16, not on "
+                             f"{platform} in {self.dtype.name}")
+        self.fused_attention = fused_attention
         if compiler_options is None:
             compiler_options = ({} if isinstance(self.data_parallel, sharding.PmapDataParallel)
                                 else backend.compiler_options(platform, self.dtype))
@@ -259,7 +272,7 @@ class Generator:
         if key not in self._programs:
             self.check(settings)
             generate_fn = build_generate_fn(self.spec, settings, self.dtype, self.cross_context,
-                                            self.search_loop)
+                                            self.search_loop, self.fused_attention)
             self._programs[key] = self.data_parallel.wrap(
                 backend.at_precision(generate_fn, precision), self.compiler_options)
         return self._programs[key]

@@ -434,9 +434,10 @@ def device_peak_bytes() -> int | None:
 def throughput_variants(platform: str, gpu: bool) -> dict[str, dict[str, Any]]:
     """Variant name -> ``Generator`` arguments besides the dtype, for ``platform``'s devices.
 
-    "<dtype>" is the library's choice; the others each change one choice of ``backend.py``,
-    to decide it for the platform: the other search loop (``SEARCH_LOOP``), the other
-    cross-attention form (``CROSS_CONTEXT``) and, on GPUs, the other matmul backend
+    "<dtype>" is the library's choice; the others each change one choice, to decide it for
+    the platform: the other search loop (``SEARCH_LOOP``), the other cross-attention form
+    (``CROSS_CONTEXT``) and, on GPUs, cuDNN's fused attention ("bfloat16 cudnn",
+    ``Generator(fused_attention=...)``, first) and the other matmul backend
     (``COMPILER_OPTIONS``): "float32 triton" (XLA's default Triton GEMM fusions) and
     "bfloat16 cublas" (cuBLAS only, as the exact mode compiles). These two come last, so
     "float32 triton" (a 65 s compile) follows float32's other choices in the plan.
@@ -450,7 +451,8 @@ def throughput_variants(platform: str, gpu: bool) -> dict[str, dict[str, Any]]:
                                            " " + other_cross: {"cross_context": other_cross}}
     switched = {dtype + suffix: kwargs for dtype in ("float32", "bfloat16")
                 for suffix, kwargs in variants.items()}
-    if gpu:
+    if gpu:  # cuDNN's fused attention first: the largest change the traces point at
+        switched = {"bfloat16 cudnn": {"fused_attention": "cudnn"}} | switched
         switched["float32 triton"] = {"compiler_options": {}}
         switched["bfloat16 cublas"] = {
             "compiler_options": backend.compiler_options("gpu", "float32")}
@@ -466,15 +468,18 @@ def throughput_plan(variants: dict[str, dict[str, Any]], batches: tuple[int, ...
     the larger ones; then a profiled batch of bfloat16 at the middle batch and at the largest
     ("profile": after the target rows, so a profiler that takes the process down loses none
     of them); then
-    bfloat16's other choices at the middle batch, the remaining batches, float32's other
-    choices (on GPUs "float32 triton", a long compile, last of them), and HF Flax (a long
-    compile no target needs).
+    bfloat16's other choices at the middle batch (fused attention at the largest too), the
+    remaining batches, float32's other choices (on GPUs "float32 triton", a long compile,
+    last of them), and HF Flax (a long compile no target needs).
     """
     middle = batches[len(batches) // 2]
     plan = [("ours", dtype, batch) for dtype in ("bfloat16", "float32") for batch in batches
             if batch >= middle]
     plan += [("profile", "bfloat16", batch) for batch in sorted({middle, batches[-1]})]
     plan += [("ours", variant, middle) for variant in variants if variant.startswith("bfloat16 ")]
+    # Fused attention changes the program most: also at the largest batch, the targets' one.
+    plan += [("ours", variant, batches[-1]) for variant, kwargs in variants.items()
+             if kwargs.get("fused_attention") and batches[-1] > middle]
     plan += [("ours", dtype, batch) for dtype in ("bfloat16", "float32") for batch in batches
              if batch < middle]
     plan += [("ours", variant, middle) for variant in variants if variant.startswith("float32 ")]
@@ -562,10 +567,11 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
             seconds = [timed(call)[1] for _ in range(profile.repeats)]
             streamed = (streamed_seconds(generator, pixels, settings, profile.repeats + 1)
                         if framework == "ours" else None)
-        except (CaptionerError, RuntimeError) as error:  # out of memory (ours: one line)
+        except Exception as error:  # noqa: BLE001 - out of memory, or a variant's failure
+            switched = bool(variants.get(dtype))  # one of backend.py's choices switched
             if (not isinstance(error, CaptionerError) and not backend.is_out_of_memory(error)
-                    and not variants.get(dtype, {}).get("compiler_options")):
-                raise  # a row with XLA options records what XLA said of them
+                    and not switched):
+                raise  # a switched row records what failed (XLA options, cuDNN's limits)
             recorder.emit("throughput", framework=framework, variant=dtype, batch=batch,
                           error=str(error).splitlines()[0][:200])
             continue

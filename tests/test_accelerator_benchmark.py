@@ -221,6 +221,7 @@ def test_gpu_variants_switch_one_backend_choice_each_and_their_xla_options_parse
     module = benchmark_module()
     variants = module.throughput_variants("gpu", gpu=True)
     assert variants == {
+        "bfloat16 cudnn": {"fused_attention": "cudnn"},
         "float32": {}, "bfloat16": {},
         "float32 until_done": {"search_loop": "until_done"},
         "bfloat16 until_done": {"search_loop": "until_done"},
@@ -229,7 +230,7 @@ def test_gpu_variants_switch_one_backend_choice_each_and_their_xla_options_parse
         "float32 triton": {"compiler_options": {}},
         "bfloat16 cublas": {"compiler_options": {"xla_gpu_enable_triton_gemm": False}}}
     cpu_variants = " ".join(module.throughput_variants("cpu", gpu=False))
-    assert "triton" not in cpu_variants and "cublas" not in cpu_variants
+    assert not {"triton", "cublas", "cudnn"} & set(cpu_variants.split())
     # XLA rejects an option name or value it does not know, on any backend: these it knows.
     model = loading.load_checkpoint(tiny_checkpoint).model
     settings = GenerationSettings.resolve(loading.generation_defaults(model.config),
@@ -247,9 +248,9 @@ def test_gpu_plan_puts_the_targets_rows_first_and_the_long_compiles_last():
     assert plan == [("ours", "bfloat16", 256), ("ours", "bfloat16", 1024),
                     ("ours", "float32", 256), ("ours", "float32", 1024),
                     ("profile", "bfloat16", 256), ("profile", "bfloat16", 1024),
-                    ("ours", "bfloat16 until_done", 256),
+                    ("ours", "bfloat16 cudnn", 256), ("ours", "bfloat16 until_done", 256),
                     ("ours", "bfloat16 multiply_reduce", 256),
-                    ("ours", "bfloat16 cublas", 256),
+                    ("ours", "bfloat16 cublas", 256), ("ours", "bfloat16 cudnn", 1024),
                     ("ours", "bfloat16", 64), ("ours", "float32", 64),
                     ("ours", "float32 until_done", 256),
                     ("ours", "float32 multiply_reduce", 256),

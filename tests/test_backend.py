@@ -113,6 +113,26 @@ def test_cross_attention_form_is_the_platforms_and_both_forms_give_the_same_sear
         Generator(tiny_model.params, tiny_model.config, cross_context="dot")
 
 
+def test_fused_attention_gives_the_search_of_the_einsums_and_cudnn_only_where_it_runs(
+        tiny_model):
+    # "xla" runs jax.nn.dot_product_attention's reference in the layouts "cudnn" takes.
+    settings = settings_for(num_beams=3, max_length=8)
+    pixels = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    expected = Generator(tiny_model.params, tiny_model.config).generate(pixels, settings)
+    fused = Generator(tiny_model.params, tiny_model.config, fused_attention="xla")
+    output = fused.generate(pixels, settings)
+    np.testing.assert_array_equal(output.sequences, expected.sequences)
+    np.testing.assert_allclose(output.scores, expected.scores, rtol=1e-5)
+    for dtype in (jnp.float32, jnp.bfloat16):  # cuDNN's fused attention: GPUs, bfloat16
+        with pytest.raises(ValueError) as error:
+            Generator(tiny_model.params, tiny_model.config, dtype=dtype,
+                      fused_attention="cudnn")
+        assert str(error.value) == ("fused_attention 'cudnn' runs on GPUs in bfloat16, not on "
+                                    f"cpu in {jnp.dtype(dtype).name}")
+    with pytest.raises(ValueError, match="fused_attention must be None or one of"):
+        Generator(tiny_model.params, tiny_model.config, fused_attention="flash")
+
+
 @pytest.mark.parametrize("mode", ["none", "mesh"])
 def test_fixed_steps_loop_compiles_to_a_trip_count_xla_knows(tiny_model, mode):
     # XLA:GPU's while thunk reads the predicate back to the host each iteration unless the

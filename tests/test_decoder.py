@@ -55,10 +55,12 @@ def torch_logits(torch_model, pixels: np.ndarray, tokens: np.ndarray) -> np.ndar
     return output.logits.numpy()
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "dtype", "cross_context"))
+@functools.partial(jax.jit, static_argnames=("spec", "dtype", "cross_context",
+                                             "fused_attention"))
 def jit_decode_step(params, tokens, position, cache, cross, spec, dtype=jnp.float32,
-                    cross_context="multiply_reduce"):
-    return decode_step(params, tokens, position, cache, cross, spec, dtype, cross_context)
+                    cross_context="multiply_reduce", fused_attention=None):
+    return decode_step(params, tokens, position, cache, cross, spec, dtype, cross_context,
+                       fused_attention)
 
 
 def test_encoder_matches_pytorch_and_hf_flax(tiny_models):
@@ -124,7 +126,13 @@ def test_beams_with_expansion_and_reorder_match_full_forward(tiny_models, cross_
     assert cache.key[0].shape == (batch, beams, spec.num_heads, length, spec.head_dim)
     for position in range(1, length):
         if position == reorder_at:
-            cache = reorder_cache(cache, jnp.asarray(parents))
+            reordered = reorder_cache(cache, jnp.asarray(parents))
+            # K beams to K: only the rows each beam reads move, no keys or values.
+            assert reordered.key is cache.key and reordered.value is cache.value
+            np.testing.assert_array_equal(
+                reordered.rows, np.take_along_axis(np.asarray(cache.rows), parents[:, :, None],
+                                                   axis=1))
+            cache = reordered
         logits, cache = jit_decode_step(params, jnp.asarray(fed[:, :, position]),
                                         jnp.int32(position), cache, cross, spec,
                                         cross_context=cross_context)
@@ -177,6 +185,41 @@ def test_bfloat16_logits_close_to_float32(tiny_models, cross_context):
     assert np.abs(half - full).max() < 0.05 * spread
     agreement = (half.argmax(-1) == full.argmax(-1)).mean()
     assert agreement >= 0.8, agreement
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_attention_in_its_layouts_matches_the_einsums(tiny_models, dtype):
+    """The encoder's self-attention and the beams' cross-attention through
+    ``jax.nn.dot_product_attention`` ("xla" here; "cudnn" takes the same [B, T, H, Dh]
+    layouts on GPUs): the einsums' encoder states, cross K/V and step logits."""
+    _, flax_model, spec = tiny_models
+    batch, beams, length = 2, 3, 6
+    params = cast_params(flax_model.params, dtype)
+    pixels = random_pixels(spec, batch, seed=4)
+    tokens = np.random.default_rng(4).integers(0, spec.vocab_size, (batch, beams, length))
+    outputs = {}
+    for fused in (None, "xla"):
+        hidden = encode(params, pixels, spec, dtype, fused)
+        cross = cross_kv(params, hidden, spec, dtype, fused)
+        cache = init_cache(batch, beams, length, spec, dtype)
+        steps = []
+        for position in range(length):
+            logits, cache = jit_decode_step(
+                params, jnp.asarray(tokens[:, :, position], jnp.int32), jnp.int32(position),
+                cache, cross, spec, dtype, "einsum", fused)
+            steps.append(np.asarray(logits))
+        outputs[fused] = (np.asarray(hidden), np.stack(steps, axis=2))
+    (hidden, logits), (fused_hidden, fused_logits) = outputs.values()
+    # Cross K/V of the same encoder states: the same values, sequence-major for fused.
+    keys, fused_keys = (np.asarray(cross_kv(params, hidden, spec, dtype, fused).key[0],
+                                   np.float32) for fused in (None, "xla"))
+    assert fused_keys.shape == (batch, spec.encoder_length, spec.num_heads, spec.head_dim)
+    np.testing.assert_array_equal(fused_keys, keys.transpose(0, 2, 1, 3))
+    # float32: the same arithmetic up to summation order; bfloat16: up to its rounding.
+    tolerance = 1e-5 if dtype == jnp.float32 else 0.02
+    for ours, einsums in ((fused_hidden, hidden), (fused_logits, logits)):
+        spread = einsums.max() - einsums.min()
+        assert np.abs(ours - einsums).max() <= tolerance * spread
 
 
 def test_spec_rejects_unsupported_config(tiny_models):
