@@ -337,11 +337,9 @@ def _cross_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: 
         return _fused_attention(query, key, value, dtype, fused_attention)
     scores = jnp.einsum("bkhd,bhsd->bkhs", query.astype(dtype), key,
                         preferred_element_type=jnp.float32) / math.sqrt(query.shape[-1])
-    probs = jax.nn.softmax(scores, axis=-1)  # [B, K, H, S]
     if cross_context == "einsum":
-        # In ``dtype``, as in _softmax_attention: it only feeds c_proj, which casts to it.
-        return jnp.einsum("bkhs,bhsd->bkhd", probs.astype(dtype), value,
-                          preferred_element_type=dtype)
+        return _softmax_attention(scores, value, "bkhs,bhsd->bkhd", dtype)
+    probs = jax.nn.softmax(scores, axis=-1)  # [B, K, H, S]
     return jnp.sum(probs[..., None] * value[:, None].astype(jnp.float32), axis=-2)
 
 
@@ -389,7 +387,7 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
 
     # This step's slot is its row's own: every beam reads slot `position` from itself.
     rows = jnp.where(jnp.arange(cache_length) == position,
-                     jnp.arange(beams, dtype=jnp.int32)[:, None], cache.rows)  # [B, K, T]
+                     _own_rows(batch, beams, cache_length), cache.rows)  # [B, K, T]
     cache_keys, cache_values = [], []
     for index in range(spec.num_layers):
         layer = gpt2["h"][str(index)]
