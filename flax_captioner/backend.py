@@ -64,7 +64,7 @@ _MEMORY_SHARE = 0.75
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-# decode_step's cross-attention context form (decoder.CROSS_CONTEXT_FORMS) per platform.
+# decode_step's cross-attention form (decoder.CROSS_CONTEXT_FORMS) per platform.
 # - CPU: "multiply_reduce". decode_step alone, nlpconnect size, 8 images x 4 beams, 2-core AMD
 #   EPYC (Zen 4), 2026-11-27, best of 5 (multiply_reduce vs einsum): float32 96.9 vs 114.6 ms
 #   (an earlier run 100.5 vs 137.1), bfloat16 58.0 vs 90.6 ms: XLA:CPU runs the einsum as
@@ -73,11 +73,30 @@ BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 #   way (float32 1.36 vs 1.46 and 1.65 vs 1.52 images/s, bfloat16 1.09 vs 1.03).
 # - GPU: "einsum". One H200 (scripts/accelerator_benchmark.py, jax 0.11.2, bfloat16, batch
 #   256, 4 beams, max_length 16), two runs on 2026-12-04: 1,960 vs 2,028 and 1,917 vs 2,082
-#   images/s (einsum 1.03x and 1.09x); with the autotuner off (2026-11-27) 373 vs 380. Its
-#   beam captions matched PyTorch's on the chaotic checkpoints (2026-11-27). float32's speed
-#   with either form is not measured on a GPU.
+#   images/s (einsum 1.03x and 1.09x), and in run 5 (cuDNN's encoder attention off in both)
+#   2,157 vs 2,003 one batch at a time, 2,693 vs 2,527 streamed; with the autotuner off
+#   (2026-11-27) 373 vs 380. Against cuDNN's fused kernel ("cudnn-cross"; run 6, cuDNN in the
+#   encoder for both, batch 256): 2,293 vs 2,239 one batch at a time, 2,884 vs 2,800 streamed.
+#   Its beam captions matched PyTorch's on the chaotic checkpoints (2026-11-27). float32's
+#   speed with either form is not measured on a GPU.
 # - TPU: not measured.
 CROSS_CONTEXT = {"cpu": "multiply_reduce", "gpu": "einsum", "tpu": "multiply_reduce"}
+
+
+# The encoder's self-attention form (decoder.ENCODER_ATTENTION_FORMS) per (platform, compute
+# dtype); "einsum" where none is named.
+# - GPU bfloat16: "cudnn" (jax.nn.dot_product_attention's fused kernel). Its einsums at batch
+#   1,024 took 3.3 ms of an 11.1 ms encoder layer (scores 0.84, softmax 1.01, context 0.71,
+#   head transposes 0.75; one H200, run 5, 2026-12-04). Run 5 measured cuDNN for the encoder
+#   and the cross-attention together, against the einsums for both (jax 0.11.2, 4 beams,
+#   max_length 16; images/s one batch at a time and streamed): batch 256 2,265 vs 2,157 and
+#   2,833 vs 2,693; batch 1,024 2,784 vs 2,700 and 3,251 vs 2,044 (the einsums' first
+#   streamed run at 1,024). Run 6 (same day, cuDNN for the encoder alone, the "einsum-encoder"
+#   row switching it back): batch 256 2,293 vs 2,141 and 2,884 vs 2,650; batch 1,024 2,864 vs
+#   2,662 and 3,361 vs 3,044; its trace shows cuDNN's kernel at 0.68 ms per layer (1,024).
+# - GPU float32: cuDNN's kernel takes no float32; "xla" is unmeasured there.
+# - CPU, TPU: cuDNN needs a GPU; "xla" is unmeasured on both.
+ENCODER_ATTENTION = {("gpu", "bfloat16"): "cudnn"}
 
 
 # The search's step loop (search.SEARCH_LOOPS) per platform.
@@ -118,6 +137,12 @@ def compiler_options(platform: str, dtype: Any) -> dict[str, Any]:
 def search_loop(platform: str) -> str:
     """The search loop form for devices of ``platform`` ("cpu", "gpu", "tpu")."""
     return SEARCH_LOOP.get(platform, "until_done")
+
+
+def encoder_attention(platform: str, dtype: Any) -> str:
+    """The encoder's self-attention form for programs of compute ``dtype`` on devices of
+    ``platform``."""
+    return ENCODER_ATTENTION.get((platform, jnp.dtype(dtype).name), "einsum")
 
 
 def cross_context(platform: str) -> str:

@@ -29,11 +29,16 @@ from transformers.modeling_flax_utils import ACT2FN
 from flax_captioner.errors import ModelLoadError
 
 Params = Any  # the nested dict of FlaxVisionEncoderDecoderModel.params
-# The forms of decode_step's cross-attention context; backend.CROSS_CONTEXT picks one.
-CROSS_CONTEXT_FORMS = ("multiply_reduce", "einsum")
-# jax.nn.dot_product_attention implementations the encoder's self-attention and the decoder's
-# cross-attention can run through instead of this module's einsums (``fused_attention``).
-FUSED_ATTENTION = ("xla", "cudnn")
+# jax.nn.dot_product_attention implementations an attention can run through instead of this
+# module's einsums ("cudnn": one fused kernel; "xla": JAX's reference, in the same layouts).
+FUSED_FORMS = ("xla", "cudnn")
+# The forms of decode_step's cross-attention: its context (probabilities x values) as a
+# float32 multiply-reduce or an einsum, or the whole attention fused; backend.CROSS_CONTEXT
+# picks one per platform.
+CROSS_CONTEXT_FORMS = ("multiply_reduce", "einsum") + FUSED_FORMS
+# The forms of the encoder's self-attention; backend.ENCODER_ATTENTION picks one per platform
+# and dtype.
+ENCODER_ATTENTION_FORMS = ("einsum",) + FUSED_FORMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +123,8 @@ class CrossKV:
     size, ~75 ms of a ~120 ms float32 step on a 2-core CPU).
 
     Attributes:
-      key: L arrays [B, H, S, Dh] in the compute dtype; [B, S, H, Dh] for fused attention
-        (``jax.nn.dot_product_attention``'s layout).
+      key: L arrays [B, H, S, Dh] in the compute dtype; [B, S, H, Dh] for a fused
+        cross-attention (``jax.nn.dot_product_attention``'s layout).
       value: L arrays, as ``key``.
     """
 
@@ -206,12 +211,11 @@ def _softmax_attention(scores: jax.Array, values: jax.Array, equation: str,
                       preferred_element_type=dtype)
 
 
-def check_fused_attention(fused_attention: str | None) -> None:
-    """Raises ValueError (one line) unless ``fused_attention`` is None or one of
-    ``FUSED_ATTENTION``."""
-    if fused_attention is not None and fused_attention not in FUSED_ATTENTION:
-        raise ValueError(f"fused_attention must be None or one of {FUSED_ATTENTION}, got "
-                         f"{fused_attention!r}")
+def check_encoder_attention(form: str) -> None:
+    """Raises ValueError (one line) unless ``form`` is one of ``ENCODER_ATTENTION_FORMS``."""
+    if form not in ENCODER_ATTENTION_FORMS:
+        raise ValueError(f"encoder_attention must be one of {ENCODER_ATTENTION_FORMS}, got "
+                         f"{form!r}")
 
 
 def _fused_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: jnp.dtype,
@@ -226,12 +230,11 @@ def _fused_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: 
 
 
 def encode(params: Params, pixel_values: jax.Array, spec: DecoderSpec,
-           dtype: jnp.dtype = jnp.float32, fused_attention: str | None = None) -> jax.Array:
+           dtype: jnp.dtype = jnp.float32, attention: str = "einsum") -> jax.Array:
     """The ViT encoder: pixels [B, C, H, W] (normalized, float) -> hidden [B, S, D] float32.
 
     Equals ``VisionEncoderDecoderModel.encoder(pixel_values).last_hidden_state``.
-    ``fused_attention``: the ``jax.nn.dot_product_attention`` implementation the
-    self-attention runs through (``FUSED_ATTENTION``), or None for this module's einsums.
+    ``attention``: the self-attention's form (``ENCODER_ATTENTION_FORMS``).
     """
     vit = params["encoder"]
     batch = pixel_values.shape[0]
@@ -256,13 +259,13 @@ def encode(params: Params, pixel_values: jax.Array, spec: DecoderSpec,
 
     for index in range(spec.encoder_num_layers):
         layer = vit["encoder"]["layer"][str(index)]
-        attention = layer["attention"]["attention"]
+        self_attention = layer["attention"]["attention"]
         normed = _layer_norm(hidden, layer["layernorm_before"], spec.encoder_layer_norm_eps)
-        query, key, value = (_dense(normed, attention[name], dtype)
+        query, key, value = (_dense(normed, self_attention[name], dtype)
                              for name in ("query", "key", "value"))  # [B, S, D] each
-        if fused_attention:  # [B, S, H, Dh] in and out: no head transposes
+        if attention != "einsum":  # [B, S, H, Dh] in and out: no head transposes
             context = _fused_attention(*(x.reshape(batch, -1, heads, head_dim)
-                                         for x in (query, key, value)), dtype, fused_attention)
+                                         for x in (query, key, value)), dtype, attention)
         else:
             query, key, value = map(split_heads, (query, key, value))  # [B, H, S, Dh]
             scores = jnp.einsum("bhqd,bhkd->bhqk", query.astype(dtype), key.astype(dtype),
@@ -280,15 +283,16 @@ def encode(params: Params, pixel_values: jax.Array, spec: DecoderSpec,
 
 
 def cross_kv(params: Params, encoder_hidden: jax.Array, spec: DecoderSpec,
-             dtype: jnp.dtype = jnp.float32, fused_attention: str | None = None) -> CrossKV:
+             dtype: jnp.dtype = jnp.float32, cross_context: str = "multiply_reduce"
+             ) -> CrossKV:
     """Cross-attention keys/values of all decoder layers from ``encoder_hidden`` [B, S, D].
 
     Run once per image; returns ``CrossKV`` with L keys/values [B, H, S, Dh] in ``dtype``
-    ([B, S, H, Dh] when ``decode_step`` runs ``fused_attention``).
+    ([B, S, H, Dh] when ``decode_step``'s ``cross_context`` is fused).
     """
     batch, length = encoder_hidden.shape[:2]
     # [2, B, S, H, Dh] -> [2, B, H, S, Dh], or kept for fused attention.
-    order = (2, 0, 1, 3, 4) if fused_attention else (2, 0, 3, 1, 4)
+    order = (2, 0, 1, 3, 4) if cross_context in FUSED_FORMS else (2, 0, 3, 1, 4)
     keys, values = [], []
     for index in range(spec.num_layers):
         projection = params["decoder"]["transformer"]["h"][str(index)]["crossattention"]["c_attn"]
@@ -330,11 +334,11 @@ def check_cross_context(form: str) -> None:
 
 
 def _cross_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: jnp.dtype,
-                     cross_context: str, fused_attention: str | None) -> jax.Array:
+                     cross_context: str) -> jax.Array:
     """Cross-attention of the K beams' queries [B, K, H, Dh] over their image's keys and
     values (``CrossKV``'s layout): the context [B, K, H, Dh] (``decode_step``'s forms)."""
-    if fused_attention:  # an image's beams are its K queries
-        return _fused_attention(query, key, value, dtype, fused_attention)
+    if cross_context in FUSED_FORMS:  # an image's beams are its K queries
+        return _fused_attention(query, key, value, dtype, cross_context)
     scores = jnp.einsum("bkhd,bhsd->bkhs", query.astype(dtype), key,
                         preferred_element_type=jnp.float32) / math.sqrt(query.shape[-1])
     if cross_context == "einsum":
@@ -345,8 +349,8 @@ def _cross_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: 
 
 def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
                 cache: SelfAttentionCache, cross: CrossKV, spec: DecoderSpec,
-                dtype: jnp.dtype = jnp.float32, cross_context: str = "multiply_reduce",
-                fused_attention: str | None = None) -> tuple[jax.Array, SelfAttentionCache]:
+                dtype: jnp.dtype = jnp.float32, cross_context: str = "multiply_reduce"
+                ) -> tuple[jax.Array, SelfAttentionCache]:
     """One GPT-2 step for every beam: returns (logits [B, K, V] float32, updated cache).
 
     Args:
@@ -354,18 +358,15 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
       position: int32 scalar; the step writes cache slot ``position`` and attends to slots
         ``<= position``.
       cache: L keys/values [B, K, H, T, Dh] and the rows each beam reads.
-      cross: L keys/values [B, H, S, Dh] ([B, S, H, Dh] with ``fused_attention``), shared by
-        the K beams of each image.
-      cross_context: how the cross-attention context (probabilities x values) is computed:
-        ``"multiply_reduce"`` (a float32 multiply and a sum over S) or ``"einsum"`` (a
-        batched matmul in ``dtype``); ``backend.CROSS_CONTEXT`` picks one per platform, with
-        the measurements.
-      fused_attention: the ``jax.nn.dot_product_attention`` implementation the
-        cross-attention runs through, the K beams of an image as its K queries (``cross``
-        then in its [B, S, H, Dh] layout; ``cross_context`` unused), or None.
+      cross: L keys/values [B, H, S, Dh] ([B, S, H, Dh] for a fused ``cross_context``),
+        shared by the K beams of each image.
+      cross_context: how the cross-attention is computed: its context (probabilities x
+        values) as ``"multiply_reduce"`` (a float32 multiply and a sum over S) or
+        ``"einsum"`` (a batched matmul in ``dtype``), or the whole attention through
+        ``jax.nn.dot_product_attention`` (``FUSED_FORMS``), an image's K beams as its K
+        queries; ``backend.CROSS_CONTEXT`` picks one per platform, with the measurements.
     """
     check_cross_context(cross_context)
-    check_fused_attention(fused_attention)
     gpt2 = params["decoder"]["transformer"]
     batch, beams = tokens.shape
     heads, head_dim = spec.num_heads, spec.head_dim
@@ -414,7 +415,7 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
         normed = _layer_norm(hidden, layer["ln_cross_attn"], spec.layer_norm_epsilon)
         query = split_heads(_conv1d(normed, cross_attention["q_attn"], dtype))
         context = _cross_attention(query, cross.key[index], cross.value[index], dtype,
-                                   cross_context, fused_attention)  # [B, K, H, Dh]
+                                   cross_context)  # [B, K, H, Dh]
         hidden = hidden + _conv1d(context.reshape(batch, beams, -1), cross_attention["c_proj"],
                                   dtype)
 

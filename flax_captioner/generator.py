@@ -88,7 +88,7 @@ def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
                       dtype: Any = jnp.float32,
                       cross_context: str = "multiply_reduce",
                       search_loop: str = "until_done",
-                      fused_attention: str | None = None) -> GenerateFn:
+                      encoder_attention: str = "einsum") -> GenerateFn:
     """The whole search as one pure function of (params, pixels, keys).
 
     Returns ``fn(params, pixel_values [B, 3, H, W] float32, row_keys [B, 2] uint32) ->
@@ -96,20 +96,20 @@ def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
     then the per-token and, when asked for, per-step arrays); ``row_keys`` only matter when
     sampling. Cross-attention keys/values are computed once per image and shared by its
     beams; step one runs on B rows, the search expands the cache to K beams after it.
-    ``cross_context`` and ``fused_attention`` are ``decoder.decode_step``'s (the encoder
-    takes ``fused_attention`` too), ``search_loop`` is ``search.run_steps``'s.
+    ``cross_context`` is ``decoder.decode_step``'s (and ``cross_kv``'s), ``encoder_attention``
+    ``decoder.encode``'s, ``search_loop`` ``search.run_steps``'s.
     """
 
     def generate_fn(params: Any, pixel_values: jax.Array,
                     row_keys: jax.Array) -> search.SearchOutput:
         batch = pixel_values.shape[0]
-        encoder_hidden = decoder.encode(params, pixel_values, spec, dtype, fused_attention)
-        cross = decoder.cross_kv(params, encoder_hidden, spec, dtype, fused_attention)
+        encoder_hidden = decoder.encode(params, pixel_values, spec, dtype, encoder_attention)
+        cross = decoder.cross_kv(params, encoder_hidden, spec, dtype, cross_context)
         cache = decoder.init_cache(batch, 1, settings.max_length, spec, dtype)
 
         def step_fn(tokens, position, cache):
             return decoder.decode_step(params, tokens, position, cache, cross, spec, dtype,
-                                       cross_context, fused_attention)
+                                       cross_context)
 
         return search.search(step_fn, decoder.reorder_cache, cache, batch, settings, row_keys,
                              search_loop)
@@ -196,11 +196,10 @@ class Generator:
       compiler_options: XLA options the searches compile with (``jax.jit``'s); ``None``
         takes the platform's for ``dtype`` (``backend.COMPILER_OPTIONS``), ``{}`` XLA's
         defaults. The pmap placement takes none and compiles with XLA's defaults.
-      fused_attention: run the encoder's self-attention and the decoder's cross-attention
-        through ``jax.nn.dot_product_attention`` with this implementation: ``"cudnn"`` (one
-        fused kernel each; GPUs, bfloat16 only) or ``"xla"``; ``None`` (the default) runs
-        ``decoder``'s einsums. Not yet measured on a device
-        (scripts/accelerator_benchmark.py's "bfloat16 cudnn" row measures it).
+      encoder_attention: the encoder's self-attention: ``"einsum"`` (``decoder``'s einsums),
+        or ``jax.nn.dot_product_attention`` with implementation ``"cudnn"`` (one fused
+        kernel; GPUs, bfloat16 only) or ``"xla"``; ``None`` takes the platform's for
+        ``dtype`` (``backend.ENCODER_ATTENTION``).
     """
 
     def __init__(self, model_or_params: Any, config: Any, *, dtype: Any = jnp.float32,
@@ -208,7 +207,7 @@ class Generator:
                  cross_context: str | None = None,
                  search_loop: str | None = None,
                  compiler_options: dict[str, Any] | None = None,
-                 fused_attention: str | None = None):
+                 encoder_attention: str | None = None):
         params = getattr(model_or_params, "params", model_or_params)
         self.spec = decoder.DecoderSpec.from_config(config)
         self.dtype = jnp.dtype(dtype)
@@ -221,11 +220,14 @@ class Generator:
         decoder.check_cross_context(self.cross_context)  # at construction, not first call
         self.search_loop = search_loop or backend.search_loop(platform)
         search.check_search_loop(self.search_loop)
-        decoder.check_fused_attention(fused_attention)
-        if fused_attention == "cudnn" and (platform != "gpu" or self.dtype != jnp.bfloat16):
-            raise ValueError(f"fused_attention 'cudnn' runs on GPUs in bfloat16, not on "
-                             f"{platform} in {self.dtype.name}")
-        self.fused_attention = fused_attention
+        self.encoder_attention = (encoder_attention
+                                  or backend.encoder_attention(platform, self.dtype))
+        decoder.check_encoder_attention(self.encoder_attention)
+        for name in ("cross_context", "encoder_attention"):
+            if getattr(self, name) == "cudnn" and (platform != "gpu"
+                                                   or self.dtype != jnp.bfloat16):
+                raise ValueError(f"{name} 'cudnn' runs on GPUs in bfloat16, not on "
+                                 f"{platform} in {self.dtype.name}")
         if compiler_options is None:
             compiler_options = ({} if isinstance(self.data_parallel, sharding.PmapDataParallel)
                                 else backend.compiler_options(platform, self.dtype))
@@ -272,7 +274,7 @@ class Generator:
         if key not in self._programs:
             self.check(settings)
             generate_fn = build_generate_fn(self.spec, settings, self.dtype, self.cross_context,
-                                            self.search_loop, self.fused_attention)
+                                            self.search_loop, self.encoder_attention)
             self._programs[key] = self.data_parallel.wrap(
                 backend.at_precision(generate_fn, precision), self.compiler_options)
         return self._programs[key]

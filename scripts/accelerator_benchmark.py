@@ -436,8 +436,10 @@ def throughput_variants(platform: str, gpu: bool) -> dict[str, dict[str, Any]]:
 
     "<dtype>" is the library's choice; the others each change one choice, to decide it for
     the platform: the other search loop (``SEARCH_LOOP``), the other cross-attention form
-    (``CROSS_CONTEXT``) and, on GPUs, cuDNN's fused attention ("bfloat16 cudnn",
-    ``Generator(fused_attention=...)``, first) and the other matmul backend
+    (``CROSS_CONTEXT``) and, on GPUs, bfloat16's attention kernels first (the encoder's
+    self-attention through the einsums instead of cuDNN's fused kernel, "bfloat16
+    einsum-encoder", ``ENCODER_ATTENTION``; the cross-attention through cuDNN's,
+    "bfloat16 cudnn-cross") and the other matmul backend
     (``COMPILER_OPTIONS``): "float32 triton" (XLA's default Triton GEMM fusions) and
     "bfloat16 cublas" (cuBLAS only, as the exact mode compiles). These two come last, so
     "float32 triton" (a 65 s compile) follows float32's other choices in the plan.
@@ -451,8 +453,9 @@ def throughput_variants(platform: str, gpu: bool) -> dict[str, dict[str, Any]]:
                                            " " + other_cross: {"cross_context": other_cross}}
     switched = {dtype + suffix: kwargs for dtype in ("float32", "bfloat16")
                 for suffix, kwargs in variants.items()}
-    if gpu:  # cuDNN's fused attention first: the largest change the traces point at
-        switched = {"bfloat16 cudnn": {"fused_attention": "cudnn"}} | switched
+    if gpu:  # the attention kernels first: the largest choices the traces point at
+        switched = {"bfloat16 einsum-encoder": {"encoder_attention": "einsum"},
+                    "bfloat16 cudnn-cross": {"cross_context": "cudnn"}} | switched
         switched["float32 triton"] = {"compiler_options": {}}
         switched["bfloat16 cublas"] = {
             "compiler_options": backend.compiler_options("gpu", "float32")}
@@ -465,21 +468,26 @@ def throughput_plan(variants: dict[str, dict[str, Any]], batches: tuple[int, ...
     drops the last ones.
 
     First what the targets read: the library's bfloat16 and float32 at the middle batch and
-    the larger ones; then a profiled batch of bfloat16 at the middle batch and at the largest
-    ("profile": after the target rows, so a profiler that takes the process down loses none
-    of them); then
-    bfloat16's other choices at the middle batch (fused attention at the largest too), the
-    remaining batches, float32's other choices (on GPUs "float32 triton", a long compile,
-    last of them), and HF Flax (a long compile no target needs).
+    the larger ones; then a profiled batch of bfloat16 at the middle batch and at the largest,
+    and of float32 at the middle one ("profile": after the target rows, so a profiler that
+    takes the process down loses none of them); then the other attention kernels (they change
+    the program most) at the middle and largest batches, bfloat16's other choices at the
+    middle batch, the remaining batches, float32's other choices (on GPUs "float32 triton",
+    a long compile, last of them), and HF Flax (a long compile no target needs).
     """
+    from flax_captioner import decoder
+
     middle = batches[len(batches) // 2]
     plan = [("ours", dtype, batch) for dtype in ("bfloat16", "float32") for batch in batches
             if batch >= middle]
     plan += [("profile", "bfloat16", batch) for batch in sorted({middle, batches[-1]})]
-    plan += [("ours", variant, middle) for variant in variants if variant.startswith("bfloat16 ")]
-    # Fused attention changes the program most: also at the largest batch, the targets' one.
-    plan += [("ours", variant, batches[-1]) for variant, kwargs in variants.items()
-             if kwargs.get("fused_attention") and batches[-1] > middle]
+    plan += [("profile", "float32", middle)]
+    attention = [variant for variant, kwargs in variants.items() if "encoder_attention" in kwargs
+                 or kwargs.get("cross_context") in decoder.FUSED_FORMS]
+    plan += [("ours", variant, batch) for variant in attention
+             for batch in sorted({middle, batches[-1]})]
+    plan += [("ours", variant, middle) for variant in variants
+             if variant.startswith("bfloat16 ") and variant not in attention]
     plan += [("ours", dtype, batch) for dtype in ("bfloat16", "float32") for batch in batches
              if batch < middle]
     plan += [("ours", variant, middle) for variant in variants if variant.startswith("float32 ")]
@@ -547,8 +555,9 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
         kind = (framework, dtype.split()[0])
         # A variant that changes XLA's options has its own compile estimate.
         compiled_as = (framework, dtype) if (framework, dtype) in compile_estimate else kind
-        # Ours runs its batches twice: one at a time, then streamed (dispatched one ahead).
-        batches_run = (profile.repeats + 1) * (2 if framework == "ours" else 1)
+        # Ours runs its batches twice: one at a time, then streamed (dispatched one ahead,
+        # after two untimed).
+        batches_run = profile.repeats + 1 + (profile.repeats + 3 if framework == "ours" else 0)
         estimate = (compile_estimate[compiled_as] + batches_run * batch
                     * per_image.get((framework, dtype), per_image[kind]))
         if not recorder.fits(what, estimate):
@@ -594,14 +603,24 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
 def streamed_seconds(generator: Any, pixels: np.ndarray, settings: Any, batches: int) -> float:
     """Seconds for ``batches`` batches of ``pixels`` dispatched one ahead
     (``generator.one_ahead``), as ``caption`` and the Ray path run theirs: a batch's pixels
-    are copied and its program launched while the batch before runs on the device."""
+    are copied and its program launched while the batch before runs on the device.
+
+    Two untimed batches go first: two batches in flight need more device memory than one,
+    and the first run that holds them pays for growing the allocator's pool, presumably what
+    happened on one H200 in run 5: bfloat16 at batch 1,024, the first row to hold two such
+    batches, streamed at 2,044 images/s against 2,700 one at a time, while the row after it
+    (cuDNN attention, same batch) streamed at 3,251 against 2,784."""
     from flax_captioner.generator import one_ahead
 
-    started = time.perf_counter()
-    for _, dispatched in one_ahead(range(batches),
-                                   lambda _: generator.dispatch(pixels, settings)):
-        dispatched.result()
-    return time.perf_counter() - started
+    def run(count: int) -> float:
+        started = time.perf_counter()
+        for _, dispatched in one_ahead(range(count),
+                                       lambda _: generator.dispatch(pixels, settings)):
+            dispatched.result()
+        return time.perf_counter() - started
+
+    run(2)
+    return run(batches)
 
 
 def profiled_call(call: Callable[[], Any], trace: Path) -> dict[str, Any]:
@@ -1026,8 +1045,17 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     # (AMD EPYC Zen 3, 2026-12-04: 0.85 images/s, bfloat16 autocast 0.026).
     torch_fast = best("pytorch")
     torch_f32 = best("pytorch", ("float32",))
-    parity_rows = [row for row in report["parts"]["parity"]["rows"]
-                   if "einsum" not in row["setting"]]  # the library's own form only
+    parity_rows = [row for row in report["parts"]["parity"]["rows"]  # the library's own form
+                   if "cross-attention" not in row["setting"]]
+    skipped = [skip["what"] for name in ("parity", "throughput")
+               for skip in report["parts"][name].get("skipped", [])]
+
+    def decided(met: bool | None, prefix: str) -> bool | str | None:
+        """``met``, unless the budget skipped rows whose name starts with ``prefix``: a ratio
+        to the fastest PyTorch, or a mismatch count, holds only over all of them (run 6 skipped
+        PyTorch bfloat16 at batch 1,024, its fastest row in run 5, and read 6.77x as met)."""
+        cut = [what for what in skipped if what.startswith(prefix)]
+        return f"undecided: {len(cut)} {prefix} rows skipped" if cut and met else met
     pipelines = {(row["decode"], row["workers"]): row
                  for row in report["parts"]["end_to_end"]["pipelines"]}
     compiles = [row["compile_seconds"] for row in rows  # the library's own choices only
@@ -1045,12 +1073,13 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         ("bfloat16 images/s, best batch", ">= 4000", None if ours_bf16 is None
          else rate(ours_bf16), None if ours_bf16 is None else rate(ours_bf16) >= 4000),
         ("bfloat16 vs fastest PyTorch", ">= 5x", fast_ratio,
-         None if fast_ratio is None else fast_ratio >= 5),
+         decided(None if fast_ratio is None else fast_ratio >= 5, "pytorch")),
         ("exact float32 caption mismatches vs PyTorch", "0",
          sum(row["mismatched"] for row in parity_rows) if parity_rows else None,
-         None if not parity_rows else sum(row["mismatched"] for row in parity_rows) == 0),
+         decided(None if not parity_rows
+                 else sum(row["mismatched"] for row in parity_rows) == 0, "parity")),
         ("exact float32 vs PyTorch float32 eager, best batches", ">= 3x", exact_ratio,
-         None if exact_ratio is None else exact_ratio >= 3),
+         decided(None if exact_ratio is None else exact_ratio >= 3, "pytorch float32")),
         *[(f"end to end images/s from JPEG files, {decode} decode on {workers}", ">= 2000",
            ips(pipelines.get((decode, workers))),
            None if (decode, workers) not in pipelines

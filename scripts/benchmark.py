@@ -161,11 +161,12 @@ def other_search_loop(platform: str) -> str:
 
 
 def other_cross_context(platform: str) -> str:
-    """The cross-attention form devices of ``platform`` do not use (``backend.CROSS_CONTEXT``)."""
+    """The unfused cross-attention form devices of ``platform`` do not use
+    (``backend.CROSS_CONTEXT``)."""
     from flax_captioner import backend, decoder
 
     return next(form for form in decoder.CROSS_CONTEXT_FORMS
-                if form != backend.cross_context(platform))
+                if form not in decoder.FUSED_FORMS and form != backend.cross_context(platform))
 
 
 def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,

@@ -106,6 +106,11 @@ def test_the_bfloat16_target_reads_our_streamed_rate_against_the_fastest_pytorch
     assert targets["bfloat16 vs fastest PyTorch"]["measured"] == pytest.approx(2.0)
     assert targets["bfloat16 vs fastest PyTorch"]["met"] is False
     assert targets["bfloat16 images/s, best batch"]["measured"] == 1.6
+    # A ratio the budget cut short is not met: PyTorch's fastest row may be the skipped one.
+    rows[2]["streamed_images_per_second"] = 5.0
+    assert module.targets(report)[1]["met"] is True
+    report["parts"]["throughput"]["skipped"] = [{"what": "pytorch float32 batch 64"}]
+    assert module.targets(report)[1]["met"] == "undecided: 1 pytorch rows skipped"
 
 
 def test_the_cpu_is_named_with_its_family_model_and_bfloat16_units():
@@ -173,11 +178,14 @@ def test_smoke_run_measures_every_part_and_renders_markdown(tmp_path):
         assert (row["streamed_images_per_second"] > 0 if framework == "ours"
                 else row.get("streamed_images_per_second") is None)
     assert rows["ours", "float32", 2]["compile_seconds"] > 0
-    # One profiled batch of the library's bfloat16; XLA:CPU's trace has no device plane.
-    [profiled] = parts["throughput"]["profiles"]
-    assert profiled["variant"] == "bfloat16" and profiled["devices"] == []
-    assert profiled["call_seconds"] > 0 and profiled["steps"] == 15
-    assert list((tmp_path / "traces").glob("bfloat16-2.xplane.pb"))  # kept for XProf
+    # A profiled batch of the library's bfloat16 and float32; XLA:CPU's trace has no device
+    # plane.
+    profiles = {row["variant"]: row for row in parts["throughput"]["profiles"]}
+    assert set(profiles) == {"bfloat16", "float32"}
+    for dtype, profiled in profiles.items():
+        assert profiled["devices"] == [] and profiled["batch"] == 2
+        assert profiled["call_seconds"] > 0 and profiled["steps"] == 15
+        assert list((tmp_path / "traces").glob(f"{dtype}-2.xplane.pb"))  # kept for XProf
 
     pipelines = {(row["decode"], row["workers"]): row
                  for row in parts["end_to_end"]["pipelines"]}
@@ -221,7 +229,8 @@ def test_gpu_variants_switch_one_backend_choice_each_and_their_xla_options_parse
     module = benchmark_module()
     variants = module.throughput_variants("gpu", gpu=True)
     assert variants == {
-        "bfloat16 cudnn": {"fused_attention": "cudnn"},
+        "bfloat16 einsum-encoder": {"encoder_attention": "einsum"},
+        "bfloat16 cudnn-cross": {"cross_context": "cudnn"},
         "float32": {}, "bfloat16": {},
         "float32 until_done": {"search_loop": "until_done"},
         "bfloat16 until_done": {"search_loop": "until_done"},
@@ -230,7 +239,8 @@ def test_gpu_variants_switch_one_backend_choice_each_and_their_xla_options_parse
         "float32 triton": {"compiler_options": {}},
         "bfloat16 cublas": {"compiler_options": {"xla_gpu_enable_triton_gemm": False}}}
     cpu_variants = " ".join(module.throughput_variants("cpu", gpu=False))
-    assert not {"triton", "cublas", "cudnn"} & set(cpu_variants.split())
+    assert not {"triton", "cublas", "einsum-encoder", "cudnn-cross"} & set(
+        cpu_variants.split())
     # XLA rejects an option name or value it does not know, on any backend: these it knows.
     model = loading.load_checkpoint(tiny_checkpoint).model
     settings = GenerationSettings.resolve(loading.generation_defaults(model.config),
@@ -248,9 +258,12 @@ def test_gpu_plan_puts_the_targets_rows_first_and_the_long_compiles_last():
     assert plan == [("ours", "bfloat16", 256), ("ours", "bfloat16", 1024),
                     ("ours", "float32", 256), ("ours", "float32", 1024),
                     ("profile", "bfloat16", 256), ("profile", "bfloat16", 1024),
-                    ("ours", "bfloat16 cudnn", 256), ("ours", "bfloat16 until_done", 256),
-                    ("ours", "bfloat16 multiply_reduce", 256),
-                    ("ours", "bfloat16 cublas", 256), ("ours", "bfloat16 cudnn", 1024),
+                    ("profile", "float32", 256),
+                    ("ours", "bfloat16 einsum-encoder", 256),
+                    ("ours", "bfloat16 einsum-encoder", 1024),
+                    ("ours", "bfloat16 cudnn-cross", 256), ("ours", "bfloat16 cudnn-cross", 1024),
+                    ("ours", "bfloat16 until_done", 256),
+                    ("ours", "bfloat16 multiply_reduce", 256), ("ours", "bfloat16 cublas", 256),
                     ("ours", "bfloat16", 64), ("ours", "float32", 64),
                     ("ours", "float32 until_done", 256),
                     ("ours", "float32 multiply_reduce", 256),

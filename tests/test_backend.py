@@ -118,19 +118,29 @@ def test_fused_attention_gives_the_search_of_the_einsums_and_cudnn_only_where_it
     # "xla" runs jax.nn.dot_product_attention's reference in the layouts "cudnn" takes.
     settings = settings_for(num_beams=3, max_length=8)
     pixels = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
-    expected = Generator(tiny_model.params, tiny_model.config).generate(pixels, settings)
-    fused = Generator(tiny_model.params, tiny_model.config, fused_attention="xla")
+    einsums = Generator(tiny_model.params, tiny_model.config)
+    assert einsums.encoder_attention == "einsum"  # CPUs' choice (backend.ENCODER_ATTENTION)
+    expected = einsums.generate(pixels, settings)
+    fused = Generator(tiny_model.params, tiny_model.config, encoder_attention="xla",
+                      cross_context="xla")
     output = fused.generate(pixels, settings)
     np.testing.assert_array_equal(output.sequences, expected.sequences)
     np.testing.assert_allclose(output.scores, expected.scores, rtol=1e-5)
-    for dtype in (jnp.float32, jnp.bfloat16):  # cuDNN's fused attention: GPUs, bfloat16
-        with pytest.raises(ValueError) as error:
-            Generator(tiny_model.params, tiny_model.config, dtype=dtype,
-                      fused_attention="cudnn")
-        assert str(error.value) == ("fused_attention 'cudnn' runs on GPUs in bfloat16, not on "
-                                    f"cpu in {jnp.dtype(dtype).name}")
-    with pytest.raises(ValueError, match="fused_attention must be None or one of"):
-        Generator(tiny_model.params, tiny_model.config, fused_attention="flash")
+    for name in ("encoder_attention", "cross_context"):
+        for dtype in (jnp.float32, jnp.bfloat16):  # cuDNN's fused attention: GPUs, bfloat16
+            with pytest.raises(ValueError) as error:
+                Generator(tiny_model.params, tiny_model.config, dtype=dtype, **{name: "cudnn"})
+            assert str(error.value) == (f"{name} 'cudnn' runs on GPUs in bfloat16, not on "
+                                        f"cpu in {jnp.dtype(dtype).name}")
+    with pytest.raises(ValueError, match="encoder_attention must be one of"):
+        Generator(tiny_model.params, tiny_model.config, encoder_attention="flash")
+
+
+def test_gpus_take_cudnn_encoder_attention_in_bfloat16_only():
+    assert backend.encoder_attention("gpu", jnp.bfloat16) == "cudnn"
+    assert backend.encoder_attention("gpu", jnp.float32) == "einsum"
+    assert backend.encoder_attention("cpu", jnp.bfloat16) == "einsum"
+    assert backend.encoder_attention("tpu", jnp.bfloat16) == "einsum"
 
 
 @pytest.mark.parametrize("mode", ["none", "mesh"])
