@@ -263,7 +263,7 @@ def encode(params: Params, pixel_values: jax.Array, spec: DecoderSpec,
         normed = _layer_norm(hidden, layer["layernorm_before"], spec.encoder_layer_norm_eps)
         query, key, value = (_dense(normed, self_attention[name], dtype)
                              for name in ("query", "key", "value"))  # [B, S, D] each
-        if attention != "einsum":  # [B, S, H, Dh] in and out: no head transposes
+        if attention in FUSED_FORMS:  # [B, S, H, Dh] in and out: no head transposes
             context = _fused_attention(*(x.reshape(batch, -1, heads, head_dim)
                                          for x in (query, key, value)), dtype, attention)
         else:

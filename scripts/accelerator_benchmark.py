@@ -19,9 +19,10 @@ wheels first); it finishes in under 8 minutes and writes ``accelerator-benchmark
    seconds, peak device memory; at batch 256, ours with one of ``backend.py``'s choices
    switched, to decide it for the platform (``throughput_variants``: the other
    cross-attention form, the other search loop, on GPUs cuDNN's fused attention and the
-   other matmul backend); and one bfloat16 batch of 256 and one of 1,024 under
-   ``jax.profiler``: kernels per step, the device's busy share, the host's input copy and
-   program setup (``device_activity``; the traces are kept in ``traces/``);
+   other matmul backend); and one bfloat16 batch of 256 and one of 1,024, and one float32
+   batch of 256, under ``jax.profiler``: kernels per step, the device's busy share, the
+   host's input copy and program setup (``device_activity``; the traces are kept in
+   ``traces/``);
 4. end to end: 4,096 JPEGs (640x480) on local disk through ``pipeline.run_pipeline`` with a
    decode thread per host core, bfloat16, batch 256: exact decoding on threads, then on
    processes (``decode_processes``), then ``--fast-decode`` on processes: images/s, device

@@ -106,7 +106,7 @@ def test_the_bfloat16_target_reads_our_streamed_rate_against_the_fastest_pytorch
     assert targets["bfloat16 vs fastest PyTorch"]["measured"] == pytest.approx(2.0)
     assert targets["bfloat16 vs fastest PyTorch"]["met"] is False
     assert targets["bfloat16 images/s, best batch"]["measured"] == 1.6
-    # A ratio the budget cut short is not met: PyTorch's fastest row may be the skipped one.
+    # A ratio the budget cut short is undecided: PyTorch's fastest row may be the skipped one.
     rows[2]["streamed_images_per_second"] = 5.0
     assert module.targets(report)[1]["met"] is True
     report["parts"]["throughput"]["skipped"] = [{"what": "pytorch float32 batch 64"}]
