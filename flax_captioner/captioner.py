@@ -185,6 +185,7 @@ class Captioner:
                                                  fast=fast_decode)) as batches:
             for batch, dispatched in one_ahead(batches, dispatch):  # devices run meanwhile
                 output = dispatched.result()
+                batch.release()  # its search is done: the feed refills the pixels' memory
                 captions.extend(self.decode(output.sequences[:batch.num_decoded * rows]))
         return captions
 

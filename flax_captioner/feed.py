@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from flax_captioner import sharding, storage
+from flax_captioner import storage
 from flax_captioner.decode_processes import DecodeProcesses
 from flax_captioner.errors import ImageReadError
 from flax_captioner.preprocess import ImageDecoding, PreprocessConfig, load_and_preprocess_one
@@ -58,6 +58,8 @@ class Batch:
         (see ``batches``). P = G for every other batch.
       num_decoded: G, the decoded images (0 when every item of a last batch failed).
       decode_seconds: decode-thread time spent on these items.
+      recycle: gives ``pixel_values``' memory back to the feed (``release``); None once
+        released, and for a batch without pixels.
     """
 
     items: list[InputItem]
@@ -65,6 +67,42 @@ class Batch:
     pixel_values: np.ndarray
     num_decoded: int
     decode_seconds: float
+    recycle: Callable[[], None] | None = dataclasses.field(default=None, repr=False)
+
+    def release(self) -> None:
+        """Hands ``pixel_values``' memory back to the feed, to hold a later batch. Call it once
+        nothing reads the pixels any more (the devices included: after the batch's search has
+        finished); a batch never released is simply freed. Releasing twice does nothing."""
+        recycle, self.recycle = self.recycle, None
+        if recycle is not None:
+            recycle()
+
+
+class _BatchBuffers:
+    """float32[P, 3, H, W] batch arrays, each reused once its batch is released.
+
+    A fresh array per batch cost the feed's thread more than the copies into it: the kernel
+    zeroes each new page on first touch. Measured with the decode processes' feed on a 2-core
+    AMD EPYC (Zen 3), 2,048 640x480 JPEGs, batch 256, 2026-12-04: the consumer process spent
+    2.5 to 3.0 ms of CPU per image, 72% of it in the kernel's ``clear_page``; without the batch
+    array, 1.0 ms.
+    """
+
+    def __init__(self) -> None:
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array of ``shape``: a released one when there is one, else a new one."""
+        while True:
+            try:
+                buffer = self._free.get_nowait()
+            except queue.Empty:
+                return np.empty(shape, np.float32)
+            if buffer.shape == shape:  # else: another shape (own-size images), dropped
+                return buffer
+
+    def give_back(self, buffer: np.ndarray) -> None:
+        self._free.put(buffer)
 
 
 def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig, *,
@@ -214,41 +252,47 @@ def _decoded_in_order(items: Iterable[InputItem], executor: concurrent.futures.E
 
 def _group(decoded: Iterator[tuple[InputItem, Decoded]], config: PreprocessConfig,
            batch_size: int, pad_first: bool) -> Iterator[Batch]:
+    buffers = _BatchBuffers()
     items: list[InputItem] = []
     errors: list[ImageReadError | None] = []
-    pixels: list[np.ndarray] = []
-    seconds = 0.0
+    pixels: np.ndarray | None = None  # float32[batch_size, 3, H, W], filled up to ``count``
+    count, seconds = 0, 0.0
     pad_short = pad_first  # pad a short batch: from the start, or once a full one went out
+
+    def batch(pad: bool) -> Batch:
+        if pixels is None:
+            height, width = config.size
+            return Batch(items, errors, np.zeros((0, 3, height, width), np.float32), 0, seconds)
+        if pad:  # with copies of a real image: see sharding.pad_to_multiple
+            pixels[count:] = pixels[0]
+        return Batch(items, errors, pixels[:batch_size if pad else count], count, seconds,
+                     functools.partial(buffers.give_back, pixels))
+
     try:
         for item, (item_pixels, error, item_seconds) in decoded:
+            if item_pixels is not None:
+                if pixels is None:
+                    pixels = buffers.take((batch_size, *item_pixels.shape))
+                elif item_pixels.shape != pixels.shape[1:]:
+                    raise ValueError(
+                        f"{item.image}: pixels of shape {list(item_pixels.shape)}, but the "
+                        f"batch's are {list(pixels.shape[1:])} (do_resize is false, so the "
+                        "images of a batch must share one size)")
+                pixels[count] = item_pixels
+                count += 1
             items.append(item)
             errors.append(error)
             seconds += item_seconds
-            if item_pixels is not None:
-                pixels.append(item_pixels)
-            if len(pixels) == batch_size:
-                yield Batch(items, errors, np.stack(pixels), batch_size, seconds)
-                items, errors, pixels, seconds = [], [], [], 0.0
+            if count == batch_size:
+                yield batch(pad=False)
+                items, errors, pixels, count, seconds = [], [], None, 0, 0.0
                 pad_short = True
     except Exception:  # the inputs failed: the items before the failure still go out
         if items:
-            yield _last_batch(items, errors, pixels, seconds, config, batch_size, pad_short)
+            yield batch(pad=pad_short)
         raise
     if items:
-        yield _last_batch(items, errors, pixels, seconds, config, batch_size, pad_short)
-
-
-def _last_batch(items: list[InputItem], errors: list[ImageReadError | None],
-                pixels: list[np.ndarray], seconds: float, config: PreprocessConfig,
-                batch_size: int, pad_short: bool) -> Batch:
-    if pixels:
-        pixel_values = np.stack(pixels)
-        if pad_short:  # padded with copies of a real image: see sharding.pad_to_multiple
-            pixel_values = sharding.pad_to_multiple(pixel_values, batch_size)
-    else:
-        height, width = config.size
-        pixel_values = np.zeros((0, 3, height, width), np.float32)
-    return Batch(items, errors, pixel_values, len(pixels), seconds)
+        yield batch(pad=pad_short)
 
 
 @contextlib.contextmanager

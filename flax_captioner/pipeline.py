@@ -312,6 +312,7 @@ def _caption_batches(captioner: Any, batches: Iterator[feed.Batch], writer: RowW
             started = time.perf_counter()
             generated = dispatched.result()
             stats.device_seconds += time.perf_counter() - started
+        batch.release()  # its search is done: the feed refills the pixels' memory
         writer.write(_rows(batch, generated, captioner.decode, row_format))
         errors = sum(error is not None for error in batch.errors)
         stats.captioned += batch.num_decoded

@@ -561,6 +561,7 @@ class Trainer:
                                     f"during training ({error})")
                 output = self.generator.generate(batch.pixel_values, self.caption_settings,
                                                  params=params)
+                batch.release()
                 texts = self.bundle.tokenizer.batch_decode(
                     output.sequences[:batch.num_decoded], skip_special_tokens=True)
                 captions.update({item.image: text.strip()

@@ -60,6 +60,36 @@ def test_last_partial_batch_is_padded_only_after_a_full_batch():
     np.testing.assert_array_equal(padded.pixel_values[:3], only.pixel_values)
 
 
+def test_released_batches_lend_their_memory_to_later_ones_and_kept_ones_stay_intact():
+    items = [InputItem(index, f"img{index}", data=png_bytes(index)) for index in range(8)]
+    expected = np.stack([load_and_preprocess_one(png_bytes(seed), CONFIG) for seed in range(8)])
+    kept, memory = [], set()
+    with feed.batches(items, CONFIG, 2, num_threads=2, prefetch=1) as batches:
+        for number, batch in enumerate(batches):
+            np.testing.assert_array_equal(batch.pixel_values, expected[2 * number:][:2])
+            memory.add(batch.pixel_values.ctypes.data)
+            if number % 2:
+                kept.append(batch)  # never released: no later batch may write into it
+            else:
+                batch.release()
+                batch.release()  # a second release must not hand the memory out twice
+    # prefetch=1: at most three arrays are out at once, so the released ones came back.
+    assert len(memory) < 4
+    for batch, first in zip(kept, (2, 6)):
+        np.testing.assert_array_equal(batch.pixel_values, expected[first:first + 2])
+
+
+def test_own_size_images_of_different_sizes_in_one_batch_are_a_one_line_error():
+    items = [InputItem(0, "wide", data=png_bytes(0, (6, 5))),
+             InputItem(1, "tall", data=png_bytes(1, (5, 6)))]
+    with feed.batches(items, PreprocessConfig(do_resize=False), 2, num_threads=1) as batches:
+        (wide,) = [next(batches)]
+        assert [item.image for item in wide.items] == ["wide"] and wide.num_decoded == 1
+        with pytest.raises(ValueError, match=r"^tall: pixels of shape \[3, 6, 5\], but the "
+                           r"batch's are \[3, 5, 6\] \(do_resize is false"):
+            next(batches)
+
+
 def test_a_batch_of_only_failures_has_no_pixels():
     items = [InputItem(0, "a", data=png_bytes(0)), InputItem(1, "b", data=b""),
              InputItem(2, "c", data=b"x")]

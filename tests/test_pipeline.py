@@ -113,6 +113,28 @@ def test_directory_rows_follow_input_order_and_match_direct_generation(captioner
                                np.asarray(direct.scores)[::per_image], rtol=1e-6)
 
 
+def test_batches_refilling_released_memory_match_direct_generation(captioner, image_dir,
+                                                                    tmp_path):
+    # Batches of 2 over 13 images: the feed refills each released batch's memory with a later
+    # batch, so memory handed out twice would show here as another batch's rows.
+    output = tmp_path / "out.jsonl"
+    run(captioner, [image_dir], output, batch_size=2)
+    rows = jsonl_rows(output)
+    images = sorted_images(image_dir)
+    for first in range(0, 13, 2):
+        pixel_values = captioner.preprocess(images[first:first + 2])
+        if len(pixel_values) == 1:  # the last batch is padded with its first image
+            pixel_values = np.repeat(pixel_values, 2, axis=0)
+        direct = captioner.generate(pixel_values, **BEAM_SETTINGS)
+        per_image = len(direct.scores) // 2
+        chunk = rows[first:first + 2]
+        assert [row["caption"] for row in chunk] == captioner.decode(
+            direct.sequences[::per_image])[:len(chunk)]
+        np.testing.assert_allclose([row["score"] for row in chunk],
+                                   np.asarray(direct.scores)[::per_image][:len(chunk)],
+                                   rtol=1e-6)
+
+
 def test_every_input_kind_gives_the_same_captions(captioner, image_dir, tmp_path):
     images = sorted_images(image_dir)
     reference_output = tmp_path / "reference.jsonl"
