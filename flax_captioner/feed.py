@@ -81,11 +81,12 @@ class Batch:
 class _BatchBuffers:
     """float32[P, 3, H, W] batch arrays, each reused once its batch is released.
 
-    A fresh array per batch cost the feed's thread more than the copies into it: the kernel
-    zeroes each new page on first touch. Measured with the decode processes' feed on a 2-core
-    AMD EPYC (Zen 3), 2,048 640x480 JPEGs, batch 256, 2026-12-04: the consumer process spent
-    2.5 to 3.0 ms of CPU per image, 72% of it in the kernel's ``clear_page``; without the batch
-    array, 1.0 ms.
+    A fresh array per batch cost more than the copies into it: the kernel zeroes each new page
+    on first touch (72% of the calling process's CPU in ``clear_page`` under ``perf``). With
+    reuse, scripts/benchmark_preprocess.py (1,024 640x480 JPEGs, batch 256, 2-core AMD EPYC
+    Zen 3, 2026-12-04, two runs each) went from 147 / 338 to 464 / 445 images/s on 2 decode
+    threads, and from 129 / 153 to 300 / 295 on 2 decode processes (the caller's CPU per image
+    from 6.95 / 5.43 to 2.86 / 2.45 ms).
     """
 
     def __init__(self) -> None:

@@ -79,6 +79,20 @@ def test_released_batches_lend_their_memory_to_later_ones_and_kept_ones_stay_int
         np.testing.assert_array_equal(batch.pixel_values, expected[first:first + 2])
 
 
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_every_decoded_image_lands_in_its_row_in_input_order(processes):
+    items = [InputItem(index, f"img{index}", data=b"broken" if index % 5 == 4 else
+                       png_bytes(index)) for index in range(23)]
+    with feed.batches(items, CONFIG, 3, num_threads=2, decode_processes=processes) as batches:
+        got = [(batch.items, batch.errors, batch.pixel_values[:batch.num_decoded].copy())
+               for batch in batches]
+    decoded = [item for items, errors, _ in got for item, error in zip(items, errors)
+               if error is None]
+    assert [item.index for item in decoded] == [i for i in range(23) if i % 5 != 4]
+    expected = np.stack([load_and_preprocess_one(item.data, CONFIG) for item in decoded])
+    np.testing.assert_array_equal(np.concatenate([pixels for *_, pixels in got]), expected)
+
+
 def test_own_size_images_of_different_sizes_in_one_batch_are_a_one_line_error():
     items = [InputItem(0, "wide", data=png_bytes(0, (6, 5))),
              InputItem(1, "tall", data=png_bytes(1, (5, 6)))]
@@ -226,34 +240,37 @@ class _EndsTheProcess:
 
 
 def test_a_decoding_process_that_dies_is_a_one_line_error():
-    # The pool fails every pending image at once, and the feed reports "fine" first (input
-    # order): the message still names the crasher, and "fine" only if it had not finished.
+    # "fine" decodes on the other process, and goes out first (input order).
     items = [InputItem(0, "fine", data=png_bytes(0)), InputItem(1, "crasher",
                                                                data=_EndsTheProcess())]
     with pytest.raises(CaptionerError, match=r"^a decoding process ended abruptly while "
-                                             r"decoding (crasher|one of crasher, fine) "
-                                             r"\(a script [^\n]+\)$"):
+                                             r"decoding crasher \(a script [^\n]+\)$"):
         collect(items, 2, decode_processes=True)
 
 
-def test_a_dead_decoding_process_names_only_the_images_it_may_have_had():
+def test_a_dead_decoding_process_names_its_image_and_stops_the_pool():
     processes = DecodeProcesses(2, CONFIG, ImageDecoding())
     try:
         processes.decode(png_bytes(0), "decoded before")
         with pytest.raises(CaptionerError, match=r"while decoding crasher \("):
             processes.decode(_EndsTheProcess(), "crasher")
+        # The other process is alive, but the run cannot go on without an image: every later
+        # image gets the same error, naming the crasher.
+        for _ in range(2):
+            with pytest.raises(CaptionerError, match=r"while decoding crasher \("):
+                processes.decode(png_bytes(1), "after")
     finally:
         processes.close()
 
 
-def test_decoding_processes_that_die_together_are_all_named():
+def test_decoding_processes_that_die_together_each_name_their_image():
     processes = DecodeProcesses(2, CONFIG, ImageDecoding())
     both_submitting = threading.Barrier(2)
     messages = []
 
     def decode(name):
-        # Both mark their images busy within microseconds; a decoding process takes ~2 s to
-        # start (first decode, 2-core AMD EPYC Zen 3, 2026-12-04), so neither has died yet.
+        # Both send their images within microseconds, and a decoding process takes ~2 s to
+        # start (first decode, 2-core AMD EPYC Zen 3, 2026-12-04): neither has died yet.
         both_submitting.wait()
         with pytest.raises(CaptionerError) as error:
             processes.decode(_EndsTheProcess(), name)
@@ -267,8 +284,9 @@ def test_decoding_processes_that_die_together_are_all_named():
             thread.join()
     finally:
         processes.close()
-    assert len(messages) == 2
-    assert all("while decoding one of a, b (" in message for message in messages), messages
+    assert sorted(message.split(" (")[0] for message in messages) == [
+        "a decoding process ended abruptly while decoding a",
+        "a decoding process ended abruptly while decoding b"], messages
 
 
 def test_decode_processes_leave_no_shared_memory_behind(tmp_path):
