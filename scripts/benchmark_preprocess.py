@@ -76,7 +76,7 @@ def process_cpu_seconds() -> float:
 Timing = tuple[float, float, int]  # (wall seconds, this process's CPU seconds, images)
 
 
-def best_seconds(methods: dict[str, Callable[[], object]],
+def best_timings(methods: dict[str, Callable[[], object]],
                  repeats: int, num_images: int) -> dict[str, Timing]:
     """Each method's fastest of ``repeats`` runs (by images/s), taking turns so that load from
     other processes on the machine falls on every method alike. A method that times itself
@@ -102,6 +102,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args()
+    if args.num_images <= args.batch_size:
+        parser.error("our rows are timed from the first batch on: --num-images must exceed "
+                     f"--batch-size ({args.batch_size})")
 
     processor = ViTImageProcessor.from_dict(NLPCONNECT_CONFIG)
     config = PreprocessConfig.from_dict(NLPCONNECT_CONFIG)
@@ -156,7 +159,7 @@ def main() -> None:
             f"ours, {cores} threads": ours(cores),
             f"ours, {cores} processes": ours(cores, processes=True),
         }
-        timings = best_seconds(methods, args.repeats, args.num_images)
+        timings = best_timings(methods, args.repeats, args.num_images)
 
     images_per_second = {name: images / wall for name, (wall, _, images) in timings.items()}
     caller_cpu_ms = {name: 1e3 * cpu / images for name, (_, cpu, images) in timings.items()
