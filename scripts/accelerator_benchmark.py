@@ -26,8 +26,8 @@ wheels first); it finishes in under 8 minutes and writes ``accelerator-benchmark
 4. end to end: 4,096 JPEGs (640x480) on local disk through ``pipeline.run_pipeline`` with a
    decode thread per host core, bfloat16, batch 256: exact decoding on threads, then on
    processes (``decode_processes``), then ``--fast-decode`` on processes: images/s, device
-   input wait, decode capacity against device rate (which bounds the run); plus host decode
-   scaling: images/s against threads and processes.
+   input wait, decode capacity against device rate (which bounds the run), the calling
+   process's CPU per image; plus host decode scaling: images/s against threads and processes.
 
 Each heavy part runs in its own subprocess with its own time budget (its memory is its own,
 and JAX does not hold the GPU memory PyTorch needs); a part skips the rows its remaining
@@ -50,6 +50,7 @@ import multiprocessing
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -752,6 +753,7 @@ def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
             if wall is not None and not recorder.fits(
                     f"end-to-end pipeline, {decode} decode on {workers}", 1.2 * wall + 5):
                 break
+            cpu = caller_cpu_seconds()
             stats = run_pipeline(captioner, paths,
                                  str(work / f"captions-{decode}-{workers}.jsonl"),
                                  fast_decode=decode == "fast",
@@ -759,10 +761,19 @@ def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
             wall = stats.wall_seconds
             recorder.emit("pipeline", decode=decode, workers=workers, dtype="bfloat16",
                           batch=profile.e2e_batch, images=len(paths), warmup_seconds=warmup,
+                          caller_cpu_ms_per_image=1e3 * (caller_cpu_seconds() - cpu) / len(paths),
                           **pipeline_rates(stats, len(paths)))
     from flax_captioner.preprocess import PreprocessConfig
 
     decode_scaling(paths, PreprocessConfig.from_pretrained(work / "full"), profile, recorder)
+
+
+def caller_cpu_seconds() -> float:
+    """CPU seconds of this process, every thread (the feed's, the device loop's, the JAX
+    runtime's), not its child processes: at 1,000 / (ms per image) images/s on one core's
+    worth, the host process itself bounds the pipeline."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def pipeline_rates(stats: Any, images: int) -> dict[str, Any]:
@@ -1181,16 +1192,19 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "dispatching to and waiting on the device (time the device overlaps other work "
                 "is not counted, so this is an upper bound); the smaller bounds the run. Rows "
                 "s: the loop's own time (detokenize, build and write rows), while the next "
-                "batch runs on the device.", "",
+                "batch runs on the device. Caller CPU: this process's CPU per image, all its "
+                "threads (not the decode processes').", "",
                 markdown_table(
                     ["decode", "on", "images", "batch", "dtype", "images/s", "wall s",
                      "device waited for input s", "rows s", "decode threads",
-                     "decode capacity img/s", "device img/s", "bound"],
+                     "decode capacity img/s", "device img/s", "bound",
+                     "caller CPU ms/image"],
                     [[r["decode"], r["workers"], r["images"], r["batch"], r["dtype"],
                       r["images_per_second"],
                       r["wall_seconds"], r["input_wait_seconds"], r.get("rows_seconds"),
                       r["decode_threads"], r["decode_capacity_images_per_second"],
-                      r["device_images_per_second"], r["bound"]] for r in e2e["pipelines"]]),
+                      r["device_images_per_second"], r["bound"],
+                      r.get("caller_cpu_ms_per_image")] for r in e2e["pipelines"]]),
                 ""]
     scaling = e2e.get("decode_scaling", [])
     if scaling:

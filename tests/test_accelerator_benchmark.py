@@ -196,6 +196,7 @@ def test_smoke_run_measures_every_part_and_renders_markdown(tmp_path):
         assert pipeline["errors"] == 0 and pipeline["input_wait_seconds"] >= 0
         assert 0 <= pipeline["rows_seconds"] < pipeline["wall_seconds"]
         assert pipeline["images_per_second"] > 0 and pipeline["bound"] in ("decode", "device")
+        assert pipeline["caller_cpu_ms_per_image"] > 0  # the feed's own cost, on this host
     scaling = {(row["decode"], row["mode"], row["workers"])
                for row in parts["end_to_end"]["decode_scaling"]}
     assert scaling == {(decode, mode, workers) for decode, mode in (
