@@ -114,6 +114,7 @@ class CaptionImages:
                 if not done:
                     continue
                 output = dispatched.result()
+                decoded.release()  # its search is done: the feed refills the pixels' memory
                 texts = self.captioner.decode(np.asarray(output.sequences)[:len(done) * rows])
                 best = np.asarray(output.scores)[:len(done) * rows:rows]
                 for position, index in enumerate(done):
