@@ -50,7 +50,6 @@ import multiprocessing
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
 import statistics
@@ -724,6 +723,7 @@ def hf_flax_generate(checkpoint: Any, settings: Any,
 
 def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
     import jax.numpy as jnp
+    from benchmark_preprocess import process_cpu_seconds
 
     from flax_captioner import loading
     from flax_captioner.captioner import Captioner
@@ -753,7 +753,10 @@ def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
             if wall is not None and not recorder.fits(
                     f"end-to-end pipeline, {decode} decode on {workers}", 1.2 * wall + 5):
                 break
-            cpu = caller_cpu_seconds()
+            # This process's CPU, every thread (the feed's, the device loop's, the JAX
+            # runtime's), not the decode processes': at 1,000 / (ms per image) images/s on
+            # one core's worth, the host process itself bounds the pipeline.
+            cpu = process_cpu_seconds()
             stats = run_pipeline(captioner, paths,
                                  str(work / f"captions-{decode}-{workers}.jsonl"),
                                  fast_decode=decode == "fast",
@@ -761,19 +764,11 @@ def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
             wall = stats.wall_seconds
             recorder.emit("pipeline", decode=decode, workers=workers, dtype="bfloat16",
                           batch=profile.e2e_batch, images=len(paths), warmup_seconds=warmup,
-                          caller_cpu_ms_per_image=1e3 * (caller_cpu_seconds() - cpu) / len(paths),
+                          caller_cpu_ms_per_image=1e3 * (process_cpu_seconds() - cpu) / len(paths),
                           **pipeline_rates(stats, len(paths)))
     from flax_captioner.preprocess import PreprocessConfig
 
     decode_scaling(paths, PreprocessConfig.from_pretrained(work / "full"), profile, recorder)
-
-
-def caller_cpu_seconds() -> float:
-    """CPU seconds of this process, every thread (the feed's, the device loop's, the JAX
-    runtime's), not its child processes: at 1,000 / (ms per image) images/s on one core's
-    worth, the host process itself bounds the pipeline."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def pipeline_rates(stats: Any, images: int) -> dict[str, Any]:
