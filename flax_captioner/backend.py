@@ -81,6 +81,20 @@ BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 #   speed with either form is not measured on a GPU.
 # - TPU: not measured.
 CROSS_CONTEXT = {"cpu": "multiply_reduce", "gpu": "einsum", "tpu": "multiply_reduce"}
+# decode_step's self-attention form (decoder.SELF_ATTENTION_FORMS) per platform.
+# - CPU: "einsum". On a 2-core AMD EPYC (Zen 3, AVX2), einsum vs multiply_reduce:
+#   decode_step alone (nlpconnect size, 8 images x 4 beams, cache rows shuffled, best of 7
+#   interleaved calls, 2026-12-04) float32 110.3 vs 111.2 ms, bfloat16 128.9 vs 131.6 ms;
+#   whole searches (scripts/benchmark.py --other-self-attention, batch 8, 5 interleaved
+#   batches, 2026-12-05) float32 2.11 vs 2.02 images/s, bfloat16 1.40 vs 1.39, same captions.
+# - GPU: "einsum", the form measured in runs 5 and 6; multiply_reduce is unmeasured there.
+#   Run 6's trace (one H200, bfloat16, batch 1,024) put the self-attention's read of the cache
+#   through rows at 2.1 ms of a 10.8 ms step, where reading the cache once would take ~0.5 ms
+#   at the datasheet's 4.8 TB/s (arithmetic): the einsums read a gathered copy, which the
+#   multiply-reduces let XLA fuse away. scripts/accelerator_benchmark.py times it
+#   ("bfloat16 multiply_reduce-self").
+# - TPU: not measured.
+SELF_ATTENTION = {"cpu": "einsum", "gpu": "einsum", "tpu": "einsum"}
 
 
 # The encoder's self-attention form (decoder.ENCODER_ATTENTION_FORMS) per (platform, compute
@@ -143,6 +157,11 @@ def encoder_attention(platform: str, dtype: Any) -> str:
     """The encoder's self-attention form for programs of compute ``dtype`` on devices of
     ``platform``."""
     return ENCODER_ATTENTION.get((platform, jnp.dtype(dtype).name), "einsum")
+
+
+def self_attention(platform: str) -> str:
+    """The decoder's self-attention form for devices of ``platform`` ("cpu", "gpu", "tpu")."""
+    return SELF_ATTENTION.get(platform, "einsum")
 
 
 def cross_context(platform: str) -> str:

@@ -39,6 +39,11 @@ CROSS_CONTEXT_FORMS = ("multiply_reduce", "einsum") + FUSED_FORMS
 # The forms of the encoder's self-attention; backend.ENCODER_ATTENTION picks one per platform
 # and dtype.
 ENCODER_ATTENTION_FORMS = ("einsum",) + FUSED_FORMS
+# The forms of decode_step's self-attention over the cache read through ``rows``: einsums
+# over the gathered keys and values, or float32 multiply-reduces, which XLA can fuse the
+# gather into (each cache slot read once, no gathered copy); backend.SELF_ATTENTION picks one
+# per platform.
+SELF_ATTENTION_FORMS = ("einsum", "multiply_reduce")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +147,10 @@ class SelfAttentionCache:
     indirection"). Reordering beams gathers ``rows`` only: gathering the keys and values
     instead wrote a new cache every step, which XLA then copied back into the loop's buffers
     (on one H200, bfloat16, batch 256: 0.34 ms of gather and 0.34 ms of 33 copies in a 4.0 ms
-    step; docs/benchmarks.md, "What the traces show"; the reads through ``rows`` are not
-    yet measured there). One array per layer, like ``CrossKV``, so a step updates and reads
-    each in place.
+    step, 3.14 ms with ``rows``; docs/benchmarks.md, "What the traces show"). The reads
+    through ``rows`` took 2.1 ms of a 10.8 ms step at batch 1,024 there: see
+    ``SELF_ATTENTION_FORMS``. One array per layer, like ``CrossKV``, so a step updates and
+    reads each in place.
 
     Attributes:
       key: L arrays [B, K, H, T, Dh] in the compute dtype.
@@ -327,6 +333,33 @@ def _read_rows(array: jax.Array, rows: jax.Array) -> jax.Array:
     return jnp.take_along_axis(array, rows[:, :, None, :, None], axis=1, mode="clip")
 
 
+def check_self_attention(form: str) -> None:
+    """Raises ValueError (one line) unless ``form`` is one of ``SELF_ATTENTION_FORMS``."""
+    if form not in SELF_ATTENTION_FORMS:
+        raise ValueError(f"self_attention must be one of {SELF_ATTENTION_FORMS}, got {form!r}")
+
+
+def _self_attention(query: jax.Array, key: jax.Array, value: jax.Array, rows: jax.Array,
+                    visible: jax.Array, dtype: jnp.dtype, form: str) -> jax.Array:
+    """The K beams' queries [B, K, H, Dh] over the cache's keys and values [B, K, H, T, Dh],
+    each beam reading slot t from row ``rows[b, k, t]``, slots where ``visible`` [T] is false
+    masked as PyTorch masks them (the float32 minimum): the context [B, K, H, Dh]
+    (``decode_step``'s ``self_attention`` forms)."""
+    query = query.astype(dtype)
+    keys, values = _read_rows(key, rows), _read_rows(value, rows)  # [B, K, H, T, Dh]
+    scale = math.sqrt(query.shape[-1])
+    if form == "einsum":
+        scores = jnp.einsum("bkhd,bkhtd->bkht", query, keys,
+                            preferred_element_type=jnp.float32) / scale
+        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+        return _softmax_attention(scores, values, "bkht,bkhtd->bkhd", dtype)
+    # Products of ``dtype`` operands are exact in float32, as in the einsum's accumulation.
+    scores = jnp.sum(query[:, :, :, None, :].astype(jnp.float32) * keys.astype(jnp.float32),
+                     axis=-1) / scale  # [B, K, H, T]
+    probs = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.sum(probs[..., None] * values.astype(jnp.float32), axis=-2)
+
+
 def check_cross_context(form: str) -> None:
     """Raises ValueError (one line) unless ``form`` is one of ``CROSS_CONTEXT_FORMS``."""
     if form not in CROSS_CONTEXT_FORMS:
@@ -349,8 +382,8 @@ def _cross_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: 
 
 def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
                 cache: SelfAttentionCache, cross: CrossKV, spec: DecoderSpec,
-                dtype: jnp.dtype = jnp.float32, cross_context: str = "multiply_reduce"
-                ) -> tuple[jax.Array, SelfAttentionCache]:
+                dtype: jnp.dtype = jnp.float32, cross_context: str = "multiply_reduce",
+                self_attention: str = "einsum") -> tuple[jax.Array, SelfAttentionCache]:
     """One GPT-2 step for every beam: returns (logits [B, K, V] float32, updated cache).
 
     Args:
@@ -365,14 +398,17 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
         ``"einsum"`` (a batched matmul in ``dtype``), or the whole attention through
         ``jax.nn.dot_product_attention`` (``FUSED_FORMS``), an image's K beams as its K
         queries; ``backend.CROSS_CONTEXT`` picks one per platform, with the measurements.
+      self_attention: how the self-attention reads the cache through its rows: einsums over
+        the gathered keys and values (``"einsum"``) or float32 multiply-reduces
+        (``"multiply_reduce"``); ``backend.SELF_ATTENTION`` picks one per platform.
     """
     check_cross_context(cross_context)
+    check_self_attention(self_attention)
     gpt2 = params["decoder"]["transformer"]
     batch, beams = tokens.shape
     heads, head_dim = spec.num_heads, spec.head_dim
     cache_length = cache.key[0].shape[3]
     activation = ACT2FN[spec.activation]
-    scale = math.sqrt(head_dim)
 
     wte = gpt2["wte"]["embedding"]
     position_embedding = jax.lax.dynamic_index_in_dim(gpt2["wpe"]["embedding"], position,
@@ -381,7 +417,6 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
               + position_embedding.astype(jnp.float32))  # [B, K, D]
     # Slots after `position` hold zeros (or stale beams); PyTorch masks with the dtype minimum.
     visible = jnp.arange(cache_length) <= position  # [T]
-    mask_value = jnp.finfo(jnp.float32).min
 
     def split_heads(x):  # [B, K, D] -> [B, K, H, Dh]
         return x.reshape(batch, beams, heads, head_dim)
@@ -402,12 +437,8 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
             layer_value, split_heads(value).astype(layer_value.dtype)[:, :, :, None, :], slot)
         cache_keys.append(layer_key)
         cache_values.append(layer_value)
-        scores = jnp.einsum("bkhd,bkhtd->bkht", split_heads(query).astype(dtype),
-                            _read_rows(layer_key, rows), preferred_element_type=jnp.float32
-                            ) / scale
-        scores = jnp.where(visible, scores, mask_value)
-        context = _softmax_attention(scores, _read_rows(layer_value, rows), "bkht,bkhtd->bkhd",
-                                     dtype)
+        context = _self_attention(split_heads(query), layer_key, layer_value, rows, visible,
+                                  dtype, self_attention)  # [B, K, H, Dh]
         hidden = hidden + _conv1d(context.reshape(batch, beams, -1), layer["attn"]["c_proj"],
                                   dtype)
 

@@ -88,7 +88,8 @@ def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
                       dtype: Any = jnp.float32,
                       cross_context: str = "multiply_reduce",
                       search_loop: str = "until_done",
-                      encoder_attention: str = "einsum") -> GenerateFn:
+                      encoder_attention: str = "einsum",
+                      self_attention: str = "einsum") -> GenerateFn:
     """The whole search as one pure function of (params, pixels, keys).
 
     Returns ``fn(params, pixel_values [B, 3, H, W] float32, row_keys [B, 2] uint32) ->
@@ -96,8 +97,9 @@ def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
     then the per-token and, when asked for, per-step arrays); ``row_keys`` only matter when
     sampling. Cross-attention keys/values are computed once per image and shared by its
     beams; step one runs on B rows, the search expands the cache to K beams after it.
-    ``cross_context`` is ``decoder.decode_step``'s (and ``cross_kv``'s), ``encoder_attention``
-    ``decoder.encode``'s, ``search_loop`` ``search.run_steps``'s.
+    ``cross_context`` is ``decoder.decode_step``'s (and ``cross_kv``'s), ``self_attention``
+    ``decoder.decode_step``'s, ``encoder_attention`` ``decoder.encode``'s, ``search_loop``
+    ``search.run_steps``'s.
     """
 
     def generate_fn(params: Any, pixel_values: jax.Array,
@@ -109,7 +111,7 @@ def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
 
         def step_fn(tokens, position, cache):
             return decoder.decode_step(params, tokens, position, cache, cross, spec, dtype,
-                                       cross_context)
+                                       cross_context, self_attention)
 
         return search.search(step_fn, decoder.reorder_cache, cache, batch, settings, row_keys,
                              search_loop)
@@ -191,6 +193,8 @@ class Generator:
         the first local device (``sharding.SingleDevice``).
       cross_context: ``decoder.decode_step``'s cross-attention form; ``None`` takes the
         devices' platform's (``backend.CROSS_CONTEXT``).
+      self_attention: ``decoder.decode_step``'s self-attention form; ``None`` takes the
+        devices' platform's (``backend.SELF_ATTENTION``).
       search_loop: how the search's step loop ends (``search.run_steps``); ``None`` takes
         the devices' platform's (``backend.SEARCH_LOOP``).
       compiler_options: XLA options the searches compile with (``jax.jit``'s); ``None``
@@ -205,6 +209,7 @@ class Generator:
     def __init__(self, model_or_params: Any, config: Any, *, dtype: Any = jnp.float32,
                  data_parallel: sharding.DataParallel | None = None,
                  cross_context: str | None = None,
+                 self_attention: str | None = None,
                  search_loop: str | None = None,
                  compiler_options: dict[str, Any] | None = None,
                  encoder_attention: str | None = None):
@@ -218,6 +223,8 @@ class Generator:
         platform = self.data_parallel.devices[0].platform
         self.cross_context = cross_context or backend.cross_context(platform)
         decoder.check_cross_context(self.cross_context)  # at construction, not first call
+        self.self_attention = self_attention or backend.self_attention(platform)
+        decoder.check_self_attention(self.self_attention)
         self.search_loop = search_loop or backend.search_loop(platform)
         search.check_search_loop(self.search_loop)
         self.encoder_attention = (encoder_attention
@@ -274,7 +281,8 @@ class Generator:
         if key not in self._programs:
             self.check(settings)
             generate_fn = build_generate_fn(self.spec, settings, self.dtype, self.cross_context,
-                                            self.search_loop, self.encoder_attention)
+                                            self.search_loop, self.encoder_attention,
+                                            self.self_attention)
             self._programs[key] = self.data_parallel.wrap(
                 backend.at_precision(generate_fn, precision), self.compiler_options)
         return self._programs[key]

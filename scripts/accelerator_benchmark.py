@@ -9,13 +9,14 @@ wheels first); it finishes in under 8 minutes and writes ``accelerator-benchmark
 2. parity on the device: the shipped shapes model, the three chaotic tiny checkpoints of
    tests/test_parity_generate.py and full-size random weights, exact mode (float32, "highest")
    against PyTorch float32 with TF32 off, for beam / greedy / min_length / no_repeat_ngram:
-   mismatched captions (target 0); plus beam search with the other cross-attention form
-   (``backend.CROSS_CONTEXT``) on the chaotic checkpoints;
+   mismatched captions (target 0); plus beam search with the other cross- and self-attention
+   forms (``backend.CROSS_CONTEXT``, ``SELF_ATTENTION``) on the chaotic checkpoints;
 3. generator throughput, nlpconnect architecture with random weights, 4 beams, max_length 16:
    ours at batch 64 / 256 / 1024 in float32 (exact) and bfloat16, PyTorch ``generate`` float32
    eager (TF32 off) and float16 / bfloat16 weights with SDPA attention at the same batches,
    HF Flax ``generate`` under jit at batch 64: images/s (host pixel values in, host tokens
-   out; ours also streamed, batches dispatched one ahead as ``caption`` runs them), compile
+   out; ours also streamed, batches dispatched one ahead as ``caption`` runs them, from the
+   first dispatch and, a long job's rate, from the first result to the last), compile
    seconds, peak device memory; at batch 256, ours with one of ``backend.py``'s choices
    switched, to decide it for the platform (``throughput_variants``: the other
    cross-attention form, the other search loop, on GPUs cuDNN's fused attention and the
@@ -284,7 +285,7 @@ def parity_models(work: Path, profile: Profile) -> Iterator[tuple[str, Path, Cal
 def run_parity(work: Path, profile: Profile, recorder: Recorder) -> None:
     import jax
     import torch
-    from benchmark import other_cross_context
+    from benchmark import other_cross_context, other_self_attention
     from transformers import VisionEncoderDecoderModel
 
     from flax_captioner import loading
@@ -296,10 +297,14 @@ def run_parity(work: Path, profile: Profile, recorder: Recorder) -> None:
     recorder.emit("info", torch_device=torch.cuda.get_device_name(0) if device == "cuda"
                   else "cpu")
     generators: dict[DecoderSpec, Any] = {}  # same architecture: same compiled programs
-    # The other cross-attention form (backend.CROSS_CONTEXT), so a platform can switch to it
-    # knowing its captions.
-    other_cross = other_cross_context(jax.devices()[0].platform)
-    other_cross_generators: dict[DecoderSpec, Any] = {}
+    # The other cross- and self-attention forms (backend.CROSS_CONTEXT, SELF_ATTENTION), so a
+    # platform can switch to either knowing its captions.
+    platform = jax.devices()[0].platform
+    other_forms = {f"{other_cross_context(platform)} cross-attention":
+                   {"cross_context": other_cross_context(platform)},
+                   f"{other_self_attention(platform)} self-attention":
+                   {"self_attention": other_self_attention(platform)}}
+    other_generators: dict[tuple[str, DecoderSpec], Any] = {}
     for name, directory, make_pixels, max_length in parity_models(work, profile):
         # A row is mostly its compile; the first of a model is guessed, the rest measured.
         estimate = 20.0 if profile.full_size and name.startswith("full") else 8.0
@@ -327,20 +332,22 @@ def run_parity(work: Path, profile: Profile, recorder: Recorder) -> None:
             recorder.emit("parity", model=name, setting=setting, captions=len(ours),
                           mismatched=len(differs), first_mismatch=differs[:1].tolist(),
                           seconds=estimate)
-        if name.startswith("chaotic") and recorder.fits(f"parity {name} beam {other_cross}",
-                                                        10.0):
-            if architecture not in other_cross_generators:
-                other_cross_generators[architecture] = Generator(
-                    checkpoint.model.params, checkpoint.model.config, cross_context=other_cross)
-            crossed = other_cross_generators[architecture]
+        for form, switched in other_forms.items():
+            if not (name.startswith("chaotic")
+                    and recorder.fits(f"parity {name} beam, {form}", 10.0)):
+                continue
+            if (form, architecture) not in other_generators:
+                other_generators[form, architecture] = Generator(
+                    checkpoint.model.params, checkpoint.model.config, **switched)
+            other = other_generators[form, architecture]
             settings = GenerationSettings.resolve(checkpoint.generation_defaults,
                                                   **parity_settings(max_length)[0][1])
             started = time.perf_counter()
-            ours = crossed.generate(pixels, settings, params=crossed.data_parallel.replicate(
+            ours = other.generate(pixels, settings, params=other.data_parallel.replicate(
                 checkpoint.model.params)).sequences
             theirs = torch_sequences(reference, pixels, settings, device)
             differs = np.flatnonzero((ours != theirs).any(axis=1))
-            recorder.emit("parity", model=name, setting=f"beam, {other_cross} cross-attention",
+            recorder.emit("parity", model=name, setting=f"beam, {form}",
                           captions=len(ours), mismatched=len(differs),
                           first_mismatch=differs[:1].tolist(),
                           seconds=time.perf_counter() - started)
@@ -437,10 +444,11 @@ def throughput_variants(platform: str, gpu: bool) -> dict[str, dict[str, Any]]:
 
     "<dtype>" is the library's choice; the others each change one choice, to decide it for
     the platform: the other search loop (``SEARCH_LOOP``), the other cross-attention form
-    (``CROSS_CONTEXT``) and, on GPUs, bfloat16's attention kernels first (the encoder's
+    (``CROSS_CONTEXT``) and, on GPUs, bfloat16's attention forms first (the encoder's
     self-attention through the einsums instead of cuDNN's fused kernel, "bfloat16
     einsum-encoder", ``ENCODER_ATTENTION``; the cross-attention through cuDNN's,
-    "bfloat16 cudnn-cross") and the other matmul backend
+    "bfloat16 cudnn-cross"; the decoder's self-attention as multiply-reduces, "bfloat16
+    multiply_reduce-self", ``SELF_ATTENTION``) and the other matmul backend
     (``COMPILER_OPTIONS``): "float32 triton" (XLA's default Triton GEMM fusions) and
     "bfloat16 cublas" (cuBLAS only, as the exact mode compiles). These two come last, so
     "float32 triton" (a 65 s compile) follows float32's other choices in the plan.
@@ -455,7 +463,9 @@ def throughput_variants(platform: str, gpu: bool) -> dict[str, dict[str, Any]]:
     switched = {dtype + suffix: kwargs for dtype in ("float32", "bfloat16")
                 for suffix, kwargs in variants.items()}
     if gpu:  # the attention kernels first: the largest choices the traces point at
-        switched = {"bfloat16 einsum-encoder": {"encoder_attention": "einsum"},
+        # The unmeasured choice first.
+        switched = {"bfloat16 multiply_reduce-self": {"self_attention": "multiply_reduce"},
+                    "bfloat16 einsum-encoder": {"encoder_attention": "einsum"},
                     "bfloat16 cudnn-cross": {"cross_context": "cudnn"}} | switched
         switched["float32 triton"] = {"compiler_options": {}}
         switched["bfloat16 cublas"] = {
@@ -483,7 +493,8 @@ def throughput_plan(variants: dict[str, dict[str, Any]], batches: tuple[int, ...
             if batch >= middle]
     plan += [("profile", "bfloat16", batch) for batch in sorted({middle, batches[-1]})]
     plan += [("profile", "float32", middle)]
-    attention = [variant for variant, kwargs in variants.items() if "encoder_attention" in kwargs
+    attention = [variant for variant, kwargs in variants.items()
+                 if {"encoder_attention", "self_attention"} & set(kwargs)
                  or kwargs.get("cross_context") in decoder.FUSED_FORMS]
     plan += [("ours", variant, batch) for variant in attention
              for batch in sorted({middle, batches[-1]})]
@@ -558,7 +569,8 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
         compiled_as = (framework, dtype) if (framework, dtype) in compile_estimate else kind
         # Ours runs its batches twice: one at a time, then streamed (dispatched one ahead,
         # after two untimed).
-        batches_run = profile.repeats + 1 + (profile.repeats + 3 if framework == "ours" else 0)
+        streamed_batches = profile.repeats + 3
+        batches_run = profile.repeats + 1 + (streamed_batches + 2 if framework == "ours" else 0)
         estimate = (compile_estimate[compiled_as] + batches_run * batch
                     * per_image.get((framework, dtype), per_image[kind]))
         if not recorder.fits(what, estimate):
@@ -575,8 +587,8 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
                 call, compile_seconds = hf_flax_generate(checkpoint, settings, pixels)
                 _, first = timed(call)
             seconds = [timed(call)[1] for _ in range(profile.repeats)]
-            streamed = (streamed_seconds(generator, pixels, settings, profile.repeats + 1)
-                        if framework == "ours" else None)
+            streamed, steady = (streamed_run(generator, pixels, settings, streamed_batches)
+                                if framework == "ours" else (None, None))
         except Exception as error:  # noqa: BLE001 - out of memory, or a variant's failure
             switched = bool(variants.get(dtype))  # one of backend.py's choices switched
             if (not isinstance(error, CaptionerError) and not backend.is_out_of_memory(error)
@@ -592,8 +604,7 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
         recorder.emit(
             "throughput", framework=framework, variant=dtype, batch=batch,
             images_per_second=batch / median, batch_seconds=seconds,
-            streamed_images_per_second=(None if streamed is None
-                                        else (profile.repeats + 1) * batch / streamed),
+            streamed_images_per_second=streamed, steady_images_per_second=steady,
             compile_seconds=compile_seconds, first_call_seconds=first,
             peak_gib=None if peak is None else peak / 2**30,
             peak_attributable=None if peak is None else peak > previous_peak)
@@ -601,10 +612,16 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
         measured.add((framework, dtype, batch))
 
 
-def streamed_seconds(generator: Any, pixels: np.ndarray, settings: Any, batches: int) -> float:
-    """Seconds for ``batches`` batches of ``pixels`` dispatched one ahead
-    (``generator.one_ahead``), as ``caption`` and the Ray path run theirs: a batch's pixels
-    are copied and its program launched while the batch before runs on the device.
+def streamed_run(generator: Any, pixels: np.ndarray, settings: Any,
+                 batches: int) -> tuple[float, float]:
+    """``batches`` batches of ``pixels`` dispatched one ahead (``generator.one_ahead``), as
+    ``caption`` and the Ray path run theirs: a batch's pixels are copied and its program
+    launched while the batch before runs on the device. Returns (images/s over the whole run,
+    images/s between the first result and the last): the first includes the first batch's
+    input copy and program setup, which nothing overlaps; the second leaves them out, as a
+    long job pays them once (on one H200, run 6, bfloat16 at batch 1,024: 357 ms a batch one
+    at a time against ~279 ms of kernels in the trace, so a run of 4 batches spends ~7% of
+    its time before the device starts).
 
     Two untimed batches go first: two batches in flight need more device memory than one,
     and the first run that holds them pays for growing the allocator's pool, presumably what
@@ -613,15 +630,20 @@ def streamed_seconds(generator: Any, pixels: np.ndarray, settings: Any, batches:
     (cuDNN attention, same batch) streamed at 3,251 against 2,784."""
     from flax_captioner.generator import one_ahead
 
-    def run(count: int) -> float:
+    def run(count: int) -> list[float]:
+        """Seconds from the start to each batch's result, in order."""
         started = time.perf_counter()
+        arrived = []
         for _, dispatched in one_ahead(range(count),
                                        lambda _: generator.dispatch(pixels, settings)):
             dispatched.result()
-        return time.perf_counter() - started
+            arrived.append(time.perf_counter() - started)
+        return arrived
 
     run(2)
-    return run(batches)
+    arrived = run(batches)
+    images = len(pixels)
+    return batches * images / arrived[-1], (batches - 1) * images / (arrived[-1] - arrived[0])
 
 
 def profiled_call(call: Callable[[], Any], trace: Path) -> dict[str, Any]:
@@ -1036,9 +1058,10 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [row for row in report["parts"]["throughput"]["rows"] if "images_per_second" in row]
 
     def rate(row: dict[str, Any]) -> float:
-        """A row's images/s as a batch job gets it: ours streamed (batches dispatched one
-        ahead) where measured; PyTorch's ``generate`` blocks, one batch at a time."""
-        return row.get("streamed_images_per_second") or row["images_per_second"]
+        """A row's images/s as a long batch job gets it: ours between the first and the last
+        result of batches dispatched one ahead (``streamed_run``) where measured; PyTorch's
+        ``generate`` blocks, one batch at a time, so its batches never overlap."""
+        return row.get("steady_images_per_second") or row["images_per_second"]
 
     def best(framework: str, variants: tuple[str, ...] | None = None) -> dict[str, Any] | None:
         """The fastest row of ``framework`` among ``variants`` (None: any variant)."""
@@ -1052,8 +1075,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     # (AMD EPYC Zen 3, 2026-12-04: 0.85 images/s, bfloat16 autocast 0.026).
     torch_fast = best("pytorch")
     torch_f32 = best("pytorch", ("float32",))
-    parity_rows = [row for row in report["parts"]["parity"]["rows"]  # the library's own form
-                   if "cross-attention" not in row["setting"]]
+    parity_rows = [row for row in report["parts"]["parity"]["rows"]  # the library's own forms
+                   if not row["setting"].endswith("attention")]
     skipped = [skip["what"] for name in ("parity", "throughput")
                for skip in report["parts"][name].get("skipped", [])]
 
@@ -1142,14 +1165,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     out += [f"## 3. Generator throughput ({parts['throughput']['status']})", "",
             "images/s from host pixel values to host tokens, one batch at a time (median of "
             "timed batches); streamed: ours over consecutive batches dispatched one ahead, as "
-            "`caption` runs them (the targets read it where measured); compile s: ahead-of-time "
+            "`caption` runs them, from the first dispatch; steady: the same run from its first "
+            "result to its last, a long job's rate (the targets read it where measured); "
+            "compile s: ahead-of-time "
             "lowering + compilation, apart from the first call; peak: device memory high-water "
             "(JAX: process-wide, its own only where 'own peak' is yes).", ""]
     out += [markdown_table(
-        ["framework", "variant", "batch", "images/s", "streamed images/s", "compile s",
-         "first call s", "peak GiB", "own peak", "note"],
+        ["framework", "variant", "batch", "images/s", "streamed images/s", "steady images/s",
+         "compile s", "first call s", "peak GiB", "own peak", "note"],
         [[r["framework"], r["variant"], r["batch"], r.get("images_per_second"),
-          r.get("streamed_images_per_second"),
+          r.get("streamed_images_per_second"), r.get("steady_images_per_second"),
           r.get("compile_seconds"), r.get("first_call_seconds"), r.get("peak_gib"),
           r.get("peak_attributable"),
           r.get("error") or ", ".join(filter(None, (r.get("attention"), r.get("timed"))))]

@@ -169,9 +169,17 @@ def other_cross_context(platform: str) -> str:
                 if form not in decoder.FUSED_FORMS and form != backend.cross_context(platform))
 
 
+def other_self_attention(platform: str) -> str:
+    """The self-attention form devices of ``platform`` do not use (``backend.SELF_ATTENTION``)."""
+    from flax_captioner import backend, decoder
+
+    return next(form for form in decoder.SELF_ATTENTION_FORMS
+                if form != backend.self_attention(platform))
+
+
 def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
                  output_scores: bool = False, other_loop: bool = False,
-                 other_cross: bool = False):
+                 other_cross: bool = False, other_self: bool = False):
     """Compile seconds: ``Generator.compile_seconds`` (ahead-of-time compilation, timed
     apart from running the first batch)."""
     import jax
@@ -184,7 +192,8 @@ def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
     platform = jax.devices()[0].platform
     generator = Generator(model, model.config, dtype=getattr(jnp, dtype),
                           search_loop=other_search_loop(platform) if other_loop else None,
-                          cross_context=other_cross_context(platform) if other_cross else None)
+                          cross_context=other_cross_context(platform) if other_cross else None,
+                          self_attention=other_self_attention(platform) if other_self else None)
     settings = settings_for(model.config, args, output_scores)
     generator.generate(seeded_pixels(args.batch_size, model.config.encoder.image_size,
                                      args.seed), settings)
@@ -193,12 +202,14 @@ def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
 
 
 # "ours-scores": output_scores=True (per-step scores [B * K, max_length - 1, V] back);
-# "ours-loop" / "ours-cross": the search loop form / cross-attention form its platform does
-# not use (backend.SEARCH_LOOP / backend.CROSS_CONTEXT).
+# "ours-loop" / "ours-cross" / "ours-self": the search loop form / cross-attention form /
+# self-attention form its platform does not use (backend.SEARCH_LOOP / CROSS_CONTEXT /
+# SELF_ATTENTION).
 PREPARE = {"pytorch": prepare_pytorch, "hf-flax": prepare_hf_flax, "ours": prepare_ours,
            "ours-scores": functools.partial(prepare_ours, output_scores=True),
            "ours-loop": functools.partial(prepare_ours, other_loop=True),
-           "ours-cross": functools.partial(prepare_ours, other_cross=True)}
+           "ours-cross": functools.partial(prepare_ours, other_cross=True),
+           "ours-self": functools.partial(prepare_ours, other_self=True)}
 
 
 READY, TIMED = "@benchmark ready", "@benchmark seconds"
@@ -339,9 +350,10 @@ def report(measurements: list[Measurement], args: argparse.Namespace) -> dict[st
     if ours and ("ours-loop", args.dtype) in by_key:  # the loop forms' contract: equal
         checks["ours_other_loop_vs_ours"] = token_agreement(
             by_key["ours-loop", args.dtype].sequences, ours.sequences)
-    if ours and ("ours-cross", args.dtype) in by_key:  # equal up to float rounding
-        checks["ours_other_cross_vs_ours"] = token_agreement(
-            by_key["ours-cross", args.dtype].sequences, ours.sequences)
+    for other in ("cross", "self"):  # equal up to float rounding
+        if ours and (f"ours-{other}", args.dtype) in by_key:
+            checks[f"ours_other_{other}_vs_ours"] = token_agreement(
+                by_key[f"ours-{other}", args.dtype].sequences, ours.sequences)
     if ("ours", "float32") in by_key and ("ours", "bfloat16") in by_key:
         checks["ours_bfloat16_vs_float32"] = token_agreement(
             by_key["ours", "bfloat16"].sequences, by_key["ours", "float32"].sequences)
@@ -382,6 +394,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--other-cross-context", action="store_true",
                         help="also run ours with the cross-attention form its platform does "
                              "not use ('ours-cross'; backend.CROSS_CONTEXT), interleaved")
+    parser.add_argument("--other-self-attention", action="store_true",
+                        help="also run ours with the self-attention form its platform does "
+                             "not use ('ours-self'; backend.SELF_ATTENTION), interleaved")
     parser.add_argument("--worker", choices=tuple(PREPARE), help=argparse.SUPPRESS)
     parser.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -411,6 +426,8 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(("ours-loop", args.dtype))
         if args.other_cross_context:
             runs.append(("ours-cross", args.dtype))
+        if args.other_self_attention:
+            runs.append(("ours-self", args.dtype))
         workers = []
         for framework, dtype in runs:
             print(f"loading, compiling, warming up {framework} ({dtype}) ...", file=sys.stderr,

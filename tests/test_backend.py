@@ -98,19 +98,23 @@ def test_search_runs_without_host_callbacks_or_implicit_transfers(tiny_model):
                                   generator.generate(pixels, settings).sequences)
 
 
-def test_cross_attention_form_is_the_platforms_and_both_forms_give_the_same_search(
-        tiny_model):
-    assert backend.cross_context("cpu") == "multiply_reduce"
+@pytest.mark.parametrize(("name", "cpu_form", "other_form"), [
+    ("cross_context", "multiply_reduce", "einsum"),
+    ("self_attention", "einsum", "multiply_reduce"),
+])
+def test_attention_forms_are_the_platforms_and_each_gives_the_same_search(
+        tiny_model, name, cpu_form, other_form):
+    assert getattr(backend, name)("cpu") == cpu_form
     default = Generator(tiny_model.params, tiny_model.config)
-    assert default.cross_context == backend.CROSS_CONTEXT["cpu"]
-    einsum = Generator(tiny_model.params, tiny_model.config, cross_context="einsum")
+    assert getattr(default, name) == cpu_form
+    other = Generator(tiny_model.params, tiny_model.config, **{name: other_form})
     settings = settings_for(num_beams=3, max_length=8)
     pixels = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
-    expected, output = default.generate(pixels, settings), einsum.generate(pixels, settings)
+    expected, output = default.generate(pixels, settings), other.generate(pixels, settings)
     np.testing.assert_array_equal(output.sequences, expected.sequences)
     np.testing.assert_allclose(output.scores, expected.scores, rtol=1e-5)
-    with pytest.raises(ValueError, match="cross_context must be one of"):
-        Generator(tiny_model.params, tiny_model.config, cross_context="dot")
+    with pytest.raises(ValueError, match=f"{name} must be one of"):
+        Generator(tiny_model.params, tiny_model.config, **{name: "dot"})
 
 
 def test_fused_attention_gives_the_search_of_the_einsums_and_cudnn_only_where_it_runs(

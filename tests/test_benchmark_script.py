@@ -45,11 +45,12 @@ def test_benchmark_times_the_other_backend_choices_beside_ours(tiny_checkpoint, 
         [sys.executable, str(SCRIPT), "--checkpoint", str(tiny_checkpoint), "--batch-size", "2",
          "--num-beams", "2", "--max-length", "6", "--repeats", "1", "--frameworks", "ours",
          "--no-dtype-check", "--other-search-loop", "--other-cross-context",
-         "--json", str(output)],
+         "--other-self-attention", "--json", str(output)],
         capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
     report = json.loads(output.read_text())
     assert [row["framework"] for row in report["measurements"]] == ["ours", "ours-loop",
-                                                                    "ours-cross"]
-    for check in ("ours_other_loop_vs_ours", "ours_other_cross_vs_ours"):
+                                                                    "ours-cross", "ours-self"]
+    for check in ("ours_other_loop_vs_ours", "ours_other_cross_vs_ours",
+                  "ours_other_self_vs_ours"):
         assert report["agreement"][check] == {"captions_equal": 1.0, "tokens_equal": 1.0}

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint, make_full_size_checkpoint
-from flax_captioner.decoder import (CROSS_CONTEXT_FORMS, DecoderSpec, cast_params, cross_kv,
-                                    decode_step, encode, init_cache, reorder_cache)
+from flax_captioner.decoder import (CROSS_CONTEXT_FORMS, SELF_ATTENTION_FORMS, DecoderSpec,
+                                    cast_params, cross_kv, decode_step, encode, init_cache,
+                                    reorder_cache)
 from flax_captioner.errors import ModelLoadError
 
 TOLERANCE = 1e-4
@@ -55,10 +56,12 @@ def torch_logits(torch_model, pixels: np.ndarray, tokens: np.ndarray) -> np.ndar
     return output.logits.numpy()
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "dtype", "cross_context"))
+@functools.partial(jax.jit, static_argnames=("spec", "dtype", "cross_context",
+                                             "self_attention"))
 def jit_decode_step(params, tokens, position, cache, cross, spec, dtype=jnp.float32,
-                    cross_context="multiply_reduce"):
-    return decode_step(params, tokens, position, cache, cross, spec, dtype, cross_context)
+                    cross_context="multiply_reduce", self_attention="einsum"):
+    return decode_step(params, tokens, position, cache, cross, spec, dtype, cross_context,
+                       self_attention)
 
 
 def test_encoder_matches_pytorch_and_hf_flax(tiny_models):
@@ -101,12 +104,18 @@ def test_single_beam_steps_match_full_forward(tiny_models):
 
 # cuDNN's fused kernel needs a GPU.
 CPU_CROSS_CONTEXT_FORMS = [form for form in CROSS_CONTEXT_FORMS if form != "cudnn"]
+# (cross_context, self_attention): every cross-attention form a CPU runs, and each other
+# self-attention form.
+CPU_ATTENTION_FORMS = ([(form, "einsum") for form in CPU_CROSS_CONTEXT_FORMS]
+                       + [("multiply_reduce", form) for form in SELF_ATTENTION_FORMS
+                          if form != "einsum"])
 
 
-@pytest.mark.parametrize("cross_context", CPU_CROSS_CONTEXT_FORMS)
-def test_beams_with_expansion_and_reorder_match_full_forward(tiny_models, cross_context):
+@pytest.mark.parametrize(("cross_context", "self_attention"), CPU_ATTENTION_FORMS)
+def test_beams_with_expansion_and_reorder_match_full_forward(tiny_models, cross_context,
+                                                             self_attention):
     """Step 0 with one beam, expand to K, different tokens per beam, reorder mid-way; every
-    form of the cross-attention a CPU runs."""
+    form of the cross- and self-attention a CPU runs."""
     torch_model, flax_model, spec = tiny_models
     batch, beams, length, reorder_at = 2, 3, 8, 4
     pixels = random_pixels(spec, batch, seed=2)
@@ -121,7 +130,8 @@ def test_beams_with_expansion_and_reorder_match_full_forward(tiny_models, cross_
     cross = cross_kv(params, encode(params, pixels, spec), spec, cross_context=cross_context)
     cache = init_cache(batch, 1, length, spec)
     logits, cache = jit_decode_step(params, jnp.asarray(fed[:, :1, 0]), jnp.int32(0), cache,
-                                    cross, spec, cross_context=cross_context)
+                                    cross, spec, cross_context=cross_context,
+                                    self_attention=self_attention)
     steps = [np.repeat(np.asarray(logits), beams, axis=1)]
     cache = reorder_cache(cache, jnp.zeros((batch, beams), jnp.int32))
     assert len(cache.key) == spec.num_layers
@@ -137,7 +147,8 @@ def test_beams_with_expansion_and_reorder_match_full_forward(tiny_models, cross_
             cache = reordered
         logits, cache = jit_decode_step(params, jnp.asarray(fed[:, :, position]),
                                         jnp.int32(position), cache, cross, spec,
-                                        cross_context=cross_context)
+                                        cross_context=cross_context,
+                                        self_attention=self_attention)
         steps.append(np.asarray(logits))
     ours = np.stack(steps, axis=2)  # [B, K, T, V]
 
@@ -157,7 +168,7 @@ def test_beams_with_expansion_and_reorder_match_full_forward(tiny_models, cross_
 
 
 def bfloat16_and_float32_logits(flax_model, spec, pixels, tokens,
-                                cross_context="multiply_reduce"):
+                                cross_context="multiply_reduce", self_attention="einsum"):
     """Teacher-forced logits [B, K, T, V] for tokens [B, K, T] in both compute dtypes."""
     batch, beams, length = tokens.shape
     results = []
@@ -171,18 +182,19 @@ def bfloat16_and_float32_logits(flax_model, spec, pixels, tokens,
         for position in range(length):
             logits, cache = jit_decode_step(params, jnp.asarray(tokens[:, :, position]),
                                             jnp.int32(position), cache, cross, spec, dtype,
-                                            cross_context)
+                                            cross_context, self_attention)
             steps.append(np.asarray(logits))
         results.append(np.stack(steps, axis=2))
     return results
 
 
-@pytest.mark.parametrize("cross_context", CPU_CROSS_CONTEXT_FORMS)
-def test_bfloat16_logits_close_to_float32(tiny_models, cross_context):
+@pytest.mark.parametrize(("cross_context", "self_attention"), CPU_ATTENTION_FORMS)
+def test_bfloat16_logits_close_to_float32(tiny_models, cross_context, self_attention):
     _, flax_model, spec = tiny_models
     pixels = random_pixels(spec, batch=2, seed=3)
     tokens = np.random.default_rng(3).integers(0, spec.vocab_size, (2, 2, 8)).astype(np.int32)
-    half, full = bfloat16_and_float32_logits(flax_model, spec, pixels, tokens, cross_context)
+    half, full = bfloat16_and_float32_logits(flax_model, spec, pixels, tokens, cross_context,
+                                             self_attention)
     assert half.dtype == np.float32
     spread = full.max() - full.min()
     assert np.abs(half - full).max() < 0.05 * spread

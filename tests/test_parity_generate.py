@@ -66,22 +66,25 @@ def settings_for(**overrides) -> GenerationSettings:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_search(spec: DecoderSpec, settings: GenerationSettings):
-    return jax.jit(build_generate_fn(spec, settings))
+def compiled_search(spec: DecoderSpec, settings: GenerationSettings,
+                    self_attention: str = "einsum"):
+    return jax.jit(build_generate_fn(spec, settings, self_attention=self_attention))
 
 
-def generate(model: TinyModel, settings: GenerationSettings) -> parity.GenerationOutput:
+def generate(model: TinyModel, settings: GenerationSettings,
+             self_attention: str = "einsum") -> parity.GenerationOutput:
     spec = DecoderSpec.from_config(model.config)
     keys = np.zeros((len(model.pixels), 2), np.uint32)
-    output = compiled_search(spec, settings)(model.params, model.pixels, keys)
+    output = compiled_search(spec, settings, self_attention)(model.params, model.pixels, keys)
     return parity.GenerationOutput.from_search(output, len(model.pixels), settings)
 
 
-def assert_parity(models: list[TinyModel], settings: GenerationSettings) -> list[np.ndarray]:
+def assert_parity(models: list[TinyModel], settings: GenerationSettings,
+                  self_attention: str = "einsum") -> list[np.ndarray]:
     """Checks every caption of every checkpoint; returns our sequences per checkpoint."""
     all_sequences = []
     for seed, model in zip(CHECKPOINT_SEEDS, models):
-        ours = generate(model, settings)
+        ours = generate(model, settings, self_attention)
         report = parity.compare_outputs(parity.pytorch_generate(model.torch_model, model.pixels,
                                                                 settings), ours, settings)
         assert report.all_match, f"checkpoint seed {seed}, {settings}\n" + parity.format_report(
@@ -119,6 +122,13 @@ COVERING_GRID = [
 @pytest.mark.parametrize("overrides", COVERING_GRID, ids=str)
 def test_captions_equal_pytorch_generate(models, overrides):
     assert_parity(models, settings_for(**overrides))
+
+
+@pytest.mark.parametrize("overrides", COVERING_GRID[:12:3] + COVERING_GRID[12:13], ids=str)
+def test_multiply_reduce_self_attention_equals_pytorch_generate(models, overrides):
+    """The other self-attention form (``backend.SELF_ATTENTION``), which a platform may switch
+    to, keeps PyTorch's captions: beams reordered at every step read the cache through rows."""
+    assert_parity(models, settings_for(**overrides), self_attention="multiply_reduce")
 
 
 def test_eos_lands_at_varied_steps(models):
