@@ -300,10 +300,9 @@ def run_parity(work: Path, profile: Profile, recorder: Recorder) -> None:
     # The other cross- and self-attention forms (backend.CROSS_CONTEXT, SELF_ATTENTION), so a
     # platform can switch to either knowing its captions.
     platform = jax.devices()[0].platform
-    other_forms = {f"{other_cross_context(platform)} cross-attention":
-                   {"cross_context": other_cross_context(platform)},
-                   f"{other_self_attention(platform)} self-attention":
-                   {"self_attention": other_self_attention(platform)}}
+    other_cross, other_self = other_cross_context(platform), other_self_attention(platform)
+    other_forms = {f"{other_cross} cross-attention": {"cross_context": other_cross},
+                   f"{other_self} self-attention": {"self_attention": other_self}}
     other_generators: dict[tuple[str, DecoderSpec], Any] = {}
     for name, directory, make_pixels, max_length in parity_models(work, profile):
         # A row is mostly its compile; the first of a model is guessed, the rest measured.
