@@ -7,7 +7,7 @@ captions the same random images with PyTorch ``VisionEncoderDecoderModel.generat
 num_beams x length_penalty x early_stopping (plus greedy), float32 at the highest matmul
 precision, and prints the share of returned captions that differ from PyTorch's.
 
-    python scripts/measure_hf_flax_mismatch.py [--images 8] [--seeds 1 5 6] [--max-length 19]
+    python scripts/measure_hf_flax_mismatch.py [--images 8] [--seeds 9 16 37] [--max-length 19]
 
 (HF Flax turns an explicit ``max_length=20``, the library default, into 20 + the prompt
 length, so the grid avoids 20.)
@@ -56,7 +56,7 @@ def hf_flax_generate_fn(flax_model, settings: GenerationSettings):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 5, 6])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[9, 16, 37])
     parser.add_argument("--max-length", type=int, default=19)
     args = parser.parse_args()
     jax.config.update("jax_default_matmul_precision", "highest")

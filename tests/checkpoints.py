@@ -1,9 +1,10 @@
 """Builders for the tiny and full-size random checkpoints the tests run on.
 
-Each builder makes a PyTorch ``VisionEncoderDecoderModel`` with a fixed seed and writes a
-complete Hugging Face directory: ``config.json``, ``model.safetensors`` (or
-``pytorch_model.bin``), a word-level tokenizer whose vocabulary matches the model's, and a
-``preprocessor_config.json``. Nothing touches the network.
+Each builder makes a PyTorch ``VisionEncoderDecoderModel``, draws its random weights from
+numpy's generator with a fixed seed, and writes a complete Hugging Face directory:
+``config.json``, ``model.safetensors`` (or ``pytorch_model.bin``), a word-level tokenizer
+whose vocabulary matches the model's, and a ``preprocessor_config.json``. Nothing touches the
+network.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -55,6 +58,35 @@ def write_preprocessor_config(directory: Path, image_size: int) -> None:
     (directory / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
 
 
+def redraw_random_weights(model: Any, seed: int) -> None:
+    """Replaces the random weights of a freshly initialized model by numpy draws from ``seed``.
+
+    The same seed gives the same checkpoint under every torch release: torch's own
+    ``trunc_normal_`` (the ViT's initializer) drew different values for one seed in torch
+    2.11 and 2.13 (every ViT weight differed, measured 2026-12-05), so the suite's chaotic
+    checkpoints were other checkpoints on the device image. Each tensor keeps Hugging Face's
+    initializer's scale: ``initializer_range`` of its half of the model, divided by
+    sqrt(2 x layers) for GPT-2's ``c_proj`` weights. Constant tensors (layer norms, biases)
+    stay as initialized.
+    """
+    import torch
+
+    rng = np.random.default_rng(seed)
+    encoder, decoder = model.config.encoder, model.config.decoder
+    with torch.no_grad():
+        for name, parameter in sorted(model.named_parameters()):
+            if bool((parameter == parameter.flatten()[0]).all()):
+                continue
+            if name.startswith("encoder."):
+                std = encoder.initializer_range
+            elif name.endswith("c_proj.weight"):
+                std = decoder.initializer_range / np.sqrt(2 * decoder.n_layer)
+            else:
+                std = decoder.initializer_range
+            draw = rng.standard_normal(tuple(parameter.shape), dtype=np.float32) * np.float32(std)
+            parameter.copy_(torch.from_numpy(draw))
+
+
 def make_checkpoint(
     directory: str | Path,
     *,
@@ -78,7 +110,6 @@ def make_checkpoint(
     distribution, so EOS lands at varied steps). ``weights`` is ``"safetensors"`` or
     ``"bin"`` (a PyTorch pickle, as the nlpconnect checkpoint ships).
     """
-    import torch
     from transformers import (GPT2Config, ViTConfig, VisionEncoderDecoderConfig,
                               VisionEncoderDecoderModel)
 
@@ -98,8 +129,8 @@ def make_checkpoint(
     config.decoder_start_token_id = eos_id
     config.pad_token_id = eos_id
     config.eos_token_id = eos_id
-    torch.manual_seed(seed)
     model = VisionEncoderDecoderModel(config).eval()
+    redraw_random_weights(model, seed)
     model.save_pretrained(directory, safe_serialization=(weights == "safetensors"))
     # generation_config.json would carry PyTorch-only defaults; the nlpconnect repo has none.
     (directory / "generation_config.json").unlink(missing_ok=True)

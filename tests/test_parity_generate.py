@@ -33,7 +33,7 @@ SCORE_TOLERANCE = 1e-4
 # (test_processors.py) the bound is 1e-4 flat.
 STEP_ATOL, STEP_RTOL = 5e-4, 1e-4
 # Seeds whose captions end at many different steps (checked by test_eos_lands_at_varied_steps).
-CHECKPOINT_SEEDS = (1, 5, 6)
+CHECKPOINT_SEEDS = (9, 16, 37)
 
 
 @dataclasses.dataclass
@@ -269,13 +269,15 @@ def test_trained_shapes_checkpoint_equals_pytorch_generate(shapes_captioner, ove
 
 def assert_detailed_parity(ours: parity.GenerationOutput, theirs: parity.GenerationOutput,
                            settings: GenerationSettings, context: str) -> None:
-    """Tokens equal, token scores within 1e-4 of PyTorch's, per-step scores / logits within
-    STEP_ATOL / STEP_RTOL, beam indices equal; per-step arrays on the steps both loops ran
-    (ours may stop earlier: each image has its own done flag)."""
+    """Tokens equal, token scores within 1e-4 + 1e-4 x |PyTorch's|, per-step scores / logits
+    within STEP_ATOL / STEP_RTOL, beam indices equal; per-step arrays on the steps both loops
+    ran (ours may stop earlier: each image has its own done flag)."""
     report = parity.compare_outputs(theirs, ours, settings)
     assert report.all_match, f"{context}\n" + parity.format_report(report)
     assert report.max_score_difference <= SCORE_TOLERANCE, parity.format_report(report)
-    np.testing.assert_allclose(ours.token_scores, theirs.token_scores, rtol=0,
+    # Relative too: exponential_decay_length_penalty multiplies EOS's score (seed 16: 12.98396
+    # against 12.98409, a 9.8e-6 relative difference after a x1.5^k boost; measured).
+    np.testing.assert_allclose(ours.token_scores, theirs.token_scores, rtol=STEP_RTOL,
                                atol=SCORE_TOLERANCE, err_msg=context)
     if settings.num_beams > 1:
         np.testing.assert_array_equal(ours.beam_indices, theirs.beam_indices, err_msg=context)
