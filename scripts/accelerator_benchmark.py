@@ -69,12 +69,13 @@ for _path in (REPO / "scripts", REPO / "tests", REPO):  # benchmark_pipeline, ch
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+from checkpoints import CHAOTIC_SEEDS  # noqa: E402  (tests/test_parity_generate.py's checkpoints)
+
 PARTS = ("environment", "parity", "throughput", "end_to_end")
 # part -> the workers (subprocesses) that measure it
 WORKERS = {"parity": ("parity",), "throughput": ("torch_throughput", "jax_throughput"),
            "end_to_end": ("end_to_end",)}
 NUM_BEAMS, MAX_LENGTH = 4, 16
-CHAOTIC_SEEDS = (9, 16, 37)  # tests/test_parity_generate.py's checkpoints
 CHAOTIC_VOCAB = 32
 SHAPES_MODEL = REPO / "examples" / "shapes-captioner"
 SAMPLE_IMAGES = REPO / "examples" / "images"

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from checkpoints import make_checkpoint  # noqa: E402  (the tests' checkpoint builder)
+from checkpoints import CHAOTIC_SEEDS, make_checkpoint  # noqa: E402  (the tests' builder)
 from flax_captioner import parity  # noqa: E402
 from flax_captioner.decoder import DecoderSpec  # noqa: E402
 from flax_captioner.generator import GenerationSettings, build_generate_fn  # noqa: E402
@@ -56,7 +56,7 @@ def hf_flax_generate_fn(flax_model, settings: GenerationSettings):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[9, 16, 37])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(CHAOTIC_SEEDS))
     parser.add_argument("--max-length", type=int, default=19)
     args = parser.parse_args()
     jax.config.update("jax_default_matmul_precision", "highest")
