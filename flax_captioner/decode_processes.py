@@ -1,20 +1,14 @@
 """Image decoding on worker processes: the feed's CPU work, out of reach of the GIL.
 
-Decode threads scale until the GIL binds. Measured with scripts/accelerator_benchmark.py
-(part 4, 640x480 JPEGs, exact decode) on the 16-core host of an H200 machine (Intel Xeon),
-2026-11-27, images/s at 1 / 2 / 4 / 8 / 16 workers: threads 158 / 331 / 533 / 812 / 559,
-processes 178 / 282 / 579 / 1,083 / 2,108. So with more than ``THREADS_UP_TO`` decode workers
-the command line decodes in processes.
+Decode threads scale until the GIL binds, processes do not; so with more than
+``THREADS_UP_TO`` decode workers the command line decodes in processes.
 
 Each decode thread hands its image to a process of its own and waits for it (without holding
 the GIL), over a pipe of their own: only the source (a path or encoded bytes) and the image's
 name go one way, its pixels' shape the other. The process writes the pixels into a
-shared-memory slot of its own. Pixels sent back through a pipe capped a pool at ~1,050
-images/s on a 2-core AMD EPYC (Zen 4), slots at ~4,500 (float32[3, 224, 224] each,
-2026-11-27). A ``concurrent.futures`` process pool passes each image through two more threads
-of the calling process (its manager and its queue feeder): 0.40 to 0.51 ms of the caller's CPU
-per image, against 0.14 ms over a pipe per process (2 workers, 2-core AMD EPYC Zen 3,
-2026-12-04).
+shared-memory slot of its own, since pixels sent back through a pipe cap the rate, and a
+``concurrent.futures`` pool would pass each image through two more threads of the caller.
+Measurements: docs/performance.md, "Decode processes vs threads".
 
 This module imports no JAX: the worker processes import it, not the rest of the package.
 """
@@ -34,8 +28,8 @@ import numpy as np
 from flax_captioner.errors import CaptionerError
 from flax_captioner.preprocess import ImageDecoding, PreprocessConfig, load_and_preprocess_one
 
-# Decode workers up to which threads decode as fast as processes (see above: 533 vs 579
-# images/s at 4), without the processes' start-up and memory.
+# Decode workers up to which threads decode as fast as processes, without the processes'
+# start-up and memory (docs/performance.md, "Decode processes vs threads").
 THREADS_UP_TO = 4
 
 

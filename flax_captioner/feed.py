@@ -82,11 +82,8 @@ class _BatchBuffers:
     """float32[P, 3, H, W] batch arrays, each reused once its batch is released.
 
     A fresh array per batch cost more than the copies into it: the kernel zeroes each new page
-    on first touch (72% of the calling process's CPU in ``clear_page`` under ``perf``). With
-    reuse, scripts/benchmark_preprocess.py (1,024 640x480 JPEGs, batch 256, 2-core AMD EPYC
-    Zen 3, 2026-12-04, two runs each) went from 147 / 338 to 464 / 445 images/s on 2 decode
-    threads, and from 129 / 153 to 300 / 295 on 2 decode processes (the caller's CPU per image
-    from 6.95 / 5.43 to 2.86 / 2.45 ms).
+    on first touch, in the calling process (docs/performance.md, "Decode processes vs
+    threads").
     """
 
     def __init__(self) -> None:
@@ -154,7 +151,8 @@ def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: in
       prefetch: ready batches kept ahead of the consumer.
       decoding: how files become RGB images (EXIF orientation, fast JPEG decoding).
       decode_processes: each decode thread hands its images to a worker process
-        (``decode_processes.py``): faster with more than 4 threads. Python starts those
+        (``decode_processes.py``): faster past ``decode_processes.THREADS_UP_TO`` threads
+        (docs/performance.md, "Decode processes vs threads"). Python starts those
         processes by importing the calling script again, so its work must sit under
         ``if __name__ == "__main__":``.
       pad_first: pad a short batch to ``batch_size`` rows even before a full one: a resumed

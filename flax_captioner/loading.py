@@ -299,8 +299,8 @@ def abstract_model(config: Any, dtype: Any = jnp.float32) -> Any:
 
     transformers builds this class only with ``_do_init=True``: its constructor initialises
     every weight at random, op by op (about 192 small XLA compiles), and ``from_pretrained``
-    then overwrites them; skipping that took the shapes model's load from 34-44 s to 4-5 s on
-    a busy 2-core box (docs/benchmarks.md, "Start-up"). The constructor takes
+    then overwrites them, which dominated loading (docs/results/history.md, "Start-up and
+    compilation"). The constructor takes
     its parameters from ``init_weights``; for this one instance that method is traced with
     ``jax.eval_shape`` (what the base class does for ``_do_init=False``), so nothing is
     computed. Assign the real weights with ``model.params = params``.

@@ -3,14 +3,10 @@
 Under ``jax.distributed`` every process of a run calls ``finish`` once at its end: with
 ``error=None`` after success, or with the exception that stops it. The outcomes meet in the
 key-value store of JAX's coordination service (the one ``jax.distributed.initialize`` starts
-in process 0), not at a device barrier, because (measured with jax 0.10.2, two CPU processes):
-
-- a device barrier (``multihost_utils.sync_global_devices``, an all-gather) cannot tell which
-  process is missing or why: with one process failed, the other waited 30 s and raised a raw
-  ``Gloo context initialization failed: DEADLINE_EXCEEDED`` (when it was the run's first
-  collective) or sat in the all-gather until JAX's shutdown barrier gave up 300 s later and
-  aborted both processes;
-- on CPU it also fails when one process merely arrives more than 30 s after the others.
+in process 0), not at a device barrier: a device barrier
+(``multihost_utils.sync_global_devices``, an all-gather) cannot tell which process is missing
+or why, ends in a raw Gloo timeout or JAX's shutdown abort, and on CPU also fails when one
+process merely arrives late (measured: docs/scaling.md, "When a process fails").
 
 Here a failure reaches the processes waiting in ``finish`` at once, and processes still
 working when they call ``raise_if_failed`` (between batches): they raise ``ProcessGroupError``
@@ -114,10 +110,11 @@ def raise_if_failed(name: str) -> None:
     run of ``name``, and counts one step of this process's progress (a no-op with one
     process).
 
-    Two reads and an increment in the coordination service (about 1 ms on one host), for a
-    long run to call between batches: otherwise a process hears of a failure only at
-    ``finish``, or is aborted by JAX about ``shutdown_timeout_seconds`` (300 s) after the
-    failed process exits; and processes waiting in ``finish`` see that this one is alive.
+    Two reads and an increment in the coordination service (cheap next to a batch;
+    docs/scaling.md, "When a process fails"), for a long run to call between batches: otherwise
+    a process hears of a failure only at ``finish``, or is aborted by JAX about
+    ``shutdown_timeout_seconds`` (300 s) after the failed process exits; and processes waiting
+    in ``finish`` see that this one is alive.
     """
     client = _client()
     count = jax.process_count()

@@ -174,8 +174,8 @@ class ImageDecoding:
       exif_transpose: rotate/flip by the EXIF orientation tag first (``load_image``).
       fast: decode JPEGs in the DCT domain at the largest reduction (1/2, 1/4 or 1/8) that
         still covers the model's input size on both sides, then resize as usual. Pixels come
-        close to ViTImageProcessor's, not equal; docs/benchmarks.md has its speed and caption
-        agreement with the exact path.
+        close to ViTImageProcessor's, not equal; docs/performance.md, "Fast decode", has its
+        speed and caption agreement with the exact path.
     """
 
     exif_transpose: bool = False

@@ -40,8 +40,8 @@ class Program:
     ``compile(params, *batch_args)`` compiles it ahead of time for those arguments' shapes
     (JAX's AOT ``lower(...).compile()``; the batch is not copied to the devices for it), so a
     caller can time compilation apart from running; the next call with such arguments reuses
-    the executable (a toy program's first call took 0.02 s after it and 1.4 s without, jax
-    0.10.2 on CPU; tests/test_sharding.py checks that no call compiles again).
+    the executable (tests/test_sharding.py checks that no call compiles again; measured in
+    docs/results/history.md, "Start-up and compilation").
     """
 
     call: BatchFn
@@ -164,7 +164,7 @@ class MeshDataParallel:
             return compiled(params, self.put_batch(batch_args))
 
         # Lowered for arguments placed as calls place them: lowered from host arrays, the
-        # program compiled again at the first call (measured, jax 0.10.2).
+        # program would compile again at the first call (tests/test_sharding.py checks not).
         return Program(sharded, lambda params, *batch_args: compiled.lower(
             params, _placed_shapes(batch_args, self.batch_split)))
 

@@ -133,10 +133,8 @@ class CheckedInputs:
 
 
 Inputs = Sequence[str] | CheckedInputs
-# Specs are checked this many at a time: a remote one costs a request's round trip. Measured
-# with 300 shards on moto (2-core AMD EPYC, 2026-11-27): behind a proxy adding 25 ms per
-# request, 9.9-10.2 s one at a time against 2.0 s 16 at a time; with no latency added, the
-# server on the same 2 cores is the limit either way (1.7-2.2 s against 1.7-2.0 s).
+# Specs are checked this many at a time: a remote one costs a request's round trip
+# (docs/results/history.md, "Object-store input").
 _CHECK_THREADS = 16
 
 

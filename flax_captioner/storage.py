@@ -33,7 +33,7 @@ _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
               ValueError, TypeError)
 READ_ATTEMPTS = 4
-# Concurrent GETs: enough to hide ~20 ms of object-store latency behind a few cores' decoding.
+# Concurrent GETs: enough to hide an object store's latency behind a few cores' decoding.
 FETCH_THREADS = 16
 # Encoded bytes fetched but not yet decoded (a 64 MiB cap holds ~600 typical 100 kB JPEGs).
 BYTES_IN_FLIGHT = 64 << 20
@@ -251,8 +251,8 @@ def _copy_outcome(source: concurrent.futures.Future, target: concurrent.futures.
 
 def open_stream(fs: Any, path: str, name: str, *, block_size: int = 8 << 20) -> IO[bytes]:
     """A sequential reader of a remote object (a tar shard): in memory when it fits in one
-    block (one GET; measured: a 1 MB shard read through ``BlockReader`` cost the device 0.5 ms
-    of input wait per member on the 2-core box, in memory none), else a ``BlockReader``.
+    block (one GET, and no input wait per member; docs/results/history.md, "Object-store
+    input"), else a ``BlockReader``.
 
     Raises:
       OSError: naming the cause (FileNotFoundError for a missing object).
@@ -305,7 +305,7 @@ class BlockReader(io.RawIOBase):
     def open(cls, fs: Any, path: str, name: str, **kwargs: Any) -> io.BufferedReader:
         """A ``BlockReader`` behind a 1 MiB ``io.BufferedReader``: tar headers are read 512
         bytes at a time, and the C buffer serves those reads without a Python call each
-        (measured: 0.45 -> 0.15 ms per tar member on the 2-core box)."""
+        (docs/results/history.md, "Object-store input")."""
         return io.BufferedReader(cls(fs, path, name, **kwargs), buffer_size=1 << 20)
 
     def _os_error(self, error: ImageReadError) -> OSError:

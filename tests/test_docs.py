@@ -1,4 +1,4 @@
-"""README.md and docs/*.md are tested as written: every fenced code block runs or is checked.
+"""README.md and docs/**/*.md are tested as written: every fenced code block runs or is checked.
 
 Each block is one test, ``test_block[FILE:LINE]`` (the line of its opening fence).
 
@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DOC_FILES = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
+DOC_FILES = (REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")))
 SHAPES = REPO / "examples" / "shapes-captioner"
 SAMPLES = REPO / "examples" / "images"
 CI_SCRIPT = REPO / ".ci" / "run"
@@ -662,14 +662,80 @@ def test_scripts_named_in_docs_exist_and_answer_help() -> None:
     assert not problems, "\n".join(problems)
 
 
-def test_relative_links_resolve() -> None:
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a Markdown text's headings: the title in lower case, links
+    reduced to their text, characters other than letters, digits, ``-``, ``_`` and spaces
+    dropped, spaces turned into hyphens; a repeated anchor gets ``-1``, ``-2``, ...
+    Lines inside fenced blocks are not headings."""
+    anchors: set[str] = set()
+    fence: str | None = None
+    for line in text.splitlines():
+        opening = re.match(r"^\s*(`{3,}|~{3,})", line)
+        if opening:
+            if fence is None:
+                fence = opening[1]
+            elif opening[1].startswith(fence) and not line.strip().strip(fence[0]):
+                fence = None
+            continue
+        heading = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if fence is None and heading:
+            title = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading[1])
+            anchor = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+            unique, count = anchor, 0
+            while unique in anchors:
+                count += 1
+                unique = f"{anchor}-{count}"
+            anchors.add(unique)
+    return anchors
+
+
+def link_problems(doc: Path) -> list[str]:
+    """Relative links of ``doc`` whose file does not exist, or whose ``#anchor`` names no
+    heading of the Markdown file it points to."""
     problems = []
-    for doc in DOC_FILES:
-        for number, line in enumerate(doc.read_text().splitlines(), 1):
-            for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", line):
-                if "://" not in target and not (doc.parent / target).exists():
-                    problems.append(f"{doc.relative_to(REPO)}:{number}: no {target}")
+    for number, line in enumerate(doc.read_text().splitlines(), 1):
+        for target in re.findall(r"\]\(([^)\s]*)\)", line):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path) if path else doc
+            where = f"{doc.relative_to(REPO)}:{number}"
+            if not file.exists():
+                problems.append(f"{where}: no {path}")
+            elif anchor and file.suffix == ".md" and anchor not in heading_anchors(
+                    file.read_text()):
+                problems.append(f"{where}: no heading #{anchor} in {file.relative_to(REPO)}")
+    return problems
+
+
+def test_relative_links_resolve() -> None:
+    problems = [problem for doc in DOC_FILES for problem in link_problems(doc)]
     assert not problems, "\n".join(problems)
+
+
+def readme_module_map() -> list[str]:
+    """The modules the README's module map lists: the ```text block that starts with
+    ``flax_captioner/``, one entry per line indented two spaces (``a.py, b.py   what``)."""
+    blocks, _ = parse_markdown((REPO / "README.md").read_text(), "README.md")
+    [module_map] = [block for block in blocks if block.code.startswith("flax_captioner/\n")]
+    names = []
+    for line in module_map.code.splitlines()[1:]:
+        entry = re.match(r"  (\w+\.py(?:, \w+\.py)*)(?:\s|$)", line)
+        if entry:
+            names += entry[1].split(", ")
+    return names
+
+
+def test_readme_module_map_lists_the_package_modules() -> None:
+    """The README's module map names every module of the package once, and nothing else."""
+    listed = readme_module_map()
+    present = {path.name for path in (REPO / "flax_captioner").glob("*.py")}
+    twice = sorted({name for name in listed if listed.count(name) > 1})
+    missing = sorted(present - set(listed))
+    absent = sorted(set(listed) - present)
+    assert not (twice or missing or absent), (
+        f"README.md's module map: not listed {missing}; listed but not in flax_captioner/ "
+        f"{absent}; listed twice {twice}")
 
 
 def test_public_names_import() -> None:
@@ -709,6 +775,23 @@ def test_harness_flags_untagged_fences_and_stray_markers() -> None:
     assert blocks[3].code == "<!-- doc-test: parse-only -->\n  echo\n"  # inside: not a marker
     assert problems == ["X.md:6: doc-test marker not followed by a fence",
                         "X.md:11: unknown doc-test mode 'sometimes' (known: parse-only)"]
+
+
+def test_harness_checks_links_and_anchors_as_github_makes_them(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    text = ("# Performance: `scripts/x.py`\n## Runs 5 and 6, 2026-12-04\n```bash\n# not one\n```\n"
+            "## The feed's own cost (2026-12-04)\n## Runs 5 and 6, 2026-12-04\n"
+            "### See [the docs](b.md) ###\n")
+    assert heading_anchors(text) == {
+        "performance-scriptsxpy", "runs-5-and-6-2026-12-04", "the-feeds-own-cost-2026-12-04",
+        "runs-5-and-6-2026-12-04-1", "see-the-docs"}
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    (tmp_path / "a.md").write_text(text + "[ok](#runs-5-and-6-2026-12-04-1) [ok](b.md#top)\n"
+                                   "[bad](#nowhere) [bad](b.md#gone) [bad](c.md) [web](https://x)\n")
+    (tmp_path / "b.md").write_text("# Top\n")
+    assert link_problems(tmp_path / "a.md") == [
+        "a.md:10: no heading #nowhere in a.md", "a.md:10: no heading #gone in b.md",
+        "a.md:10: no c.md"]
 
 
 def test_harness_expands_like_bash_and_finds_launched_commands(tmp_path: Path) -> None:
