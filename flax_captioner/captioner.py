@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -9,14 +10,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from flax_captioner import backend, feed, loading, sharding, sources, storage
-from flax_captioner.generator import (Dispatched, GenerationOutput, GenerationSettings,
-                                      Generator, one_ahead)
+from flax_captioner import backend, device_loop, feed, loading, sharding, sources, storage
+from flax_captioner.decode_processes import use_processes
+from flax_captioner.generator import GenerationOutput, Generator, enable_compilation_cache
+from flax_captioner.options import CaptionOptions
 from flax_captioner.preprocess import ImageDecoding
+from flax_captioner.settings import GenerationSettings
 from flax_captioner.sources import InputItem
 
 # One image: a path, an image file's encoded bytes, or a PIL image.
@@ -35,8 +37,8 @@ class Captioner:
         self,
         checkpoint: loading.LoadedCheckpoint,
         *,
-        dtype: Any = jnp.float32,
-        parallelism: str = "mesh",
+        dtype: str | Any = CaptionOptions.dtype,
+        parallelism: str = CaptionOptions.parallelism,
     ):
         self.checkpoint = checkpoint
         self.model = checkpoint.model
@@ -54,11 +56,11 @@ class Captioner:
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike = loading.DEFAULT_MODEL,
+        name_or_path: str | os.PathLike = CaptionOptions.model,
         *,
         revision: str | None = None,
-        dtype: Any = jnp.float32,
-        parallelism: str = "mesh",
+        dtype: str | Any = CaptionOptions.dtype,
+        parallelism: str = CaptionOptions.parallelism,
     ) -> "Captioner":
         """Loads a hub id or local checkpoint directory.
 
@@ -66,7 +68,8 @@ class Captioner:
           name_or_path: hub id or directory with ``flax_model.msgpack``, ``model.safetensors``
             or ``pytorch_model.bin`` (PyTorch weights are converted on load).
           revision: hub branch, tag or commit.
-          dtype: compute dtype of the generator (``jnp.float32`` or ``jnp.bfloat16``).
+          dtype: compute dtype of the generator: ``"float32"`` (exact, the default) or
+            ``"bfloat16"`` (fast), or the ``jnp`` dtype.
           parallelism: ``"mesh"`` (jit over a device mesh, default), ``"pmap"`` or ``"none"``.
 
         Raises:
@@ -77,6 +80,22 @@ class Captioner:
         captioner = cls(checkpoint, dtype=dtype, parallelism=parallelism)
         captioner.load_seconds = time.perf_counter() - started
         return captioner
+
+    @classmethod
+    def from_options(cls, options: CaptionOptions) -> "Captioner":
+        """Loads ``options.model`` as ``options`` say: its revision, dtype and parallelism,
+        with JAX's persistent compilation cache on in ``options.compilation_cache`` (when
+        set: every program is cached, so a restarted process skips recompiling).
+
+        Raises:
+          ModelLoadError: as ``from_pretrained``.
+          OptionError: the compilation cache is not a folder.
+        """
+        options.check_paths()
+        if options.compilation_cache:
+            enable_compilation_cache(options.compilation_cache)
+        return cls.from_pretrained(options.model, revision=options.revision,
+                                   dtype=options.dtype, parallelism=options.parallelism)
 
     def settings(self, **overrides: Any) -> GenerationSettings:
         """Generation settings: the checkpoint's defaults with ``overrides`` applied."""
@@ -97,18 +116,34 @@ class Captioner:
         return backend.default_batch_size(self.generator.data_parallel.devices,
                                           image_bytes=image_bytes, weight_bytes=weight_bytes)
 
-    def preprocess(self, images: ImageInput | Iterable[ImageInput], *,
-                   exif_transpose: bool = False, fast_decode: bool = False) -> np.ndarray:
-        """Decodes and preprocesses images (on the feed's threads) into float32[B, 3, H, W];
-        ``exif_transpose`` and ``fast_decode`` as in ``caption``.
+    def batches(self, items: Iterable[InputItem], options: CaptionOptions, *,
+                batch_size: int | None = None,
+                pad_first: bool = False) -> contextlib.AbstractContextManager[Iterator[feed.Batch]]:
+        """``feed.batches`` of ``items`` as ``options`` decode them: ``options.batch_size``
+        images per batch (``batch_size`` instead when given; None for both:
+        ``default_batch_size()``), on ``decode_workers(options)``, with its EXIF and fast
+        decoding choices. ``pad_first`` as in ``feed.batches``."""
+        threads, processes = decode_workers(options)
+        return feed.batches(
+            items, self.preprocess_config,
+            batch_size or options.batch_size or self.default_batch_size(),
+            num_threads=threads, decode_processes=processes, pad_first=pad_first,
+            decoding=ImageDecoding(exif_transpose=options.exif_transpose,
+                                   fast=options.fast_decode))
+
+    def preprocess(self, images: ImageInput | Iterable[ImageInput],
+                   options: CaptionOptions | None = None, **overrides: Any) -> np.ndarray:
+        """Decodes and preprocesses images (on the feed's threads) into float32[B, 3, H, W],
+        decoded as ``options`` with ``overrides`` say (``exif_transpose``, ``fast_decode``,
+        the decoding workers), in one batch.
 
         Raises:
           ImageReadError: naming the first input that cannot be read.
+          OptionError: a bad option.
         """
-        items = list(_items(images))
-        decoding = ImageDecoding(exif_transpose=exif_transpose, fast=fast_decode)
-        with feed.batches(items, self.preprocess_config, max(len(items), 1),
-                          decoding=decoding) as batches:
+        options = (options or CaptionOptions()).replace(**overrides)
+        items = list(_items(images, options))
+        with self.batches(items, options, batch_size=max(len(items), 1)) as batches:
             batch = next(batches, None)
         if batch is None:
             height, width = self.preprocess_config.size
@@ -145,65 +180,61 @@ class Captioner:
     def caption(
         self,
         images: ImageInput | Iterable[ImageInput],
-        *,
-        batch_size: int | None = None,
-        num_threads: int | None = None,
-        exif_transpose: bool = False,
-        fast_decode: bool = False,
-        rng: jax.Array | None = None,
-        **settings: Any,
+        options: CaptionOptions | None = None,
+        **overrides: Any,
     ) -> list[str]:
         """Captions images: one caption per image and returned sequence, in input order.
 
         Args:
-          images: one image or any iterable of them (paths, encoded bytes, PIL images),
-            decoded lazily on the feed's threads while the device works.
-          batch_size: images per device batch (None: ``default_batch_size()``).
-          num_threads: decode threads (None: one per CPU core).
-          exif_transpose: apply EXIF orientation first (off: the model card's behaviour).
-          fast_decode: decode JPEGs at reduced scale in the DCT domain (``ImageDecoding``):
-            faster on large photos, pixels close to but not equal to the exact path's.
-          rng: PRNG key for sampling (default ``PRNGKey(0)``).
-          settings: generation settings; unset ones come from the checkpoint.
+          images: one image or any iterable of them (paths, encoded bytes, PIL images, or
+            dataset rows holding one), decoded lazily on the feed's threads while the
+            device works.
+          options: the choices (``CaptionOptions``; None: the defaults); those of the model
+            are the loaded captioner's, and those of an output do not apply.
+          overrides: ``CaptionOptions`` fields to change, e.g. ``num_beams=4``,
+            ``batch_size=16``, ``fast_decode=True``, ``seed=1``. Unset generation settings
+            come from the checkpoint.
 
         Raises:
           ImageReadError: naming the first input that cannot be read.
-          ValueError: a bad setting or batch size (before any image is read).
+          OptionError: a bad option or setting (before any image is read).
         """
-        resolved = self.settings(**settings)
-        rows = resolved.num_return_sequences
+        options = (options or CaptionOptions()).replace(**overrides)
+        settings = self.settings(**options.generation_overrides())
+        rows = settings.num_return_sequences
         captions: list[str] = []
-
-        def dispatch(batch: feed.Batch) -> Dispatched:
-            _raise_first_error(batch)
-            return self.generator.dispatch(batch.pixel_values, resolved, rng=rng,
-                                           first_index=batch.items[0].index)
-
-        with feed.batches(_items(images), self.preprocess_config,
-                          batch_size or self.default_batch_size(), num_threads=num_threads,
-                          decoding=ImageDecoding(exif_transpose=exif_transpose,
-                                                 fast=fast_decode)) as batches:
-            for batch, dispatched in one_ahead(batches, dispatch):  # devices run meanwhile
-                output = dispatched.result()
-                batch.release()  # its search is done: the feed refills the pixels' memory
+        with self.batches(_items(images, options), options) as batches:
+            for batch, output in device_loop.run(_every_image_read(batches), self.generator,
+                                                 settings, rng=jax.random.key(options.seed)):
                 captions.extend(self.decode(output.sequences[:batch.num_decoded * rows]))
         return captions
 
 
-def _items(images: ImageInput | Iterable[ImageInput]) -> Iterator[InputItem]:
+def decode_workers(options: CaptionOptions) -> tuple[int, bool]:
+    """(decoding threads, whether each hands its images to a process) for ``options``:
+    ``decode_threads``, else one per CPU core; ``decode_processes``, else processes past
+    ``decode_processes.THREADS_UP_TO`` threads (where they decode faster)."""
+    threads = feed.decode_threads(options.decode_threads)
+    processes = options.decode_processes
+    return threads, use_processes(threads) if processes is None else processes
+
+
+def _items(images: ImageInput | Iterable[ImageInput],
+           options: CaptionOptions) -> Iterator[InputItem]:
     """InputItems for the feed, named as errors should name them.
 
     Besides paths (local or fsspec URLs), bytes and PIL images, an element may be a row of a
     ``datasets.Dataset`` or of img2dataset's tables: a mapping whose image is a PIL image,
     bytes, or a Hugging Face image struct ``{"bytes": ..., "path": ...}``, found under
-    ``sources.IMAGE_COLUMNS`` (``image``, ``jpg``, ...) and named by ``sources.ID_COLUMNS``.
+    ``options.image_column``, else the first of ``sources.IMAGE_COLUMNS`` (``image``, ``jpg``,
+    ...), and named by ``options.id_column``, else by ``sources.ID_COLUMNS``.
     """
     if isinstance(images, (str, os.PathLike, bytes, Image.Image)):
         images = [images]
     for index, image in zip(itertools.count(), images):
         name, row_id = f"images[{index}]", None
         if isinstance(image, Mapping):
-            image, row_id = _row_image(image, name)
+            image, row_id = _row_image(image, name, options)
         if isinstance(image, Mapping):  # an image struct: its bytes, else its path
             name = image.get("path") or name
             image = image.get("bytes") or image.get("path")
@@ -219,15 +250,25 @@ def _items(images: ImageInput | Iterable[ImageInput]) -> Iterator[InputItem]:
                             f"holding one, got {type(image).__name__}")
 
 
-def _row_image(row: Mapping[str, Any], name: str) -> tuple[Any, str | None]:
+def _row_image(row: Mapping[str, Any], name: str,
+               options: CaptionOptions) -> tuple[Any, str | None]:
     """(image value, row name from its id column or None) of a dataset row."""
-    column = next((column for column in sources.IMAGE_COLUMNS if column in row), None)
+    image_columns = (options.image_column,) if options.image_column else sources.IMAGE_COLUMNS
+    column = next((column for column in image_columns if column in row), None)
     if column is None:
         raise TypeError(f"{name}: a row without an image column (looked for "
-                        f"{', '.join(sources.IMAGE_COLUMNS)}; it has {', '.join(row)})")
-    identifier = next((row[column] for column in sources.ID_COLUMNS
+                        f"{', '.join(image_columns)}; it has {', '.join(row)})")
+    id_columns = (options.id_column,) if options.id_column else sources.ID_COLUMNS
+    identifier = next((row[column] for column in id_columns
                        if row.get(column) is not None), None)
     return row[column], None if identifier is None else str(identifier)
+
+
+def _every_image_read(batches: Iterable[feed.Batch]) -> Iterator[feed.Batch]:
+    """``batches``, raising the first unreadable image's error before its batch runs."""
+    for batch in batches:
+        _raise_first_error(batch)
+        yield batch
 
 
 def _raise_first_error(batch: feed.Batch) -> None:

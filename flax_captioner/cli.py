@@ -2,7 +2,8 @@
 
 Every flag value, the inputs and the output are checked before JAX, transformers or a model
 loads, so ``--help`` and a typo answer at once. Errors are one line on stderr, never a
-traceback; a library error's ``fix`` keys become flag hints.
+traceback; a library error's ``fix`` keys become flag hints, and an ``OptionError``'s field
+the flag that sets it. The ``caption`` flags are ``CaptionOptions``' fields.
 
 Exit status: 0 success; 1 when any image failed or a command could not finish (the work that
 succeeded is kept); 2 for usage errors (bad flags, bad settings); 128 + the signal's number
@@ -25,11 +26,12 @@ import typing
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
-from flax_captioner.defaults import DEFAULT_MODEL
-from flax_captioner.errors import CaptionerError, DataError, PipelineInterrupted
+from flax_captioner.errors import CaptionerError, DataError, OptionError, PipelineInterrupted
+from flax_captioner.options import CaptionOptions, output_format
 from flax_captioner.train_config import TrainConfig
 
 if typing.TYPE_CHECKING:  # imported at run time only once the flags are checked
+    from flax_captioner.captioner import Captioner
     from flax_captioner.sources import CheckedInputs
 
 PROG = "flax-captioner"
@@ -45,40 +47,9 @@ FIX_HINTS = {
     "smaller_batch": "use a smaller --batch-size N",
 }
 
-OUTPUT_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
-
-# (flag, type, help) for every generation setting; each maps to a GenerationSettings field.
-GENERATION_FLAGS: tuple[tuple[str, Any, str], ...] = (
-    ("--num-beams", int, "beams per image (1 = greedy) [4]"),
-    ("--max-length", int, "maximum caption length in tokens, decoder_start included [16]"),
-    ("--max-new-tokens", int, "maximum generated tokens (overrides --max-length)"),
-    ("--min-length", int, "minimum length before EOS is allowed"),
-    ("--length-penalty", float, "beam score = logp / length ** penalty [1.0]"),
-    ("--early-stopping", "early_stopping", "true, false or never [false]"),
-    ("--num-return-sequences", int, "captions returned per image (<= num beams) [1]"),
-    ("--no-repeat-ngram-size", int, "forbid repeating n-grams of this size"),
-    ("--repetition-penalty", float, "CTRL-style repetition penalty (1.0 = none)"),
-    ("--bad-words-ids", "json", "JSON list of forbidden token-id sequences, e.g. '[[12],[7,9]]'"),
-    ("--do-sample", "flag", "sample instead of searching"),
-    ("--temperature", float, "sampling temperature"),
-    ("--top-k", int, "sample from the k most likely tokens"),
-    ("--top-p", float, "sample from the smallest set with this probability mass"),
-    ("--min-p", float, "sample only tokens with >= this fraction of the top token's probability"),
-    ("--typical-p", float, "locally typical sampling mass (1.0 = off)"),
-    ("--epsilon-cutoff", float, "sample only tokens with probability >= this (0 = off)"),
-    ("--eta-cutoff", float, "eta sampling cutoff (0 = off)"),
-    ("--sequence-bias", "json", "JSON list of [token ids, bias] pairs, e.g. '[[[7], -2.0]]'"),
-    ("--forced-bos-token-id", int, "token forced as the first generated token"),
-    ("--forced-eos-token-id", int, "token forced as the last token at max length"),
-    ("--exponential-decay-length-penalty", "json",
-     "JSON [start_index, decay_factor]: raise the EOS score after start_index tokens"),
-    ("--suppress-tokens", "json", "JSON list of token ids never generated, e.g. '[7, 9]'"),
-    ("--begin-suppress-tokens", "json", "JSON list of token ids not generated first"),
-    ("--renormalize-logits", "flag", "log-softmax the scores after all processors"),
-    ("--remove-invalid-values", "flag", "replace nan/inf scores by finite values"),
-    ("--output-scores", "flag", "also return the processed scores of every step"),
-    ("--output-logits", "flag", "also return the raw logits of every step"),
-)
+# Flag groups' descriptions (a field's ``group`` metadata names its group).
+GROUPS = {"generation": "unset settings come from the checkpoint's generation config; the "
+                        "values in brackets are the default model's"}
 
 
 def _early_stopping(text: str) -> bool | str:
@@ -95,54 +66,11 @@ def _json_value(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
 
 
-def _storage_options(text: str) -> dict[str, Any]:
+def _json_object(text: str) -> dict[str, Any]:
     value = _json_value(text)
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"anon\": true}'")
     return value
-
-
-def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("generation")
-    for flag, kind, help_text in GENERATION_FLAGS:
-        if kind == "flag":
-            group.add_argument(flag, action="store_true", default=None, help=help_text)
-        else:
-            parse = {"early_stopping": _early_stopping, "json": _json_value}.get(kind, kind)
-            group.add_argument(flag, type=parse, default=None, help=help_text)
-    group.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling [0]")
-
-
-def _generation_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The generation flags the user set, as GenerationSettings keyword arguments."""
-    names = [flag[2:].replace("-", "_") for flag, _, _ in GENERATION_FLAGS]
-    # List values stay JSON lists: GenerationSettings.resolve checks their shape and makes
-    # them tuples (a flat "[12]" for bad_words_ids is a one-line error there, not a crash).
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-
-
-def check_generation_flags(args: argparse.Namespace) -> None:
-    """Raises ValueError naming the first generation flag whose value no model accepts, by
-    the library's own rules (``GenerationSettings.check_overrides``: plain Python, no JAX)."""
-    from flax_captioner.settings import GenerationSettings
-
-    GenerationSettings.check_overrides(**_generation_settings(args))
-
-
-def _add_model_flags(parser: argparse.ArgumentParser, *, default_model: bool = True) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL if default_model else None,
-                        required=not default_model,
-                        help=f"hub id or checkpoint directory [{DEFAULT_MODEL}]")
-    parser.add_argument("--revision", default=None, help="hub branch, tag or commit")
-
-
-def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="compute dtype [float32]")
-    parser.add_argument("--parallelism", choices=("mesh", "pmap", "none"), default="mesh",
-                        help="how batches are sharded over local devices [mesh]")
-    parser.add_argument("--compilation-cache", metavar="DIR", default=None,
-                        help="JAX persistent compilation cache directory (cuts restarts)")
 
 
 def _positive_seconds(text: str) -> float:
@@ -156,57 +84,96 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _count(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
-        return value
-
-    return parse
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
-def output_format(output: str | None, requested: str | None, *,
-                  format_flag: bool = True) -> str | None:
-    """The format named by ``requested`` (``--format``), else by the suffix of ``output``;
-    None for stdout. ``format_flag``: the command has ``--format`` (the message offers it).
+# A field's ``kind`` metadata -> the argparse type that reads its flag.
+KINDS: dict[str, Callable[[str], Any]] = {
+    "count": _count, "seconds": _positive_seconds, "json": _json_value,
+    "json_object": _json_object, "early_stopping": _early_stopping}
+
+
+def flag_of(field: dataclasses.Field) -> str | None:
+    """The command-line flag that sets a dataclass field (None: none does)."""
+    return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type,
+                         only: Callable[[dataclasses.Field], bool] | None = None) -> None:
+    """One flag per dataclass field (``only`` those it accepts), typed and documented from
+    the field: its type, and its metadata (``options._option``: flag, action, kind, choices,
+    metavar, help, default_text, group). The flag's destination is the field's name."""
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        flag, meta = flag_of(field), field.metadata
+        if flag is None or (only is not None and not only(field)):
+            continue
+        default = (field.default if field.default is not dataclasses.MISSING
+                   else field.default_factory())  # type: ignore[misc]
+        types = set(typing.get_args(hints[field.name])) or {hints[field.name]}
+        is_bool = bool in types and types <= {bool, type(None)}  # bool, or bool | None
+        action = meta.get("action", "optional" if is_bool else None)
+        if "default_text" in meta:
+            shown = f" [{meta['default_text']}]"
+        elif default is None or action in ("store_true", "store_false"):
+            shown = ""
+        else:
+            shown = f" [{default}]"
+        options: dict[str, Any] = {"dest": field.name, "default": default,
+                                   "help": meta.get("help", "") + shown}
+        if action == "optional":
+            options["action"] = argparse.BooleanOptionalAction
+        elif action is not None:
+            options["action"] = action
+        else:
+            hint = hints[field.name]
+            inner = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+            if typing.get_origin(hint) is tuple:
+                hint, options["nargs"] = inner[0], "*"
+            elif inner:
+                hint = inner[0]
+            options["type"] = KINDS[meta["kind"]] if "kind" in meta else (
+                hint if hint in (int, float, str) else str)
+            options.update({key: meta[key] for key in ("choices", "metavar") if key in meta})
+        group = meta.get("group")
+        if group is not None and group not in groups:
+            groups[group] = parser.add_argument_group(group, GROUPS.get(group))
+        (groups[group] if group is not None else parser).add_argument(flag, **options)
+
+
+def _caption_options(args: argparse.Namespace) -> CaptionOptions:
+    """The ``CaptionOptions`` the flags give (fields without a flag keep their default).
 
     Raises:
-      ValueError: an output whose suffix names no format this tool writes.
+      OptionError: a value no run accepts (the field is shown as its flag).
     """
-    if requested is not None or output is None:
-        return requested
-    suffix = os.path.splitext(output)[1].lower()
-    if suffix not in OUTPUT_SUFFIXES:
-        raise ValueError(f"{output}: unknown output suffix {suffix!r}; use .jsonl, .json, "
-                         f".parquet or .pq" + (", or --format" if format_flag else ""))
-    return OUTPUT_SUFFIXES[suffix]
+    return CaptionOptions(**{field.name: getattr(args, field.name)
+                             for field in dataclasses.fields(CaptionOptions)
+                             if hasattr(args, field.name)})
 
 
-def check_caption_run(args: argparse.Namespace) -> tuple[str, CheckedInputs]:
-    """Everything a caption run can get wrong before the model loads: flag values, inputs
-    (a glob matching nothing, no image at all) and the output. Returns the output format and
-    the checked inputs (the run lists no glob again). Imports no JAX (the point: a typo
-    answers in a second, not after loading)."""
-    check_generation_flags(args)
-    if not 0 <= args.seed < 2**63:  # what a JAX PRNG key takes
-        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
-    cache = args.compilation_cache
-    if cache is not None and os.path.exists(cache) and not os.path.isdir(cache):
-        raise ValueError(f"--compilation-cache {cache}: not a folder")
-    requested_format = output_format(args.output, args.format)
+def check_caption_run(args: argparse.Namespace,
+                      options: CaptionOptions) -> CheckedInputs:
+    """Everything a caption run can get wrong before the model loads: the compilation
+    cache, inputs (a glob matching nothing, no image at all) and the output (its name and
+    format first). Returns the checked inputs (the run lists no glob again). Imports no JAX
+    (the point: a typo answers in a second, not after loading)."""
+    options.check_paths()
+    output_format(args.output, options.output_format, format_hint="or --format")
     # Imported here, after the flag checks: PIL, numpy and pyarrow take most of a second.
     from flax_captioner.preflight import check_run
 
-    inputs, resolved = check_run(args.inputs, args.output, requested_format,
-                                 storage_options=args.storage_options,
-                                 image_column=args.image_column, id_column=args.id_column)
-    return resolved, inputs
+    inputs, _ = check_run(args.inputs, args.output, options)
+    return inputs
 
 
 def _import_transformers_without_torch() -> None:
@@ -232,52 +199,39 @@ def _quiet_transformers() -> None:
     transformers_logging.set_verbosity_error()
 
 
-def _load_captioner(args: argparse.Namespace) -> Any:
+def _load_captioner(options: CaptionOptions) -> Captioner:
     _quiet_transformers()
-    import jax.numpy as jnp
-
     from flax_captioner.captioner import Captioner
-    from flax_captioner.generator import enable_compilation_cache
 
-    if args.compilation_cache:
-        enable_compilation_cache(args.compilation_cache)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    return Captioner.from_pretrained(args.model, revision=args.revision, dtype=dtype,
-                                     parallelism=args.parallelism)
+    return Captioner.from_options(options)
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    resolved_format, inputs = check_caption_run(args)
+    options = _caption_options(args)
+    inputs = check_caption_run(args, options)
     if args.own_process:
         _import_transformers_without_torch()
     if args.distributed:
         import jax
 
         jax.distributed.initialize()
-    captioner = _load_captioner(args)
-    from flax_captioner.decode_processes import use_processes
-    from flax_captioner.feed import decode_threads
+    captioner = _load_captioner(options)
     from flax_captioner.pipeline import run_pipeline
 
-    decode_processes = args.decode_processes
-    if decode_processes is None:
-        decode_processes = use_processes(decode_threads(args.threads))
-    stats = run_pipeline(
-        captioner, inputs, args.output, batch_size=args.batch_size,
-        output_format=resolved_format, resume=not args.no_resume, num_threads=args.threads,
-        decode_processes=decode_processes,
-        seed=args.seed, settings=_generation_settings(args), exif_transpose=args.exif_transpose,
-        fast_decode=args.fast_decode, token_logprobs=args.token_logprobs,
-        **({} if args.process_timeout is None else {"process_timeout_s": args.process_timeout}),
-        storage_options=args.storage_options, image_column=args.image_column,
-        id_column=args.id_column)
+    try:
+        stats = run_pipeline(inputs, args.output, options, captioner)
+    except PipelineInterrupted as error:
+        if error.stats is not None:  # None: a second signal cut the run short
+            print(error.stats.summary(), file=sys.stderr)
+        raise
+    print(stats.summary(), file=sys.stderr)
     return 1 if stats.errors else 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from flax_captioner.writers import find_parts, merge_shards
 
-    format_ = output_format(args.output, None, format_flag=False)
+    format_ = output_format(args.output, None, format_hint=None)
     parts = find_parts(args.output, args.storage_options)
     rows = merge_shards(args.output, format_, args.storage_options)
     print(f"merged {rows} rows from {len(parts)} parts into {args.output}", file=sys.stderr)
@@ -296,23 +250,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    check_generation_flags(args)
+    options = _caption_options(args).replace(parallelism="none")
     for image in args.images:
         if not os.path.isfile(image):
             raise DataError(f"{image}: no such file")
     _quiet_transformers()
-    from flax_captioner.captioner import Captioner
     from flax_captioner.loading import torch_available
     from flax_captioner.parity import compare_with_pytorch, format_report
 
     if not torch_available():
         raise CaptionerError("parity runs PyTorch generate beside this generator; install "
                              "PyTorch (pip install 'flax-captioner[torch]')")
-    captioner = Captioner.from_pretrained(args.model, revision=args.revision, parallelism="none")
-    settings = captioner.settings(**{"num_beams": 4, "max_length": 16,
-                                     **_generation_settings(args)})
-    pixel_values = captioner.preprocess(args.images)
-    report = compare_with_pytorch(captioner, pixel_values, settings)
+    captioner = _load_captioner(options)
+    settings = captioner.settings(**options.generation_overrides())
+    report = compare_with_pytorch(captioner, captioner.preprocess(args.images, options),
+                                  settings)
     print(format_report(report, names=args.images))
     return 0 if report.all_match else 1
 
@@ -328,28 +280,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(config)
     print(result.summary(), file=sys.stderr)
     return 0
-
-
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--field-name`` flag per dataclass field, typed and documented from the field."""
-    hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
-        hint = hints[field.name]
-        default = (field.default if field.default is not dataclasses.MISSING
-                   else field.default_factory())  # type: ignore[misc]
-        help_text = f"{field.metadata.get('help', '')} [{default}]"
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text)
-            continue
-        inner = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        if typing.get_origin(hint) is tuple:
-            parser.add_argument(flag, type=inner[0], nargs="*", default=default, help=help_text)
-            continue
-        base = inner[0] if inner else hint
-        parser.add_argument(flag, type=base if base in (int, float, str) else str,
-                            default=default, help=help_text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -370,50 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "patterns, pipe:COMMAND), or Parquet/Arrow tables of encoded images; "
                     "local paths or fsspec URLs (s3://, gs://, hf://, https://, ...).")
     caption.add_argument("inputs", nargs="+", metavar="INPUT")
-    _add_model_flags(caption)
     caption.add_argument("--output", "-o", default=None,
-                         help="output file (.jsonl, .json, .parquet or .pq); stdout JSONL "
-                              "when omitted")
-    caption.add_argument("--format", choices=("jsonl", "parquet"), default=None,
-                         help="output format [from the --output suffix, else jsonl]")
-    caption.add_argument("--batch-size", type=_count(1), default=None, metavar="N",
-                         help="images per batch, split over the local devices [8 on CPU; 256 "
-                              "per GPU/TPU chip, fewer if its memory is short]")
-    caption.add_argument("--threads", type=_count(1), default=None, metavar="N",
-                         help="image decoding threads [all cores]")
-    caption.add_argument("--decode-processes", action=argparse.BooleanOptionalAction,
-                         default=None,
-                         help="each decoding thread hands its images to a worker process, "
-                              "past Python's GIL [on with more than 4 threads]")
-    caption.add_argument("--no-resume", action="store_true",
-                         help="start over instead of continuing an existing --output")
-    caption.add_argument("--token-logprobs", action="store_true",
-                         help="rows also list the log-probability of every generated token")
-    caption.add_argument("--exif-transpose", action="store_true",
-                         help="rotate images by their EXIF orientation first, as transformers' "
-                              "pipeline does [off: the model card's behaviour, which parity "
-                              "with PyTorch assumes]")
-    caption.add_argument("--fast-decode", action="store_true",
-                         help="decode JPEGs at 1/2, 1/4 or 1/8 scale (DCT domain) when still "
-                              "larger than the model's input: faster on large photos, pixels "
-                              "close to but not equal to ViTImageProcessor's [off: exact]")
+                         help="output file (.jsonl, .parquet or .pq; .json is refused: the "
+                              "rows are JSON Lines); stdout JSONL when omitted")
     caption.add_argument("--distributed", action="store_true",
                          help="multi-host: call jax.distributed.initialize() first; each "
                               "process captions its slice, process 0 merges the shards")
-    caption.add_argument("--process-timeout", type=_positive_seconds, default=None,
-                         metavar="SECONDS",
-                         help="--distributed: how long a finished process waits while no "
-                              "unfinished process makes progress, before naming them [600]")
-    caption.add_argument("--storage-options", type=_storage_options, default=None,
-                         metavar="JSON",
-                         help="fsspec options for URL inputs and output, e.g. "
-                              "'{\"endpoint_url\": \"http://host:9000\"}' [fsspec's config]")
-    caption.add_argument("--image-column", default=None, metavar="NAME",
-                         help="Parquet/Arrow inputs: column of encoded images [detected]")
-    caption.add_argument("--id-column", default=None, metavar="NAME",
-                         help="Parquet/Arrow inputs: column naming each row [key, id, ...]")
-    _add_runtime_flags(caption)
-    _add_generation_flags(caption)
+    _add_dataclass_flags(caption, CaptionOptions)  # every other flag: a CaptionOptions field
     caption.set_defaults(handler=cmd_caption)
 
     merge = commands.add_parser(
@@ -421,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge OUTPUT's per-process shards (written under jax.distributed) "
                     "into OUTPUT, in input order.")
     merge.add_argument("output")
-    merge.add_argument("--storage-options", type=_storage_options, default=None,
+    merge.add_argument("--storage-options", type=_json_object, default=None,
                        metavar="JSON", help="fsspec options for an OUTPUT URL, as in caption")
     merge.set_defaults(handler=cmd_merge)
 
@@ -444,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "print per image whether the tokens match, the score difference and the "
                     "first differing step. Exit 1 when any caption differs.")
     parity.add_argument("images", nargs="+", metavar="IMAGE")
-    _add_model_flags(parity)
-    _add_generation_flags(parity)
+    _add_dataclass_flags(parity, CaptionOptions, only=lambda field: field.name in (
+        "model", "revision") or field.metadata.get("group") == "generation")
     parity.set_defaults(handler=cmd_parity)
 
     train = commands.add_parser(
@@ -471,13 +364,13 @@ def _one_line(text: str) -> str:
     return " ".join(line.strip() for line in text.strip().splitlines())
 
 
-def _with_flag(message: str, command_parser: argparse.ArgumentParser) -> str:
-    """``message`` with its leading setting name (``batch_size must ...``, as the library
-    words them) replaced by the flag that sets it (``--batch-size must ...``)."""
-    name, space, rest = message.partition(" ")
-    flag = "--" + name.replace("_", "-")
-    known = flag in command_parser._option_string_actions  # noqa: SLF001 (argparse has no API)
-    return f"{flag}{space}{rest}" if known else message
+def _with_flag(error: OptionError, command_parser: argparse.ArgumentParser) -> str:
+    """``error``'s message with the flag that sets its field in the field's place
+    (``--batch-size must ...``); the field's own name where the command has no such flag."""
+    for action in command_parser._actions:  # noqa: SLF001 (argparse has no API for them)
+        if action.dest == error.field and action.option_strings:
+            return f"{action.option_strings[0]} {error.problem}"
+    return str(error)
 
 
 def _with_hints(error: CaptionerError) -> str:
@@ -496,10 +389,12 @@ def _handle(args: argparse.Namespace) -> int:
         return args.handler(args)
     except PipelineInterrupted as error:
         return _fail(str(error), 128 + error.signal_number)
+    except OptionError as error:  # a flag's value, or values that exclude each other
+        return _fail(_with_flag(error, args.command_parser), 2)
     except CaptionerError as error:
         return _fail(_with_hints(error), 1)
-    except ValueError as error:  # invalid settings or flag combinations
-        return _fail(_with_flag(str(error), args.command_parser), 2)
+    except ValueError as error:  # invalid flag combinations
+        return _fail(str(error), 2)
     except BrokenPipeError:
         # The reader left (`| head`): stop quietly, as Unix tools do; rows written so far
         # stay. stdout goes to devnull, or the interpreter's final flush fails once more.

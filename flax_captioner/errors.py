@@ -38,6 +38,28 @@ class CaptionerError(Exception):
         self.fix = tuple(fix)
 
 
+class OptionError(CaptionerError, ValueError):
+    """An option or generation setting holds a value no run accepts, or values that exclude
+    each other; raised before any work.
+
+    The message is ``f"{field} {problem}"``: it names the field as Python does, and the
+    command line shows the field's flag in its place (``--num-beams must be ...``).
+
+    Attributes:
+      field: the field's name (of ``CaptionOptions``, ``GenerationSettings`` or
+        ``TrainConfig``).
+      problem: the message after the field's name.
+    """
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+    def __reduce__(self) -> tuple:  # pickled back from Ray actors
+        return type(self), (self.field, self.problem)
+
+
 class ModelLoadError(CaptionerError):
     """A checkpoint could not be found, downloaded, read or converted."""
 

@@ -12,8 +12,8 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,7 @@ from flax_captioner import backend, decoder, search, sharding
 from flax_captioner.settings import GenerationSettings
 
 __all__ = ["Dispatched", "GenerationOutput", "GenerationSettings", "Generator",
-           "build_generate_fn", "bucket_size", "enable_compilation_cache", "image_keys",
-           "one_ahead"]
+           "build_generate_fn", "bucket_size", "enable_compilation_cache", "image_keys"]
 
 GenerateFn = Callable[[Any, jax.Array, jax.Array], search.SearchOutput]
 
@@ -144,35 +143,6 @@ def image_keys(rng: jax.Array | None, first_index: int, count: int) -> np.ndarra
             rng = jax.random.key_data(rng)
         indices = np.arange(first_index, first_index + count, dtype=np.uint32)
         return np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices))
-
-
-Item = TypeVar("Item")
-Launched = TypeVar("Launched")
-
-
-def one_ahead(items: Iterable[Item],
-              dispatch: Callable[[Item], Launched]) -> Iterator[tuple[Item, Launched]]:
-    """``(item, dispatch(item))`` for each item, in order, each yielded once the next item is
-    dispatched too: with ``dispatch`` = ``Generator.dispatch``, the devices run batch i + 1
-    while the caller waits for batch i's result and writes its rows, and batch i + 1's pixels
-    travel to the devices during batch i's search.
-
-    An error reading or dispatching item i + 1 is raised after item i is yielded, so the work
-    already on the devices is kept.
-    """
-    previous: tuple[Item, Launched] | None = None
-    try:
-        for item in items:
-            launched = dispatch(item)
-            if previous is not None:
-                yield previous
-            previous = item, launched
-    except Exception:
-        if previous is not None:
-            yield previous
-        raise
-    if previous is not None:
-        yield previous
 
 
 def enable_compilation_cache(path: str | os.PathLike) -> None:

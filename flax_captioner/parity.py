@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
 from flax_captioner import loading
-from flax_captioner.generator import GenerationOutput, GenerationSettings
+from flax_captioner.generator import GenerationOutput
+from flax_captioner.settings import GenerationSettings
+
+if TYPE_CHECKING:
+    from flax_captioner.captioner import Captioner
 
 
 @dataclasses.dataclass
@@ -206,24 +209,19 @@ def compare_outputs(pytorch: GenerationOutput, flax: GenerationOutput,
                         step_score_difference=step_difference)
 
 
-def compare_with_pytorch(model_dir_or_captioner: str | os.PathLike | Any,
-                         pixel_values: np.ndarray, settings: GenerationSettings, *,
+def compare_with_pytorch(captioner: Captioner, pixel_values: np.ndarray,
+                         settings: GenerationSettings, *,
                          pytorch_model: Any = None) -> ParityReport:
-    """Captions ``pixel_values`` [B, 3, H, W] with PyTorch and with our generator.
+    """Captions ``pixel_values`` [B, 3, H, W] with PyTorch and with ``captioner``'s generator
+    (its compiled programs are reused).
 
     Args:
-      model_dir_or_captioner: a checkpoint directory (or hub id), or a loaded ``Captioner``
-        (its compiled programs are reused).
+      captioner: the loaded ``Captioner`` (``Captioner.from_pretrained``).
       pixel_values: preprocessed images, float32.
       settings: a deterministic search (greedy or beam).
       pytorch_model: an already loaded ``VisionEncoderDecoderModel`` of the same weights
         (built from the captioner's parameters when omitted).
     """
-    from flax_captioner.captioner import Captioner
-
-    captioner = model_dir_or_captioner
-    if not isinstance(captioner, Captioner):
-        captioner = Captioner.from_pretrained(model_dir_or_captioner, parallelism="none")
     if pytorch_model is None:  # the very weights the captioner holds, whatever their file format
         pytorch_model = loading.pytorch_model(captioner.checkpoint.directory,
                                               captioner.model.params)

@@ -15,20 +15,21 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from flax_captioner import feed, multihost, sharding
-from flax_captioner.errors import DataError, OutputError, PipelineInterrupted
-from flax_captioner.generator import Dispatched, GenerationSettings, one_ahead
-from flax_captioner.preprocess import ImageDecoding
+from flax_captioner import device_loop, feed, multihost, sharding
+from flax_captioner.captioner import Captioner, decode_workers
+from flax_captioner.errors import DataError, OptionError, OutputError, PipelineInterrupted
+from flax_captioner.options import CaptionOptions, output_format
+from flax_captioner.settings import GenerationSettings
 from flax_captioner.sources import InputItem, Inputs, check_inputs, iter_inputs
-from flax_captioner.writers import (Row, RowWriter, exists, format_score,
-                                    merge_shards, open_writer, part_path, resolve_format)
+from flax_captioner.writers import (Row, RowWriter, exists, format_score, merge_shards,
+                                    open_writer, part_path)
 
 # Without a terminal, a progress bar appears only for runs at least this long (a log line).
 _PROGRESS_DELAY_SECONDS = 30.0
@@ -89,72 +90,30 @@ class PipelineStats:
                 f"device waited for input {self.input_wait_seconds:.1f} s")
 
 
-def run_pipeline(
-    captioner: Any,
-    inputs: Inputs,
-    output: str | None,
-    *,
-    batch_size: int | None = None,
-    output_format: str | None = None,
-    resume: bool = True,
-    num_threads: int | None = None,
-    decode_processes: bool = False,
-    seed: int = 0,
-    settings: Mapping[str, Any] | None = None,
-    exif_transpose: bool = False,
-    fast_decode: bool = False,
-    token_logprobs: bool = False,
-    progress: bool | None = None,
-    flush_seconds: float = 30.0,
-    storage_options: Mapping[str, Any] | None = None,
-    image_column: str | None = None,
-    id_column: str | None = None,
-    process_timeout_s: float = multihost.DEFAULT_TIMEOUT_S,
-) -> PipelineStats:
+def run_pipeline(inputs: Inputs, output: str | None, options: CaptionOptions | None = None,
+                 captioner: Captioner | None = None) -> PipelineStats:
     """Captions every image ``inputs`` name into ``output``, one row per image in input order.
 
     Args:
-      captioner: a ``Captioner``.
-      inputs: image files, directories, globs, .txt/.csv path lists, .tar shards
+      inputs: image files, directories, globs, .txt/.csv path lists, .tar shards, tables
         (see ``sources.iter_inputs``), or what ``preflight.check_run`` returned for them.
-      output: a .jsonl or .parquet file; None writes JSONL to stdout (no resume).
-      batch_size: images per batch, split over this process's local devices; None picks the
-        backend's default (``Captioner.default_batch_size``: 256 per GPU/TPU chip, 8 on
-        CPU). Every batch is full but the last, which is padded to ``batch_size`` once a full
-        batch has compiled, so it reuses that program.
-      output_format: "jsonl" or "parquet"; None picks by the output's suffix.
-      resume: continue after the rows ``output`` already holds (the default); False starts
-        over.
-      num_threads: image decoding threads (None: one per CPU core).
-      decode_processes: each decoding thread hands its images to a worker process, which
-        decodes faster with more than 4 threads (``decode_processes.py``; the command line's
-        default). Python starts those processes by importing the calling script again, so
-        its work must sit under ``if __name__ == "__main__":``.
-      seed: sampling seed; each batch passes its first input index as ``first_index``, so a
-        resumed run samples what an uninterrupted one would.
-      settings: generation settings for ``captioner.generate`` (num_beams, ...); with
-        ``num_return_sequences`` > 1 each row also lists every returned sequence, ranked.
-      exif_transpose: apply EXIF orientation before preprocessing (off: the model card's
-        behaviour, which parity with PyTorch assumes).
-      fast_decode: decode JPEGs at reduced scale in the DCT domain (``ImageDecoding.fast``):
-        faster on large photos, pixels close to but not equal to the exact path's.
-      token_logprobs: rows (and each ranked sequence) also carry ``token_logprobs``, the
-        log-probability of every generated token, EOS included (``GenerationOutput.token_scores``).
-      progress: show a tqdm bar on stderr; None shows it on a terminal, and elsewhere only
-        once a run has lasted 30 s.
-      flush_seconds: Parquet rows reach disk at least this often (and every 1024 rows), which
-        bounds the work a kill loses; JSONL rows reach disk after every batch. Rows to an
-        object store are committed as chunk objects on the same schedule, in both formats.
-      storage_options: fsspec options for every URL among the inputs and the output (e.g.
-        ``{"endpoint_url": ...}``); fsspec's own configuration applies too.
-      image_column, id_column: the encoded-image and row-name columns of Parquet/Arrow
-        inputs (None: detected; see ``sources.iter_inputs``).
-      process_timeout_s: under ``jax.distributed``, how long a process that has finished its
-        share waits while none of the others progresses (finishes a batch); slower ones that
-        progress are waited for (``multihost.finish``).
+      output: a .jsonl, .parquet or .pq file (or, with ``options.output_format``, another
+        name; .json is refused); None writes JSONL to stdout (no resume).
+      options: every choice of the run (``CaptionOptions``; None: the defaults). Of note:
+        ``batch_size`` images per batch are split over this process's local devices; every
+        batch is full but the last, which is padded to ``batch_size`` once a full batch has
+        compiled, so it reuses that program. ``resume`` continues after the rows ``output``
+        already holds. Decoding in processes (``decode_processes``) starts them by
+        importing the calling script again, so its work must sit under
+        ``if __name__ == "__main__":``. Sampling folds each image's input index into
+        ``seed``'s key, so a resumed run samples what an uninterrupted one would. With
+        ``num_return_sequences`` > 1 each row also lists every returned sequence, ranked;
+        ``token_logprobs`` adds each generated token's log-probability, EOS included.
+      captioner: a loaded ``Captioner``; None loads ``options.model``
+        (``Captioner.from_options``) once the inputs and output have been checked.
 
     Returns:
-      PipelineStats, also printed as one line on stderr.
+      PipelineStats: what this process did; ``summary()`` words it in one line.
 
     Raises:
       DataError: a glob matches nothing, a path list is unreadable, or the inputs name no
@@ -162,103 +121,93 @@ def run_pipeline(
       OutputError: the output cannot be written or belongs to other inputs (before any work).
       PipelineInterrupted: SIGINT/SIGTERM; rows so far are flushed and a rerun resumes.
       ProcessGroupError: another process failed, or did not finish within
-        ``process_timeout_s``; this process's rows are kept and a rerun resumes.
-      ValueError: a bad argument or generation setting (before any work).
+        ``options.process_timeout_seconds``; this process's rows are kept and a rerun resumes.
+      OptionError: a bad option or generation setting (before any work).
+      ValueError: an output whose suffix and ``output_format`` name no format, or two.
     """
-    if batch_size is None:
-        batch_size = captioner.default_batch_size()
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if num_threads is not None and num_threads < 1:
-        raise ValueError(f"num_threads must be at least 1, got {num_threads}")
+    options = options or CaptionOptions()
     # The output is probed once, by the writer, which opens before any batch is read.
-    output_format = resolve_format(output, output_format)
-    inputs = check_inputs(inputs, storage_options, image_column=image_column,
-                          id_column=id_column)
-    resolved = captioner.settings(**(settings or {}))  # validates them before any work
-    if resolved.output_scores or resolved.output_logits:
-        raise ValueError("output_scores and output_logits are per-step arrays of "
-                         "Captioner.generate; rows carry per-token log-probabilities instead "
-                         "(token_logprobs)")
+    format_ = output_format(output, options.output_format)
+    inputs = check_inputs(inputs, options.storage_options, image_column=options.image_column,
+                          id_column=options.id_column)
+    if captioner is None:
+        captioner = Captioner.from_options(options)
+    settings = captioner.settings(**options.generation_overrides())  # checked before any work
+    if settings.output_scores or settings.output_logits:
+        raise OptionError("output_scores", "and output_logits are per-step arrays of "
+                          "Captioner.generate; rows carry per-token log-probabilities instead "
+                          "(token_logprobs)")
     process_index, process_count = jax.process_index(), jax.process_count()
     if process_count > 1 and output is None:
         raise ValueError("a multi-process run needs an output file (stdout cannot be merged)")
     target = output if process_count == 1 or output is None else part_path(
         output, process_index, process_count)
-    if (target != output and resume and exists(output, storage_options)
+    storage_options = options.storage_options
+    if (target != output and options.resume and exists(output, storage_options)
             and not exists(target, storage_options)):
         raise OutputError(f"{output}: already holds the merged output of a finished run",
                           fix=("other_output", "start_over"))
     items = sharding.process_slice(
-        iter_inputs(inputs, storage_options, image_column=image_column, id_column=id_column),
+        iter_inputs(inputs, storage_options, image_column=options.image_column,
+                    id_column=options.id_column),
         process_index, process_count)
+    timeout = options.process_timeout_seconds
     try:
-        stats = _caption_slice(
-            captioner, items, output, target, output_format, resume=resume,
-            flush_seconds=flush_seconds, storage_options=storage_options,
-            num_threads=num_threads, decode_processes=decode_processes, progress=progress,
-            show_progress=process_index == 0 if progress is None else progress,
-            batch_size=batch_size, seed=seed, settings=resolved,
-            decoding=ImageDecoding(exif_transpose=exif_transpose, fast=fast_decode),
-            row_format=_RowFormat(resolved.num_return_sequences, resolved.eos_token_id,
-                                  token_logprobs))
+        stats = _caption_slice(captioner, items, output, target, format_, options, settings,
+                               show_progress=(process_index == 0 if options.progress is None
+                                              else options.progress))
     except BaseException as error:
         if process_count > 1:  # the others stop at once instead of waiting for this one
-            multihost.finish(output, error=error, timeout_s=process_timeout_s)
+            multihost.finish(output, error=error, timeout_s=timeout)
         raise
     if process_count == 1 and not stats.resumed + stats.captioned + stats.errors:
         raise DataError(f"{' '.join(inputs.names)}: no images to caption")
     if process_count > 1:
         # Once every process has closed its part, process 0 interleaves them into one file.
-        multihost.finish(output, timeout_s=process_timeout_s)
+        multihost.finish(output, timeout_s=timeout)
         if process_index == 0:
-            merge_shards(output, output_format, storage_options)
+            merge_shards(output, format_, storage_options)
     return stats
 
 
-def _caption_slice(captioner: Any, items: Iterator[InputItem], output: str | None,
-                   target: str | None, output_format: str, *, resume: bool,
-                   flush_seconds: float, storage_options: Mapping[str, Any] | None,
-                   num_threads: int | None, decode_processes: bool, progress: bool | None,
-                   show_progress: bool,
-                   batch_size: int,
-                   decoding: ImageDecoding, seed: int, settings: GenerationSettings,
-                   row_format: _RowFormat) -> PipelineStats:
+def _caption_slice(captioner: Captioner, items: Iterator[InputItem], output: str | None,
+                   target: str | None, format_: str, options: CaptionOptions,
+                   settings: GenerationSettings, *, show_progress: bool) -> PipelineStats:
     """This process's share of a run: resume ``target``, caption the rest of ``items`` into
     it, close it. Raises PipelineInterrupted after a signal, once the rows are flushed."""
-    writer = open_writer(target, output_format, resume=resume and output is not None,
-                         flush_seconds=flush_seconds, storage_options=storage_options)
-    stats = PipelineStats(resumed=writer.rows_done,
-                          decode_threads=feed.decode_threads(num_threads),
-                          decode_processes=decode_processes,
-                          load_seconds=getattr(captioner, "load_seconds", 0.0))
+    writer = open_writer(target, format_, resume=options.resume and output is not None,
+                         flush_seconds=options.flush_seconds,
+                         storage_options=options.storage_options)
+    threads, processes = decode_workers(options)
+    stats = PipelineStats(resumed=writer.rows_done, decode_threads=threads,
+                          decode_processes=processes, load_seconds=captioner.load_seconds)
     _skip_done(items, writer, target)
-    stop_signal = threading.Event()
+    stop = _StopRequest()
     started, compiled_before = time.perf_counter(), captioner.generator.compile_seconds
     try:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_stop_on_signals(stop_signal))
-            bar = stack.enter_context(_progress_bar(show_progress, progress))
+            stack.enter_context(_stop_on_signals(stop))
+            bar = stack.enter_context(_progress_bar(show_progress, options.progress))
             # A resumed run pads as the run it resumes did: the same programs (feed.batches).
-            batches = stack.enter_context(feed.batches(
-                items, captioner.preprocess_config, batch_size, num_threads=num_threads,
-                decoding=decoding, decode_processes=decode_processes,
-                pad_first=stats.resumed > 0))
-            _caption_batches(captioner, batches, writer, stats, bar, stop_signal, output=output,
-                             seed=seed, settings=settings, row_format=row_format)
+            batches = stack.enter_context(captioner.batches(items, options,
+                                                            pad_first=stats.resumed > 0))
+            _caption_batches(captioner, batches, writer, stats, bar, stop, output=output,
+                             seed=options.seed, settings=settings,
+                             row_format=_RowFormat(settings.num_return_sequences,
+                                                   settings.eos_token_id,
+                                                   options.token_logprobs))
     except BaseException:
         writer.flush()  # every finished row stays; the output resumes from there
         raise
     writer.close()
     stats.wall_seconds = time.perf_counter() - started
     stats.compile_seconds = captioner.generator.compile_seconds - compiled_before
-    print(stats.summary(), file=sys.stderr)
-    if stop_signal.is_set():
+    if stop.signal_number is not None:
         where = "" if output is None else "; run again with the same output to resume"
         raise PipelineInterrupted(
             f"interrupted: {stats.captioned + stats.errors} rows written this run"
             f" ({stats.resumed + stats.captioned + stats.errors} in "
-            f"{target or 'stdout'}){where}", stats, stop_signal.signal_number)
+            f"{target or 'stdout'}){where}", stats, stop.signal_number)
     return stats
 
 
@@ -275,49 +224,41 @@ def _skip_done(items: Iterator[InputItem], writer: RowWriter, target: str | None
             "do not match these inputs", fix=("other_output", "start_over"))
 
 
-def _caption_batches(captioner: Any, batches: Iterator[feed.Batch], writer: RowWriter,
-                     stats: PipelineStats, bar: tqdm, stop_signal: threading.Event, *,
+def _caption_batches(captioner: Captioner, batches: Iterator[feed.Batch], writer: RowWriter,
+                     stats: PipelineStats, bar: tqdm, stop: _StopRequest, *,
                      output: str | None, seed: int, settings: GenerationSettings,
                      row_format: _RowFormat) -> None:
-    """The device loop: dispatch a batch, write the rows of the one before it (the devices run
-    meanwhile: ``generator.one_ahead``), until the inputs or a signal end (or, in a
-    multi-process run, another process's failure: two reads per batch, ~1 ms)."""
-    base_key = jax.random.key(seed)
-    generator = captioner.generator
+    """Writes the rows of every batch through the device loop (``device_loop.run``: the
+    devices run the next batch meanwhile) until the inputs or a signal end, or, in a
+    multi-process run, another process fails (two reads per batch, ~1 ms)."""
 
-    def inputs() -> Iterator[feed.Batch]:
-        while not stop_signal.is_set():
-            multihost.raise_if_failed(output)
-            waited = time.perf_counter()
-            batch = next(batches, None)
-            stats.input_wait_seconds += time.perf_counter() - waited
-            if batch is None:
-                return
-            stats.decode_seconds += batch.decode_seconds
-            yield batch
+    def stopped() -> bool:
+        if stop.signal_number is not None:
+            return True
+        multihost.raise_if_failed(output)
+        return False
 
-    def dispatch(batch: feed.Batch) -> Dispatched | None:
-        if not batch.num_decoded:
-            return None
-        started, compiled = time.perf_counter(), generator.compile_seconds
-        dispatched = generator.dispatch(batch.pixel_values, settings, rng=base_key,
-                                        first_index=batch.items[0].index)
-        stats.device_seconds += (time.perf_counter() - started
-                                 - (generator.compile_seconds - compiled))
-        return dispatched
-
-    for batch, dispatched in one_ahead(inputs(), dispatch):
-        generated = None
-        if dispatched is not None:
-            started = time.perf_counter()
-            generated = dispatched.result()
-            stats.device_seconds += time.perf_counter() - started
-        batch.release()  # its search is done: the feed refills the pixels' memory
+    for batch, generated in device_loop.run(batches, captioner.generator, settings,
+                                            rng=jax.random.key(seed), stop=stopped,
+                                            timings=stats):
         writer.write(_rows(batch, generated, captioner.decode, row_format))
         errors = sum(error is not None for error in batch.errors)
+        stats.decode_seconds += batch.decode_seconds
         stats.captioned += batch.num_decoded
         stats.errors += errors
         bar.update(batch.num_decoded + errors)
+
+
+@dataclasses.dataclass
+class _StopRequest:
+    """The first SIGINT or SIGTERM of a run: the device loop ends once the batches on the
+    devices are written.
+
+    Attributes:
+      signal_number: the signal received; None while none has been.
+    """
+
+    signal_number: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,8 +314,8 @@ def _sequence(caption: str, score: float, tokens: np.ndarray, token_scores: np.n
 
 
 @contextlib.contextmanager
-def _stop_on_signals(stop_signal: threading.Event) -> Iterator[None]:
-    """SIGINT/SIGTERM set ``stop_signal`` (the loop ends once the batches on the device are
+def _stop_on_signals(stop: _StopRequest) -> Iterator[None]:
+    """SIGINT/SIGTERM fill in ``stop`` (the loop ends once the batches on the device are
     written); a second one raises PipelineInterrupted at once. Signals are only handled in the
     main thread."""
     if threading.current_thread() is not threading.main_thread():
@@ -384,12 +325,11 @@ def _stop_on_signals(stop_signal: threading.Event) -> Iterator[None]:
     previous = {signum: signal.getsignal(signum) for signum in handled}
 
     def request_stop(signum: int, frame: Any) -> None:
-        if stop_signal.is_set():  # unwinds at once; the writer still flushes finished rows
+        if stop.signal_number is not None:  # unwinds at once; the writer flushes finished rows
             raise PipelineInterrupted(
                 f"interrupted at once by a second {signal.Signals(signum).name}; run again "
                 "with the same output to resume", None, signum)
-        stop_signal.signal_number = signum
-        stop_signal.set()
+        stop.signal_number = signum
         print(f"\n{signal.Signals(signum).name}: finishing the batches on the device and "
               "flushing the output (send it again to stop at once)", file=sys.stderr)
 

@@ -7,25 +7,20 @@ dev boxes), and ``run_pipeline`` takes the inputs they return without listing th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from flax_captioner import storage
 from flax_captioner.errors import DataError
-from flax_captioner.sources import (PIPE_PREFIX, CheckedInputs, Inputs, check_inputs,
-                                    iter_inputs)
-from flax_captioner.writers import check_writable, resolve_format
+from flax_captioner.options import CaptionOptions, output_format
+from flax_captioner.sources import PIPE_PREFIX, CheckedInputs, Inputs, check_inputs, iter_inputs
+from flax_captioner.writers import check_writable
 
 
 def check_run(inputs: Inputs, output: str | None,
-              output_format: str | None = None, *,
-              storage_options: Mapping[str, Any] | None = None,
-              image_column: str | None = None,
-              id_column: str | None = None) -> tuple[CheckedInputs, str]:
+              options: CaptionOptions | None = None) -> tuple[CheckedInputs, str]:
     """Fails fast on inputs or an output that would make a run pointless; call it before
     loading a model. Returns the checked inputs (``sources.check_inputs``; pass them to
     ``run_pipeline``, which then lists nothing again) and the output format
-    (``writers.resolve_format``).
+    (``options.output_format``). ``options``: the run's (its format, storage options and
+    input columns apply).
 
     Local inputs are also read up to their first image, so an empty path list or table fails
     here. Remote and ``pipe:`` inputs are not: a bucket prefix would be listed in full once
@@ -35,10 +30,13 @@ def check_run(inputs: Inputs, output: str | None,
       DataError: a glob matches nothing, a path list or tar shard does not exist, a
         directory holds no image files, or local inputs name no image at all.
       OutputError: the output's directory is missing or not writable, or it is a directory.
-      ValueError: an unknown format, or Parquet to stdout.
+      ValueError: a refused or unknown output suffix, a format it contradicts, or Parquet to
+        stdout.
     """
-    output_format = resolve_format(output, output_format)
-    columns = {"image_column": image_column, "id_column": id_column}
+    options = options or CaptionOptions()
+    format_ = output_format(output, options.output_format)
+    storage_options = options.storage_options
+    columns = {"image_column": options.image_column, "id_column": options.id_column}
     checked = check_inputs(inputs, storage_options, **columns)
     if not any(storage.is_remote(spec) or spec.startswith(PIPE_PREFIX)
                for spec in checked.specs) and \
@@ -46,4 +44,4 @@ def check_run(inputs: Inputs, output: str | None,
         raise DataError(f"{' '.join(checked.names)}: no images to caption")
     if output is not None:
         check_writable(output, storage_options)
-    return checked, output_format
+    return checked, format_

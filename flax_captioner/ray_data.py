@@ -5,12 +5,13 @@ captioner once, then captions the batches Ray hands it (encoded image bytes, Hug
 image structs, paths/URLs, or decoded images from ``read_images`` / ``read_webdataset``)::
 
     import ray
+    from flax_captioner import CaptionOptions
     from flax_captioner.ray_data import CaptionImages
 
     images = ray.data.read_parquet("s3://bucket/img2dataset/")          # jpg + key columns
+    options = CaptionOptions(model="nlpconnect/vit-gpt2-image-captioning", num_beams=4)
     captions = images.map_batches(
-        CaptionImages, fn_constructor_kwargs={"model": "nlpconnect/vit-gpt2-image-captioning",
-                                              "image_column": "jpg", "num_beams": 4},
+        CaptionImages, fn_constructor_kwargs={"options": options},      # jpg: found itself
         batch_size=1024, concurrency=4, num_gpus=1)                     # 4 actors, 1 GPU each
     captions.write_parquet("s3://bucket/captions/")
 
@@ -25,14 +26,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 from PIL import Image
 
-from flax_captioner import feed, storage
-from flax_captioner.defaults import DEFAULT_MODEL
+from flax_captioner import device_loop, sources, storage
 from flax_captioner.errors import ImageReadError
-from flax_captioner.generator import Dispatched, one_ahead
-from flax_captioner.preprocess import ImageDecoding
+from flax_captioner.options import CaptionOptions
 from flax_captioner.sources import InputItem
 
 
@@ -40,44 +40,31 @@ class CaptionImages:
     """``map_batches`` callable: a batch of images in, their captions and scores out.
 
     Args:
-      model: hub id or checkpoint directory (loaded once per actor).
-      image_column: the column holding the images: encoded bytes, ``{"bytes", "path"}``
-        structs, paths or URLs, or decoded uint8[H, W, C] arrays.
-      id_column: a column naming each row in error messages (None: the row's position).
-      batch_size: images per device batch (None: the captioner's default, 256 per GPU/TPU
-        chip); Ray's own ``batch_size`` decides how many rows each call gets. A call captions
-        its rows in batches of this size, so give calls a multiple of it: a call of fewer
-        rows runs one smaller batch (calls of 64 rows run 64-image batches whatever this is).
-      num_threads: decoding threads per actor (None: one per CPU core).
-      dtype: "float32" or "bfloat16".
-      parallelism: "mesh", "pmap" or "none" (see ``Captioner.from_pretrained``).
-      exif_transpose, fast_decode: how files become RGB images (``preprocess.ImageDecoding``;
-        both off: the model card's pixels).
-      settings: generation settings (``num_beams``, ``max_length``, ...); unset ones come
-        from the checkpoint. Sampling keys fold in each row's position within its batch.
+      options: the choices (``CaptionOptions``; None: the defaults), of which these apply:
+        the model's (``model``, ``revision``, ``dtype``, ``parallelism``,
+        ``compilation_cache``: loaded once per actor), ``image_column`` (the column holding
+        the images: encoded bytes, ``{"bytes", "path"}`` structs, paths or URLs, or decoded
+        uint8[H, W, C] arrays; None: the first of ``sources.IMAGE_COLUMNS`` in the batch),
+        ``id_column`` (naming rows in error messages; None: the first of
+        ``sources.ID_COLUMNS``, else the row's position), the decoding choices, the
+        generation settings and ``seed`` (sampling keys fold in each row's position within
+        its call). ``batch_size`` is images per device batch (None: the captioner's default,
+        256 per GPU/TPU chip); Ray's own ``batch_size`` decides how many rows each call gets.
+        A call captions its rows in batches of this size, so give calls a multiple of it: a
+        call of fewer rows runs one smaller batch.
+      overrides: ``CaptionOptions`` fields to change (Ray's ``fn_constructor_kwargs`` may
+        give them alone, as ``{"model": ..., "num_beams": 4}``).
 
     Raises:
-      ModelLoadError, ValueError: on the actor, when the model or a setting is bad.
+      ModelLoadError, OptionError: on the actor, when the model or an option is bad.
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, *, image_column: str = "image",
-                 id_column: str | None = None, batch_size: int | None = None,
-                 num_threads: int | None = None, dtype: str = "float32",
-                 parallelism: str = "mesh", exif_transpose: bool = False,
-                 fast_decode: bool = False, **settings: Any):
-        import jax.numpy as jnp
-
+    def __init__(self, options: CaptionOptions | None = None, **overrides: Any):
         from flax_captioner.captioner import Captioner
 
-        self.captioner = Captioner.from_pretrained(
-            model, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype],
-            parallelism=parallelism)
-        self.image_column = image_column
-        self.id_column = id_column
-        self.batch_size = batch_size or self.captioner.default_batch_size()
-        self.num_threads = num_threads
-        self.decoding = ImageDecoding(exif_transpose=exif_transpose, fast=fast_decode)
-        self.settings = self.captioner.settings(**settings)
+        self.options = (options or CaptionOptions()).replace(**overrides)
+        self.captioner = Captioner.from_options(self.options)
+        self.settings = self.captioner.settings(**self.options.generation_overrides())
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """``batch``: column -> values (Ray's "numpy" or "pandas" batch format).
@@ -86,43 +73,53 @@ class CaptionImages:
           The other columns unchanged, plus ``caption`` (str or None), ``score`` (float32,
           NaN on error) and ``error`` (None or the reason), one per row.
         """
-        if self.image_column not in batch:
-            raise KeyError(f"no column {self.image_column!r} in the batch (columns: "
-                           f"{', '.join(batch)})")
-        images = list(batch[self.image_column])
-        ids = list(batch[self.id_column]) if self.id_column else range(len(images))
+        image_column = _column(batch, self.options.image_column, sources.IMAGE_COLUMNS)
+        if image_column is None:
+            raise KeyError(f"no image column ({', '.join(sources.IMAGE_COLUMNS)}) in the batch "
+                           f"(columns: {', '.join(batch)})")
+        id_column = _column(batch, self.options.id_column, sources.ID_COLUMNS)
+        images = list(batch[image_column])
+        ids = list(batch[id_column]) if id_column else range(len(images))
         items = [_item(index, image, str(identifier))
                  for index, (image, identifier) in enumerate(zip(images, ids))]
         captions: list[str | None] = [None] * len(items)
         scores = np.full(len(items), np.nan, np.float32)
         errors: list[str | None] = [None] * len(items)
         rows = self.settings.num_return_sequences
-
-        def dispatch(decoded: feed.Batch) -> Dispatched:
-            return self.captioner.generator.dispatch(decoded.pixel_values, self.settings,
-                                                     first_index=decoded.items[0].index)
-
-        with feed.batches(items, self.captioner.preprocess_config, self.batch_size,
-                          num_threads=self.num_threads, decoding=self.decoding) as batches:
+        with self.captioner.batches(items, self.options) as batches:
             # As in the pipeline, the devices run batch i + 1 while batch i's rows are made.
-            for decoded, dispatched in one_ahead(batches, dispatch):
+            for decoded, output in device_loop.run(batches, self.captioner.generator,
+                                                   self.settings,
+                                                   rng=jax.random.key(self.options.seed)):
                 done = [item.index for item, error in zip(decoded.items, decoded.errors)
                         if error is None]
                 for item, error in zip(decoded.items, decoded.errors):
                     if error is not None:
                         errors[item.index] = error.reason
-                if not done:
+                if output is None:
                     continue
-                output = dispatched.result()
-                decoded.release()  # its search is done: the feed refills the pixels' memory
-                texts = self.captioner.decode(np.asarray(output.sequences)[:len(done) * rows])
-                best = np.asarray(output.scores)[:len(done) * rows:rows]
+                texts = self.captioner.decode(output.sequences[:len(done) * rows])
+                best = output.scores[:len(done) * rows:rows]
                 for position, index in enumerate(done):
                     captions[index], scores[index] = texts[position * rows], best[position]
-        result = {key: value for key, value in batch.items() if key != self.image_column}
+        result = {key: value for key, value in batch.items() if key != image_column}
         result.update(caption=np.array(captions, dtype=object), score=scores,
                       error=np.array(errors, dtype=object))
         return result
+
+
+def _column(batch: Mapping[str, Any], named: str | None,
+            candidates: tuple[str, ...]) -> str | None:
+    """``named``, else the first of ``candidates`` the batch has (None).
+
+    Raises:
+      KeyError: the batch has no column ``named``.
+    """
+    if named is not None:
+        if named not in batch:
+            raise KeyError(f"no column {named!r} in the batch (columns: {', '.join(batch)})")
+        return named
+    return next((column for column in candidates if column in batch), None)
 
 
 def _item(index: int, image: Any, name: str) -> InputItem:

@@ -14,6 +14,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from flax_captioner.errors import OptionError
+
 EarlyStopping = Union[bool, str]
 # Token ids that stand in for a checkpoint's when flag values are checked before loading it.
 _ANY_TOKEN_IDS = {"decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 0}
@@ -78,7 +80,8 @@ class GenerationSettings:
         unless they hold their no-op value.
 
         Raises:
-          ValueError: one line naming the setting and the problem.
+          OptionError: a setting's value (one line naming the setting and the problem).
+          ValueError: a name that is no generation setting.
         """
         settings = cls(**cls._values(defaults, overrides))
         settings.validate()
@@ -92,7 +95,8 @@ class GenerationSettings:
         (vocabulary, positions) are left to ``resolve`` and the generator.
 
         Raises:
-          ValueError: one line naming the setting and the problem.
+          OptionError: a setting's value (one line naming the setting and the problem).
+          ValueError: a name that is no generation setting.
         """
         cls(**cls._values(_ANY_TOKEN_IDS, overrides))._check_fields()
 
@@ -107,9 +111,9 @@ class GenerationSettings:
         overrides = {name: value for name, value in overrides.items() if value is not None}
         for name in sorted(set(overrides) & set(UNSUPPORTED)):
             description, is_noop = UNSUPPORTED[name]
-            _require(is_noop(overrides.pop(name)),
-                     f"{name} ({description}) is not supported: transformers 4.57 no longer "
-                     f"runs it in-library")
+            _require(is_noop(overrides.pop(name)), name,
+                     f"({description}) is not supported: transformers 4.57 no longer runs it "
+                     f"in-library")
         unknown = sorted(set(overrides) - names - {"max_new_tokens", "min_new_tokens"})
         if unknown:
             raise ValueError(f"unknown generation setting(s): {', '.join(unknown)}")
@@ -117,15 +121,15 @@ class GenerationSettings:
         min_new_tokens = overrides.pop("min_new_tokens", None)
         values.update(overrides)
         if max_new_tokens is not None:
-            _require(_is_int(max_new_tokens) and max_new_tokens >= 1,
-                     f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+            _require(_is_int(max_new_tokens) and max_new_tokens >= 1, "max_new_tokens",
+                     f"must be an integer >= 1, got {max_new_tokens!r}")
             values["max_length"] = 1 + max_new_tokens
         if min_new_tokens is not None:
-            _require(_is_int(min_new_tokens) and min_new_tokens >= 0,
-                     f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
+            _require(_is_int(min_new_tokens) and min_new_tokens >= 0, "min_new_tokens",
+                     f"must be an integer >= 0, got {min_new_tokens!r}")
             values["min_length"] = 1 + min_new_tokens
         for token_name in ("decoder_start_token_id", "pad_token_id", "eos_token_id"):
-            _require(token_name in values, f"{token_name} is not set (no default and no override)")
+            _require(token_name in values, token_name, "is not set (no default and no override)")
         if "bad_words_ids" in values:
             values["bad_words_ids"] = _as_token_lists("bad_words_ids", values["bad_words_ids"])
         for name in ("suppress_tokens", "begin_suppress_tokens"):
@@ -139,84 +143,82 @@ class GenerationSettings:
         return values
 
     def validate(self) -> None:
-        """Raises ValueError (one line) for settings PyTorch would reject or we cannot run."""
+        """Raises OptionError (one line) for settings PyTorch would reject or we cannot run."""
         self._check_fields()
         if self.num_beams > 1:
-            _require(self.num_return_sequences <= self.num_beams,
-                     f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
-                     f"({self.num_beams})")
+            _require(self.num_return_sequences <= self.num_beams, "num_return_sequences",
+                     f"({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
         elif not self.do_sample:
-            _require(self.num_return_sequences == 1,
-                     f"greedy search returns one sequence per image; num_return_sequences="
-                     f"{self.num_return_sequences} needs num_beams >= that or do_sample=True")
+            _require(self.num_return_sequences == 1, "num_return_sequences",
+                     f"({self.num_return_sequences}) needs num_beams >= that or do_sample=True: "
+                     f"greedy search returns one sequence per image")
 
     def _check_fields(self) -> None:
-        """Raises ValueError (one line) for the first field whose value is invalid on its own."""
+        """Raises OptionError (one line) for the first field whose value is invalid on its
+        own."""
         for name in ("decoder_start_token_id", "pad_token_id", "eos_token_id"):
             value = getattr(self, name)
-            _require(_is_int(value) and value >= 0,
-                     f"{name} must be a non-negative integer, got {value!r}")
-        _require(_is_int(self.max_length) and self.max_length >= 2,
-                 f"max_length must be an integer >= 2 (the prompt plus one token), "
-                 f"got {self.max_length!r}")
-        _require(_is_int(self.min_length) and self.min_length >= 0,
-                 f"min_length must be a non-negative integer, got {self.min_length!r}")
-        _require(_is_int(self.num_beams) and self.num_beams >= 1,
-                 f"num_beams must be an integer >= 1, got {self.num_beams!r}")
+            _require(_is_int(value) and value >= 0, name,
+                     f"must be a non-negative integer, got {value!r}")
+        _require(_is_int(self.max_length) and self.max_length >= 2, "max_length",
+                 f"must be an integer >= 2 (the prompt plus one token), got {self.max_length!r}")
+        _require(_is_int(self.min_length) and self.min_length >= 0, "min_length",
+                 f"must be a non-negative integer, got {self.min_length!r}")
+        _require(_is_int(self.num_beams) and self.num_beams >= 1, "num_beams",
+                 f"must be an integer >= 1, got {self.num_beams!r}")
         _require(_is_int(self.num_return_sequences) and self.num_return_sequences >= 1,
-                 f"num_return_sequences must be an integer >= 1, got {self.num_return_sequences!r}")
+                 "num_return_sequences",
+                 f"must be an integer >= 1, got {self.num_return_sequences!r}")
         for name in ("do_sample", "remove_invalid_values", "renormalize_logits", "output_scores",
                      "output_logits"):
-            _require(isinstance(getattr(self, name), (bool, np.bool_)),
-                     f"{name} must be True or False, got {getattr(self, name)!r}")
+            _require(isinstance(getattr(self, name), (bool, np.bool_)), name,
+                     f"must be True or False, got {getattr(self, name)!r}")
         _require(self.early_stopping is True or self.early_stopping is False
-                 or self.early_stopping == "never",
-                 f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+                 or self.early_stopping == "never", "early_stopping",
+                 f"must be True, False or 'never', got {self.early_stopping!r}")
         _require(_is_number(self.length_penalty) and math.isfinite(self.length_penalty),
-                 f"length_penalty must be a finite number, got {self.length_penalty!r}")
+                 "length_penalty", f"must be a finite number, got {self.length_penalty!r}")
         _require(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
-                 f"no_repeat_ngram_size must be a non-negative integer, "
-                 f"got {self.no_repeat_ngram_size!r}")
+                 "no_repeat_ngram_size",
+                 f"must be a non-negative integer, got {self.no_repeat_ngram_size!r}")
         _require(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
-                 f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
-        _require(_is_number(self.temperature) and self.temperature > 0,
-                 f"temperature must be a number > 0, got {self.temperature!r}")
-        _require(_is_int(self.top_k) and self.top_k >= 0,
-                 f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}")
-        _require(_is_number(self.top_p) and 0 < self.top_p <= 1,
-                 f"top_p must be in (0, 1], got {self.top_p!r}")
+                 "repetition_penalty", f"must be a number > 0, got {self.repetition_penalty!r}")
+        _require(_is_number(self.temperature) and self.temperature > 0, "temperature",
+                 f"must be a number > 0, got {self.temperature!r}")
+        _require(_is_int(self.top_k) and self.top_k >= 0, "top_k",
+                 f"must be a non-negative integer (0 disables it), got {self.top_k!r}")
+        _require(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p",
+                 f"must be in (0, 1], got {self.top_p!r}")
         _require(self.min_p is None or (_is_number(self.min_p) and 0 <= self.min_p <= 1),
-                 f"min_p must be in [0, 1], got {self.min_p!r}")
-        _require(_is_number(self.typical_p) and 0 < self.typical_p <= 1,
-                 f"typical_p must be in (0, 1] (1 disables it), got {self.typical_p!r}")
+                 "min_p", f"must be in [0, 1], got {self.min_p!r}")
+        _require(_is_number(self.typical_p) and 0 < self.typical_p <= 1, "typical_p",
+                 f"must be in (0, 1] (1 disables it), got {self.typical_p!r}")
         for name in ("epsilon_cutoff", "eta_cutoff"):
             value = getattr(self, name)
-            _require(_is_number(value) and 0 <= value < 1,
-                     f"{name} must be in [0, 1) (0 disables it), got {value!r}")
+            _require(_is_number(value) and 0 <= value < 1, name,
+                     f"must be in [0, 1) (0 disables it), got {value!r}")
         _require(isinstance(self.bad_words_ids, tuple) and all(
-            _is_token_tuple(word) and word for word in self.bad_words_ids),
-            f"bad_words_ids must be non-empty lists of non-negative token ids, "
-            f"got {self.bad_words_ids!r}")
+            _is_token_tuple(word) and word for word in self.bad_words_ids), "bad_words_ids",
+            f"must be non-empty lists of non-negative token ids, got {self.bad_words_ids!r}")
         for name in ("suppress_tokens", "begin_suppress_tokens"):
             value = getattr(self, name)
-            _require(_is_token_tuple(value),
-                     f"{name} must be a list of non-negative token ids, got {value!r}")
+            _require(_is_token_tuple(value), name,
+                     f"must be a list of non-negative token ids, got {value!r}")
         _require(isinstance(self.sequence_bias, tuple) and all(
             isinstance(pair, tuple) and len(pair) == 2 and _is_token_tuple(pair[0]) and pair[0]
             and _is_number(pair[1]) and math.isfinite(pair[1]) for pair in self.sequence_bias),
-            f"sequence_bias must map non-empty token-id lists to finite biases, "
-            f"got {self.sequence_bias!r}")
+            "sequence_bias",
+            f"must map non-empty token-id lists to finite biases, got {self.sequence_bias!r}")
         for name in ("forced_bos_token_id", "forced_eos_token_id"):
             value = getattr(self, name)
-            _require(value is None or (_is_int(value) and value >= 0),
-                     f"{name} must be a non-negative integer, got {value!r}")
+            _require(value is None or (_is_int(value) and value >= 0), name,
+                     f"must be a non-negative integer, got {value!r}")
         penalty = self.exponential_decay_length_penalty
         _require(penalty is None or (
             isinstance(penalty, tuple) and len(penalty) == 2 and _is_int(penalty[0])
             and penalty[0] >= 0 and _is_number(penalty[1]) and math.isfinite(penalty[1])
-            and penalty[1] > 0),
-            f"exponential_decay_length_penalty must be (start_index >= 0, decay_factor > 0), "
-            f"got {penalty!r}")
+            and penalty[1] > 0), "exponential_decay_length_penalty",
+            f"must be (start_index >= 0, decay_factor > 0), got {penalty!r}")
 
 
 # Settings of transformers 4.57's GenerationConfig that it no longer runs in-library (moved to
@@ -240,9 +242,9 @@ UNSUPPORTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
 }
 
 
-def _require(condition: bool, message: str) -> None:
+def _require(condition: bool, field: str, problem: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise OptionError(field, problem)
 
 
 def _is_int(value: Any) -> bool:
@@ -259,24 +261,24 @@ def _is_token_tuple(tokens: Any) -> bool:
 
 
 def _as_token_list(name: str, tokens: Any) -> tuple[int, ...]:
-    """A flat list of token ids -> tuple; anything else -> one-line ValueError."""
+    """A flat list of token ids -> tuple; anything else -> one-line OptionError."""
     _require(isinstance(tokens, (list, tuple, np.ndarray))
-             and all(_is_int(t) and t >= 0 for t in tokens),
-             f"{name} must be a list of non-negative token ids, got {tokens!r}")
+             and all(_is_int(t) and t >= 0 for t in tokens), name,
+             f"must be a list of non-negative token ids, got {tokens!r}")
     return tuple(int(t) for t in tokens)
 
 
 def _as_token_lists(name: str, words: Any) -> tuple[tuple[int, ...], ...]:
     """A list of non-empty token-id lists -> tuple of tuples (``[12]`` or ``"12"`` refused)."""
-    _require(isinstance(words, (list, tuple)) and (words or isinstance(words, tuple)),
-             f"{name} must be a non-empty list of token-id lists such as [[12], [7, 8]], "
+    _require(isinstance(words, (list, tuple)) and (words or isinstance(words, tuple)), name,
+             f"must be a non-empty list of token-id lists such as [[12], [7, 8]], "
              f"got {words!r}")
     for word in words:
-        _require(isinstance(word, (list, tuple)) and len(word) > 0,
-                 f"{name} must be a list of non-empty token-id lists such as [[12], [7, 8]], "
+        _require(isinstance(word, (list, tuple)) and len(word) > 0, name,
+                 f"must be a list of non-empty token-id lists such as [[12], [7, 8]], "
                  f"got {words!r}")
-        _require(all(_is_int(t) and t >= 0 for t in word),
-                 f"{name} must be lists of non-negative integer token ids, got {words!r}")
+        _require(all(_is_int(t) and t >= 0 for t in word), name,
+                 f"must be lists of non-negative integer token ids, got {words!r}")
     return tuple(tuple(int(t) for t in word) for word in words)
 
 
@@ -285,23 +287,20 @@ def _as_sequence_bias(bias: Any) -> tuple[tuple[tuple[int, ...], float], ...]:
 
     Later entries for the same ids replace earlier ones (PyTorch builds a dict).
     """
-    message = (f"sequence_bias must map non-empty token-id lists to finite biases, e.g. "
+    problem = (f"must map non-empty token-id lists to finite biases, e.g. "
                f"{{(7,): -2.0}} or [[[7], -2.0]], got {bias!r}")
     if isinstance(bias, dict):
         pairs = list(bias.items())
     else:
-        _require(isinstance(bias, (list, tuple)) and (bias or isinstance(bias, tuple)), message)
-        _require(all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in bias), message)
+        _require(isinstance(bias, (list, tuple)) and (bias or isinstance(bias, tuple)),
+                 "sequence_bias", problem)
+        _require(all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in bias),
+                 "sequence_bias", problem)
         pairs = [tuple(pair) for pair in bias]
     merged: dict[tuple[int, ...], float] = {}
     for ids, value in pairs:
         _require(isinstance(ids, (list, tuple)) and len(ids) > 0
                  and all(_is_int(t) and t >= 0 for t in ids)
-                 and _is_number(value) and math.isfinite(value), message)
+                 and _is_number(value) and math.isfinite(value), "sequence_bias", problem)
         merged[tuple(int(t) for t in ids)] = float(value)
     return tuple(merged.items())
-
-
-# ----------------------------------------------------------------------------------------
-# Logits processors: PyTorch's order (_get_logits_processor) and float32 arithmetic.
-# ----------------------------------------------------------------------------------------

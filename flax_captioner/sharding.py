@@ -25,7 +25,7 @@ import numpy as np
 from flax import jax_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-MODES = ("mesh", "pmap", "none")
+from flax_captioner.options import PARALLELISM as MODES
 DATA_AXIS = "data"
 
 Item = TypeVar("Item")

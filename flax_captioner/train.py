@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,11 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from tqdm.auto import tqdm
 
-from flax_captioner import feed, loading, metrics, sharding, train_data
+from flax_captioner import device_loop, feed, loading, metrics, sharding, train_data
 from flax_captioner.errors import DataError, ModelLoadError, NonFiniteLossError
-from flax_captioner.generator import GenerationSettings, Generator
+from flax_captioner.generator import Generator
 from flax_captioner.preprocess import PreprocessConfig
+from flax_captioner.settings import GenerationSettings
 from flax_captioner.sources import InputItem
 from flax_captioner.train_config import TrainConfig
 
@@ -550,18 +552,21 @@ class Trainer:
         return result
 
     def caption(self, params: Any, images: list[str], *, batch_size: int) -> dict[str, str]:
-        """Beam-search captions of image paths with ``params``, through the generator."""
+        """Beam-search captions of image paths with ``params``, through the device loop."""
         captions = {}
         items = (InputItem(index, image) for index, image in enumerate(images))
-        with feed.batches(items, self.bundle.preprocess_config, batch_size) as batches:
+
+        def readable(batches: Iterator[feed.Batch]) -> Iterator[feed.Batch]:
             for batch in batches:
                 if batch.num_decoded < len(batch.items):
                     error = next(error for error in batch.errors if error is not None)
                     raise DataError(f"{self.config.validation_file}: image became unreadable "
                                     f"during training ({error})")
-                output = self.generator.generate(batch.pixel_values, self.caption_settings,
-                                                 params=params)
-                batch.release()
+                yield batch
+
+        with feed.batches(items, self.bundle.preprocess_config, batch_size) as batches:
+            for batch, output in device_loop.run(readable(batches), self.generator,
+                                                 self.caption_settings, params=params):
                 texts = self.bundle.tokenizer.batch_decode(
                     output.sequences[:batch.num_decoded], skip_special_tokens=True)
                 captions.update({item.image: text.strip()

@@ -12,7 +12,7 @@ import os
 import typing
 from typing import Any
 
-from flax_captioner.errors import DataError, OutputError
+from flax_captioner.errors import DataError, OptionError, OutputError
 
 
 def _field(default: Any, help_text: str) -> Any:
@@ -71,31 +71,28 @@ class TrainConfig:
     progress: bool = _field(True, "show a progress bar")
 
     def validate(self) -> None:
-        """Raises ValueError for a value training would reject late or misread.
-
-        The message is one line and starts with the field's name (the command line swaps in
-        the flag); nothing is read from disk (``check_paths`` does that).
+        """Raises OptionError (a ValueError naming the field, one line) for a value training
+        would reject late or misread; nothing is read from disk (``check_paths`` does that).
         """
         hints = typing.get_type_hints(TrainConfig)
         for field in dataclasses.fields(self):
             kind, value = hints[field.name], getattr(self, field.name)
-            _require(_TYPE_CHECKS[kind](value),
-                     f"{field.name} must be {_TYPE_NAMES[kind]}, got {value!r}")
+            _require(_TYPE_CHECKS[kind](value), field.name,
+                     f"must be {_TYPE_NAMES[kind]}, got {value!r}")
         for name, (allowed, requirement) in _RANGES.items():
             value = getattr(self, name)
-            _require(allowed(value), f"{name} must be {requirement}, got {value!r}")
+            _require(allowed(value), name, f"must be {requirement}, got {value!r}")
         for name in ("train_file", "output_dir", "image_column", "caption_column"):
-            _require(bool(getattr(self, name)), f"{name} is not set")
-        _require(self.max_steps > 0 or self.num_epochs > 0,
-                 f"num_epochs must be > 0 when max_steps is 0, got {self.num_epochs!r}")
+            _require(bool(getattr(self, name)), name, "is not set")
+        _require(self.max_steps > 0 or self.num_epochs > 0, "num_epochs",
+                 f"must be > 0 when max_steps is 0, got {self.num_epochs!r}")
         if self.model:
-            _require(not (self.encoder or self.decoder),
-                     "model excludes encoder and decoder: start from a captioner, or join a "
+            _require(not (self.encoder or self.decoder), "model",
+                     "excludes encoder and decoder: start from a captioner, or join a "
                      "pretrained encoder and decoder")
         else:
-            _require(bool(self.encoder and self.decoder),
-                     "model is not set, nor are both encoder and decoder: nothing to start "
-                     "from")
+            _require(bool(self.encoder and self.decoder), "model",
+                     "is not set, nor are both encoder and decoder: nothing to start from")
 
     def check_paths(self) -> None:
         """Fails fast on data files that do not exist and outputs that cannot be folders.
@@ -117,9 +114,9 @@ class TrainConfig:
                 raise OutputError(f"{path}: exists and is not a folder ({name})")
 
 
-def _require(condition: bool, message: str) -> None:
+def _require(condition: bool, field: str, problem: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise OptionError(field, problem)
 
 
 def _is_int(value: Any) -> bool:

@@ -44,9 +44,9 @@ import pyarrow.parquet as pq
 
 from flax_captioner import storage
 from flax_captioner.errors import CaptionerError, DataError, OutputError
+from flax_captioner.options import output_format as format_of
 from flax_captioner.storage import StorageOptions
 
-FORMATS = ("jsonl", "parquet")
 _TOKEN_LOGPROBS = pa.list_(pa.float32())
 PARQUET_SCHEMA = pa.schema([
     ("image", pa.string()),
@@ -60,27 +60,10 @@ PARQUET_SCHEMA = pa.schema([
 ])
 Row = dict[str, Any]
 
-_PARQUET_SUFFIXES = (".parquet", ".pq")
 _PART_PATTERN = re.compile(r"\.part-(\d{5})-of-(\d{5})$")
 _CHUNK_PATTERN = re.compile(r"chunk-(\d{6})-(\d{8})\.(jsonl|parquet)$")
 _READ_BATCH_ROWS = 4096
 _ROW_GROUP_ROWS = 65536
-
-
-def resolve_format(output: str | None, output_format: str | None) -> str:
-    """``output_format`` when given, else ``"parquet"`` for a .parquet/.pq output, else JSONL.
-
-    Raises:
-      ValueError: an unknown format, or Parquet to stdout.
-    """
-    if output_format is None:
-        is_parquet = output is not None and output.lower().endswith(_PARQUET_SUFFIXES)
-        output_format = "parquet" if is_parquet else "jsonl"
-    if output_format not in FORMATS:
-        raise ValueError(f"output format must be jsonl or parquet, got {output_format!r}")
-    if output is None and output_format == "parquet":
-        raise ValueError("Parquet output needs an output file; stdout gets JSONL")
-    return output_format
 
 
 def check_writable(path: str, storage_options: StorageOptions | None = None) -> None:
@@ -620,8 +603,10 @@ def merge_shards(output: str, output_format: str | None = None,
     Raises:
       OutputError: no parts, a part missing, or a part with the wrong number of rows (its
         process has not finished: run it again to resume, then merge).
+      ValueError: ``output``'s suffix and ``output_format`` name no format, or two
+        (``options.output_format``).
     """
-    output_format = resolve_format(output, output_format)
+    output_format = format_of(output, output_format)
     parts = find_parts(output, storage_options)
     counts = [count_rows(part, output_format, storage_options) for part in parts]
     total = sum(counts)

@@ -61,17 +61,18 @@ def write_photo_jpegs(directory: Path, count: int, size: tuple[int, int] = (640,
 
 def benchmark_flax(model_dir: str, paths: list[str], args: argparse.Namespace,
                    work_dir: Path) -> dict:
+    from flax_captioner import CaptionOptions
     from flax_captioner.captioner import Captioner
     from flax_captioner.pipeline import run_pipeline
 
     captioner = Captioner.from_pretrained(model_dir, parallelism=args.parallelism)
-    settings = {"num_beams": args.num_beams, "max_length": args.max_length}
-    common = dict(batch_size=args.batch_size, num_threads=args.threads, settings=settings,
-                  resume=False, progress=False)
+    common = CaptionOptions(batch_size=args.batch_size, decode_threads=args.threads,
+                            decode_processes=False, resume=False, progress=False,
+                            num_beams=args.num_beams, max_length=args.max_length)
     # Compiles the full-batch program; the timed run's last batch is padded to reuse it.
-    run_pipeline(captioner, paths[: args.batch_size], str(work_dir / "warmup.jsonl"), **common)
+    run_pipeline(paths[: args.batch_size], str(work_dir / "warmup.jsonl"), common, captioner)
     output = work_dir / "flax.jsonl"
-    stats = run_pipeline(captioner, paths, str(output), **common)
+    stats = run_pipeline(paths, str(output), common, captioner)
     captions = [json.loads(line).get("caption") for line in output.read_text().splitlines()]
     return {
         "images_per_second": stats.images_per_second,
@@ -136,6 +137,7 @@ def benchmark_remote_shards(args: argparse.Namespace, work_dir: Path) -> dict:
     import s3fs
     from s3_server import moto_s3
 
+    from flax_captioner import CaptionOptions
     from flax_captioner.captioner import Captioner
     from flax_captioner.pipeline import run_pipeline
 
@@ -143,7 +145,6 @@ def benchmark_remote_shards(args: argparse.Namespace, work_dir: Path) -> dict:
     shards = write_shards(paths, work_dir / "shards", args.shard_size)
     pattern = f"shard-{{0000..{len(shards) - 1:04d}}}.tar"
     captioner = Captioner.from_pretrained(str(SHAPES_MODEL), parallelism=args.parallelism)
-    settings = {"num_beams": args.num_beams, "max_length": args.max_length}
     # The server runs in its own process, as a real store would not share this one's GIL.
     with moto_s3(own_process=True) as endpoint:
         options = {"endpoint_url": endpoint}
@@ -152,16 +153,18 @@ def benchmark_remote_shards(args: argparse.Namespace, work_dir: Path) -> dict:
         fs.put([str(shard) for shard in shards], "bench/shards/")
         sources = {"local": str(work_dir / "shards" / pattern),
                    "s3": f"s3://bench/shards/{pattern}"}
-        common = dict(batch_size=args.batch_size, num_threads=args.threads, settings=settings,
-                      resume=False, progress=False, storage_options=options)
-        run_pipeline(captioner, [str(shards[0])], str(work_dir / "warmup.jsonl"), **common)
+        common = CaptionOptions(batch_size=args.batch_size, decode_threads=args.threads,
+                                decode_processes=False, resume=False, progress=False,
+                                storage_options=options, num_beams=args.num_beams,
+                                max_length=args.max_length)
+        run_pipeline([str(shards[0])], str(work_dir / "warmup.jsonl"), common, captioner)
         runs: dict[str, list[float]] = {name: [] for name in sources}
         captions = {}
         for round_index in range(args.rounds):
             order = list(sources) if round_index % 2 == 0 else list(sources)[::-1]
             for name in order:
                 output = work_dir / f"{name}.jsonl"
-                stats = run_pipeline(captioner, [sources[name]], str(output), **common)
+                stats = run_pipeline([sources[name]], str(output), common, captioner)
                 runs[name].append(stats.images_per_second)
                 captions[name] = [json.loads(line).get("caption")
                                   for line in output.read_text().splitlines()]

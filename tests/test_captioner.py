@@ -47,6 +47,35 @@ def test_an_element_that_is_no_image_is_a_one_line_type_error(captioner):
         captioner.caption([SAMPLES[0], 42], **SETTINGS)
 
 
+def test_options_and_overrides_are_one_object(captioner, expected):
+    """``caption(images, options, **overrides)``: the overrides change a copy of options."""
+    from flax_captioner import CaptionOptions, OptionError
+
+    options = CaptionOptions(batch_size=3, **SETTINGS)
+    assert captioner.caption(SAMPLES, options) == expected
+    assert captioner.caption(SAMPLES, options, max_length=3) == \
+        captioner.caption(SAMPLES, max_length=3, num_beams=2)
+    with pytest.raises(OptionError, match="^beam_width is not a caption option"):
+        captioner.caption(SAMPLES, beam_width=2)
+    with pytest.raises(OptionError, match="^num_beams must be an integer >= 1, got 0") as raised:
+        captioner.caption(SAMPLES, options, num_beams=0)
+    assert raised.value.field == "num_beams" and isinstance(raised.value, ValueError)
+
+
+def test_rows_take_the_named_image_column(captioner, expected):
+    rows = [{"photo": path.read_bytes(), "image": b"not this one", "name": path.stem}
+            for path in SAMPLES]
+    assert captioner.caption(rows, image_column="photo", id_column="name", **SETTINGS) == \
+        expected
+
+
+def test_samples_depend_on_the_seed_not_on_the_batching(captioner):
+    sampled = dict(num_beams=1, do_sample=True, temperature=3.0, max_length=10)
+    first = captioner.caption(SAMPLES, seed=3, batch_size=8, **sampled)
+    assert captioner.caption(SAMPLES, seed=3, batch_size=3, **sampled) == first
+    assert any(captioner.caption(SAMPLES, seed=seed, **sampled) != first for seed in (4, 5))
+
+
 def test_fast_decode_changes_pixels_not_captions_of_large_jpegs(captioner, tmp_path):
     """The shipped model's sample images, enlarged 8x as JPEGs: the fast path decodes them at
     1/8 scale, so its pixels differ from the exact path's, and the captions do not."""
@@ -67,7 +96,7 @@ def test_fast_decode_changes_pixels_not_captions_of_large_jpegs(captioner, tmp_p
     assert captions == captioner.caption(paths, **SETTINGS)
 
     # Ray Data's callable takes the same option: its scores are those of the fast pixels.
-    caption_images = CaptionImages(str(SHAPES), parallelism="none", fast_decode=True,
+    caption_images = CaptionImages(model=str(SHAPES), parallelism="none", fast_decode=True,
                                    **SETTINGS)
     rows = caption_images({"image": np.array([path.read_bytes() for path in paths],
                                              dtype=object)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ from flax_captioner import backend, cli, decode_processes, errors
 from flax_captioner.captioner import Captioner
 from flax_captioner.errors import FIXES, ImageReadError
 from flax_captioner.generator import Generator
+from flax_captioner.options import CaptionOptions
+from flax_captioner.settings import GenerationSettings
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = REPO / "examples" / "shapes-captioner"
@@ -220,7 +223,13 @@ BAD_INPUTS = [
     ("negative batch", ["caption", "IMAGES", "--batch-size", "-3"], 2,
      "argument --batch-size: must be an integer >= 1"),
     ("csv output", ["caption", "IMAGES", "-o", "CSV"], 2,
-     "unknown output suffix '.csv'; use .jsonl, .json, .parquet or .pq, or --format"),
+     "unknown output suffix '.csv'; use .jsonl, .parquet or .pq, or --format"),
+    ("json output", ["caption", "IMAGES", "-o", "EMPTY/out.json"], 2,
+     "out.json: a .json output would hold JSON Lines, which json.load cannot read; name it "
+     ".jsonl"),
+    ("format contradicts the suffix", ["caption", "IMAGES", "-o", "EMPTY/out.jsonl",
+                                       "--format", "parquet"], 2,
+     "out.jsonl: the suffix .jsonl names jsonl output, not the parquet asked for"),
     ("unknown format", ["caption", "IMAGES", "--format", "xml"], 2, "invalid choice: 'xml'"),
     ("parquet to stdout", ["caption", "IMAGES", "--format", "parquet"], 2,
      "Parquet output needs an output file"),
@@ -282,8 +291,8 @@ BAD_INPUTS = [
     ("run folder is a file", ["train", "TRAIN", "--output-dir", "CSV"], 1,
      "exists and is not a folder (output_dir)"),
     # merge
-    ("merge csv", ["merge", "CSV"], 2, "unknown output suffix '.csv'; use .jsonl, .json, "
-                                      ".parquet or .pq"),
+    ("merge csv", ["merge", "CSV"], 2, "unknown output suffix '.csv'; use .jsonl, .parquet "
+                                      "or .pq"),
     ("merge without parts", ["merge", "EMPTY/out.jsonl"], 1, "no part files"),
 ]
 
@@ -333,6 +342,39 @@ def test_bad_input_is_one_line(bad_inputs, name, args, status, message):
 
 def test_every_fix_key_has_a_flag_hint():
     assert set(cli.FIX_HINTS) == set(FIXES)
+
+
+def test_caption_flags_are_the_caption_options_fields_with_their_defaults():
+    """Every CaptionOptions field but the Python-only ones is one caption flag, whose default
+    is the field's: the command line and the Python API share every default."""
+    args = cli.build_parser().parse_args(["caption", "x.png"])
+    actions = {action.dest: action for action in args.command_parser._actions
+               if action.option_strings and action.dest not in ("help", "output", "distributed")}
+    fields = {field.name: field for field in dataclasses.fields(CaptionOptions)}
+    python_only = {name for name, field in fields.items() if cli.flag_of(field) is None}
+    assert python_only == {"progress", "flush_seconds", "min_new_tokens",
+                           "decoder_start_token_id", "pad_token_id", "eos_token_id"}
+    assert set(actions) == set(fields) - python_only
+    for name, action in actions.items():
+        assert action.option_strings[0] == cli.flag_of(fields[name])
+        assert action.default == fields[name].default, name
+    assert cli._caption_options(args) == CaptionOptions()
+    # Every generation setting is an option (None: the checkpoint's value).
+    settings = {field.name for field in dataclasses.fields(GenerationSettings)}
+    assert {name for name, field in fields.items() if field.metadata.get("setting")} == \
+        settings | {"max_new_tokens", "min_new_tokens"}
+
+
+def test_caption_flags_give_their_fields():
+    args = cli.build_parser().parse_args([
+        "caption", "x.png", "--threads", "3", "--no-decode-processes", "--no-resume",
+        "--format", "parquet", "--num-beams", "5", "--do-sample", "--early-stopping", "never",
+        "--bad-words-ids", "[[7]]", "--storage-options", '{"anon": true}', "--process-timeout",
+        "5", "--dtype", "bfloat16"])
+    assert cli._caption_options(args) == CaptionOptions(
+        decode_threads=3, decode_processes=False, resume=False, output_format="parquet",
+        num_beams=5, do_sample=True, early_stopping="never", bad_words_ids=[[7]],
+        storage_options={"anon": True}, process_timeout_seconds=5.0, dtype="bfloat16")
 
 
 # ---------------------------------------------------------------------------------------
@@ -515,8 +557,14 @@ def _raising(error: BaseException):
     (errors.ImageReadError("a.png", "truncated"), 1, "a.png: truncated"),
     (errors.PipelineInterrupted("interrupted: 2 rows written", None, signal.SIGINT), 130,
      "interrupted: 2 rows written"),
-    (ValueError("num_beams must be an integer >= 1, got 0"), 2,
+    (errors.OptionError("num_beams", "must be an integer >= 1, got 0"), 2,
      "--num-beams must be an integer >= 1, got 0"),
+    (errors.OptionError("decode_threads", "must be an integer >= 1, got 0"), 2,
+     "--threads must be an integer >= 1, got 0"),
+    (errors.OptionError("num_beam_groups", "(group/diverse beam search) is not supported"), 2,
+     "num_beam_groups (group/diverse beam search) is not supported"),
+    (ValueError("num_beams must be an integer >= 1, got 0"), 2,
+     "num_beams must be an integer >= 1, got 0"),  # no typed field: the message as it is
     (ValueError("pixels must be float32"), 2, "pixels must be float32"),
     (PermissionError(13, "Permission denied", "/out/x.jsonl"), 1,
      "/out/x.jsonl: Permission denied"),

@@ -821,12 +821,12 @@ def test_harness_rejects_what_cannot_run_or_parse(tmp_path: Path) -> None:
     assert "invalid int value: 'x'" in problems[0]
     assert "missing.txt does not exist" in problems[1]
     assert "no extra 'nope'" in problems[2]
-    code = ("from flax_captioner import run_pipeline\n"
+    code = ("from flax_captioner import CaptionOptions, run_pipeline\n"
             "from flax_captioner.captioner import Captioner\n"
             "c = Captioner.from_pretrained('m', no_such_option=1)\n"
             "d = Captioner.from_pretrained('m')\n"
-            "d.preprocess(['a.png'], ['b.png'])\n"
-            "run_pipeline(d, ['x'], 'y', batch_size=2)\n")
+            "d.preprocess(['a.png'], CaptionOptions(), ['b.png'])\n"
+            "run_pipeline(['x'], 'y', CaptionOptions(batch_size=2), d)\n")
     problems = check_python_statically(code, Block("X.md", 20, "python", code, "parse-only"))
     assert [problem.split(":")[0] for problem in problems] == ["line 23", "line 25"], problems
     assert check_python_statically("import os\nos.getcwd(", Block("X.md", 1, "python", ""))

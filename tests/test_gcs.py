@@ -16,6 +16,7 @@ pytest.importorskip("gcp_storage_emulator")
 from gcs_server import gcs_emulator  # noqa: E402
 from test_s3 import SETTINGS, SHAPES_MODEL, shapes_jpegs  # noqa: E402
 
+from flax_captioner.options import CaptionOptions  # noqa: E402
 from flax_captioner.pipeline import run_pipeline  # noqa: E402
 from flax_captioner.writers import read_rows  # noqa: E402
 
@@ -35,9 +36,9 @@ def test_prefix_and_shard_on_gcs_give_the_local_captions(options, tmp_path):
 
     captioner = Captioner.from_pretrained(str(SHAPES_MODEL))
     images = shapes_jpegs(tmp_path / "images", 6)
-    common = dict(batch_size=4, settings=SETTINGS, num_threads=2, progress=False,
-                  storage_options=options)
-    run_pipeline(captioner, [str(tmp_path / "images")], str(tmp_path / "local.jsonl"), **common)
+    common = CaptionOptions(batch_size=4, decode_threads=2, progress=False,
+                            storage_options=options, **SETTINGS)
+    run_pipeline([str(tmp_path / "images")], str(tmp_path / "local.jsonl"), common, captioner)
     local = [json.loads(line)["caption"] for line in (tmp_path / "local.jsonl").open()]
 
     fs = gcsfs.GCSFileSystem(**options)
@@ -49,14 +50,14 @@ def test_prefix_and_shard_on_gcs_give_the_local_captions(options, tmp_path):
             archive.add(path, arcname=path.name)
     fs.pipe_file("data/shards/shard-0.tar", buffer.getvalue())
     inputs = ["gs://data/loose/", "gs://data/shards/shard-{0..0}.tar"]
-    stats = run_pipeline(captioner, inputs, "gs://data/out/captions.jsonl", **common)
+    stats = run_pipeline(inputs, "gs://data/out/captions.jsonl", common, captioner)
     rows = list(read_rows("gs://data/out/captions.jsonl", "jsonl", options))
     assert [row["image"] for row in rows] == (
         [f"gs://data/loose/{path.name}" for path in images[:3]]
         + [f"gs://data/shards/shard-0.tar/{path.name}" for path in images[3:]])
     assert [row["caption"] for row in rows] == local and stats.captioned == 6
 
-    again = run_pipeline(captioner, inputs, "gs://data/out/captions.jsonl", **common)
+    again = run_pipeline(inputs, "gs://data/out/captions.jsonl", common, captioner)
     assert (again.resumed, again.captioned) == (6, 0)
     assert list(read_rows("gs://data/out/captions.jsonl", "jsonl", options)) == rows
 

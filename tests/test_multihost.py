@@ -40,6 +40,7 @@ PROCESS_SCRIPT = f"HEARTBEAT_TIMEOUT_S = {HEARTBEAT_TIMEOUT_S}\n" + textwrap.ded
                                process_id=int(process_id), initialization_timeout=120,
                                heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
     from test_pipeline import BEAM_SETTINGS
+    from flax_captioner import CaptionOptions
     from flax_captioner.captioner import Captioner
     from flax_captioner.errors import CaptionerError
     from flax_captioner.pipeline import run_pipeline
@@ -72,9 +73,10 @@ PROCESS_SCRIPT = f"HEARTBEAT_TIMEOUT_S = {HEARTBEAT_TIMEOUT_S}\n" + textwrap.ded
 
         captioner.generator.dispatch = dispatch_around_failure
     try:
-        stats = run_pipeline(captioner, [inputs], output, batch_size=2, settings=BEAM_SETTINGS,
-                             num_threads=1, flush_seconds=0,
-                             process_timeout_s=float(os.environ.get("PROCESS_TIMEOUT_S", 600)))
+        timeout = float(os.environ.get("PROCESS_TIMEOUT_S", 600))
+        stats = run_pipeline([inputs], output, CaptionOptions(
+            batch_size=2, decode_threads=1, flush_seconds=0, process_timeout_seconds=timeout,
+            **BEAM_SETTINGS), captioner)
     except CaptionerError as error:
         print(error, file=sys.stderr, flush=True)
         sys.exit(3)
@@ -128,7 +130,7 @@ def images(tmp_path) -> Path:
 def test_two_processes_merge_into_the_single_process_output(captioner, captioner_source,
                                                             subprocess_env, images, tmp_path):
     single = tmp_path / "single.jsonl"
-    run(captioner, [images], single, batch_size=2, num_threads=1)
+    run(captioner, [images], single, batch_size=2, decode_threads=1)
     output = tmp_path / "merged.jsonl"
     results = launch(captioner_source, images, output, subprocess_env)
     for returncode, _, stderr, _ in results:
@@ -171,7 +173,7 @@ def test_two_processes_merge_their_parts_on_an_object_store(
     0 merges them, on S3 and on GCS (the store of TPU jobs, whose semantics differ: it
     refuses to delete a missing object, for one)."""
     single = tmp_path / "single.jsonl"
-    run(captioner, [images], single, batch_size=2, num_threads=1)
+    run(captioner, [images], single, batch_size=2, decode_threads=1)
     with (s3_bucket if scheme == "s3" else gcs_bucket)("captions") as (store, store_env):
         # The endpoint reaches both processes through fsspec's standard configuration.
         results = launch(captioner_source, images, f"{scheme}://captions/merged.jsonl",
@@ -194,7 +196,7 @@ def assert_rerun_resumes(captioner, captioner_source, images, output, env, tmp_p
     assert (f"process 1 of 2: {4 - kept_by_process_1} captioned, {kept_by_process_1} resumed"
             in results[1][1])
     single = tmp_path / "single.jsonl"
-    run(captioner, [images], single, batch_size=2, num_threads=1)
+    run(captioner, [images], single, batch_size=2, decode_threads=1)
     assert output.read_bytes() == single.read_bytes()
     assert not list(tmp_path.glob("merged.jsonl.part-*"))
 

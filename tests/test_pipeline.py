@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flax_captioner.errors import DataError, OutputError
+from flax_captioner.captioner import decode_workers
+from flax_captioner.errors import DataError, ModelLoadError, OutputError
+from flax_captioner.options import CaptionOptions
 from flax_captioner.pipeline import PipelineStats, run_pipeline
 from flax_captioner.preflight import check_run
 from flax_captioner.writers import merge_shards, part_path, read_rows, write_rows
@@ -65,12 +68,11 @@ def jsonl_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def run(captioner, inputs, output, **kwargs) -> PipelineStats:
-    kwargs.setdefault("batch_size", 4)
-    kwargs.setdefault("settings", BEAM_SETTINGS)
-    kwargs.setdefault("num_threads", 2)
-    return run_pipeline(captioner, [str(spec) for spec in inputs],
-                        None if output is None else str(output), **kwargs)
+def run(captioner, inputs, output, settings=BEAM_SETTINGS, **options) -> PipelineStats:
+    """``run_pipeline`` with ``settings`` and ``options`` (batches of 4, 2 decode threads)."""
+    options = CaptionOptions(**{"batch_size": 4, "decode_threads": 2, **settings, **options})
+    return run_pipeline([str(spec) for spec in inputs], None if output is None else str(output),
+                        options, captioner)
 
 
 @pytest.fixture()
@@ -191,15 +193,16 @@ def test_parquet_output_holds_the_jsonl_rows(captioner, image_dir, tmp_path):
         jsonl_rows(tmp_path / "out.jsonl")
 
 
-def test_stdout_output_is_jsonl_with_progress_and_summary_on_stderr(captioner, image_dir,
-                                                                     capsys):
+def test_stdout_output_is_jsonl_with_progress_on_stderr_and_the_summary_returned(
+        captioner, image_dir, capsys):
     stats = run(captioner, [image_dir / "a"], None, progress=True)
     captured = capsys.readouterr()
     rows = [json.loads(line) for line in captured.out.splitlines()]
     assert [row["image"] for row in rows] == sorted_images(image_dir / "a")
     assert stats.captioned == len(rows) == 7
     assert "7img" in captured.err and "img/s" in captured.err  # the tqdm bar
-    assert captured.err.rstrip().splitlines()[-1] == stats.summary()
+    assert stats.summary().startswith("captioned 7 images (0 errors) in ")
+    assert "captioned 7 images" not in captured.err  # the library prints no summary
 
 
 def test_bad_inputs_become_error_rows_and_the_rest_goes_on(captioner, tmp_path):
@@ -261,7 +264,7 @@ def test_unwritable_output_fails_before_any_work(captioner, image_dir, tmp_path)
                           (tmp_path / "a_file" / "out.jsonl", "does not exist"),
                           (image_dir, "is a directory")]:
         with pytest.raises(OutputError, match=cause) as raised:
-            run(NeverCalled(), [image_dir], output)
+            run(NeverCalled(), [image_dir], output, output_format="jsonl")
         assert "\n" not in str(raised.value) and str(output) in str(raised.value)
 
 
@@ -283,7 +286,7 @@ def test_inputs_naming_no_image_are_an_error_not_a_silent_success(tmp_path, capt
     (tmp_path / "list.txt").write_text("# nothing listed\n")
     with pytest.raises(DataError, match="no images to caption"):
         run(captioner, [tmp_path / "list.txt"], None)
-    assert "nothing to caption" in capsys.readouterr().err
+    assert capsys.readouterr().out == ""
 
 
 def test_preflight_fails_without_loading_jax_and_its_listing_feeds_the_run(
@@ -307,7 +310,8 @@ def test_preflight_fails_without_loading_jax_and_its_listing_feeds_the_run(
     output = tmp_path / "out.parquet"
     checked, output_format = check_run([str(image_dir)], str(output))
     assert output_format == "parquet" and not output.exists()
-    stats = run_pipeline(captioner, checked, str(output), batch_size=4, settings=BEAM_SETTINGS)
+    stats = run_pipeline(checked, str(output), CaptionOptions(batch_size=4, **BEAM_SETTINGS),
+                         captioner)
     assert stats.captioned == 13
     assert sorted(row["image"] for row in read_rows(str(output), "parquet")) == sorted(
         str(path) for path in image_dir.rglob("img*"))
@@ -430,27 +434,47 @@ def test_the_next_batch_is_dispatched_before_a_batch_is_waited_for(captioner, im
     assert len(jsonl_rows(tmp_path / "out.jsonl")) == 13
 
 
-def test_one_ahead_keeps_the_batch_in_flight_when_the_next_fails():
-    from flax_captioner.generator import one_ahead
+@pytest.mark.parametrize("output,options,message", [
+    ("out.txt", {}, "out.txt: unknown output suffix '.txt'; use .jsonl, .parquet or .pq, or "
+                    "set output_format"),
+    ("out.json", {}, "out.json: a .json output would hold JSON Lines, which json.load cannot "
+                     "read; name it .jsonl"),
+    ("out.jsonl", {"output_format": "parquet"},
+     "out.jsonl: the suffix .jsonl names jsonl output, not the parquet asked for"),
+    (None, {"output_format": "parquet"}, "Parquet output needs an output file"),
+])
+def test_outputs_without_one_clear_format_are_refused_before_loading(image_dir, tmp_path,
+                                                                    output, options, message):
+    """The command line's rule: run_pipeline refuses what `caption -o` refuses, before it
+    loads the model (which does not exist here)."""
+    options = CaptionOptions(model=str(tmp_path / "no-model"), **options)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_pipeline([str(image_dir)], output and str(tmp_path / output), options)
+    assert [path.name for path in tmp_path.iterdir()] == ["images"]
 
-    def dispatch(item):
-        if item == 2:
-            raise ValueError("batch 2 cannot run")
-        return f"launched {item}"
 
-    def items(fail_reading_at):
-        for item in range(4):
-            if item == fail_reading_at:
-                raise OSError(f"cannot read batch {item}")
-            yield item
+def test_without_a_captioner_the_run_loads_the_options_model(captioner, captioner_source,
+                                                             image_dir, tmp_path):
+    run(captioner, [image_dir], tmp_path / "reference.jsonl")
+    options = CaptionOptions(model=captioner_source, batch_size=4, decode_threads=2,
+                             **BEAM_SETTINGS)
+    stats = run_pipeline([str(image_dir)], str(tmp_path / "out.jsonl"), options)
+    assert stats.captioned == 13 and stats.load_seconds > 0
+    assert jsonl_rows(tmp_path / "out.jsonl") == jsonl_rows(tmp_path / "reference.jsonl")
+    with pytest.raises(ModelLoadError):
+        run_pipeline([str(image_dir)], str(tmp_path / "other.jsonl"),
+                     options.replace(model=str(tmp_path / "missing")))
 
-    for failing, error in ((4, ValueError), (2, OSError), (1, OSError)):
-        got = []
-        with pytest.raises(error):
-            for pair in one_ahead(items(failing), dispatch):
-                got.append(pair)
-        assert got == [(0, "launched 0"), (1, "launched 1")][:min(failing, 2)]
-    assert list(one_ahead([], dispatch)) == []
+
+@pytest.mark.parametrize("options,workers", [
+    ({"decode_threads": 4}, (4, False)),
+    ({"decode_threads": 5}, (5, True)),  # processes past 4 threads, as on the command line
+    ({"decode_threads": 5, "decode_processes": False}, (5, False)),
+    ({"decode_threads": 2, "decode_processes": True}, (2, True)),
+    ({}, (os.cpu_count(), os.cpu_count() > 4)),
+])
+def test_decoding_workers_follow_one_rule(options, workers):
+    assert decode_workers(CaptionOptions(**options)) == workers
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
@@ -486,6 +510,7 @@ def test_merge_refuses_unfinished_parts(tmp_path):
 SLOW_RUN_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[1])
+    from flax_captioner import CaptionOptions
     from flax_captioner.captioner import Captioner
     from flax_captioner.pipeline import run_pipeline
     from flax_captioner.errors import CaptionerError
@@ -497,9 +522,9 @@ SLOW_RUN_SCRIPT = textwrap.dedent("""
         return dispatch(*args, **kwargs)
     captioner.generator.dispatch = slow_dispatch
     try:
-        run_pipeline(captioner, [sys.argv[3]], sys.argv[4], batch_size=2,
-                     settings={"num_beams": 2, "max_length": 6}, num_threads=1,
-                     flush_seconds=0)
+        run_pipeline([sys.argv[3]], sys.argv[4],
+                     CaptionOptions(batch_size=2, num_beams=2, max_length=6, decode_threads=1,
+                                    flush_seconds=0), captioner)
     except CaptionerError as error:
         print(error, file=sys.stderr)
         sys.exit(3)
@@ -530,7 +555,7 @@ def wait_for_rows(output: Path, count: int, process: subprocess.Popen) -> None:
 def test_resume_after_sigkill_and_sigterm_loses_and_repeats_nothing(
         captioner, captioner_source, subprocess_env, image_dir, tmp_path, suffix):
     reference = tmp_path / f"reference{suffix}"
-    run(captioner, [image_dir], reference, batch_size=2, num_threads=1)
+    run(captioner, [image_dir], reference, batch_size=2, decode_threads=1)
     output = tmp_path / f"out{suffix}"
     killed = start_slow_run(captioner_source, image_dir, output, subprocess_env)
     wait_for_rows(output, 4, killed)
@@ -543,7 +568,7 @@ def test_resume_after_sigkill_and_sigterm_loses_and_repeats_nothing(
     _, stderr = stopped.communicate(timeout=120)
     assert stopped.returncode == 3 and "run again with the same output to resume" in stderr
 
-    stats = run(captioner, [image_dir], output, batch_size=2, num_threads=1)
+    stats = run(captioner, [image_dir], output, batch_size=2, decode_threads=1)
     assert 0 < stats.resumed < 13 and stats.resumed + stats.captioned == 13
     if suffix == ".jsonl":
         assert output.read_text() == reference.read_text()

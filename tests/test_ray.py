@@ -19,6 +19,7 @@ pytest.importorskip("ray.data")
 from test_s3 import SETTINGS, SHAPES_MODEL, shapes_jpegs  # noqa: E402
 
 from flax_captioner.captioner import Captioner  # noqa: E402
+from flax_captioner.options import CaptionOptions  # noqa: E402
 from flax_captioner.generator import Dispatched  # noqa: E402
 from flax_captioner.ray_data import CaptionImages  # noqa: E402
 
@@ -98,8 +99,9 @@ def test_a_call_captions_its_rows_over_several_device_batches(table, monkeypatch
     device batches of 4, 4 and 1: each row gets the caption ``Captioner.caption`` gives its
     image alone, and the devices run batch i + 1 while batch i's rows are made."""
     columns = pq.read_table(table).to_pydict()
-    images = CaptionImages(str(SHAPES_MODEL), image_column="jpg", id_column="key",
-                           batch_size=4, num_threads=1, **SETTINGS)
+    images = CaptionImages(CaptionOptions(model=str(SHAPES_MODEL), image_column="jpg",
+                                          id_column="key", batch_size=4, decode_threads=1,
+                                          **SETTINGS))
     events, dispatch, wait = [], images.captioner.generator.dispatch, Dispatched.result
 
     def recording_dispatch(pixel_values, *args, first_index, **kwargs):

@@ -25,6 +25,7 @@ from s3_server import enforce_credentials, moto_s3  # noqa: E402
 from test_pipeline import write_tar  # noqa: E402
 
 from flax_captioner.errors import DataError, OutputError  # noqa: E402
+from flax_captioner.options import CaptionOptions  # noqa: E402
 from flax_captioner.pipeline import run_pipeline  # noqa: E402
 from flax_captioner.preflight import check_run  # noqa: E402
 from flax_captioner.writers import read_rows  # noqa: E402
@@ -42,10 +43,10 @@ def shapes_jpegs(directory: Path, count: int) -> list[Path]:
     return write_jpegs(directory, count)
 
 
-def caption(captioner, inputs, output, options, **kwargs):
-    kwargs.setdefault("batch_size", 4)
-    return run_pipeline(captioner, inputs, output, settings=SETTINGS, num_threads=2,
-                        progress=False, storage_options=options, **kwargs)
+def caption(captioner, inputs, output, options, batch_size=4):
+    return run_pipeline(inputs, output, CaptionOptions(
+        batch_size=batch_size, decode_threads=2, progress=False, storage_options=options,
+        **SETTINGS), captioner)
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +159,12 @@ def test_unreadable_objects_and_a_truncated_shard_become_error_rows(
 
 def test_a_missing_bucket_fails_before_any_work_in_one_line(bucket, options):
     with pytest.raises(DataError) as raised:
-        check_run(["s3://no-such-bucket/images/"], None, storage_options=options)
+        check_run(["s3://no-such-bucket/images/"], None,
+                  CaptionOptions(storage_options=options))
     assert str(raised.value) == "s3://no-such-bucket/images/: bucket no-such-bucket does not exist"
     with pytest.raises(OutputError) as raised:
-        check_run(["s3://data/loose/"], "s3://no-such-bucket/out.jsonl", storage_options=options)
+        check_run(["s3://data/loose/"], "s3://no-such-bucket/out.jsonl",
+                  CaptionOptions(storage_options=options))
     assert str(raised.value).startswith("s3://no-such-bucket/out.jsonl: cannot write the output: ")
     assert "\n" not in str(raised.value)
 
@@ -247,9 +250,10 @@ def test_refused_credentials_fail_before_any_work_in_one_line(bucket, endpoint, 
     enforce_credentials(endpoint, True)
     try:
         with pytest.raises(DataError) as inputs:
-            check_run(["s3://data/auth/"], None, storage_options=bad)
+            check_run(["s3://data/auth/"], None, CaptionOptions(storage_options=bad))
         with pytest.raises(OutputError) as output:
-            check_run([str(images[0])], "s3://out/auth.jsonl", storage_options=bad)
+            check_run([str(images[0])], "s3://out/auth.jsonl",
+                      CaptionOptions(storage_options=bad))
     finally:
         enforce_credentials(endpoint, False)
     assert str(inputs.value) == "s3://data/auth/: access denied: Forbidden"
@@ -260,6 +264,7 @@ def test_refused_credentials_fail_before_any_work_in_one_line(bucket, endpoint, 
 # A run slow enough to kill mid-way: one batch of 2 every 0.3 s, each committed to the bucket.
 SLOW_RUN = textwrap.dedent("""
     import sys, time
+    from flax_captioner import CaptionOptions
     from flax_captioner.captioner import Captioner
     from flax_captioner.pipeline import run_pipeline
 
@@ -269,8 +274,9 @@ SLOW_RUN = textwrap.dedent("""
         time.sleep(0.3)
         return dispatch(*args, **kwargs)
     captioner.generator.dispatch = slow_dispatch
-    run_pipeline(captioner, [sys.argv[2]], sys.argv[3], batch_size=2, num_threads=1,
-                 settings={"num_beams": 2, "max_length": 12}, flush_seconds=0, progress=False)
+    run_pipeline([sys.argv[2]], sys.argv[3], CaptionOptions(
+        batch_size=2, decode_threads=1, num_beams=2, max_length=12, flush_seconds=0,
+        progress=False), captioner)
 """)
 
 
