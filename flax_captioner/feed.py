@@ -107,21 +107,21 @@ def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig
                 decoding: ImageDecoding = ImageDecoding(),
                 processes: DecodeProcesses | None = None) -> np.ndarray:
     """float32[3, H, W] of one item: ``encoded`` (its stream or fetched bytes, already read),
-    its in-memory ``data``, or the file or URL at ``item.image``; decoded on ``processes``
+    its in-memory ``data``, or the file or URL at ``item.name``; decoded on ``processes``
     when given (with the ``config`` and ``decoding`` the pool was built with). Safe to call
     from many threads.
 
     Raises:
-      ImageReadError: naming ``item.image`` and the cause.
+      ImageReadError: naming ``item.name`` and the cause.
     """
     source = encoded if encoded is not None else item.data
-    if source is None and storage.is_remote(item.image):  # an item built without ``fetch``
-        source = storage.fetcher(item.image)()
+    if source is None and storage.is_remote(item.name):  # an item built without ``fetch``
+        source = storage.fetcher(item.name)()
     if source is None:
-        source = storage.local_path(item.image)
+        source = storage.local_path(item.name)
     if processes is not None:
-        return processes.decode(source, item.image)
-    return load_and_preprocess_one(source, config, name=item.image, decoding=decoding)
+        return processes.decode(source, item.name)
+    return load_and_preprocess_one(source, config, name=item.name, decoding=decoding)
 
 
 def decode_threads(num_threads: int | None) -> int:
@@ -274,7 +274,7 @@ def _group(decoded: Iterator[tuple[InputItem, Decoded]], config: PreprocessConfi
                     pixels = buffers.take((batch_size, *item_pixels.shape))
                 elif item_pixels.shape != pixels.shape[1:]:
                     raise ValueError(
-                        f"{item.image}: pixels of shape {list(item_pixels.shape)}, but the "
+                        f"{item.name}: pixels of shape {list(item_pixels.shape)}, but the "
                         f"batch's are {list(pixels.shape[1:])} (do_resize is false, so the "
                         "images of a batch must share one size)")
                 pixels[count] = item_pixels

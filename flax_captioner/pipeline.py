@@ -218,7 +218,7 @@ def _skip_done(items: Iterator[InputItem], writer: RowWriter, target: str | None
     skipped, last = 0, None
     for skipped, last in enumerate(itertools.islice(items, writer.rows_done), start=1):
         pass
-    if skipped < writer.rows_done or last.image != writer.last_image:
+    if skipped < writer.rows_done or last.name != writer.last_image:
         raise OutputError(
             f"{target}: holds {writer.rows_done} rows ending with {writer.last_image!r}, which "
             "do not match these inputs", fix=("other_output", "start_over"))
@@ -288,10 +288,10 @@ def _rows(batch: feed.Batch, generated: Any, decode: Any, row_format: _RowFormat
     rows: list[Row] = []
     for item, error in zip(batch.items, batch.errors):
         if error is not None:
-            rows.append({"image": item.image, "error": error.reason})
+            rows.append({"image": item.name, "error": error.reason})
             continue
         first = next(ranked)
-        row: Row = {"image": item.image, **sequences[first]}
+        row: Row = {"image": item.name, **sequences[first]}
         if row_format.num_sequences > 1:
             row["sequences"] = [{"rank": rank, **sequence} for rank, sequence in enumerate(
                 sequences[first:first + row_format.num_sequences], start=1)]

@@ -58,7 +58,7 @@ class InputItem:
 
     Attributes:
       index: position in the whole input order, 0-based; the same on every run and process.
-      image: the name written in output rows and error messages: the path or URL of an image
+      name: the name written in output rows and error messages: the path or URL of an image
         file (list entries joined to the list's directory), ``shard.tar/member`` for a tar
         member, the sample key for a ``pipe:`` stream member, a table's id column (else
         ``table.parquet#row``), the shard's or table's own name for a row reporting damage, or
@@ -71,11 +71,11 @@ class InputItem:
         ``ImageReadError``); the feed calls it on its I/O threads, ahead of decoding, within a
         budget of bytes in flight.
       size: the object's size in bytes when a listing told it (reserves the budget up front).
-      When all of read_bytes, data and fetch are None the decoder opens ``image`` as a path.
+      When all of read_bytes, data and fetch are None the decoder opens ``name`` as a path.
     """
 
     index: int
-    image: str
+    name: str
     read_bytes: Callable[[], bytes] | None = None
     data: bytes | Image.Image | None = None
     fetch: Callable[[], bytes] | None = None
@@ -691,6 +691,6 @@ def _table_item(name: str, row: int, column: str, value: Any, identifier: Any, b
         location = path if storage.protocol(path) or os.path.isabs(path) else \
             storage.join(base, path) if storage.protocol(base) else os.path.join(base, path)
         item = _file_item(location, storage_options)
-        return dataclasses.replace(item, image=row_name if identifier is not None else location)
+        return dataclasses.replace(item, name=row_name if identifier is not None else location)
     return InputItem(-1, row_name, read_bytes=_failing_reader(
         row_name, f"no image in column {column!r} of row {row}"))

@@ -569,7 +569,7 @@ class Trainer:
                                                  self.caption_settings, params=params):
                 texts = self.bundle.tokenizer.batch_decode(
                     output.sequences[:batch.num_decoded], skip_special_tokens=True)
-                captions.update({item.image: text.strip()
+                captions.update({item.name: text.strip()
                                  for item, text in zip(batch.items, texts)})
         return captions
 

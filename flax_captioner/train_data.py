@@ -192,7 +192,7 @@ def drop_unreadable_images(rows: Sequence[CaptionRow], config: PreprocessConfig,
             for item, error in zip(batch.items, batch.errors):
                 if error is not None:
                     logger.debug("skipping %s", error)
-                    unreadable.append(item.image)
+                    unreadable.append(item.name)
             progress.update(len(batch.items))
     bad = set(unreadable)
     return [row for row in rows if row.image not in bad], unreadable

@@ -37,7 +37,7 @@ def test_batches_keep_input_order_and_carry_errors_without_shrinking():
     items = [InputItem(index, f"img{index}", data=png_bytes(index)) for index in range(7)]
     items[2] = InputItem(2, "broken", data=b"not an image")
     batches = collect(items, 3)
-    assert [[item.image for item in batch.items] for batch in batches] == [
+    assert [[item.name for item in batch.items] for batch in batches] == [
         ["img0", "img1", "broken", "img3"], ["img4", "img5", "img6"]]
     first = batches[0]
     assert first.num_decoded == 3 and first.pixel_values.shape == (3, 3, 4, 4)
@@ -98,7 +98,7 @@ def test_own_size_images_of_different_sizes_in_one_batch_are_a_one_line_error():
              InputItem(1, "tall", data=png_bytes(1, (5, 6)))]
     with feed.batches(items, PreprocessConfig(do_resize=False), 2, num_threads=1) as batches:
         (wide,) = [next(batches)]
-        assert [item.image for item in wide.items] == ["wide"] and wide.num_decoded == 1
+        assert [item.name for item in wide.items] == ["wide"] and wide.num_decoded == 1
         with pytest.raises(ValueError, match=r"^tall: pixels of shape \[3, 6, 5\], but the "
                            r"batch's are \[3, 5, 6\] \(do_resize is false"):
             next(batches)

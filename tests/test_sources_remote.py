@@ -60,7 +60,7 @@ def decoded(items) -> list[tuple[str, object]]:
         for batch in batches:
             pixels = iter(batch.pixel_values[:batch.num_decoded])
             for item, error in zip(batch.items, batch.errors):
-                out.append((item.image, error.reason if error else next(pixels)))
+                out.append((item.name, error.reason if error else next(pixels)))
     return out
 
 
@@ -161,7 +161,7 @@ def test_parquet_tables_img2dataset_and_hf_image_struct(memfs, tmp_path):
     with pytest.raises(DataError, match=r"part-0.parquet: no column 'photo' \(columns: key, "):
         check_inputs(["memory://bkt/part-0.parquet"], image_column="photo")
     named = list(iter_inputs(["memory://bkt/part-0.parquet"], id_column="caption"))
-    assert [item.image for item in named] == ["a", "b", "c"]
+    assert [item.name for item in named] == ["a", "b", "c"]
 
 
 def test_http_urls_are_read_from_a_local_web_server(tmp_path):
@@ -199,9 +199,9 @@ def test_checked_inputs_keep_their_glob_listing_and_report_the_first_failure(mem
     checked = check_inputs(["memory://bkt/*.png"])
     memfs.pipe_file("/bkt/c.png", png(1))  # after the check: not in its listing
     assert check_inputs(checked) is checked
-    assert [item.image for item in iter_inputs(checked)] == [
+    assert [item.name for item in iter_inputs(checked)] == [
         "memory:///bkt/a.png", "memory:///bkt/b.png"]
-    assert [item.image for item in iter_inputs(["memory://bkt/*.png"])][-1] == \
+    assert [item.name for item in iter_inputs(["memory://bkt/*.png"])][-1] == \
         "memory:///bkt/c.png"
     for shard in (*range(20), 25):
         memfs.pipe_file(f"/bkt/s-{shard}.tar", tar_bytes([("x.png", png(2))]))
