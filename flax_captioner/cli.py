@@ -179,7 +179,8 @@ def check_caption_run(args: argparse.Namespace,
 def _import_transformers_without_torch() -> None:
     """Imports transformers with its PyTorch integration off (``USE_TORCH=0``), unless it is
     imported already. Captioning needs none (.bin weights are read with torch directly), and
-    transformers importing PyTorch costs 5-9 s of every cold start (docs/benchmarks.md). It
+    transformers importing PyTorch costs seconds of every cold start (docs/results/history.md,
+    "Start-up and compilation"). It
     is a choice for the whole process, so only the executable (``main(own_process=True)``,
     one command per process) makes it, never ``main`` called from Python. The variable is
     restored at once, so child processes see the user's environment."""

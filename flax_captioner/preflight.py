@@ -1,8 +1,8 @@
 """The checks before a caption run: its inputs and its output, before any model loads.
 
 Imports no JAX: the command line runs them before it loads anything heavy, so a typo answers
-in about a second (importing ``pipeline``, which pulls in JAX, took 3.5-4.6 s on the 2-core
-dev boxes), and ``run_pipeline`` takes the inputs they return without listing them again.
+at once rather than after JAX's import (docs/results/history.md, "Start-up and compilation"),
+and ``run_pipeline`` takes the inputs they return without listing them again.
 """
 
 from __future__ import annotations
