@@ -377,9 +377,8 @@ def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
     cores = host_cores()
     recorder.emit("info", host_cores=cores)
     # At most 256 distinct files, copied round-robin: writing thousands takes the budget.
-    paths, seconds = timed(lambda: write_photo_jpegs(
-        work / "jpegs", profile.e2e_images, profile.jpeg_size,
-        distinct=min(profile.e2e_images, 256)))
+    paths, seconds = timed(lambda: write_photo_jpegs(work / "jpegs", profile.e2e_images,
+                                                     profile.jpeg_size, distinct=256))
     recorder.emit("info", jpegs=len(paths), jpeg_size=list(profile.jpeg_size),
                   jpeg_write_seconds=seconds)
     check_backend(profile, recorder)
