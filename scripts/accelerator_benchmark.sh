@@ -2,7 +2,7 @@
 # The one prepared accelerator benchmark (issue 10): on a machine with one GPU it runs in under
 # 8 minutes and writes accelerator-benchmark.json, accelerator-benchmark.md and workers.log
 # into $OUT (else ./accelerator-benchmark-results). Arguments go to
-# scripts/accelerator_benchmark.py (--smoke, --parts, --budget-scale, --out).
+# python -m scripts.accelerator (--smoke, --parts, --budget-scale, --out).
 #
 # The GPU image ships transformers 5 (no Flax classes); this project needs transformers 4.x,
 # so the carried wheels in .whl/ (transformers 4.57.6, tokenizers 0.22.x, huggingface_hub < 1,
@@ -17,4 +17,4 @@ else
     echo "no wheels in .whl/: using the installed transformers (needs 4.x for Flax)" >&2
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec python3 scripts/accelerator_benchmark.py "$@"
+exec python3 -m scripts.accelerator "$@"

@@ -18,7 +18,7 @@ Prints images/s (median over --repeats timed batches), the ratio to PyTorch, com
 ours vs PyTorch token for token, and ours in bfloat16 vs float32 (a second run of ours in the
 other dtype, also timed). ``--json PATH`` writes everything, token ids included.
 
-Example: python scripts/benchmark.py --batch-size 8 --num-beams 4 --max-length 16
+Example: python -m scripts.benchmark --batch-size 8 --num-beams 4 --max-length 16
 """
 
 from __future__ import annotations
@@ -33,20 +33,24 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+from flax_captioner.testing import make_full_size_checkpoint
+from scripts.common import (REPO, hf_flax_generate, make_generator, other_cross_context,
+                            other_search_loop, other_self_attention, rotated, seeded_pixels,
+                            timed, torch_generate)
+
 FRAMEWORKS = ("pytorch", "hf-flax", "ours")
 DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass
-class Measurement:
-    """One framework in one dtype (seconds, MiB; sequences int [B * R, max_length])."""
+class WorkerResult:
+    """What one worker measured: one framework in one dtype (seconds, MiB; sequences int
+    [B * R, max_length])."""
 
     framework: str
     dtype: str
@@ -58,12 +62,6 @@ class Measurement:
     generate_peak_rss_mib: float | None
     load_average: tuple[float, float]
     sequences: list[list[int]]
-
-
-def seeded_pixels(batch: int, image_size: int, seed: int) -> np.ndarray:
-    """float32 [B, 3, S, S] in [-1, 1], the range of normalized nlpconnect inputs."""
-    return np.random.default_rng(seed).uniform(-1, 1, (batch, 3, image_size, image_size)
-                                                ).astype(np.float32)
 
 
 def reset_peak_rss() -> bool:
@@ -90,13 +88,8 @@ def peak_rss_since_reset_mib() -> float:
     raise OSError("/proc/self/status has no VmHWM")
 
 
-def timed(call: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    result = call()
-    return result, time.perf_counter() - start
-
-
 def settings_for(config: Any, args: argparse.Namespace, output_scores: bool = False) -> Any:
+    """The benchmark's search: the model's defaults with the command line's beams and length."""
     from flax_captioner.generator import GenerationSettings
     from flax_captioner.loading import generation_defaults
 
@@ -112,69 +105,24 @@ def prepare_pytorch(directory: Path, args: argparse.Namespace, dtype: str):
     import torch
     from transformers import VisionEncoderDecoderModel
 
-    from flax_captioner.parity import pytorch_generate_kwargs
-
     torch.set_grad_enabled(False)
     model = VisionEncoderDecoderModel.from_pretrained(directory).eval()
     settings = settings_for(model.config, args)
-    kwargs = pytorch_generate_kwargs(settings) | dict(output_scores=False,
-                                                      return_dict_in_generate=False)
-    fill = settings.pad_token_id or settings.eos_token_id
-
-    def generate(pixels: np.ndarray) -> np.ndarray:
-        generated = model.generate(pixel_values=torch.from_numpy(pixels), **kwargs).numpy()
-        sequences = np.full((len(generated), settings.max_length), fill, np.int32)
-        sequences[:, :generated.shape[1]] = generated
-        return sequences
-
-    return None, generate
+    return None, lambda pixels: torch_generate(model, pixels, settings)
 
 
 def prepare_hf_flax(directory: Path, args: argparse.Namespace, dtype: str):
+    """HF Flax ``generate`` under ``jax.jit``, compiled for the benchmark's batch."""
     import jax
     import jax.numpy as jnp
 
     from flax_captioner.loading import load_checkpoint
 
     model = load_checkpoint(directory, dtype=getattr(jnp, dtype)).model
-    settings = settings_for(model.config, args)
-
-    def search(params, pixels):
-        return model.generate(pixels, params=params, max_length=settings.max_length,
-                              num_beams=settings.num_beams,
-                              decoder_start_token_id=settings.decoder_start_token_id,
-                              pad_token_id=settings.pad_token_id,
-                              eos_token_id=settings.eos_token_id).sequences
-
     shape = jax.ShapeDtypeStruct((args.batch_size, 3, model.config.encoder.image_size,
                                   model.config.encoder.image_size), jnp.float32)
-    compiled, compile_seconds = timed(
-        lambda: jax.jit(search).lower(model.params, shape).compile())
-    return compile_seconds, lambda pixels: np.asarray(compiled(model.params, pixels))
-
-
-def other_search_loop(platform: str) -> str:
-    """The search loop form devices of ``platform`` do not use (``backend.SEARCH_LOOP``)."""
-    from flax_captioner import backend, search
-
-    return next(form for form in search.SEARCH_LOOPS if form != backend.search_loop(platform))
-
-
-def other_cross_context(platform: str) -> str:
-    """The unfused cross-attention form devices of ``platform`` do not use
-    (``backend.CROSS_CONTEXT``)."""
-    from flax_captioner import backend, decoder
-
-    return next(form for form in decoder.CROSS_CONTEXT_FORMS
-                if form not in decoder.FUSED_FORMS and form != backend.cross_context(platform))
-
-
-def other_self_attention(platform: str) -> str:
-    """The self-attention form devices of ``platform`` do not use (``backend.SELF_ATTENTION``)."""
-    from flax_captioner import backend, decoder
-
-    return next(form for form in decoder.SELF_ATTENTION_FORMS
-                if form != backend.self_attention(platform))
+    generate, compile_seconds = hf_flax_generate(model, settings_for(model.config, args), shape)
+    return compile_seconds, generate
 
 
 def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
@@ -185,15 +133,18 @@ def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
     import jax
     import jax.numpy as jnp
 
-    from flax_captioner.generator import Generator
     from flax_captioner.loading import load_checkpoint
 
     model = load_checkpoint(directory).model
     platform = jax.devices()[0].platform
-    generator = Generator(model, model.config, dtype=getattr(jnp, dtype),
-                          search_loop=other_search_loop(platform) if other_loop else None,
-                          cross_context=other_cross_context(platform) if other_cross else None,
-                          self_attention=other_self_attention(platform) if other_self else None)
+    choices = {}
+    if other_loop:
+        choices["search_loop"] = other_search_loop(platform)
+    if other_cross:
+        choices["cross_context"] = other_cross_context(platform)
+    if other_self:
+        choices["self_attention"] = other_self_attention(platform)
+    generator = make_generator(model.params, model.config, choices, dtype=getattr(jnp, dtype))
     settings = settings_for(model.config, args, output_scores)
     generator.generate(seeded_pixels(args.batch_size, model.config.encoder.image_size,
                                      args.seed), settings)
@@ -216,7 +167,7 @@ READY, TIMED = "@benchmark ready", "@benchmark seconds"
 
 
 def measure(framework: str, dtype: str, directory: Path,
-            args: argparse.Namespace) -> Measurement:
+            args: argparse.Namespace) -> WorkerResult:
     """Runs in the worker process: load, compile, one warm-up call, then one timed call per
     ``run`` line on stdin (answering ``TIMED <seconds>``) until stdin says ``finish``."""
     if dtype == "float32" and framework != "pytorch":
@@ -236,7 +187,7 @@ def measure(framework: str, dtype: str, directory: Path,
             break
         batch_seconds.append(timed(lambda: generate(pixels))[1])
         print(f"{TIMED} {batch_seconds[-1]}", flush=True)
-    return Measurement(
+    return WorkerResult(
         framework=framework, dtype=dtype,
         images_per_second=args.batch_size / float(np.median(batch_seconds)),
         batch_seconds=batch_seconds, compile_seconds=compile_seconds,
@@ -260,12 +211,13 @@ class Worker:
         self.name = f"{framework} ({dtype})"
         self.result = scratch / f"{framework}-{dtype}.json"
         self.stderr = (scratch / f"{framework}-{dtype}.log").open("w+")
-        command = [sys.executable, __file__, "--checkpoint", str(directory),
+        command = [sys.executable, "-m", "scripts.benchmark", "--checkpoint",
+                   str(directory.resolve()),
                    "--batch-size", str(args.batch_size), "--num-beams", str(args.num_beams),
                    "--max-length", str(args.max_length), "--seed", str(args.seed),
                    "--worker", framework, "--dtype", dtype, "--worker-result", str(self.result)]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self.stderr, text=True)
+                                        stderr=self.stderr, text=True, cwd=REPO)
 
     def expect(self, prefix: str) -> str:
         """The rest of the worker's next stdout line starting with ``prefix`` (other output
@@ -285,20 +237,18 @@ class Worker:
         self.process.stdin.flush()
         return float(self.expect(TIMED))
 
-    def finish(self) -> Measurement:
+    def finish(self) -> WorkerResult:
         self.process.stdin.write("finish\n")
         self.process.stdin.close()
         if self.process.wait() != 0:
             self.fail()
         self.stderr.close()
-        return Measurement(**json.loads(self.result.read_text()))
+        return WorkerResult(**json.loads(self.result.read_text()))
 
 
 def build_checkpoint(directory: Path) -> Path:
     """The full-size random-weight checkpoint (the test suite's seeded builder), plus a
     ``flax_model.msgpack`` so the JAX workers load without PyTorch."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from checkpoints import make_full_size_checkpoint
     from transformers import FlaxVisionEncoderDecoderModel
 
     make_full_size_checkpoint(directory)
@@ -314,7 +264,8 @@ def token_agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict[str,
             "tokens_equal": float(np.mean(ours_array == theirs_array))}
 
 
-def report(measurements: list[Measurement], args: argparse.Namespace) -> dict[str, Any]:
+def report(measurements: list[WorkerResult], args: argparse.Namespace) -> dict[str, Any]:
+    """Prints the table and the caption checks; returns the JSON report."""
     by_key = {(m.framework, m.dtype): m for m in measurements}
     reference = by_key.get(("pytorch", "float32"))
     hf_flax = by_key.get(("hf-flax", args.dtype))
@@ -435,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
             workers.append(Worker(framework, dtype, directory, args, Path(scratch)))
             workers[-1].expect(READY)
         for repeat in range(args.repeats):
-            turn = workers[repeat % len(workers):] + workers[:repeat % len(workers)]
+            turn = rotated(workers, repeat)
             print(f"timed batch {repeat + 1}/{args.repeats}: "
                   + ", ".join(f"{worker.name} {worker.run_batch():.2f} s" for worker in turn),
                   file=sys.stderr, flush=True)

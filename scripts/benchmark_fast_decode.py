@@ -21,28 +21,18 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-for _path in (REPO / "scripts", REPO):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+from flax_captioner import feed
+from flax_captioner.preprocess import ImageDecoding, PreprocessConfig
+from flax_captioner.sources import InputItem
+from flax_captioner.testing import write_shapes_jpegs
+from scripts.common import SHAPES_MODEL, machine, write_photo_jpegs
 
-from benchmark_pipeline import write_photo_jpegs  # noqa: E402
-from make_shapes_dataset import render_example  # noqa: E402
-
-from flax_captioner import feed  # noqa: E402
-from flax_captioner.preprocess import ImageDecoding, PreprocessConfig  # noqa: E402
-from flax_captioner.sources import InputItem  # noqa: E402
-
-SHAPES_MODEL = REPO / "examples" / "shapes-captioner"
 NLPCONNECT_PREPROCESSING = PreprocessConfig(size=(224, 224))  # its preprocessor_config.json
 
 
@@ -56,6 +46,8 @@ def decode_all(paths: list[str], config: PreprocessConfig, threads: int,
 
 def measure_speed(directory: Path, sizes: list[tuple[int, int]], count: int, threads: int,
                   repeats: int) -> list[dict]:
+    """Exact and fast decoding of photo-like JPEGs at each size, on 1 and ``threads``
+    threads, runs interleaved; best of ``repeats``."""
     rows = []
     for width, height in sizes:
         paths = write_photo_jpegs(directory / f"{width}x{height}", count, (width, height))
@@ -78,24 +70,10 @@ def measure_speed(directory: Path, sizes: list[tuple[int, int]], count: int, thr
     return rows
 
 
-def write_shapes_jpegs(directory: Path, count: int, side: int,
-                       seed: int) -> tuple[list[str], list[str]]:
-    """``count`` shapes images drawn at 64x64, enlarged to ``side`` x ``side`` (bicubic), as
-    JPEG quality 90; returns (paths, drawn captions)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths, captions = [], []
-    for index in range(count):
-        image, caption = render_example(rng)
-        path = directory / f"shapes_{index:05d}.jpg"
-        image.resize((side, side), Image.Resampling.BICUBIC).save(path, quality=90)
-        paths.append(str(path))
-        captions.append(caption)
-    return paths, captions
-
-
 def measure_captions(model: str, paths: list[str], truth: list[str] | None,
                      batch_size: int) -> dict:
+    """``paths`` captioned with exact and with fast decoding: equal captions, and each
+    path's exact-caption accuracy against ``truth`` where given."""
     from flax_captioner.captioner import Captioner
 
     captioner = Captioner.from_pretrained(model)
@@ -139,8 +117,7 @@ def main() -> None:
 
     sizes = [parse_size(size) for size in args.sizes.split(",") if size]
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-              "machine": f"{platform.processor() or platform.machine()}, "
-                         f"{os.cpu_count()} cores"}
+              "machine": machine()}
     with tempfile.TemporaryDirectory() as directory:
         report["speed"] = measure_speed(Path(directory), sizes, args.speed_images, args.threads,
                                         args.repeats)
@@ -149,8 +126,9 @@ def main() -> None:
             truth = None
         else:
             side = PreprocessConfig.from_pretrained(args.model).size[0] * args.upscale
-            paths, truth = write_shapes_jpegs(Path(directory) / "shapes", args.caption_images,
-                                              side, seed=1)
+            shapes, truth = write_shapes_jpegs(Path(directory) / "shapes", args.caption_images,
+                                               seed=1, side=side, quality=90)
+            paths = [str(path) for path in shapes]
         report["captions"] = measure_captions(args.model, paths, truth, args.batch_size)
 
     print(f"fast vs exact decoding, {report['machine']}, {report['date']}")

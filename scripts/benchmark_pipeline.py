@@ -8,7 +8,7 @@ search settings. Both are warmed up first (compilation and first-call costs are 
 Models:
   shapes  examples/shapes-captioner (skipped when absent)
   full    the nlpconnect architecture (ViT-B/16 + GPT-2 12x768) with random weights, built
-          with tests/checkpoints.make_full_size_checkpoint in a temporary directory
+          with flax_captioner.testing.make_full_size_checkpoint in a temporary directory
   PATH    any checkpoint directory
 
 Remote source (``--remote-shards``): the shapes model captions N shapes JPEGs packed as tar
@@ -16,16 +16,15 @@ shards, read from a local S3 server (moto, through s3fs, as a user's bucket) and
 disk, in alternating rounds; the remote run should keep >= 90% of the local images/s.
 
 Usage:
-  python scripts/benchmark_pipeline.py --models shapes full --images 64 --batch-size 8
-  python scripts/benchmark_pipeline.py --models full --images 16 --json
-  python scripts/benchmark_pipeline.py --remote-shards 2000 --rounds 2
+  python -m scripts.benchmark_pipeline --models shapes full --images 64 --batch-size 8
+  python -m scripts.benchmark_pipeline --models full --images 16 --json
+  python -m scripts.benchmark_pipeline --remote-shards 2000 --rounds 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -34,33 +33,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_shapes_dataset import write_jpegs  # noqa: E402  (a sibling script)
-
-REPO = Path(__file__).resolve().parent.parent
-SHAPES_MODEL = REPO / "examples" / "shapes-captioner"
-
-
-def write_photo_jpegs(directory: Path, count: int, size: tuple[int, int] = (640, 480)) -> list[str]:
-    """Photo-sized JPEGs (COCO's typical 640x480): smooth colour fields plus noise, so they
-    compress and decode like photographs rather than like flat colour or pure noise."""
-    directory.mkdir(parents=True, exist_ok=True)
-    width, height = size
-    paths = []
-    for index in range(count):
-        rng = np.random.default_rng(index)
-        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC),
-                            np.int16)
-        noisy = smooth + rng.integers(-12, 13, smooth.shape, dtype=np.int16)
-        path = directory / f"photo_{index:05d}.jpg"
-        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90)
-        paths.append(str(path))
-    return paths
+from flax_captioner.testing import make_full_size_checkpoint, write_shapes_jpegs
+from scripts.common import SHAPES_MODEL, machine, rotated, write_photo_jpegs
 
 
 def benchmark_flax(model_dir: str, paths: list[str], args: argparse.Namespace,
                    work_dir: Path) -> dict:
+    """This pipeline on ``paths``, after a warm-up batch that compiles."""
     from flax_captioner import CaptionOptions
     from flax_captioner.captioner import Captioner
     from flax_captioner.pipeline import run_pipeline
@@ -87,6 +66,8 @@ def benchmark_flax(model_dir: str, paths: list[str], args: argparse.Namespace,
 
 
 def benchmark_torch(model_dir: str, paths: list[str], args: argparse.Namespace) -> dict:
+    """transformers' image-to-text pipeline on ``paths``, after a warm-up batch; and its
+    decoding + preprocessing alone."""
     import torch
     from transformers import ViTImageProcessor, pipeline
 
@@ -133,15 +114,14 @@ def write_shards(paths: list[str], directory: Path, per_shard: int) -> list[Path
 
 def benchmark_remote_shards(args: argparse.Namespace, work_dir: Path) -> dict:
     """The same tar shards from local disk and from a local S3 server, alternating rounds."""
-    sys.path.insert(0, str(REPO / "tests"))
     import s3fs
-    from s3_server import moto_s3
 
     from flax_captioner import CaptionOptions
     from flax_captioner.captioner import Captioner
     from flax_captioner.pipeline import run_pipeline
+    from flax_captioner.testing import moto_s3
 
-    paths = [str(path) for path in write_jpegs(work_dir / "shapes", args.remote_shards)]
+    paths = [str(path) for path in write_shapes_jpegs(work_dir / "shapes", args.remote_shards)[0]]
     shards = write_shards(paths, work_dir / "shards", args.shard_size)
     pattern = f"shard-{{0000..{len(shards) - 1:04d}}}.tar"
     captioner = Captioner.from_pretrained(str(SHAPES_MODEL), parallelism=args.parallelism)
@@ -161,8 +141,7 @@ def benchmark_remote_shards(args: argparse.Namespace, work_dir: Path) -> dict:
         runs: dict[str, list[float]] = {name: [] for name in sources}
         captions = {}
         for round_index in range(args.rounds):
-            order = list(sources) if round_index % 2 == 0 else list(sources)[::-1]
-            for name in order:
+            for name in rotated(list(sources), round_index):
                 output = work_dir / f"{name}.jsonl"
                 stats = run_pipeline([sources[name]], str(output), common, captioner)
                 runs[name].append(stats.images_per_second)
@@ -184,9 +163,6 @@ def resolve_model(name: str, work_dir: Path) -> tuple[str | None, str]:
     if name == "shapes":
         return (str(SHAPES_MODEL) if SHAPES_MODEL.is_dir() else None), "shapes"
     if name == "full":
-        sys.path.insert(0, str(REPO / "tests"))
-        from checkpoints import make_full_size_checkpoint
-
         return str(make_full_size_checkpoint(work_dir / "full-size-random")), "photos"
     return name, "photos"
 
@@ -220,8 +196,7 @@ def main() -> None:
             print(json.dumps(result, indent=2))
             return
         print(f"tar shards -> captions, shapes model, {result['images']} images in "
-              f"{result['shards']} shards, batch {result['batch_size']} "
-              f"({os.cpu_count()} CPU cores)")
+              f"{result['shards']} shards, batch {result['batch_size']} ({machine()})")
         for name in ("local", "s3"):
             rounds = " ".join(f"{value:.1f}" for value in result["images_per_second"][name])
             print(f"{name:<6} images/s per round: {rounds}; median "
@@ -244,7 +219,8 @@ def main() -> None:
                 paths = sorted(str(path) for path in Path(args.image_dir).glob("*.jp*g"))
                 paths = paths[: args.images]
             elif image_kind == "shapes":
-                paths = [str(path) for path in write_jpegs(work_dir / "shapes", args.images)]
+                paths = [str(path) for path in write_shapes_jpegs(work_dir / "shapes",
+                                                                  args.images)[0]]
             else:
                 paths = write_photo_jpegs(work_dir / "photos", args.images)
             result = {"model": Path(name).name, "images": len(paths), "batch_size": args.batch_size,
@@ -259,11 +235,10 @@ def main() -> None:
                     zip(result["flax"]["captions"], result["torch"]["captions"]))
             results.append(result)
 
-    machine = f"{os.cpu_count()} CPU cores"
     if args.json:
-        print(json.dumps({"machine": machine, "results": results}, indent=2))
+        print(json.dumps({"machine": machine(), "results": results}, indent=2))
         return
-    print(f"end-to-end captioning, JPEG files -> captions ({machine})")
+    print(f"end-to-end captioning, JPEG files -> captions ({machine()})")
     header = (f"{'model':<8} {'images':>6} {'flax img/s':>10} {'decode s':>9} {'device s':>9} "
               f"{'wait s':>7} {'torch img/s':>11} {'torch decode s':>14} {'ratio':>6} "
               f"{'same captions':>13}")

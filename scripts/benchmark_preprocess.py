@@ -25,8 +25,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
-import resource
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -38,39 +36,12 @@ from transformers import ViTImageProcessor
 from flax_captioner import feed
 from flax_captioner.preprocess import PreprocessConfig
 from flax_captioner.sources import InputItem
-
-NLPCONNECT_CONFIG = {
-    "do_normalize": True,
-    "do_resize": True,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-    "resample": 2,
-    "size": 224,
-}
+from flax_captioner.testing import NLPCONNECT_PREPROCESSOR
+from scripts.common import machine, process_cpu_seconds, write_photo_jpegs
 
 
-def write_photo_like_jpegs(directory: pathlib.Path, count: int, width: int, height: int) -> list[pathlib.Path]:
-    """``count`` JPEGs of smooth random colour fields with grain, which compress like photos."""
-    rng = np.random.default_rng(0)
-    paths = []
-    for index in range(count):
-        coarse = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
-        field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.float32)
-        grain = rng.normal(0, 8, (height, width, 3))
-        path = directory / f"photo{index:04d}.jpg"
-        Image.fromarray(np.clip(field + grain, 0, 255).astype(np.uint8)).save(path, quality=90)
-        paths.append(path)
-    return paths
-
-
-def batches(paths: Sequence[pathlib.Path], batch_size: int) -> list[Sequence[pathlib.Path]]:
+def batches(paths: Sequence[str], batch_size: int) -> list[Sequence[str]]:
     return [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
-
-
-def process_cpu_seconds() -> float:
-    """CPU seconds this process has used (its threads, not its child processes)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 Timing = tuple[float, float, int]  # (wall seconds, this process's CPU seconds, images)
@@ -106,12 +77,13 @@ def main() -> None:
         parser.error("our rows are timed from the first batch on: --num-images must exceed "
                      f"--batch-size ({args.batch_size})")
 
-    processor = ViTImageProcessor.from_dict(NLPCONNECT_CONFIG)
-    config = PreprocessConfig.from_dict(NLPCONNECT_CONFIG)
+    processor = ViTImageProcessor.from_dict(NLPCONNECT_PREPROCESSOR)
+    config = PreprocessConfig.from_dict(NLPCONNECT_PREPROCESSOR)
     cores = os.cpu_count() or 1
 
     with tempfile.TemporaryDirectory() as directory:
-        paths = write_photo_like_jpegs(pathlib.Path(directory), args.num_images, args.width, args.height)
+        paths = write_photo_jpegs(pathlib.Path(directory), args.num_images,
+                                  (args.width, args.height))
         chunks = batches(paths, args.batch_size)
 
         def decode_only() -> None:
@@ -131,7 +103,7 @@ def main() -> None:
                 ]
             )
 
-        items = [InputItem(index, str(path)) for index, path in enumerate(paths)]
+        items = [InputItem(index, path) for index, path in enumerate(paths)]
 
         def ours(num_threads: int, processes: bool = False) -> Callable[[], Timing]:
             def run() -> Timing:
@@ -167,7 +139,7 @@ def main() -> None:
     baseline = images_per_second["reference, per image"]
     batched_baseline = images_per_second["reference, batched"]
     report = {
-        "machine": f"{platform.processor() or platform.machine()}, {cores} cores",
+        "machine": machine(),
         "num_images": args.num_images,
         "image_size": [args.width, args.height],
         "batch_size": args.batch_size,

@@ -17,9 +17,9 @@ all of them alike. Targets are the ones of issue 9 on a 2-core CPU machine; the 
 them beside the medians.
 
 Usage:
-  python scripts/benchmark_startup.py --repeats 3
+  python -m scripts.benchmark_startup --repeats 3
   git archive 6bf2f99 | tar -x -C /tmp/before
-  python scripts/benchmark_startup.py --tree /tmp/before --tree . --repeats 3 --json out.json
+  python -m scripts.benchmark_startup --tree /tmp/before --tree . --repeats 3 --json out.json
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from scripts.common import REPO, SAMPLE_IMAGES, SHAPES_MODEL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,7 @@ class Measurement:
 
 
 def cases(model: Path, images: Path, cache: Path) -> list[Case]:
+    """The four measured commands, with their targets (issue 9) and expected exit codes."""
     caption = ("caption", str(images), "--model", str(model))
     return [
         Case("bad flag value", (*caption, "--num-beams", "0"), 2.0, expected_exit=2),
@@ -155,8 +156,8 @@ def main() -> int:
     parser.add_argument("--tree", type=Path, action="append",
                         help="source tree whose flax_captioner is measured; repeat to compare "
                              "trees [this checkout]")
-    parser.add_argument("--model", type=Path, default=REPO / "examples" / "shapes-captioner")
-    parser.add_argument("--images", type=Path, default=REPO / "examples" / "images")
+    parser.add_argument("--model", type=Path, default=SHAPES_MODEL)
+    parser.add_argument("--images", type=Path, default=SAMPLE_IMAGES)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement [3]")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()

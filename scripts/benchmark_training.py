@@ -10,7 +10,7 @@ the loop blocked on the feed). Older trees decoded each batch synchronously insi
 (``train_data.make_batch``), so there the wait is the time spent in that call.
 
 Usage:
-  python scripts/benchmark_training.py [--baseline DIR] [--steps 30] [--batch-size 64]
+  python -m scripts.benchmark_training [--baseline DIR] [--steps 30] [--batch-size 64]
       [--repeats 2] [--images 2000] [--work DIR]
 """
 
@@ -25,8 +25,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SHAPES_MODEL = REPO / "examples" / "shapes-captioner"
+from flax_captioner.testing import make_dataset
+from scripts.common import REPO, SHAPES_MODEL, machine, rotated
 
 WORKER = textwrap.dedent("""
     import json, sys, time
@@ -67,6 +67,7 @@ WORKER = textwrap.dedent("""
 
 
 def run_worker(tree: Path, data: Path, output_dir: Path, steps: int, batch_size: int) -> dict:
+    """One training run of ``tree``'s trainer in its own process; its timings."""
     env = dict(os.environ, PYTHONPATH=str(tree), PYTHONWARNINGS="ignore")
     done = subprocess.run(
         [sys.executable, "-c", WORKER, str(data), str(SHAPES_MODEL), str(output_dir),
@@ -88,18 +89,13 @@ def main() -> None:
     args = parser.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="benchmark-training-"))
-    sys.path.insert(0, str(REPO / "scripts"))
-    from accelerator_benchmark import cpu_model
-    from make_shapes_dataset import make_dataset
-
     data = make_dataset(work / "data", train=args.images, validation=0, seed=1)["train"]
     trees = [("this tree", REPO)] + ([("baseline", args.baseline.resolve())]
                                      if args.baseline else [])
     results: dict[str, list[dict]] = {name: [] for name, _ in trees}
     for repeat in range(args.repeats):
-        # Alternate (and rotate) the trees: the machine's speed drifts within minutes.
-        order = trees if repeat % 2 == 0 else trees[::-1]
-        for name, tree in order:
+        # Take turns: the machine's speed drifts within minutes.
+        for name, tree in rotated(trees, repeat):
             output_dir = work / f"run-{name.replace(' ', '-')}-{repeat}"
             results[name].append(run_worker(tree, data, output_dir, args.steps,
                                             args.batch_size))
@@ -110,7 +106,7 @@ def main() -> None:
                   f"{last['seconds']:.1f} s", file=sys.stderr)
 
     print(f"\nTraining, shapes model, batch {args.batch_size}, {args.steps} steps, "
-          f"{args.repeats} alternating runs each; {cpu_model()}, {os.cpu_count()} cores\n")
+          f"{args.repeats} alternating runs each; {machine()}\n")
     print("| tree | images/s after the first step | whole run | waited for input |")
     print("|---|---|---|---|")
     for name, runs in results.items():

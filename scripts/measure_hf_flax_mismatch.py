@@ -7,7 +7,7 @@ captions the same random images with PyTorch ``VisionEncoderDecoderModel.generat
 num_beams x length_penalty x early_stopping (plus greedy), float32 at the highest matmul
 precision, and prints the share of returned captions that differ from PyTorch's.
 
-    python scripts/measure_hf_flax_mismatch.py [--images 8] [--seeds 9 16 37] [--max-length 19]
+    python -m scripts.measure_hf_flax_mismatch [--images 8] [--seeds 9 16 37] [--max-length 19]
 
 (HF Flax turns an explicit ``max_length=20``, the library default, into 20 + the prompt
 length, so the grid avoids 20.)
@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from flax_captioner import parity
+from flax_captioner.decoder import DecoderSpec
+from flax_captioner.generator import GenerationSettings, build_generate_fn
+from flax_captioner.testing import (CHAOTIC_SEEDS, CHAOTIC_VOCAB, chaotic_pixels,
+                                    make_chaotic_checkpoint)
 
-from checkpoints import CHAOTIC_SEEDS, make_checkpoint  # noqa: E402  (the tests' builder)
-from flax_captioner import parity  # noqa: E402
-from flax_captioner.decoder import DecoderSpec  # noqa: E402
-from flax_captioner.generator import GenerationSettings, build_generate_fn  # noqa: E402
-
-VOCAB = 32
-EOS = VOCAB - 1
+EOS = CHAOTIC_VOCAB - 1
 
 
 def grid(max_length: int) -> list[dict]:
@@ -66,12 +63,10 @@ def main() -> None:
     models = []
     with tempfile.TemporaryDirectory() as workdir:
         for seed in args.seeds:
-            directory = make_checkpoint(Path(workdir) / f"seed{seed}", seed=seed,
-                                        vocab_size=VOCAB, initializer_range=0.5)
-            pixels = np.random.default_rng(seed).standard_normal((args.images, 3, 32, 32))
+            directory = make_chaotic_checkpoint(Path(workdir) / f"seed{seed}", seed)
             models.append((VisionEncoderDecoderModel.from_pretrained(directory).eval(),
                            FlaxVisionEncoderDecoderModel.from_pretrained(directory, from_pt=True),
-                           pixels.astype(np.float32)))
+                           chaotic_pixels(seed, args.images)))
 
     defaults = type("Defaults", (), dict(decoder_start_token_id=EOS, pad_token_id=EOS,
                                          eos_token_id=EOS))

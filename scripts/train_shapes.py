@@ -1,6 +1,6 @@
 """Builds the shipped "shapes" captioner end to end, reproducibly, on a CPU in minutes.
 
-1. renders the shapes dataset (scripts/make_shapes_dataset.py) with a fixed seed;
+1. renders the shapes dataset (``flax_captioner.testing.make_dataset``) with a fixed seed;
 2. trains a tiny GPT-2-style byte-level BPE tokenizer on the training captions;
 3. writes a tiny random ViT encoder and GPT-2 decoder as pretrained directories;
 4. trains them with ``flax_captioner.train`` (fresh cross-attention, as the recipe);
@@ -8,7 +8,7 @@
    examples/shapes-captioner/ and writes sample images with their captions to
    examples/images/.
 
-Usage: python scripts/train_shapes.py WORK_DIR [--ship]
+Usage: python -m scripts.train_shapes WORK_DIR [--ship]
 """
 
 from __future__ import annotations
@@ -22,12 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from make_shapes_dataset import GRID, IMAGE_SIZE, make_dataset, render_example
-
-REPO = Path(__file__).resolve().parent.parent
-SHIPPED_MODEL = REPO / "examples" / "shapes-captioner"
-SAMPLE_IMAGES = REPO / "examples" / "images"
-EOS_TOKEN = "<|endoftext|>"
+from flax_captioner.testing import EOS_TOKEN, GRID, IMAGE_SIZE, make_dataset, render_example
+from scripts.common import SAMPLE_IMAGES, SHAPES_MODEL
 # Enough merges that every caption word is one token ("Ġtriangle"), so the longest caption
 # (13 words + EOS) fits the card's max_length=16.
 TOKENIZER_VOCAB_SIZE = 320
@@ -144,12 +140,12 @@ def main() -> None:
                       "eval_loss": final.loss, "seconds_total": round(seconds, 1),
                       "seconds_training_run": round(result.seconds, 1)}, indent=2))
     if args.ship:
-        if SHIPPED_MODEL.exists():
-            shutil.rmtree(SHIPPED_MODEL)
-        shutil.copytree(result.export_dir, SHIPPED_MODEL)
+        if SHAPES_MODEL.exists():
+            shutil.rmtree(SHAPES_MODEL)
+        shutil.copytree(result.export_dir, SHAPES_MODEL)
         write_samples(SAMPLE_IMAGES)
-        size = sum(path.stat().st_size for path in SHIPPED_MODEL.iterdir())
-        print(f"shipped {SHIPPED_MODEL} ({size / 1e6:.2f} MB)", file=sys.stderr)
+        size = sum(path.stat().st_size for path in SHAPES_MODEL.iterdir())
+        print(f"shipped {SHAPES_MODEL} ({size / 1e6:.2f} MB)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pathlib
 import jax
 import pytest
 
-from checkpoints import make_checkpoint
+from flax_captioner.testing import make_checkpoint
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

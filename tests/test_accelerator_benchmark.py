@@ -1,8 +1,9 @@
-"""scripts/accelerator_benchmark.py --smoke end to end: every part measured, JSON and Markdown."""
+"""The accelerator benchmark (``python -m scripts.accelerator``): one ``--smoke`` run end to
+end (every part measured, JSON and Markdown), plus its trace reading, budget handling and
+targets on made-up inputs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,15 +12,11 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "accelerator_benchmark.py"
+from flax_captioner.testing import CHAOTIC_SEEDS
+from scripts import common
+from scripts.accelerator import plan, report, run, traces, workers
 
-
-def benchmark_module():
-    spec = importlib.util.spec_from_file_location("accelerator_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+REPO = Path(__file__).resolve().parent.parent
 
 
 def xspace_event(metadata_id: int, start_ms: float, end_ms: float) -> str:
@@ -53,7 +50,7 @@ def test_device_activity_counts_stream_kernels_once_each_and_their_busy_share(tm
     trace.mkdir(parents=True)
     (trace / "host.xplane.pb").write_bytes(ProfileData.text_proto_to_serialized_xspace(text))
 
-    activity = benchmark_module().device_activity(tmp_path / "trace")
+    activity = traces.device_activity(tmp_path / "trace")
     [device] = activity["devices"]
     assert device["device"] == "/device:GPU:0" and device["kernels"] == 4
     assert device["span_ms"] == pytest.approx(13)
@@ -66,33 +63,31 @@ def test_device_activity_counts_stream_kernels_once_each_and_their_busy_share(tm
     assert [(k["name"], k["count"], k["total_ms"]) for k in device["top_kernels"]] == [
         ("loop_fusion", 2, pytest.approx(6)), ("gemm", 1, pytest.approx(5)),
         ("MemcpyH2D", 1, pytest.approx(1))]
-    assert benchmark_module().device_activity(tmp_path / "empty")["devices"] == []
+    assert traces.device_activity(tmp_path / "empty")["devices"] == []
 
 
 def test_a_slow_first_call_stands_in_for_timed_batches_and_a_cut_names_its_row(tmp_path):
-    module = benchmark_module()
     results = tmp_path / "worker.jsonl"
-    recorder = module.Recorder(results, deadline=time.time() + 100)
+    recorder = workers.Recorder(results, deadline=time.time() + 100)
     calls = []
-    first, repeats = module.timed_repeats(lambda: calls.append("fast"), 3, recorder, "fast row")
+    first, repeats = workers.timed_repeats(lambda: calls.append("fast"), 3, recorder, "fast row")
     assert calls == ["fast"] * 4 and len(repeats) == 3
     # A first call that takes most of what is left: its timed batches do not fit, none run.
     recorder.deadline = time.time() + 1.0
-    first, repeats = module.timed_repeats(lambda: (calls.append("slow"), time.sleep(0.6)), 3,
+    first, repeats = workers.timed_repeats(lambda: (calls.append("slow"), time.sleep(0.6)), 3,
                                           recorder, "slow row")
     assert calls[4:] == ["slow"] and repeats == [] and first >= 0.6
     lines = [json.loads(line) for line in results.read_text().splitlines()]
     assert lines[-1]["kind"] == "skipped" and lines[-1]["what"] == "slow row, timed batches"
-    assert module.cut_short(lines, recorder.deadline) == ""  # nothing was running
+    assert run.cut_short(lines, recorder.deadline) == ""  # nothing was running
     # A row that starts and is still running when the budget ends (its worker is killed).
     assert recorder.fits("long row", 0.0)
     lines = [json.loads(line) for line in results.read_text().splitlines()]
-    assert module.cut_short(lines, lines[-1]["at"] + 40) == \
+    assert run.cut_short(lines, lines[-1]["at"] + 40) == \
         "; long row had run 40 s without finishing"
 
 
 def test_the_bfloat16_target_reads_our_steady_rate_against_the_fastest_pytorch():
-    module = benchmark_module()
     rows = [{"framework": "pytorch", "variant": "float32", "batch": 8, "images_per_second": 0.8},
             {"framework": "pytorch", "variant": "bfloat16-autocast", "batch": 8,
              "images_per_second": 0.02},  # as on a CPU without bfloat16 units
@@ -101,26 +96,77 @@ def test_the_bfloat16_target_reads_our_steady_rate_against_the_fastest_pytorch()
              "steady_images_per_second": 1.6},  # what a long job gets: the targets' rate
             {"framework": "ours", "variant": "bfloat16 einsum", "batch": 8,
              "images_per_second": 9.0}]  # a switched variant: not the library's
-    report = {"parts": {"throughput": {"rows": rows}, "parity": {"rows": []},
-                        "end_to_end": {"pipelines": []}}}
-    targets = {target["target"]: target for target in module.targets(report)}
+    made_up = {"parts": {"throughput": {"rows": rows}, "parity": {"rows": []},
+                         "end_to_end": {"pipelines": []}}}
+    targets = {target["target"]: target for target in report.targets(made_up)}
     assert targets["bfloat16 vs fastest PyTorch"]["measured"] == pytest.approx(2.0)
     assert targets["bfloat16 vs fastest PyTorch"]["met"] is False
     assert targets["bfloat16 images/s, best batch"]["measured"] == 1.6
     # A ratio the budget cut short is undecided: PyTorch's fastest row may be the skipped one.
+    def against_fastest_pytorch() -> dict:
+        return {target["target"]: target for target in report.targets(made_up)}[
+            "bfloat16 vs fastest PyTorch"]
+
     rows[2]["steady_images_per_second"] = 5.0
-    assert module.targets(report)[1]["met"] is True
-    report["parts"]["throughput"]["skipped"] = [{"what": "pytorch float32 batch 64"}]
-    assert module.targets(report)[1]["met"] == "undecided: 1 pytorch rows skipped"
+    assert against_fastest_pytorch()["met"] is True
+    made_up["parts"]["throughput"]["skipped"] = [{"what": "pytorch float32 batch 64"}]
+    assert against_fastest_pytorch()["met"] == "undecided: 1 pytorch rows skipped"
 
 
 def test_the_cpu_is_named_with_its_family_model_and_bfloat16_units():
-    module = benchmark_module()
     cpuinfo = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
                "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
-    assert module.cpu_model(cpuinfo) == \
+    assert common.cpu_model(cpuinfo) == \
         "AMD EPYC (family 25 model 17; bfloat16 units: avx512_bf16)"
-    assert module.cpu_model(cpuinfo.replace(" avx512_bf16", "")).endswith("units: none)")
+    assert common.cpu_model(cpuinfo.replace(" avx512_bf16", "")).endswith("units: none)")
+
+
+
+
+def test_the_plan_measures_the_targets_rows_first_and_every_variant_once():
+    """A short budget drops the plan's last rows: the rows the targets read come first, a
+    profiled batch comes after the row that compiled its program, and every variant is
+    planned, each row once."""
+    variants = plan.throughput_variants("gpu", gpu=True)
+    batches = (64, 256, 1024)
+    rows = plan.throughput_plan(variants, batches, 64)
+    middle = batches[len(batches) // 2]
+    targets_read = {("ours", dtype, batch) for dtype in ("bfloat16", "float32")
+                    for batch in batches if batch >= middle}
+    assert set(rows[:len(targets_read)]) == targets_read
+    for index, (framework, variant, batch) in enumerate(rows):
+        if framework == "profile":
+            assert ("ours", variant, batch) in rows[:index]
+    assert {variant for framework, variant, _ in rows if framework == "ours"} == set(variants)
+    assert {framework for framework, _, _ in rows} == {"ours", "profile", "hf-flax"}
+    assert len(rows) == len(set(rows))
+
+
+def test_variants_switch_one_kernel_choice_each_and_their_xla_options_compile(tiny_checkpoint):
+    import numpy as np
+
+    from flax_captioner import loading
+    from flax_captioner.generator import GenerationSettings
+
+    gpu, cpu = plan.throughput_variants("gpu", gpu=True), plan.throughput_variants("cpu", False)
+    for variants in (gpu, cpu):
+        assert variants["float32"] == variants["bfloat16"] == {}  # the library's own choices
+        for name, choices in variants.items():
+            assert name.split()[0] in ("float32", "bfloat16") and len(choices) <= 1
+            assert bool(choices) == (" " in name)
+    # cuDNN's kernels and the GPU matmul backends only where there is a GPU.
+    assert not any({"compiler_options", "encoder_attention"} & set(choices)
+                   or "cudnn" in choices.values() for choices in cpu.values())
+    assert any("compiler_options" in choices for choices in gpu.values())
+    # XLA rejects an option name or value it does not know, on any backend: these it knows.
+    model = loading.load_checkpoint(tiny_checkpoint).model
+    settings = GenerationSettings.resolve(loading.generation_defaults(model.config),
+                                          max_length=4)
+    for name, choices in gpu.items():
+        if "compiler_options" in choices or "self_attention" in choices:
+            generator = common.make_generator(model.params, model.config, choices)
+            assert generator.generate(np.zeros((1, 3, 32, 32), np.float32),
+                                      settings).sequences.shape == (1, 4), name
 
 
 def table_blocks(markdown: str) -> list[list[str]]:
@@ -139,63 +185,66 @@ def table_blocks(markdown: str) -> list[list[str]]:
 def test_smoke_run_measures_every_part_and_renders_markdown(tmp_path):
     # Budgets scaled up so a loaded CI machine skips nothing; the smoke sizes stay tiny.
     completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), "--budget-scale", "6"],
-        capture_output=True, text=True, timeout=1500)
+        [sys.executable, "-m", "scripts.accelerator", "--smoke", "--out", str(tmp_path),
+         "--budget-scale", "6"], capture_output=True, text=True, timeout=1500, cwd=REPO)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    report = json.loads((tmp_path / "accelerator-benchmark.json").read_text())
+    result = json.loads((tmp_path / "accelerator-benchmark.json").read_text())
     markdown = (tmp_path / "accelerator-benchmark.md").read_text()
     assert completed.stdout.strip().endswith(markdown.strip())  # the tables print last
-    parts = report["parts"]
-    assert set(parts) == {"environment", "parity", "throughput", "end_to_end"}
-    for name in ("parity", "throughput", "end_to_end"):
+    profile = plan.PROFILES["smoke"]
+    parts = result["parts"]
+    assert set(parts) == set(plan.PARTS)
+    for name in ("parity", "throughput", "end_to_end"):  # every worker ran to its end
         assert parts[name]["status"].count(": ok") == len(parts[name]["status"].split("; "))
         assert parts[name]["skipped"] == [] and parts[name]["errors"] == []
-
     env = parts["environment"]
     assert env["jax_backend"] == "cpu" and env["packages"]["jax"] and env["host_cores"] >= 1
 
-    # Parity: three chaotic checkpoints and the tiny random model, four settings each (and
-    # the chaotic ones' beam search with the other cross- and self-attention forms), 0 off.
+    # Parity: every model and setting, and the chaotic checkpoints' beam search with the
+    # other kernel forms, all captions equal to PyTorch's.
     parity = {(row["model"], row["setting"]): row for row in parts["parity"]["rows"]}
-    chaotic = [f"chaotic-{seed}" for seed in benchmark_module().CHAOTIC_SEEDS]
-    assert set(parity) == {(model, setting) for model in [*chaotic, "tiny random"]
-                           for setting in ("beam", "greedy", "min_length", "no_repeat_ngram")
-                           } | {(model, f"beam, {form}") for model in chaotic
-                                for form in ("einsum cross-attention",
-                                             "multiply_reduce self-attention")}
-    assert all(row["captions"] == 4 and row["mismatched"] == 0 for row in parity.values())
+    chaotic = {f"chaotic-{seed}" for seed in CHAOTIC_SEEDS}
+    settings = {setting for setting, _ in plan.parity_settings(plan.MAX_LENGTH)}
+    assert {model for model, _ in parity} == chaotic | {"tiny random"}
+    for model in chaotic | {"tiny random"}:
+        assert settings <= {setting for name, setting in parity if name == model}
+    assert {setting for model, setting in parity if model in chaotic} == settings | {
+        f"beam, {form}" for form in plan.parity_other_forms("cpu")}
+    assert all(row["captions"] == profile.parity_images and row["mismatched"] == 0
+               for row in parity.values())
 
+    # Throughput: every planned row and every PyTorch variant measured.
     rows = {(row["framework"], row["variant"], row["batch"]): row
             for row in parts["throughput"]["rows"]}
-    # The library's choices, then each with one choice of backend.py switched (on CPU: the
-    # einsum cross-attention and the fixed-steps loop).
-    assert set(rows) == {("ours", "float32", 2), ("ours", "bfloat16", 2),
-                         ("ours", "float32 einsum", 2), ("ours", "bfloat16 einsum", 2),
-                         ("ours", "float32 fixed_steps", 2), ("ours", "bfloat16 fixed_steps", 2),
-                         ("hf-flax", "float32", 2), ("pytorch", "float32", 2),
-                         ("pytorch", "bfloat16-autocast", 2)}
+    planned = plan.throughput_plan(plan.throughput_variants("cpu", gpu=False),
+                                   profile.batches, profile.hf_flax_batch)
+    assert set(rows) == {row for row in planned if row[0] != "profile"} | {
+        ("pytorch", variant, batch) for variant in profile.torch_variants
+        for batch in profile.batches}
     for (framework, _, _), row in rows.items():
-        assert row["images_per_second"] > 0 and len(row["batch_seconds"]) == 2
+        assert row["images_per_second"] > 0 and len(row["batch_seconds"]) == profile.repeats
         # Ours also over consecutive batches dispatched one ahead (as `caption` runs them),
         # from the first dispatch and from the first result.
         for rate in ("streamed_images_per_second", "steady_images_per_second"):
             assert (row[rate] > 0 if framework == "ours" else row.get(rate) is None)
-    assert rows["ours", "float32", 2]["compile_seconds"] > 0
-    # A profiled batch of the library's bfloat16 and float32; XLA:CPU's trace has no device
-    # plane.
-    profiles = {row["variant"]: row for row in parts["throughput"]["profiles"]}
-    assert set(profiles) == {"bfloat16", "float32"}
-    for dtype, profiled in profiles.items():
-        assert profiled["devices"] == [] and profiled["batch"] == 2
-        assert profiled["call_seconds"] > 0 and profiled["steps"] == 15
-        assert list((tmp_path / "traces").glob(f"{dtype}-2.xplane.pb"))  # kept for XProf
+    assert rows["ours", "float32", profile.batches[0]]["compile_seconds"] > 0
+    # The profiled batches; XLA:CPU's trace has no device plane. Kept for XProf.
+    profiles = parts["throughput"]["profiles"]
+    assert {(row["variant"], row["batch"]) for row in profiles} == {
+        (variant, batch) for framework, variant, batch in planned if framework == "profile"}
+    for profiled in profiles:
+        assert profiled["devices"] == [] and profiled["call_seconds"] > 0
+        assert profiled["steps"] == plan.MAX_LENGTH - 1
+        assert (tmp_path / "traces" / f"{profiled['variant']}-{profiled['batch']}.xplane.pb"
+                ).is_file()
 
+    # End to end: the three ways of decoding, every image captioned.
     pipelines = {(row["decode"], row["workers"]): row
                  for row in parts["end_to_end"]["pipelines"]}
     assert set(pipelines) == {("exact", "threads"), ("exact", "processes"),
                               ("fast", "processes")}
     for pipeline in pipelines.values():
-        assert pipeline["images"] == 32 and pipeline["captioned"] == 32
+        assert pipeline["images"] == pipeline["captioned"] == profile.e2e_images
         assert pipeline["errors"] == 0 and pipeline["input_wait_seconds"] >= 0
         assert 0 <= pipeline["rows_seconds"] < pipeline["wall_seconds"]
         assert pipeline["images_per_second"] > 0 and pipeline["bound"] in ("decode", "device")
@@ -203,75 +252,29 @@ def test_smoke_run_measures_every_part_and_renders_markdown(tmp_path):
     scaling = {(row["decode"], row["mode"], row["workers"])
                for row in parts["end_to_end"]["decode_scaling"]}
     assert scaling == {(decode, mode, workers) for decode, mode in (
-        ("exact", "threads"), ("exact", "processes"), ("fast", "threads")) for workers in (1, 2)}
+        ("exact", "threads"), ("exact", "processes"), ("fast", "threads"))
+        for workers in profile.decode_workers}
 
-    targets = {target["target"]: target for target in report["targets"]}
+    # The targets are read from the rows.
+    targets = {target["target"]: target for target in result["targets"]}
     assert targets["exact float32 caption mismatches vs PyTorch"]["measured"] == 0
     assert targets["exact float32 caption mismatches vs PyTorch"]["met"] is True
+    ours_bf16 = max(row["steady_images_per_second"] for key, row in rows.items()
+                    if key[:2] == ("ours", "bfloat16"))
+    fastest_torch = max(row["images_per_second"] for key, row in rows.items()
+                        if key[0] == "pytorch")
+    assert targets["bfloat16 images/s, best batch"]["measured"] == pytest.approx(ours_bf16)
+    assert targets["bfloat16 vs fastest PyTorch"]["measured"] == pytest.approx(
+        ours_bf16 / fastest_torch)
+    assert targets["end to end images/s from JPEG files, fast decode on processes"][
+        "measured"] == pytest.approx(pipelines["fast", "processes"]["images_per_second"])
 
     # Every table renders: a header, a separator, and rows with the header's cell count.
-    tables = table_blocks(markdown)
-    assert len(tables) == 7  # targets, environment, parity, throughput, profile, pipeline,
-    #                          decode
-    for table in tables:
+    for table in table_blocks(markdown):
         cells = table[0].count("|")
         assert table[1] == "|" + "---|" * (cells - 1)
         assert len(table) >= 3 and all(line.count("|") == cells for line in table)
     for heading in ("## Targets (issue 10)", "## 1. Environment", "## 2. Parity",
                     "## 3. Generator throughput", "### Device profile of one batch",
-                    "## 4. End to end from JPEG files",
-                    "### Host decode scaling"):
+                    "## 4. End to end from JPEG files", "### Host decode scaling"):
         assert heading in markdown
-
-
-def test_gpu_variants_switch_one_backend_choice_each_and_their_xla_options_parse(tiny_checkpoint):
-    import numpy as np
-
-    from flax_captioner import loading
-    from flax_captioner.generator import GenerationSettings, Generator
-
-    module = benchmark_module()
-    variants = module.throughput_variants("gpu", gpu=True)
-    assert variants == {
-        "bfloat16 multiply_reduce-self": {"self_attention": "multiply_reduce"},
-        "bfloat16 einsum-encoder": {"encoder_attention": "einsum"},
-        "bfloat16 cudnn-cross": {"cross_context": "cudnn"},
-        "float32": {}, "bfloat16": {},
-        "float32 until_done": {"search_loop": "until_done"},
-        "bfloat16 until_done": {"search_loop": "until_done"},
-        "float32 multiply_reduce": {"cross_context": "multiply_reduce"},
-        "bfloat16 multiply_reduce": {"cross_context": "multiply_reduce"},
-        "float32 triton": {"compiler_options": {}},
-        "bfloat16 cublas": {"compiler_options": {"xla_gpu_enable_triton_gemm": False}}}
-    cpu_variants = " ".join(module.throughput_variants("cpu", gpu=False))
-    assert not {"triton", "cublas", "einsum-encoder", "cudnn-cross",
-                "multiply_reduce-self"} & set(cpu_variants.split())
-    # XLA rejects an option name or value it does not know, on any backend: these it knows.
-    model = loading.load_checkpoint(tiny_checkpoint).model
-    settings = GenerationSettings.resolve(loading.generation_defaults(model.config),
-                                          max_length=4)
-    for variant in ("bfloat16 cublas", "float32 triton", "bfloat16 multiply_reduce-self"):
-        generator = Generator(model.params, model.config, **variants[variant])
-        assert generator.generate(np.zeros((1, 3, 32, 32), np.float32),
-                                  settings).sequences.shape == (1, 4)
-
-
-def test_gpu_plan_puts_the_targets_rows_first_and_the_long_compiles_last():
-    module = benchmark_module()
-    plan = module.throughput_plan(module.throughput_variants("gpu", gpu=True), (64, 256, 1024),
-                                  64)
-    assert plan == [("ours", "bfloat16", 256), ("ours", "bfloat16", 1024),
-                    ("ours", "float32", 256), ("ours", "float32", 1024),
-                    ("profile", "bfloat16", 256), ("profile", "bfloat16", 1024),
-                    ("profile", "float32", 256),
-                    ("ours", "bfloat16 multiply_reduce-self", 256),
-                    ("ours", "bfloat16 multiply_reduce-self", 1024),
-                    ("ours", "bfloat16 einsum-encoder", 256),
-                    ("ours", "bfloat16 einsum-encoder", 1024),
-                    ("ours", "bfloat16 cudnn-cross", 256), ("ours", "bfloat16 cudnn-cross", 1024),
-                    ("ours", "bfloat16 until_done", 256),
-                    ("ours", "bfloat16 multiply_reduce", 256), ("ours", "bfloat16 cublas", 256),
-                    ("ours", "bfloat16", 64), ("ours", "float32", 64),
-                    ("ours", "float32 until_done", 256),
-                    ("ours", "float32 multiply_reduce", 256),
-                    ("ours", "float32 triton", 256), ("hf-flax", "float32", 64)]

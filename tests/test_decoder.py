@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import make_checkpoint, make_full_size_checkpoint
 from flax_captioner.decoder import (CROSS_CONTEXT_FORMS, SELF_ATTENTION_FORMS, DecoderSpec,
                                     cast_params, cross_kv, decode_step, encode, init_cache,
                                     reorder_cache)
 from flax_captioner.errors import ModelLoadError
+from flax_captioner.testing import make_checkpoint, make_full_size_checkpoint
 
 TOLERANCE = 1e-4
 

@@ -9,7 +9,7 @@ Each block is one test, ``test_block[FILE:LINE]`` (the line of its opening fence
   ``flax-captioner`` command must parse with the real parser and then runs on the shipped
   examples (the shapes model for the hub id and for a ``--model`` left at its default; a
   ``caption`` must write captions and no error rows); ``pip install`` is not run (CI installs
-  first) but its requirement files and ``.[extras]`` must exist; ``python scripts/X.py`` must
+  first) but its requirement files and ``.[extras]`` must exist; ``python -m scripts.X`` must
   exist and answer ``--help``, then runs; any other command fails: mark the block.
 - The sandbox reads like the repository root (its entries linked) plus the reader's own files
   the docs name (``USER_FILES``: cats.jpg, photos/, list.txt, shard-0000.tar, ... made from
@@ -443,10 +443,14 @@ def check_commands(commands: list[list[str]], sandbox: Path, *,
             problems += [f"`{command}`: {why}" for why in check_pip(argv)]
         elif argv[0] == "python" and argv[1:3] == ["-m", "pytest"]:
             pass  # the CI line is checked by test_ci_runs_the_readme_test_line
-        elif argv[0] == "python" and len(argv) > 1 and argv[1].endswith(".py"):
-            problems += [f"`{command}`: {why}" for why in check_scripts([argv[1]])]
+        elif argv[0] == "python" and argv[1:2] == ["-m"] and argv[2:3] and (
+                argv[2].split(".")[0] == "scripts"):
+            problems += [f"`{command}`: {why}" for why in check_scripts([argv[2]])]
             if not parse_only:
                 jobs.append({"kind": "process", "argv": argv[1:]})
+        elif argv[0] == "python" and len(argv) > 1 and argv[1].startswith("scripts/"):
+            problems.append(f"`{command}`: the scripts are a package; run "
+                            f"`python -m {script_module(argv[1])}` from the repository root")
         elif argv[0] == "python":
             if not parse_only:
                 jobs.append({"kind": "process", "argv": argv[1:]})
@@ -562,34 +566,47 @@ def check_python(block: Block, sandbox: Path, env: dict[str, str]) -> list[str]:
     return [describe(job, result)] if result["code"] != 0 else []
 
 
-def answer_help(scripts: list[str]) -> None:
-    """Runs each ``python SCRIPT --help`` in this interpreter; prints 'DOC-TEST SCRIPT CODE'."""
-    for script in scripts:
-        sys.argv = [script, "--help"]
-        sys.path.insert(0, os.path.dirname(script))  # as `python SCRIPT` does
+def script_module(path: str) -> str:
+    """``scripts/x.py`` or ``scripts/x/`` -> ``scripts.x``."""
+    return path.removesuffix(".py").rstrip("/").replace("/", ".")
+
+
+def answer_help(modules: list[str]) -> None:
+    """Runs each ``python -m MODULE --help`` in this interpreter (started in the repository
+    root with it on ``PYTHONPATH``, as ``python -m`` there has it); prints 'DOC-TEST MODULE
+    CODE'."""
+    for module in modules:
+        sys.argv = [module, "--help"]
         try:
-            runpy.run_path(script, run_name="__main__")
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
             code: object = 0
         except SystemExit as stop:
             code = stop.code or 0
         except BaseException:  # noqa: BLE001 - reported to the test
             code = "a traceback: " + traceback.format_exc(limit=-1).replace("\n", " ")
-        print("\nDOC-TEST", script, code, flush=True)
+        print("\nDOC-TEST", module, code, flush=True)
 
 
-def check_scripts(scripts: Iterable[str]) -> list[str]:
-    """Each ``scripts/X.py`` exists and ``--help`` exits 0 (one interpreter for all)."""
-    scripts = sorted(set(scripts))
-    missing = [script for script in scripts if not (REPO / script).is_file()]
-    present = [script for script in scripts if script not in missing]
-    problems = [f"{script} does not exist" for script in missing]
+def check_scripts(modules: Iterable[str]) -> list[str]:
+    """Each module ``scripts.X`` exists and ``python -m scripts.X --help`` exits 0 (one
+    interpreter for all)."""
+    modules = sorted(set(modules))
+
+    def exists(module: str) -> bool:
+        path = REPO / module.replace(".", "/")
+        return path.with_suffix(".py").is_file() or (path / "__main__.py").is_file()
+
+    present = [module for module in modules if exists(module)]
+    problems = [f"{module} does not exist" for module in modules if module not in present]
     if present:
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         result = subprocess.run([sys.executable, __file__, "--help-of", *present], cwd=REPO,
                                 text=True, capture_output=True, timeout=300,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path})
         codes = dict(re.findall(r"^DOC-TEST (\S+) (.+)$", result.stdout, re.M))
-        problems += [f"`python {script} --help` exits {codes.get(script, result.stderr[-1500:])}"
-                     for script in present if codes.get(script) != "0"]
+        problems += [f"`python -m {module} --help` exits "
+                     f"{codes.get(module, result.stderr[-1500:])}"
+                     for module in present if codes.get(module) != "0"]
     return problems
 
 
@@ -656,8 +673,12 @@ def test_console_script_is_what_the_blocks_run() -> None:
 
 
 def test_scripts_named_in_docs_exist_and_answer_help() -> None:
-    named = {match for doc in DOC_FILES
-             for match in re.findall(r"\bscripts/[\w./-]+\.py\b", doc.read_text())}
+    """``python -m scripts.X`` and the files ``scripts/X.py`` the docs name."""
+    texts = [doc.read_text() for doc in DOC_FILES]
+    named = {match for text in texts  # module names are lower case; NAME is a placeholder
+             for match in re.findall(r"\bscripts(?:\.[a-z_][a-z0-9_]*)+", text)}
+    named |= {script_module(match) for text in texts
+              for match in re.findall(r"\bscripts/[\w/]+\.py\b", text)}
     problems = check_scripts(named)
     assert not problems, "\n".join(problems)
 

@@ -13,11 +13,11 @@ import pytest
 pytest.importorskip("gcsfs")
 pytest.importorskip("gcp_storage_emulator")
 
-from gcs_server import gcs_emulator  # noqa: E402
 from test_s3 import SETTINGS, SHAPES_MODEL, shapes_jpegs  # noqa: E402
 
 from flax_captioner.options import CaptionOptions  # noqa: E402
 from flax_captioner.pipeline import run_pipeline  # noqa: E402
+from flax_captioner.testing import gcs_emulator  # noqa: E402
 from flax_captioner.writers import read_rows  # noqa: E402
 
 

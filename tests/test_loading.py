@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import VisionEncoderDecoderModel
 
-from checkpoints import make_checkpoint, make_full_size_checkpoint
 from flax_captioner import loading
 from flax_captioner.errors import ModelLoadError
+from flax_captioner.testing import make_checkpoint, make_full_size_checkpoint
 
 
 def _inputs(image_size: int, seed: int = 0, batch: int = 2, length: int = 7, vocab: int = 64):

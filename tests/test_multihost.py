@@ -22,7 +22,7 @@ import pytest
 from flax_captioner import multihost
 from flax_captioner.errors import ProcessGroupError
 
-from test_pipeline import run, write_image
+from test_pipeline import BEAM_SETTINGS, run, write_image
 
 # JAX ends every process this long after one stops sending heartbeats (default 100 s);
 # shortened so that a killed process ends the test soon, but longer than the survivor's last
@@ -30,16 +30,15 @@ from test_pipeline import run, write_image
 HEARTBEAT_TIMEOUT_S = 20
 KILLED_PEER_TIMEOUT_S = 4
 
-PROCESS_SCRIPT = f"HEARTBEAT_TIMEOUT_S = {HEARTBEAT_TIMEOUT_S}\n" + textwrap.dedent("""
+PROCESS_SCRIPT = (f"HEARTBEAT_TIMEOUT_S = {HEARTBEAT_TIMEOUT_S}\n"
+                  f"BEAM_SETTINGS = {BEAM_SETTINGS!r}\n") + textwrap.dedent("""
     import os, signal, sys, time
     from pathlib import Path
-    tests_dir, checkpoint, port, process_id, inputs, output = sys.argv[1:7]
-    sys.path.insert(0, tests_dir)
+    checkpoint, port, process_id, inputs, output = sys.argv[1:6]
     import jax
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2,
                                process_id=int(process_id), initialization_timeout=120,
                                heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
-    from test_pipeline import BEAM_SETTINGS
     from flax_captioner import CaptionOptions
     from flax_captioner.captioner import Captioner
     from flax_captioner.errors import CaptionerError
@@ -95,9 +94,8 @@ def launch(captioner_source, images: Path, output: Path, env: dict[str, str],
     """Runs both processes to their end: (returncode, stdout, stderr, end time) per process."""
     port = free_port()
     processes = [
-        subprocess.Popen([sys.executable, "-c", PROCESS_SCRIPT, str(Path(__file__).parent),
-                          str(captioner_source), str(port), str(process_id), str(images),
-                          str(output)],
+        subprocess.Popen([sys.executable, "-c", PROCESS_SCRIPT, str(captioner_source),
+                          str(port), str(process_id), str(images), str(output)],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for process_id in range(2)]
     ended = [None, None]
@@ -146,7 +144,7 @@ def test_two_processes_merge_into_the_single_process_output(captioner, captioner
 def s3_bucket(name: str) -> Iterator[tuple[Any, dict[str, str]]]:
     """A bucket on moto's S3 server: (s3fs file system, the workers' environment)."""
     s3fs = pytest.importorskip("s3fs")
-    from s3_server import CREDENTIALS, moto_s3
+    from flax_captioner.testing import CREDENTIALS, moto_s3
 
     with moto_s3() as endpoint:
         store = s3fs.S3FileSystem(endpoint_url=endpoint)
@@ -159,7 +157,7 @@ def gcs_bucket(name: str) -> Iterator[tuple[Any, dict[str, str]]]:
     """A bucket on the GCS emulator: (gcsfs file system, the workers' environment)."""
     gcsfs = pytest.importorskip("gcsfs")
     pytest.importorskip("gcp_storage_emulator")
-    from gcs_server import fsspec_env, gcs_emulator
+    from flax_captioner.testing import fsspec_env, gcs_emulator
 
     with gcs_emulator(name) as options:
         yield gcsfs.GCSFileSystem(**options), fsspec_env(options)

@@ -17,12 +17,13 @@ import jax
 import numpy as np
 import pytest
 
-from checkpoints import CHAOTIC_SEEDS, make_checkpoint
 from flax_captioner import parity
 from flax_captioner.decoder import DecoderSpec
 from flax_captioner.generator import GenerationSettings, Generator, build_generate_fn
+from flax_captioner.testing import (CHAOTIC_SEEDS, CHAOTIC_VOCAB, chaotic_pixels,
+                                    make_chaotic_checkpoint)
 
-VOCAB = 32
+VOCAB = CHAOTIC_VOCAB
 EOS = VOCAB - 1
 IMAGES = 8
 SCORE_TOLERANCE = 1e-4
@@ -50,13 +51,12 @@ def models(tmp_path_factory) -> list[TinyModel]:
 
     loaded = []
     for seed in CHECKPOINT_SEEDS:
-        directory = make_checkpoint(tmp_path_factory.mktemp(f"chaotic{seed}") / "model",
-                                    seed=seed, vocab_size=VOCAB, initializer_range=0.5)
+        directory = make_chaotic_checkpoint(
+            tmp_path_factory.mktemp(f"chaotic{seed}") / "model", seed)
         flax_model = FlaxVisionEncoderDecoderModel.from_pretrained(directory, from_pt=True)
-        pixels = np.random.default_rng(seed).standard_normal((IMAGES, 3, 32, 32))
         loaded.append(TinyModel(VisionEncoderDecoderModel.from_pretrained(directory).eval(),
                                 flax_model.params, flax_model.config,
-                                pixels.astype(np.float32)))
+                                chaotic_pixels(seed, IMAGES)))
     return loaded
 
 

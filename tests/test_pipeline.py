@@ -509,20 +509,19 @@ def test_merge_refuses_unfinished_parts(tmp_path):
 # A subprocess that captions slowly enough to be killed mid-run.
 SLOW_RUN_SCRIPT = textwrap.dedent("""
     import sys, time
-    sys.path.insert(0, sys.argv[1])
     from flax_captioner import CaptionOptions
     from flax_captioner.captioner import Captioner
     from flax_captioner.pipeline import run_pipeline
     from flax_captioner.errors import CaptionerError
 
-    captioner = Captioner.from_pretrained(sys.argv[2])
+    captioner = Captioner.from_pretrained(sys.argv[1])
     dispatch = captioner.generator.dispatch
     def slow_dispatch(*args, **kwargs):
         time.sleep(0.3)
         return dispatch(*args, **kwargs)
     captioner.generator.dispatch = slow_dispatch
     try:
-        run_pipeline([sys.argv[3]], sys.argv[4],
+        run_pipeline([sys.argv[2]], sys.argv[3],
                      CaptionOptions(batch_size=2, num_beams=2, max_length=6, decode_threads=1,
                                     flush_seconds=0), captioner)
     except CaptionerError as error:
@@ -533,8 +532,7 @@ SLOW_RUN_SCRIPT = textwrap.dedent("""
 
 def start_slow_run(checkpoint, inputs: Path, output: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", SLOW_RUN_SCRIPT, str(Path(__file__).parent), str(checkpoint),
-         str(inputs), str(output)], stderr=subprocess.PIPE, text=True, env=env)
+        [sys.executable, "-c", SLOW_RUN_SCRIPT, str(checkpoint), str(inputs), str(output)], stderr=subprocess.PIPE, text=True, env=env)
 
 
 def wait_for_rows(output: Path, count: int, process: subprocess.Popen) -> None:

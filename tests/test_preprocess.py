@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 from transformers import ViTImageProcessor
 
-from checkpoints import NLPCONNECT_PREPROCESSOR
 from flax_captioner.errors import ImageReadError, ModelLoadError
 from flax_captioner.preprocess import (
     ImageDecoding,
@@ -21,6 +20,7 @@ from flax_captioner.preprocess import (
     load_image,
     preprocess,
 )
+from flax_captioner.testing import NLPCONNECT_PREPROCESSOR
 
 TOLERANCE = 1e-5
 

@@ -21,13 +21,13 @@ import pytest
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-from s3_server import enforce_credentials, moto_s3  # noqa: E402
 from test_pipeline import write_tar  # noqa: E402
 
 from flax_captioner.errors import DataError, OutputError  # noqa: E402
 from flax_captioner.options import CaptionOptions  # noqa: E402
 from flax_captioner.pipeline import run_pipeline  # noqa: E402
 from flax_captioner.preflight import check_run  # noqa: E402
+from flax_captioner.testing import enforce_credentials, moto_s3, write_shapes_jpegs  # noqa: E402
 from flax_captioner.writers import read_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,10 +37,7 @@ SETTINGS = {"num_beams": 2, "max_length": 12}
 
 def shapes_jpegs(directory: Path, count: int) -> list[Path]:
     """``count`` images of the shapes dataset as JPEG files."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from make_shapes_dataset import write_jpegs
-
-    return write_jpegs(directory, count)
+    return write_shapes_jpegs(directory, count)[0]
 
 
 def caption(captioner, inputs, output, options, batch_size=4):

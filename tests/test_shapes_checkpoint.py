@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +10,11 @@ import pytest
 
 from flax_captioner.captioner import Captioner
 from flax_captioner.metrics import exact_match
+from flax_captioner.testing import make_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "examples" / "shapes-captioner"
 SAMPLES = REPO / "examples" / "images"
-sys.path.insert(0, str(REPO / "scripts"))
-
-from make_shapes_dataset import make_dataset  # noqa: E402
 
 ACCURACY_THRESHOLD = 0.9
 

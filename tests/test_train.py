@@ -239,20 +239,17 @@ def test_divergence_between_metric_reads_is_caught_before_any_save(
 def test_training_without_pytorch_exports_flax_weights_and_says_so_first(
         tiny_checkpoint, dataset_file, tmp_path):
     script = textwrap.dedent("""
-        import sys
+        import json, sys
         sys.modules["torch"] = None  # as if PyTorch were not installed
-        sys.path.insert(0, sys.argv[1])
-        from test_train import tiny_config
-        from flax_captioner.train import train
-        from pathlib import Path
-        config = tiny_config(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]),
-                             max_steps=1, validation_file="")
-        print(train(config).summary())
+        from flax_captioner.train import TrainConfig, train
+        print(train(TrainConfig(**json.loads(sys.argv[1]))).summary())
     """)
     output_dir = tmp_path / "run"
+    config = tiny_config(tiny_checkpoint, dataset_file, output_dir, max_steps=1,
+                         validation_file="")
     done = subprocess.run(
-        [sys.executable, "-c", script, str(Path(__file__).parent), str(tiny_checkpoint),
-         str(dataset_file), str(output_dir)], capture_output=True, text=True, timeout=600)
+        [sys.executable, "-c", script, json.dumps(dataclasses.asdict(config))],
+        capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "PyTorch is not installed: the final export will hold Flax weights only" in done.stderr
     assert (output_dir / "export" / "flax_model.msgpack").is_file()
