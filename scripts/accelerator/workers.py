@@ -336,7 +336,7 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
 
 def streamed_run(generator: Any, pixels: np.ndarray, settings: Any,
                  batches: int) -> tuple[float, float]:
-    """``batches`` batches of ``pixels`` dispatched one ahead (``generator.one_ahead``), as
+    """``batches`` batches of ``pixels`` dispatched one ahead (``device_loop.one_ahead``), as
     ``caption`` and the Ray path run theirs: a batch's pixels are copied and its program
     launched while the batch before runs on the device. Returns (images/s over the whole run,
     images/s between the first result and the last): the first includes the first batch's
@@ -346,7 +346,7 @@ def streamed_run(generator: Any, pixels: np.ndarray, settings: Any,
     Two untimed batches go first: two batches in flight need more device memory than one,
     and the first run that holds them pays for growing the allocator's pool (what a first
     streamed run showed on a GPU: docs/results/history.md, "Runs 5 and 6")."""
-    from flax_captioner.generator import one_ahead
+    from flax_captioner.device_loop import one_ahead
 
     def run(count: int) -> list[float]:
         """Seconds from the start to each batch's result, in order."""
@@ -369,7 +369,7 @@ def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
     processes, then fast decoding on processes), then the host's decode scaling."""
     import jax.numpy as jnp
 
-    from flax_captioner import loading
+    from flax_captioner import CaptionOptions, loading
     from flax_captioner.captioner import Captioner
     from flax_captioner.generator import enable_compilation_cache
     from flax_captioner.pipeline import run_pipeline
@@ -386,12 +386,12 @@ def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
     estimate = {"gpu": 40 + len(paths) / 1000, "cpu": 60 + len(paths), "smoke": 10}[profile.name]
     if recorder.fits("end-to-end pipeline", estimate):
         captioner = Captioner(loading.load_checkpoint(work / "full"), dtype=jnp.bfloat16)
-        common = dict(batch_size=profile.e2e_batch, num_threads=cores, resume=False,
-                      progress=False,
-                      settings={"num_beams": NUM_BEAMS, "max_length": MAX_LENGTH})
+        common = CaptionOptions(batch_size=profile.e2e_batch, decode_threads=cores,
+                                decode_processes=False, resume=False, progress=False,
+                                num_beams=NUM_BEAMS, max_length=MAX_LENGTH)
         # The first batch compiles (or loads the throughput worker's program from the cache).
-        _, warmup = timed(lambda: run_pipeline(captioner, paths[:profile.e2e_batch],
-                                               str(work / "warmup.jsonl"), **common))
+        _, warmup = timed(lambda: run_pipeline(paths[:profile.e2e_batch],
+                                               str(work / "warmup.jsonl"), common, captioner))
         wall = None
         for decode, workers in (("exact", "threads"), ("exact", "processes"),
                                 ("fast", "processes")):
@@ -402,10 +402,10 @@ def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
             # runtime's), not the decode processes': at 1,000 / (ms per image) images/s on
             # one core's worth, the host process itself bounds the pipeline.
             cpu = process_cpu_seconds()
-            stats = run_pipeline(captioner, paths,
-                                 str(work / f"captions-{decode}-{workers}.jsonl"),
-                                 fast_decode=decode == "fast",
-                                 decode_processes=workers == "processes", **common)
+            stats = run_pipeline(paths, str(work / f"captions-{decode}-{workers}.jsonl"),
+                                 common.replace(fast_decode=decode == "fast",
+                                                decode_processes=workers == "processes"),
+                                 captioner)
             wall = stats.wall_seconds
             recorder.emit("pipeline", decode=decode, workers=workers, dtype="bfloat16",
                           batch=profile.e2e_batch, images=len(paths), warmup_seconds=warmup,
@@ -427,7 +427,7 @@ def pipeline_rates(stats: Any, images: int) -> dict[str, Any]:
                    if stats.decode_seconds else None)
     device_rate = images / stats.device_seconds if stats.device_seconds else None
     # The loop's own time: detokenizing, building and writing rows, while the next batch runs
-    # on the device (generator.one_ahead); above that batch's device time, the device idles.
+    # on the device (device_loop.one_ahead); above that batch's device time, the device idles.
     row["rows_seconds"] = max(0.0, stats.wall_seconds - stats.device_seconds
                               - stats.input_wait_seconds - stats.compile_seconds)
     row.update(decode_capacity_images_per_second=decode_rate,
