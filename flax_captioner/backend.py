@@ -10,7 +10,7 @@ config:
   any precision setting, so the mode costs nothing there.
 - **Fast mode** (``bfloat16``): matmul operands (kernels, embeddings, activations entering a
   matmul, cross K/V and the self-attention cache) are bfloat16, traced at ``"default"``
-  precision; ``decoder.py`` asks every projection for float32 results
+  precision; ``model.py`` asks every projection for float32 results
   (``preferred_element_type``), and keeps the residual stream, softmax, layer norms and logits
   in float32. The one exception is the attention context (probabilities x values), produced in
   bfloat16 because it only feeds the next projection.
@@ -64,7 +64,7 @@ _MEMORY_SHARE = 0.75
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-# decode_step's cross-attention form (decoder.CROSS_CONTEXT_FORMS) per platform.
+# decode_step's cross-attention form (model.CROSS_CONTEXT_FORMS) per platform.
 # - CPU: "multiply_reduce". decode_step alone, nlpconnect size, 8 images x 4 beams, 2-core AMD
 #   EPYC (Zen 4), 2026-11-27, best of 5 (multiply_reduce vs einsum): float32 96.9 vs 114.6 ms
 #   (an earlier run 100.5 vs 137.1), bfloat16 58.0 vs 90.6 ms: XLA:CPU runs the einsum as
@@ -81,7 +81,7 @@ BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 #   speed with either form is not measured on a GPU.
 # - TPU: not measured.
 CROSS_CONTEXT = {"cpu": "multiply_reduce", "gpu": "einsum", "tpu": "multiply_reduce"}
-# decode_step's self-attention form (decoder.SELF_ATTENTION_FORMS) per platform.
+# decode_step's self-attention form (model.SELF_ATTENTION_FORMS) per platform.
 # - CPU: "einsum". On a 2-core AMD EPYC (Zen 3, AVX2), einsum vs multiply_reduce:
 #   decode_step alone (nlpconnect size, 8 images x 4 beams, cache rows shuffled, best of 7
 #   interleaved calls, 2026-12-04) float32 110.3 vs 111.2 ms, bfloat16 128.9 vs 131.6 ms;
@@ -97,7 +97,7 @@ CROSS_CONTEXT = {"cpu": "multiply_reduce", "gpu": "einsum", "tpu": "multiply_red
 SELF_ATTENTION = {"cpu": "einsum", "gpu": "einsum", "tpu": "einsum"}
 
 
-# The encoder's self-attention form (decoder.ENCODER_ATTENTION_FORMS) per (platform, compute
+# The encoder's self-attention form (model.ENCODER_ATTENTION_FORMS) per (platform, compute
 # dtype); "einsum" where none is named.
 # - GPU bfloat16: "cudnn" (jax.nn.dot_product_attention's fused kernel). Its einsums at batch
 #   1,024 took 3.3 ms of an 11.1 ms encoder layer (scores 0.84, softmax 1.01, context 0.71,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_captioner import backend, decoder, search, sharding
+from flax_captioner import backend, model, search, sharding
 from flax_captioner.settings import GenerationSettings
 
 __all__ = ["Dispatched", "GenerationOutput", "GenerationSettings", "Generator",
@@ -84,7 +84,7 @@ class GenerationOutput:
                    step_logits=host(output.step_logits, search_rows))
 
 
-def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
+def build_generate_fn(spec: model.ModelSpec, settings: GenerationSettings,
                       dtype: Any = jnp.float32,
                       cross_context: str = "multiply_reduce",
                       search_loop: str = "until_done",
@@ -97,23 +97,23 @@ def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
     then the per-token and, when asked for, per-step arrays); ``row_keys`` only matter when
     sampling. Cross-attention keys/values are computed once per image and shared by its
     beams; step one runs on B rows, the search expands the cache to K beams after it.
-    ``cross_context`` is ``decoder.decode_step``'s (and ``cross_kv``'s), ``self_attention``
-    ``decoder.decode_step``'s, ``encoder_attention`` ``decoder.encode``'s, ``search_loop``
+    ``cross_context`` is ``model.decode_step``'s (and ``cross_kv``'s), ``self_attention``
+    ``model.decode_step``'s, ``encoder_attention`` ``model.encode``'s, ``search_loop``
     ``search.run_steps``'s.
     """
 
     def generate_fn(params: Any, pixel_values: jax.Array,
                     row_keys: jax.Array) -> search.SearchOutput:
         batch = pixel_values.shape[0]
-        encoder_hidden = decoder.encode(params, pixel_values, spec, dtype, encoder_attention)
-        cross = decoder.cross_kv(params, encoder_hidden, spec, dtype, cross_context)
-        cache = decoder.init_cache(batch, 1, settings.max_length, spec, dtype)
+        encoder_hidden = model.encode(params, pixel_values, spec, dtype, encoder_attention)
+        cross = model.cross_kv(params, encoder_hidden, spec, dtype, cross_context)
+        cache = model.init_cache(batch, 1, settings.max_length, spec, dtype)
 
         def step_fn(tokens, position, cache):
-            return decoder.decode_step(params, tokens, position, cache, cross, spec, dtype,
+            return model.decode_step(params, tokens, position, cache, cross, spec, dtype,
                                        cross_context, self_attention)
 
-        return search.search(step_fn, decoder.reorder_cache, cache, batch, settings, row_keys,
+        return search.search(step_fn, model.reorder_cache, cache, batch, settings, row_keys,
                              search_loop)
 
     return generate_fn
@@ -191,16 +191,16 @@ class Generator:
       dtype: matmul compute dtype: ``jnp.float32`` (parity) or ``jnp.bfloat16`` (fast).
       data_parallel: a ``sharding.DataParallel`` placement; ``None`` places everything on
         the first local device (``sharding.SingleDevice``).
-      cross_context: ``decoder.decode_step``'s cross-attention form; ``None`` takes the
+      cross_context: ``model.decode_step``'s cross-attention form; ``None`` takes the
         devices' platform's (``backend.CROSS_CONTEXT``).
-      self_attention: ``decoder.decode_step``'s self-attention form; ``None`` takes the
+      self_attention: ``model.decode_step``'s self-attention form; ``None`` takes the
         devices' platform's (``backend.SELF_ATTENTION``).
       search_loop: how the search's step loop ends (``search.run_steps``); ``None`` takes
         the devices' platform's (``backend.SEARCH_LOOP``).
       compiler_options: XLA options the searches compile with (``jax.jit``'s); ``None``
         takes the platform's for ``dtype`` (``backend.COMPILER_OPTIONS``), ``{}`` XLA's
         defaults. The pmap placement takes none and compiles with XLA's defaults.
-      encoder_attention: the encoder's self-attention: ``"einsum"`` (``decoder``'s einsums),
+      encoder_attention: the encoder's self-attention: ``"einsum"`` (``model``'s einsums),
         or ``jax.nn.dot_product_attention`` with implementation ``"cudnn"`` (one fused
         kernel; GPUs, bfloat16 only) or ``"xla"``; ``None`` takes the platform's for
         ``dtype`` (``backend.ENCODER_ATTENTION``).
@@ -214,22 +214,22 @@ class Generator:
                  compiler_options: dict[str, Any] | None = None,
                  encoder_attention: str | None = None):
         params = getattr(model_or_params, "params", model_or_params)
-        self.spec = decoder.DecoderSpec.from_config(config)
+        self.spec = model.ModelSpec.from_config(config)
         self.dtype = jnp.dtype(dtype)
         if self.dtype != jnp.float32:
-            params = decoder.cast_params(params, self.dtype)
+            params = model.cast_params(params, self.dtype)
         self.data_parallel = data_parallel or sharding.SingleDevice()
         self.num_shards = self.data_parallel.num_shards
         platform = self.data_parallel.devices[0].platform
         self.cross_context = cross_context or backend.cross_context(platform)
-        decoder.check_cross_context(self.cross_context)  # at construction, not first call
+        model.check_cross_context(self.cross_context)  # at construction, not first call
         self.self_attention = self_attention or backend.self_attention(platform)
-        decoder.check_self_attention(self.self_attention)
+        model.check_self_attention(self.self_attention)
         self.search_loop = search_loop or backend.search_loop(platform)
         search.check_search_loop(self.search_loop)
         self.encoder_attention = (encoder_attention
                                   or backend.encoder_attention(platform, self.dtype))
-        decoder.check_encoder_attention(self.encoder_attention)
+        model.check_encoder_attention(self.encoder_attention)
         for name in ("cross_context", "encoder_attention"):
             if getattr(self, name) == "cudnn" and (platform != "gpu"
                                                    or self.dtype != jnp.bfloat16):

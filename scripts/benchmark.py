@@ -163,17 +163,17 @@ def other_search_loop(platform: str) -> str:
 def other_cross_context(platform: str) -> str:
     """The unfused cross-attention form devices of ``platform`` do not use
     (``backend.CROSS_CONTEXT``)."""
-    from flax_captioner import backend, decoder
+    from flax_captioner import backend, model
 
-    return next(form for form in decoder.CROSS_CONTEXT_FORMS
-                if form not in decoder.FUSED_FORMS and form != backend.cross_context(platform))
+    return next(form for form in model.CROSS_CONTEXT_FORMS
+                if form not in model.FUSED_FORMS and form != backend.cross_context(platform))
 
 
 def other_self_attention(platform: str) -> str:
     """The self-attention form devices of ``platform`` do not use (``backend.SELF_ATTENTION``)."""
-    from flax_captioner import backend, decoder
+    from flax_captioner import backend, model
 
-    return next(form for form in decoder.SELF_ATTENTION_FORMS
+    return next(form for form in model.SELF_ATTENTION_FORMS
                 if form != backend.self_attention(platform))
 
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from checkpoints import CHAOTIC_SEEDS, make_checkpoint  # noqa: E402  (the tests' builder)
 from flax_captioner import parity  # noqa: E402
-from flax_captioner.decoder import DecoderSpec  # noqa: E402
+from flax_captioner.model import ModelSpec  # noqa: E402
 from flax_captioner.generator import GenerationSettings, build_generate_fn  # noqa: E402
 
 VOCAB = 32
@@ -75,7 +75,7 @@ def main() -> None:
 
     defaults = type("Defaults", (), dict(decoder_start_token_id=EOS, pad_token_id=EOS,
                                          eos_token_id=EOS))
-    spec = DecoderSpec.from_config(models[0][1].config)
+    spec = ModelSpec.from_config(models[0][1].config)
     # Per search kind: captions, HF Flax differing, ours differing, then the same for the
     # best caption of each image only.
     totals = {"greedy": np.zeros(6, int), "beam": np.zeros(6, int)}

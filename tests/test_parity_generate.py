@@ -19,7 +19,7 @@ import pytest
 
 from checkpoints import CHAOTIC_SEEDS, make_checkpoint
 from flax_captioner import parity
-from flax_captioner.decoder import DecoderSpec
+from flax_captioner.model import ModelSpec
 from flax_captioner.generator import GenerationSettings, Generator, build_generate_fn
 
 VOCAB = 32
@@ -66,14 +66,14 @@ def settings_for(**overrides) -> GenerationSettings:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_search(spec: DecoderSpec, settings: GenerationSettings,
+def compiled_search(spec: ModelSpec, settings: GenerationSettings,
                     self_attention: str = "einsum"):
     return jax.jit(build_generate_fn(spec, settings, self_attention=self_attention))
 
 
 def generate(model: TinyModel, settings: GenerationSettings,
              self_attention: str = "einsum") -> parity.GenerationOutput:
-    spec = DecoderSpec.from_config(model.config)
+    spec = ModelSpec.from_config(model.config)
     keys = np.zeros((len(model.pixels), 2), np.uint32)
     output = compiled_search(spec, settings, self_attention)(model.params, model.pixels, keys)
     return parity.GenerationOutput.from_search(output, len(model.pixels), settings)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint, make_full_size_checkpoint
-from flax_captioner.decoder import (CROSS_CONTEXT_FORMS, SELF_ATTENTION_FORMS, DecoderSpec,
+from flax_captioner.model import (CROSS_CONTEXT_FORMS, SELF_ATTENTION_FORMS, ModelSpec,
                                     cast_params, cross_kv, decode_step, encode, init_cache,
                                     reorder_cache)
 from flax_captioner.errors import ModelLoadError
@@ -24,12 +24,12 @@ TOLERANCE = 1e-4
 
 
 def load_models(directory):
-    """(PyTorch model, HF Flax model, DecoderSpec) for one checkpoint directory."""
+    """(PyTorch model, HF Flax model, ModelSpec) for one checkpoint directory."""
     from transformers import FlaxVisionEncoderDecoderModel, VisionEncoderDecoderModel
 
     torch_model = VisionEncoderDecoderModel.from_pretrained(directory).eval()
     flax_model = FlaxVisionEncoderDecoderModel.from_pretrained(directory, from_pt=True)
-    return torch_model, flax_model, DecoderSpec.from_config(flax_model.config)
+    return torch_model, flax_model, ModelSpec.from_config(flax_model.config)
 
 
 @pytest.fixture(scope="module", params=[
@@ -42,7 +42,7 @@ def tiny_models(request, tmp_path_factory):
     return load_models(directory)
 
 
-def random_pixels(spec: DecoderSpec, batch: int, seed: int = 0) -> np.ndarray:
+def random_pixels(spec: ModelSpec, batch: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     shape = (batch, spec.num_channels, spec.image_size, spec.image_size)
     return rng.uniform(-1.0, 1.0, shape).astype(np.float32)
@@ -242,7 +242,7 @@ def test_spec_rejects_unsupported_config(tiny_models):
     config = flax_model.config.__class__.from_dict(flax_model.config.to_dict())
     config.decoder.add_cross_attention = False
     with pytest.raises(ModelLoadError, match="cross-attention"):
-        DecoderSpec.from_config(config)
+        ModelSpec.from_config(config)
 
 
 def test_init_cache_rejects_length_beyond_positions(tiny_models):

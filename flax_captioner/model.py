@@ -47,7 +47,7 @@ SELF_ATTENTION_FORMS = ("einsum", "multiply_reduce")
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderSpec:
+class ModelSpec:
     """The architecture numbers the functions need; hashable, so static under ``jax.jit``."""
 
     num_layers: int
@@ -69,7 +69,7 @@ class DecoderSpec:
     num_channels: int
 
     @classmethod
-    def from_config(cls, config: Any) -> "DecoderSpec":
+    def from_config(cls, config: Any) -> "ModelSpec":
         """Reads a ``VisionEncoderDecoderConfig`` (ViT encoder, GPT-2 decoder).
 
         Raises:
@@ -235,7 +235,7 @@ def _fused_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: 
         scale=1.0 / math.sqrt(query.shape[-1]), implementation=implementation)
 
 
-def encode(params: Params, pixel_values: jax.Array, spec: DecoderSpec,
+def encode(params: Params, pixel_values: jax.Array, spec: ModelSpec,
            dtype: jnp.dtype = jnp.float32, attention: str = "einsum") -> jax.Array:
     """The ViT encoder: pixels [B, C, H, W] (normalized, float) -> hidden [B, S, D] float32.
 
@@ -288,7 +288,7 @@ def encode(params: Params, pixel_values: jax.Array, spec: DecoderSpec,
     return _layer_norm(hidden, vit["layernorm"], spec.encoder_layer_norm_eps)
 
 
-def cross_kv(params: Params, encoder_hidden: jax.Array, spec: DecoderSpec,
+def cross_kv(params: Params, encoder_hidden: jax.Array, spec: ModelSpec,
              dtype: jnp.dtype = jnp.float32, cross_context: str = "multiply_reduce"
              ) -> CrossKV:
     """Cross-attention keys/values of all decoder layers from ``encoder_hidden`` [B, S, D].
@@ -310,7 +310,7 @@ def cross_kv(params: Params, encoder_hidden: jax.Array, spec: DecoderSpec,
     return CrossKV(key=tuple(keys), value=tuple(values))
 
 
-def init_cache(batch: int, beams: int, max_length: int, spec: DecoderSpec,
+def init_cache(batch: int, beams: int, max_length: int, spec: ModelSpec,
                dtype: jnp.dtype = jnp.float32) -> SelfAttentionCache:
     """An all-zero cache with L keys/values [B, K, H, T=max_length, Dh] in ``dtype``, each
     beam reading its own row."""
@@ -381,7 +381,7 @@ def _cross_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: 
 
 
 def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
-                cache: SelfAttentionCache, cross: CrossKV, spec: DecoderSpec,
+                cache: SelfAttentionCache, cross: CrossKV, spec: ModelSpec,
                 dtype: jnp.dtype = jnp.float32, cross_context: str = "multiply_reduce",
                 self_attention: str = "einsum") -> tuple[jax.Array, SelfAttentionCache]:
     """One GPT-2 step for every beam: returns (logits [B, K, V] float32, updated cache).
