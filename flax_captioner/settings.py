@@ -301,7 +301,3 @@ def _as_sequence_bias(bias: Any) -> tuple[tuple[tuple[int, ...], float], ...]:
         merged[tuple(int(t) for t in ids)] = float(value)
     return tuple(merged.items())
 
-
-# ----------------------------------------------------------------------------------------
-# Logits processors: PyTorch's order (_get_logits_processor) and float32 arithmetic.
-# ----------------------------------------------------------------------------------------
