@@ -15,14 +15,15 @@ from flax_captioner.errors import (CaptionerError, DataError, ImageReadError, Mo
 
 if TYPE_CHECKING:
     from flax_captioner.captioner import Captioner
-    from flax_captioner.generator import GenerationOutput, GenerationSettings
+    from flax_captioner.generator import GenerationOutput
     from flax_captioner.pipeline import PipelineStats, run_pipeline
+    from flax_captioner.settings import GenerationSettings
 
 # public name -> module that defines it
 _LAZY = {
     "Captioner": "flax_captioner.captioner",
     "GenerationOutput": "flax_captioner.generator",
-    "GenerationSettings": "flax_captioner.generator",
+    "GenerationSettings": "flax_captioner.settings",
     "PipelineStats": "flax_captioner.pipeline",
     "run_pipeline": "flax_captioner.pipeline",
 }

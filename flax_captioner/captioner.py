@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image
 
 from flax_captioner import backend, feed, loading, sharding, sources, storage
-from flax_captioner.generator import (Dispatched, GenerationOutput, GenerationSettings,
-                                      Generator, one_ahead)
+from flax_captioner.generator import Dispatched, GenerationOutput, Generator, one_ahead
 from flax_captioner.preprocess import ImageDecoding
+from flax_captioner.settings import GenerationSettings
 from flax_captioner.sources import InputItem
 
 # One image: a path, an image file's encoded bytes, or a PIL image.

@@ -13,18 +13,19 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flax_captioner import backend, model, search, sharding
-from flax_captioner.settings import GenerationSettings
 
-__all__ = ["Dispatched", "GenerationOutput", "GenerationSettings", "Generator",
-           "build_generate_fn", "bucket_size", "enable_compilation_cache", "image_keys",
-           "one_ahead"]
+if TYPE_CHECKING:
+    from flax_captioner.settings import GenerationSettings
+
+__all__ = ["Dispatched", "GenerationOutput", "Generator", "build_generate_fn", "bucket_size",
+           "enable_compilation_cache", "image_keys", "one_ahead"]
 
 GenerateFn = Callable[[Any, jax.Array, jax.Array], search.SearchOutput]
 

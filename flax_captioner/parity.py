@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from flax_captioner import loading
-from flax_captioner.generator import GenerationOutput, GenerationSettings
+from flax_captioner.generator import GenerationOutput
+from flax_captioner.settings import GenerationSettings
 
 
 @dataclasses.dataclass

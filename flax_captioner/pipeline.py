@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from flax_captioner import feed, multihost, sharding
 from flax_captioner.errors import DataError, OutputError, PipelineInterrupted
-from flax_captioner.generator import Dispatched, GenerationSettings, one_ahead
+from flax_captioner.generator import Dispatched, one_ahead
 from flax_captioner.preprocess import ImageDecoding
+from flax_captioner.settings import GenerationSettings
 from flax_captioner.sources import InputItem, Inputs, check_inputs, iter_inputs
 from flax_captioner.writers import (Row, RowWriter, exists, format_score,
                                     merge_shards, open_writer, part_path, resolve_format)

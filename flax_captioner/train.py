@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 
 from flax_captioner import feed, loading, metrics, sharding, train_data
 from flax_captioner.errors import DataError, ModelLoadError, NonFiniteLossError
-from flax_captioner.generator import GenerationSettings, Generator
+from flax_captioner.generator import Generator
 from flax_captioner.preprocess import PreprocessConfig
+from flax_captioner.settings import GenerationSettings
 from flax_captioner.sources import InputItem
 from flax_captioner.train_config import TrainConfig
 

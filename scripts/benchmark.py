@@ -97,7 +97,7 @@ def timed(call: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def settings_for(config: Any, args: argparse.Namespace, output_scores: bool = False) -> Any:
-    from flax_captioner.generator import GenerationSettings
+    from flax_captioner.settings import GenerationSettings
     from flax_captioner.loading import generation_defaults
 
     return GenerationSettings.resolve(generation_defaults(config), max_length=args.max_length,

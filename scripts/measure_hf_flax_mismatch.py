@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from checkpoints import CHAOTIC_SEEDS, make_checkpoint  # noqa: E402  (the tests' builder)
 from flax_captioner import parity  # noqa: E402
+from flax_captioner.generator import build_generate_fn  # noqa: E402
 from flax_captioner.model import ModelSpec  # noqa: E402
-from flax_captioner.generator import GenerationSettings, build_generate_fn  # noqa: E402
+from flax_captioner.settings import GenerationSettings  # noqa: E402
 
 VOCAB = 32
 EOS = VOCAB - 1

@@ -18,7 +18,8 @@ import pytest
 
 from flax_captioner import backend, sharding
 from flax_captioner.errors import FIXES, CaptionerError
-from flax_captioner.generator import GenerationSettings, Generator, build_generate_fn
+from flax_captioner.generator import Generator, build_generate_fn
+from flax_captioner.settings import GenerationSettings
 
 EOS = 63  # the conftest tiny checkpoint's vocabulary is 64, EOS last
 
@@ -299,7 +300,8 @@ OOM_SCRIPT = textwrap.dedent("""
     import numpy as np
     from transformers import FlaxVisionEncoderDecoderModel
     from flax_captioner.errors import CaptionerError
-    from flax_captioner.generator import GenerationSettings, Generator
+    from flax_captioner.generator import Generator
+    from flax_captioner.settings import GenerationSettings
 
     model = FlaxVisionEncoderDecoderModel.from_pretrained(sys.argv[1], from_pt=True)
     generator = Generator(model.params, model.config)

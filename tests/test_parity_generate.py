@@ -19,8 +19,9 @@ import pytest
 
 from checkpoints import CHAOTIC_SEEDS, make_checkpoint
 from flax_captioner import parity
+from flax_captioner.generator import Generator, build_generate_fn
 from flax_captioner.model import ModelSpec
-from flax_captioner.generator import GenerationSettings, Generator, build_generate_fn
+from flax_captioner.settings import GenerationSettings
 
 VOCAB = 32
 EOS = VOCAB - 1
