@@ -15,7 +15,7 @@ Shapes: B images, K beams (or R sampled rows per image), V vocabulary, T = ``max
 (the prompt ``[decoder_start]`` included). Each image carries its own sticky "done" flag and
 a done image's results are frozen, so an image's caption never depends on the rest of the
 batch. The loop either exits as soon as every image is done or runs a fixed number of steps
-(``SEARCH_LOOPS``); both return the same arrays.
+(``run_steps``); both return the same arrays.
 
 The arithmetic mirrors transformers 4.57 (``GenerationMixin._beam_search`` and helpers,
 ``_sample``; its ``LogitsProcessor``s are ``processors.py``) operation by operation, in
@@ -43,8 +43,6 @@ MASK_SCORE = -1.0e9
 
 StepFn = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 ReorderFn = Callable[[Any, jax.Array], Any]
-# How the step loop ends (``run_steps``); backend.SEARCH_LOOP picks one per platform.
-SEARCH_LOOPS = ("until_done", "fixed_steps")
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,17 +97,11 @@ def _record(buffer: jax.Array | None, step: jax.Array, values: jax.Array) -> jax
     return lax.dynamic_update_slice_in_dim(buffer, values[:, :, None], step, axis=2)
 
 
-def check_search_loop(loop: str) -> None:
-    """Raises ValueError (one line) unless ``loop`` is one of ``SEARCH_LOOPS``."""
-    if loop not in SEARCH_LOOPS:
-        raise ValueError(f"search_loop must be one of {SEARCH_LOOPS}, got {loop!r}")
-
-
 def run_steps(keep_going: Callable[[Any], jax.Array], body: Callable[[Any], Any], state: Any,
               steps: int, loop: str) -> Any:
     """Applies ``body`` to ``state`` while ``keep_going(state)``, at most ``steps`` times.
 
-    ``loop`` (``SEARCH_LOOPS``):
+    ``loop`` (``backend.Kernels.search_loop``, which picks one per platform):
 
     - ``"until_done"``: a while loop that exits as soon as ``keep_going`` is false. Its trip
       count is data-dependent, so XLA:GPU decides every iteration on the host (its while
@@ -123,7 +115,6 @@ def run_steps(keep_going: Callable[[Any], jax.Array], body: Callable[[Any], Any]
 
     ``state`` has ``step_scores`` and ``step_logits`` fields (None when not recorded).
     """
-    check_search_loop(loop)
     if loop == "until_done":
         return lax.while_loop(keep_going, body, state)
 

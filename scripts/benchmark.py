@@ -153,35 +153,22 @@ def prepare_hf_flax(directory: Path, args: argparse.Namespace, dtype: str):
     return compile_seconds, lambda pixels: np.asarray(compiled(model.params, pixels))
 
 
-def other_search_loop(platform: str) -> str:
-    """The search loop form devices of ``platform`` do not use (``backend.SEARCH_LOOP``)."""
-    from flax_captioner import backend, search
-
-    return next(form for form in search.SEARCH_LOOPS if form != backend.search_loop(platform))
-
-
-def other_cross_context(platform: str) -> str:
-    """The unfused cross-attention form devices of ``platform`` do not use
-    (``backend.CROSS_CONTEXT``)."""
+def other_kernels(platform: str, dtype: str, field: str):
+    """``backend.kernels(platform, dtype)`` with ``field`` switched to the first unfused form
+    it does not use (a ``backend.Kernels``)."""
     from flax_captioner import backend, model
 
-    return next(form for form in model.CROSS_CONTEXT_FORMS
-                if form not in model.FUSED_FORMS and form != backend.cross_context(platform))
-
-
-def other_self_attention(platform: str) -> str:
-    """The self-attention form devices of ``platform`` do not use (``backend.SELF_ATTENTION``)."""
-    from flax_captioner import backend, model
-
-    return next(form for form in model.SELF_ATTENTION_FORMS
-                if form != backend.self_attention(platform))
+    kernels = backend.kernels(platform, dtype)
+    other = next(form for form in backend.FORMS[field]
+                 if form not in model.FUSED_FORMS and form != getattr(kernels, field))
+    return dataclasses.replace(kernels, **{field: other})
 
 
 def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
-                 output_scores: bool = False, other_loop: bool = False,
-                 other_cross: bool = False, other_self: bool = False):
+                 output_scores: bool = False, switched: str | None = None):
     """Compile seconds: ``Generator.compile_seconds`` (ahead-of-time compilation, timed
-    apart from running the first batch)."""
+    apart from running the first batch). ``switched``: a ``backend.Kernels`` field to run
+    with the other form (``other_kernels``)."""
     import jax
     import jax.numpy as jnp
 
@@ -189,11 +176,9 @@ def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
     from flax_captioner.loading import load_checkpoint
 
     model = load_checkpoint(directory).model
-    platform = jax.devices()[0].platform
-    generator = Generator(model, model.config, dtype=getattr(jnp, dtype),
-                          search_loop=other_search_loop(platform) if other_loop else None,
-                          cross_context=other_cross_context(platform) if other_cross else None,
-                          self_attention=other_self_attention(platform) if other_self else None)
+    kernels = (other_kernels(jax.devices()[0].platform, dtype, switched) if switched
+               else None)
+    generator = Generator(model, model.config, dtype=getattr(jnp, dtype), kernels=kernels)
     settings = settings_for(model.config, args, output_scores)
     generator.generate(seeded_pixels(args.batch_size, model.config.encoder.image_size,
                                      args.seed), settings)
@@ -202,14 +187,13 @@ def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
 
 
 # "ours-scores": output_scores=True (per-step scores [B * K, max_length - 1, V] back);
-# "ours-loop" / "ours-cross" / "ours-self": the search loop form / cross-attention form /
-# self-attention form its platform does not use (backend.SEARCH_LOOP / CROSS_CONTEXT /
-# SELF_ATTENTION).
+# "ours-loop" / "ours-cross" / "ours-self": the search loop / cross-attention /
+# self-attention form its platform does not use (a field of backend.Kernels switched).
 PREPARE = {"pytorch": prepare_pytorch, "hf-flax": prepare_hf_flax, "ours": prepare_ours,
            "ours-scores": functools.partial(prepare_ours, output_scores=True),
-           "ours-loop": functools.partial(prepare_ours, other_loop=True),
-           "ours-cross": functools.partial(prepare_ours, other_cross=True),
-           "ours-self": functools.partial(prepare_ours, other_self=True)}
+           "ours-loop": functools.partial(prepare_ours, switched="search_loop"),
+           "ours-cross": functools.partial(prepare_ours, switched="cross_context"),
+           "ours-self": functools.partial(prepare_ours, switched="self_attention")}
 
 
 READY, TIMED = "@benchmark ready", "@benchmark seconds"
@@ -390,13 +374,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the others: the cost of asking for them")
     parser.add_argument("--other-search-loop", action="store_true",
                         help="also run ours with the search loop form its platform does not "
-                             "use ('ours-loop'; backend.SEARCH_LOOP), interleaved")
+                             "use ('ours-loop'; backend.Kernels), interleaved")
     parser.add_argument("--other-cross-context", action="store_true",
                         help="also run ours with the cross-attention form its platform does "
-                             "not use ('ours-cross'; backend.CROSS_CONTEXT), interleaved")
+                             "not use ('ours-cross'; backend.Kernels), interleaved")
     parser.add_argument("--other-self-attention", action="store_true",
                         help="also run ours with the self-attention form its platform does "
-                             "not use ('ours-self'; backend.SELF_ATTENTION), interleaved")
+                             "not use ('ours-self'; backend.Kernels), interleaved")
     parser.add_argument("--worker", choices=tuple(PREPARE), help=argparse.SUPPRESS)
     parser.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Parity of the functional encoder / decoder step with PyTorch (and HF Flax), same weights.
+"""Parity of the model's encoder and decoder step with PyTorch (and HF Flax), same weights.
 
 Teacher forcing: tokens fed one step at a time through ``decode_step`` must give, at every
 step, the logits of PyTorch's full-sequence forward pass on the same prefix.
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint, make_full_size_checkpoint
-from flax_captioner.model import (CROSS_CONTEXT_FORMS, SELF_ATTENTION_FORMS, ModelSpec,
-                                    cast_params, cross_kv, decode_step, encode, init_cache,
-                                    reorder_cache)
+from flax_captioner.backend import FORMS
 from flax_captioner.errors import ModelLoadError
+from flax_captioner.model import (ModelSpec, cast_params, cross_kv, decode_step, encode,
+                                  init_cache, reorder_cache)
 
 TOLERANCE = 1e-4
 
@@ -103,11 +103,11 @@ def test_single_beam_steps_match_full_forward(tiny_models):
 
 
 # cuDNN's fused kernel needs a GPU.
-CPU_CROSS_CONTEXT_FORMS = [form for form in CROSS_CONTEXT_FORMS if form != "cudnn"]
+CPU_CROSS_CONTEXT_FORMS = [form for form in FORMS["cross_context"] if form != "cudnn"]
 # (cross_context, self_attention): every cross-attention form a CPU runs, and each other
 # self-attention form.
 CPU_ATTENTION_FORMS = ([(form, "einsum") for form in CPU_CROSS_CONTEXT_FORMS]
-                       + [("multiply_reduce", form) for form in SELF_ATTENTION_FORMS
+                       + [("multiply_reduce", form) for form in FORMS["self_attention"]
                           if form != "einsum"])
 
 
