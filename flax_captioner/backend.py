@@ -153,24 +153,16 @@ def kernels(platform: str, dtype: Any, **overrides: Any) -> Kernels:
 CPU_BATCH_SIZE = 8
 # Images per GPU/TPU chip when the user sets no batch size. A decode step reads every weight
 # once, so it is bound by weight reads until its rows (images x beams) pass the chip's
-# FLOP-per-byte ridge: H100 dense bfloat16 ~990 TFLOP/s over 3.35 TB/s is ~295 rows,
-# TPU v5e ~197 TFLOP/s over 819 GB/s is ~240 (datasheet figures, not measured here).
-# 256 images x 4 beams = 1,024 rows clears both; greedy search (256 rows) sits near the ridge.
-# Memory at 256 (``image_memory_bytes`` for nlpconnect, float32, 4 beams, max_length 16:
-# ~36 MB per image) is ~9.3 GB plus ~1 GB of weights, which fits a 16 GB chip. The throughput
-# at 64 / 256 / 1,024 is what scripts/accelerator_benchmark.py measures.
+# FLOP-per-byte ridge, a few hundred rows on current GPUs and TPUs: 256 images x 4 beams
+# clears it, and their memory (``image_memory_bytes``) fits a 16 GB chip. The arithmetic and
+# the throughput per batch size: docs/performance.md, "Default batch size".
 ACCELERATOR_BATCH_PER_DEVICE = 256
 # Share of a device's memory limit a default batch may plan to use (XLA also needs workspace).
 _MEMORY_SHARE = 0.75
 
-# x86 /proc/cpuinfo flags of units that run bfloat16 dot products. Measured with
-# scripts/benchmark.py (full-size random model, batch 8, 4 beams, max_length 16; images/s,
-# bfloat16 vs float32; docs/benchmarks.md):
-# - AMD EPYC family 25 model 17 (Zen 4: avx512_bf16, no AMX), 2 cores, 2026-11-27:
-#   1.98 vs 1.14 (1.74x faster).
-# - Intel Xeon with AMX (amx_bf16), 2 cores, 2026-11-26: 2.70 vs 1.76 (1.53x faster).
-# - AMD EPYC family 25 model 1 (Zen 3: AVX2, neither flag), 2 cores, 2026-12-04: 1.18 vs
-#   1.58 (0.75x: slower; issue 10 had reported 0.86 vs 1.09 on such a host).
+# x86 /proc/cpuinfo flags of units that run bfloat16 dot products: with one, bfloat16
+# captioned faster than float32; with neither, slower (docs/performance.md, "bfloat16 on
+# CPUs").
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
