@@ -1,5 +1,6 @@
-"""Choices that depend on the backend: matmul precision, default batch size, bfloat16 on CPUs,
-and the one-line error for a batch that does not fit in device memory.
+"""Choices that depend on the backend: matmul precision, the kernels a search compiles with,
+default batch size, bfloat16 on CPUs, and the one-line error for a batch that does not fit in
+device memory.
 
 Precision is an explicit choice of the compute dtype, never inherited from the caller's JAX
 config:
@@ -10,7 +11,7 @@ config:
   any precision setting, so the mode costs nothing there.
 - **Fast mode** (``bfloat16``): matmul operands (kernels, embeddings, activations entering a
   matmul, cross K/V and the self-attention cache) are bfloat16, traced at ``"default"``
-  precision; ``decoder.py`` asks every projection for float32 results
+  precision; ``model.py`` asks every projection for float32 results
   (``preferred_element_type``), and keeps the residual stream, softmax, layer norms and logits
   in float32. The one exception is the attention context (probabilities x values), produced in
   bfloat16 because it only feeds the next projection.
@@ -18,12 +19,16 @@ config:
 No host round trips inside the search: the compiled program has no host callbacks, infeed or
 outfeed, and runs under ``jax.transfer_guard("disallow")`` (tests/test_backend.py).
 
-XLA options per backend and compute dtype (``COMPILER_OPTIONS``): exact-mode programs on GPUs
-run their matmuls on cuBLAS rather than Triton, which compiles 5x faster at the same speed.
+Kernels (``Kernels``): the attention forms, the search's step loop and XLA's options, one
+table per (platform, compute dtype) (``KERNELS``), resolved and checked by ``kernels``. The
+forms of a field compute the same function; a platform gets the ones measured faster there,
+the portable defaults where none was measured (docs/performance.md, "Kernel choices per
+backend").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -33,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from flax_captioner import model
 from flax_captioner.errors import CaptionerError
 
 logger = logging.getLogger(__name__)
@@ -40,133 +46,124 @@ logger = logging.getLogger(__name__)
 # compute dtype -> the matmul precision its programs are traced at.
 MATMUL_PRECISION = {"float32": "highest", "bfloat16": "default"}
 
+
+# The forms each ``Kernels`` field takes.
+FORMS: dict[str, tuple[str, ...]] = {
+    "cross_context": ("multiply_reduce", "einsum") + model.FUSED_FORMS,
+    "self_attention": ("einsum", "multiply_reduce"),
+    "encoder_attention": ("einsum",) + model.FUSED_FORMS,
+    "search_loop": ("until_done", "fixed_steps"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """How a compiled search computes: its attention forms, its step loop, XLA's options.
+
+    The forms of a field compute the same function (tests/test_model.py, tests/test_backend.py)
+    at different speeds per backend. The defaults run on every platform; ``kernels`` gives a
+    platform's own (``KERNELS``). Benchmarks switch one field:
+    ``dataclasses.replace(kernels, cross_context="einsum")``.
+
+    Attributes:
+      cross_context: the decoder's cross-attention (``model.cross_kv``, ``model.decode_step``):
+        its context (probabilities x values) as a float32 ``"multiply_reduce"`` or an
+        ``"einsum"`` in the compute dtype, or the whole attention through
+        ``jax.nn.dot_product_attention`` (``"xla"``, or ``"cudnn"``: one fused kernel, GPUs in
+        bfloat16 only), an image's K beams as its K queries.
+      self_attention: the decoder's self-attention over the cache, read through the rows each
+        beam reads (``model.decode_step``): ``"einsum"`` over the gathered keys and values,
+        or float32 ``"multiply_reduce"``, which XLA can fuse the gather into.
+      encoder_attention: the encoder's self-attention (``model.encode``): ``"einsum"``, or
+        ``jax.nn.dot_product_attention`` (``"xla"``, ``"cudnn"``).
+      search_loop: how the step loop ends (``search.run_steps``): ``"until_done"``, once every
+        caption has ended, or ``"fixed_steps"``, after ``max_length - 2`` steps, a trip count
+        XLA knows.
+      compiler_options: XLA options the searches compile with (``jax.jit``'s), as (name,
+        value) pairs sorted by name (a mapping is accepted); the pmap placement takes none.
+
+    Raises:
+      ValueError: (one line) a field is not one of its ``FORMS``.
+    """
+
+    # XLA:CPU runs the einsum as B x H small matmuls; the multiply-reduce measured faster.
+    cross_context: str = "multiply_reduce"
+    # Ran even with the multiply-reduce on CPUs; the only form measured on GPUs.
+    self_attention: str = "einsum"
+    # cuDNN's kernel needs a GPU and bfloat16; "xla", JAX's reference, is unmeasured.
+    encoder_attention: str = "einsum"
+    # Stops when the captions end; XLA:CPU runs the loop on the host, a TPU on the chip.
+    search_loop: str = "until_done"
+    compiler_options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, forms in FORMS.items():
+            if getattr(self, name) not in forms:
+                raise ValueError(f"{name} must be one of {forms}, got {getattr(self, name)!r}")
+        try:
+            options = dict(self.compiler_options)
+        except (TypeError, ValueError):
+            raise ValueError("compiler_options must map XLA option names to values, got "
+                             f"{self.compiler_options!r}") from None
+        object.__setattr__(self, "compiler_options", tuple(sorted(options.items())))
+
+    def check(self, platform: str, dtype: Any) -> None:
+        """Raises ValueError (one line) for a form devices of ``platform`` cannot run in
+        compute ``dtype``: cuDNN's fused attention runs on GPUs in bfloat16 only."""
+        name = jnp.dtype(dtype).name
+        for field in ("cross_context", "encoder_attention"):
+            if getattr(self, field) == "cudnn" and (platform, name) != ("gpu", "bfloat16"):
+                raise ValueError(f"{field} 'cudnn' runs on GPUs in bfloat16, not on {platform} "
+                                 f"in {name}")
+
+
+# The kernels per (platform, compute dtype); any other pair (CPUs; TPUs, not measured) runs
+# ``Kernels()``. One reason per choice; the measurements are in docs/performance.md,
+# "Kernel choices per backend".
+# - cross_context "einsum" on GPUs: faster there than the multiply-reduce and than cuDNN's
+#   fused kernel (measured in bfloat16; float32 takes the same form).
+# - search_loop "fixed_steps" on GPUs: XLA:GPU copies an until_done loop's predicate to the
+#   host every step, so the call that launches a search returns only when it ends, and the
+#   next batch cannot be dispatched while it runs.
+# - encoder_attention "cudnn" on GPUs in bfloat16: one fused kernel instead of the einsums'
+#   scores, softmax, context and head transposes (it takes no float32).
+# - compiler_options on GPUs in float32: matmuls on cuBLAS instead of Triton GEMM fusions,
+#   the same speed without autotuning Triton's configurations at every compile.
+KERNELS: dict[tuple[str, str], Kernels] = {
+    ("gpu", "float32"): Kernels(cross_context="einsum", search_loop="fixed_steps",
+                                compiler_options={"xla_gpu_enable_triton_gemm": False}),
+    ("gpu", "bfloat16"): Kernels(cross_context="einsum", encoder_attention="cudnn",
+                                 search_loop="fixed_steps"),
+}
+
+
+def kernels(platform: str, dtype: Any, **overrides: Any) -> Kernels:
+    """The kernels of programs of compute ``dtype`` on devices of ``platform`` ("cpu", "gpu",
+    "tpu"): ``KERNELS``'s, with ``overrides`` (``Kernels`` fields) in place of its.
+
+    Raises:
+      ValueError: (one line) an unknown form, or one ``platform`` cannot run in ``dtype``.
+    """
+    chosen = dataclasses.replace(KERNELS.get((platform, jnp.dtype(dtype).name), Kernels()),
+                                 **overrides)
+    chosen.check(platform, dtype)
+    return chosen
+
+
 CPU_BATCH_SIZE = 8
 # Images per GPU/TPU chip when the user sets no batch size. A decode step reads every weight
 # once, so it is bound by weight reads until its rows (images x beams) pass the chip's
-# FLOP-per-byte ridge: H100 dense bfloat16 ~990 TFLOP/s over 3.35 TB/s is ~295 rows,
-# TPU v5e ~197 TFLOP/s over 819 GB/s is ~240 (datasheet figures, not measured here).
-# 256 images x 4 beams = 1,024 rows clears both; greedy search (256 rows) sits near the ridge.
-# Memory at 256 (``image_memory_bytes`` for nlpconnect, float32, 4 beams, max_length 16:
-# ~36 MB per image) is ~9.3 GB plus ~1 GB of weights, which fits a 16 GB chip. The throughput
-# at 64 / 256 / 1,024 is what scripts/accelerator_benchmark.py measures.
+# FLOP-per-byte ridge, a few hundred rows on current GPUs and TPUs: 256 images x 4 beams
+# clears it, and their memory (``image_memory_bytes``) fits a 16 GB chip. The arithmetic and
+# the throughput per batch size: docs/performance.md, "Default batch size".
 ACCELERATOR_BATCH_PER_DEVICE = 256
 # Share of a device's memory limit a default batch may plan to use (XLA also needs workspace).
 _MEMORY_SHARE = 0.75
 
-# x86 /proc/cpuinfo flags of units that run bfloat16 dot products. Measured with
-# scripts/benchmark.py (full-size random model, batch 8, 4 beams, max_length 16; images/s,
-# bfloat16 vs float32; docs/benchmarks.md):
-# - AMD EPYC family 25 model 17 (Zen 4: avx512_bf16, no AMX), 2 cores, 2026-11-27:
-#   1.98 vs 1.14 (1.74x faster).
-# - Intel Xeon with AMX (amx_bf16), 2 cores, 2026-11-26: 2.70 vs 1.76 (1.53x faster).
-# - AMD EPYC family 25 model 1 (Zen 3: AVX2, neither flag), 2 cores, 2026-12-04: 1.18 vs
-#   1.58 (0.75x: slower; issue 10 had reported 0.86 vs 1.09 on such a host).
+# x86 /proc/cpuinfo flags of units that run bfloat16 dot products: with one, bfloat16
+# captioned faster than float32; with neither, slower (docs/performance.md, "bfloat16 on
+# CPUs").
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-# decode_step's cross-attention form (decoder.CROSS_CONTEXT_FORMS) per platform.
-# - CPU: "multiply_reduce". decode_step alone, nlpconnect size, 8 images x 4 beams, 2-core AMD
-#   EPYC (Zen 4), 2026-11-27, best of 5 (multiply_reduce vs einsum): float32 96.9 vs 114.6 ms
-#   (an earlier run 100.5 vs 137.1), bfloat16 58.0 vs 90.6 ms: XLA:CPU runs the einsum as
-#   B x H matmuls of K rows each. On an AVX2-only AMD EPYC (Zen 3), 2026-12-04, whole
-#   searches interleaved (scripts/benchmark.py --other-cross-context, batch 8): no gap either
-#   way (float32 1.36 vs 1.46 and 1.65 vs 1.52 images/s, bfloat16 1.09 vs 1.03).
-# - GPU: "einsum". One H200 (scripts/accelerator_benchmark.py, jax 0.11.2, bfloat16, batch
-#   256, 4 beams, max_length 16), two runs on 2026-12-04: 1,960 vs 2,028 and 1,917 vs 2,082
-#   images/s (einsum 1.03x and 1.09x), and in run 5 (cuDNN's encoder attention off in both)
-#   2,157 vs 2,003 one batch at a time, 2,693 vs 2,527 streamed; with the autotuner off
-#   (2026-11-27) 373 vs 380. Against cuDNN's fused kernel ("cudnn-cross"; run 6, cuDNN in the
-#   encoder for both, batch 256): 2,293 vs 2,239 one batch at a time, 2,884 vs 2,800 streamed.
-#   Its beam captions matched PyTorch's on the chaotic checkpoints (2026-11-27). float32's
-#   speed with either form is not measured on a GPU.
-# - TPU: not measured.
-CROSS_CONTEXT = {"cpu": "multiply_reduce", "gpu": "einsum", "tpu": "multiply_reduce"}
-# decode_step's self-attention form (decoder.SELF_ATTENTION_FORMS) per platform.
-# - CPU: "einsum". On a 2-core AMD EPYC (Zen 3, AVX2), einsum vs multiply_reduce:
-#   decode_step alone (nlpconnect size, 8 images x 4 beams, cache rows shuffled, best of 7
-#   interleaved calls, 2026-12-04) float32 110.3 vs 111.2 ms, bfloat16 128.9 vs 131.6 ms;
-#   whole searches (scripts/benchmark.py --other-self-attention, batch 8, 5 interleaved
-#   batches, 2026-12-05) float32 2.11 vs 2.02 images/s, bfloat16 1.40 vs 1.39, same captions.
-# - GPU: "einsum", the form measured in runs 5 and 6; multiply_reduce is unmeasured there.
-#   Run 6's trace (one H200, bfloat16, batch 1,024) put the self-attention's read of the cache
-#   through rows at 2.1 ms of a 10.8 ms step, where reading the cache once would take ~0.5 ms
-#   at the datasheet's 4.8 TB/s (arithmetic): the einsums read a gathered copy, which the
-#   multiply-reduces let XLA fuse away. scripts/accelerator_benchmark.py times it
-#   ("bfloat16 multiply_reduce-self").
-# - TPU: not measured.
-SELF_ATTENTION = {"cpu": "einsum", "gpu": "einsum", "tpu": "einsum"}
-
-
-# The encoder's self-attention form (decoder.ENCODER_ATTENTION_FORMS) per (platform, compute
-# dtype); "einsum" where none is named.
-# - GPU bfloat16: "cudnn" (jax.nn.dot_product_attention's fused kernel). Its einsums at batch
-#   1,024 took 3.3 ms of an 11.1 ms encoder layer (scores 0.84, softmax 1.01, context 0.71,
-#   head transposes 0.75; one H200, run 5, 2026-12-04). Run 5 measured cuDNN for the encoder
-#   and the cross-attention together, against the einsums for both (jax 0.11.2, 4 beams,
-#   max_length 16; images/s one batch at a time and streamed): batch 256 2,265 vs 2,157 and
-#   2,833 vs 2,693; batch 1,024 2,784 vs 2,700 and 3,251 vs 2,044 (the einsums' first
-#   streamed run at 1,024). Run 6 (same day, cuDNN for the encoder alone, the "einsum-encoder"
-#   row switching it back): batch 256 2,293 vs 2,141 and 2,884 vs 2,650; batch 1,024 2,864 vs
-#   2,662 and 3,361 vs 3,044; its trace shows cuDNN's kernel at 0.68 ms per layer (1,024).
-# - GPU float32: cuDNN's kernel takes no float32; "xla" is unmeasured there.
-# - CPU, TPU: cuDNN needs a GPU; "xla" is unmeasured on both.
-ENCODER_ATTENTION = {("gpu", "bfloat16"): "cudnn"}
-
-
-# The search's step loop (search.SEARCH_LOOPS) per platform.
-# - GPU: "fixed_steps". XLA:GPU's WhileThunk copies an until_done loop's predicate to the host
-#   every iteration, so the call that launches the program returns only when the search ends:
-#   a batch cannot be dispatched while the one before runs (generator.one_ahead). Traces of
-#   one bfloat16 batch of 256 on one H200 (2026-12-04, jax 0.11.2, 4 beams, max_length 16;
-#   docs/benchmarks.md, "What the traces show"): the jitted call returned after 150 ms with
-#   until_done, after 60 ms with fixed_steps, whose remaining ~83 ms of kernels ran with the
-#   host free; each call spends ~29 ms copying the pixels into a staging buffer and ~16 ms
-#   setting up CUDA graphs before the device starts, which overlaps the batch before only
-#   with fixed_steps. One batch at a time the two ran even (fixed_steps 1,960 and 1,907,
-#   until_done 1,975 and 1,917 images/s), which is why until_done was kept until the traces
-#   were read; fixed_steps runs every step even after a batch's captions have ended.
-# - CPU: XLA:CPU runs the loop on the host: until_done 2.28 vs fixed_steps 2.20 images/s
-#   (full-size, batch 8, no caption ending early, 2-core AMD EPYC, 2026-11-27;
-#   docs/benchmarks.md, "The search loop form").
-# - TPU: the TPU evaluates the predicate on the chip. Not measured.
-SEARCH_LOOP = {"cpu": "until_done", "gpu": "fixed_steps", "tpu": "until_done"}
-
-
-# XLA options per (platform, compute dtype) for the mesh and single-device placements
-# (jax.pmap takes none). GPU float32: matmuls on cuBLAS, not Triton GEMM fusions. On one H200
-# (scripts/accelerator_benchmark.py, 2026-12-04, jax 0.11.2, batch 256, 4 beams, max_length
-# 16) the exact mode compiled in 13.2 s instead of 65.5 s (most of it autotuning Triton
-# configurations) and ran at 567 against 576 images/s. Turning the autotuner off instead
-# (2026-11-27) compiled in 21 s but ran 4.6x slower.
-COMPILER_OPTIONS: dict[tuple[str, str], dict[str, Any]] = {
-    ("gpu", "float32"): {"xla_gpu_enable_triton_gemm": False},
-}
-
-
-def compiler_options(platform: str, dtype: Any) -> dict[str, Any]:
-    """XLA options for programs of compute ``dtype`` on devices of ``platform``."""
-    return dict(COMPILER_OPTIONS.get((platform, jnp.dtype(dtype).name), {}))
-
-
-def search_loop(platform: str) -> str:
-    """The search loop form for devices of ``platform`` ("cpu", "gpu", "tpu")."""
-    return SEARCH_LOOP.get(platform, "until_done")
-
-
-def encoder_attention(platform: str, dtype: Any) -> str:
-    """The encoder's self-attention form for programs of compute ``dtype`` on devices of
-    ``platform``."""
-    return ENCODER_ATTENTION.get((platform, jnp.dtype(dtype).name), "einsum")
-
-
-def self_attention(platform: str) -> str:
-    """The decoder's self-attention form for devices of ``platform`` ("cpu", "gpu", "tpu")."""
-    return SELF_ATTENTION.get(platform, "einsum")
-
-
-def cross_context(platform: str) -> str:
-    """The cross-attention context form for devices of ``platform`` ("cpu", "gpu", "tpu")."""
-    return CROSS_CONTEXT.get(platform, "multiply_reduce")
 
 
 def matmul_precision(dtype: Any) -> str:

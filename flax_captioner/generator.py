@@ -13,17 +13,19 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_captioner import backend, decoder, search, sharding
-from flax_captioner.settings import GenerationSettings
+from flax_captioner import backend, model, search, sharding
 
-__all__ = ["Dispatched", "GenerationOutput", "GenerationSettings", "Generator",
-           "build_generate_fn", "bucket_size", "enable_compilation_cache", "image_keys"]
+if TYPE_CHECKING:
+    from flax_captioner.settings import GenerationSettings
+
+__all__ = ["Dispatched", "GenerationOutput", "Generator", "build_generate_fn", "bucket_size",
+           "enable_compilation_cache", "image_keys"]
 
 GenerateFn = Callable[[Any, jax.Array, jax.Array], search.SearchOutput]
 
@@ -83,12 +85,9 @@ class GenerationOutput:
                    step_logits=host(output.step_logits, search_rows))
 
 
-def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
+def build_generate_fn(spec: model.ModelSpec, settings: GenerationSettings,
                       dtype: Any = jnp.float32,
-                      cross_context: str = "multiply_reduce",
-                      search_loop: str = "until_done",
-                      encoder_attention: str = "einsum",
-                      self_attention: str = "einsum") -> GenerateFn:
+                      kernels: backend.Kernels = backend.Kernels()) -> GenerateFn:
     """The whole search as one pure function of (params, pixels, keys).
 
     Returns ``fn(params, pixel_values [B, 3, H, W] float32, row_keys [B, 2] uint32) ->
@@ -96,24 +95,24 @@ def build_generate_fn(spec: decoder.DecoderSpec, settings: GenerationSettings,
     then the per-token and, when asked for, per-step arrays); ``row_keys`` only matter when
     sampling. Cross-attention keys/values are computed once per image and shared by its
     beams; step one runs on B rows, the search expands the cache to K beams after it.
-    ``cross_context`` is ``decoder.decode_step``'s (and ``cross_kv``'s), ``self_attention``
-    ``decoder.decode_step``'s, ``encoder_attention`` ``decoder.encode``'s, ``search_loop``
-    ``search.run_steps``'s.
+    ``kernels`` gives the attention forms and the step loop (``backend.Kernels``; its
+    ``compiler_options`` are for whoever compiles the function).
     """
 
     def generate_fn(params: Any, pixel_values: jax.Array,
                     row_keys: jax.Array) -> search.SearchOutput:
         batch = pixel_values.shape[0]
-        encoder_hidden = decoder.encode(params, pixel_values, spec, dtype, encoder_attention)
-        cross = decoder.cross_kv(params, encoder_hidden, spec, dtype, cross_context)
-        cache = decoder.init_cache(batch, 1, settings.max_length, spec, dtype)
+        encoder_hidden = model.encode(params, pixel_values, spec, dtype,
+                                      kernels.encoder_attention)  # [B, S, D]
+        cross = model.cross_kv(params, encoder_hidden, spec, dtype, kernels.cross_context)
+        cache = model.init_cache(batch, 1, settings.max_length, spec, dtype)
 
         def step_fn(tokens, position, cache):
-            return decoder.decode_step(params, tokens, position, cache, cross, spec, dtype,
-                                       cross_context, self_attention)
+            return model.decode_step(params, tokens, position, cache, cross, spec, dtype,
+                                     kernels.cross_context, kernels.self_attention)
 
-        return search.search(step_fn, decoder.reorder_cache, cache, batch, settings, row_keys,
-                             search_loop)
+        return search.search(step_fn, model.reorder_cache, cache, batch, settings, row_keys,
+                             kernels.search_loop)
 
     return generate_fn
 
@@ -161,56 +160,34 @@ class Generator:
       dtype: matmul compute dtype: ``jnp.float32`` (parity) or ``jnp.bfloat16`` (fast).
       data_parallel: a ``sharding.DataParallel`` placement; ``None`` places everything on
         the first local device (``sharding.SingleDevice``).
-      cross_context: ``decoder.decode_step``'s cross-attention form; ``None`` takes the
-        devices' platform's (``backend.CROSS_CONTEXT``).
-      self_attention: ``decoder.decode_step``'s self-attention form; ``None`` takes the
-        devices' platform's (``backend.SELF_ATTENTION``).
-      search_loop: how the search's step loop ends (``search.run_steps``); ``None`` takes
-        the devices' platform's (``backend.SEARCH_LOOP``).
-      compiler_options: XLA options the searches compile with (``jax.jit``'s); ``None``
-        takes the platform's for ``dtype`` (``backend.COMPILER_OPTIONS``), ``{}`` XLA's
-        defaults. The pmap placement takes none and compiles with XLA's defaults.
-      encoder_attention: the encoder's self-attention: ``"einsum"`` (``decoder``'s einsums),
-        or ``jax.nn.dot_product_attention`` with implementation ``"cudnn"`` (one fused
-        kernel; GPUs, bfloat16 only) or ``"xla"``; ``None`` takes the platform's for
-        ``dtype`` (``backend.ENCODER_ATTENTION``).
+      kernels: the attention forms, step loop and XLA options the searches compile with
+        (``backend.Kernels``); ``None`` takes the devices' platform's for ``dtype``
+        (``backend.kernels``), without XLA options for the pmap placement, which takes none.
+
+    Raises:
+      ValueError: (one line) ``kernels`` the devices cannot run in ``dtype``, or XLA options
+        for the pmap placement.
     """
 
     def __init__(self, model_or_params: Any, config: Any, *, dtype: Any = jnp.float32,
                  data_parallel: sharding.DataParallel | None = None,
-                 cross_context: str | None = None,
-                 self_attention: str | None = None,
-                 search_loop: str | None = None,
-                 compiler_options: dict[str, Any] | None = None,
-                 encoder_attention: str | None = None):
+                 kernels: backend.Kernels | None = None):
         params = getattr(model_or_params, "params", model_or_params)
-        self.spec = decoder.DecoderSpec.from_config(config)
+        self.spec = model.ModelSpec.from_config(config)
         self.dtype = jnp.dtype(dtype)
         if self.dtype != jnp.float32:
-            params = decoder.cast_params(params, self.dtype)
+            params = model.cast_params(params, self.dtype)
         self.data_parallel = data_parallel or sharding.SingleDevice()
         self.num_shards = self.data_parallel.num_shards
         platform = self.data_parallel.devices[0].platform
-        self.cross_context = cross_context or backend.cross_context(platform)
-        decoder.check_cross_context(self.cross_context)  # at construction, not first call
-        self.self_attention = self_attention or backend.self_attention(platform)
-        decoder.check_self_attention(self.self_attention)
-        self.search_loop = search_loop or backend.search_loop(platform)
-        search.check_search_loop(self.search_loop)
-        self.encoder_attention = (encoder_attention
-                                  or backend.encoder_attention(platform, self.dtype))
-        decoder.check_encoder_attention(self.encoder_attention)
-        for name in ("cross_context", "encoder_attention"):
-            if getattr(self, name) == "cudnn" and (platform != "gpu"
-                                                   or self.dtype != jnp.bfloat16):
-                raise ValueError(f"{name} 'cudnn' runs on GPUs in bfloat16, not on "
-                                 f"{platform} in {self.dtype.name}")
-        if compiler_options is None:
-            compiler_options = ({} if isinstance(self.data_parallel, sharding.PmapDataParallel)
-                                else backend.compiler_options(platform, self.dtype))
-        self.compiler_options = dict(compiler_options)
-        if self.compiler_options:  # at construction, not first call
-            self.data_parallel.wrap(lambda params: params, self.compiler_options)
+        if kernels is None:  # pmap compiles with XLA's default options: it takes none
+            pmap = isinstance(self.data_parallel, sharding.PmapDataParallel)
+            kernels = backend.kernels(platform, self.dtype,
+                                      **({"compiler_options": ()} if pmap else {}))
+        kernels.check(platform, self.dtype)  # at construction, not first call
+        if kernels.compiler_options:  # the pmap placement refuses them, here too
+            self.data_parallel.wrap(lambda params: params, dict(kernels.compiler_options))
+        self.kernels = kernels
         self.params = self.data_parallel.replicate(params)
         self._programs: dict[tuple[int, GenerationSettings, Any], sharding.Program] = {}
         # Seconds spent compiling programs (ahead of their first call, so running is apart).
@@ -250,11 +227,9 @@ class Generator:
         key = (bucket, settings, precision)
         if key not in self._programs:
             self.check(settings)
-            generate_fn = build_generate_fn(self.spec, settings, self.dtype, self.cross_context,
-                                            self.search_loop, self.encoder_attention,
-                                            self.self_attention)
+            generate_fn = build_generate_fn(self.spec, settings, self.dtype, self.kernels)
             self._programs[key] = self.data_parallel.wrap(
-                backend.at_precision(generate_fn, precision), self.compiler_options)
+                backend.at_precision(generate_fn, precision), dict(self.kernels.compiler_options))
         return self._programs[key]
 
     def generate(self, pixel_values: np.ndarray | jax.Array, settings: GenerationSettings, *,

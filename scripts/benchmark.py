@@ -39,9 +39,8 @@ from typing import Any, NoReturn
 import numpy as np
 
 from flax_captioner.testing import make_full_size_checkpoint
-from scripts.common import (REPO, hf_flax_generate, make_generator, other_cross_context,
-                            other_search_loop, other_self_attention, rotated, seeded_pixels,
-                            timed, torch_generate)
+from scripts.common import (REPO, hf_flax_generate, make_generator, other_form, rotated,
+                            seeded_pixels, timed, torch_generate)
 
 FRAMEWORKS = ("pytorch", "hf-flax", "ours")
 DTYPES = ("float32", "bfloat16")
@@ -90,7 +89,7 @@ def peak_rss_since_reset_mib() -> float:
 
 def settings_for(config: Any, args: argparse.Namespace, output_scores: bool = False) -> Any:
     """The benchmark's search: the model's defaults with the command line's beams and length."""
-    from flax_captioner.generator import GenerationSettings
+    from flax_captioner.settings import GenerationSettings
     from flax_captioner.loading import generation_defaults
 
     return GenerationSettings.resolve(generation_defaults(config), max_length=args.max_length,
@@ -126,10 +125,10 @@ def prepare_hf_flax(directory: Path, args: argparse.Namespace, dtype: str):
 
 
 def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
-                 output_scores: bool = False, other_loop: bool = False,
-                 other_cross: bool = False, other_self: bool = False):
+                 output_scores: bool = False, switched: str | None = None):
     """Compile seconds: ``Generator.compile_seconds`` (ahead-of-time compilation, timed
-    apart from running the first batch)."""
+    apart from running the first batch). ``switched``: a ``backend.Kernels`` field to run
+    with the other form (``common.other_form``)."""
     import jax
     import jax.numpy as jnp
 
@@ -137,13 +136,10 @@ def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
 
     model = load_checkpoint(directory).model
     platform = jax.devices()[0].platform
-    choices = {}
-    if other_loop:
-        choices["search_loop"] = other_search_loop(platform)
-    if other_cross:
-        choices["cross_context"] = other_cross_context(platform)
-    if other_self:
-        choices["self_attention"] = other_self_attention(platform)
+    switched = [field for field, other in (("search_loop", other_loop),
+                                           ("cross_context", other_cross),
+                                           ("self_attention", other_self)) if other]
+    choices = {field: other_form(platform, field, dtype) for field in switched}
     generator = make_generator(model.params, model.config, choices, dtype=getattr(jnp, dtype))
     settings = settings_for(model.config, args, output_scores)
     generator.generate(seeded_pixels(args.batch_size, model.config.encoder.image_size,
@@ -153,14 +149,13 @@ def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
 
 
 # "ours-scores": output_scores=True (per-step scores [B * K, max_length - 1, V] back);
-# "ours-loop" / "ours-cross" / "ours-self": the search loop form / cross-attention form /
-# self-attention form its platform does not use (backend.SEARCH_LOOP / CROSS_CONTEXT /
-# SELF_ATTENTION).
+# "ours-loop" / "ours-cross" / "ours-self": the search loop / cross-attention /
+# self-attention form its platform does not use (a field of backend.Kernels switched).
 PREPARE = {"pytorch": prepare_pytorch, "hf-flax": prepare_hf_flax, "ours": prepare_ours,
            "ours-scores": functools.partial(prepare_ours, output_scores=True),
-           "ours-loop": functools.partial(prepare_ours, other_loop=True),
-           "ours-cross": functools.partial(prepare_ours, other_cross=True),
-           "ours-self": functools.partial(prepare_ours, other_self=True)}
+           "ours-loop": functools.partial(prepare_ours, switched="search_loop"),
+           "ours-cross": functools.partial(prepare_ours, switched="cross_context"),
+           "ours-self": functools.partial(prepare_ours, switched="self_attention")}
 
 
 READY, TIMED = "@benchmark ready", "@benchmark seconds"
@@ -341,13 +336,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the others: the cost of asking for them")
     parser.add_argument("--other-search-loop", action="store_true",
                         help="also run ours with the search loop form its platform does not "
-                             "use ('ours-loop'; backend.SEARCH_LOOP), interleaved")
+                             "use ('ours-loop'; backend.Kernels), interleaved")
     parser.add_argument("--other-cross-context", action="store_true",
                         help="also run ours with the cross-attention form its platform does "
-                             "not use ('ours-cross'; backend.CROSS_CONTEXT), interleaved")
+                             "not use ('ours-cross'; backend.Kernels), interleaved")
     parser.add_argument("--other-self-attention", action="store_true",
                         help="also run ours with the self-attention form its platform does "
-                             "not use ('ours-self'; backend.SELF_ATTENTION), interleaved")
+                             "not use ('ours-self'; backend.Kernels), interleaved")
     parser.add_argument("--worker", choices=tuple(PREPARE), help=argparse.SUPPRESS)
     parser.add_argument("--worker-result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -133,47 +133,40 @@ def write_photo_jpegs(directory: Path, count: int, size: tuple[int, int] = (640,
 
 
 # --- the kernel choices the benchmarks switch -----------------------------------------------
-# Every ``Generator`` of the benchmarks is built by ``make_generator``, and the choices they
-# switch are named by ``Generator``'s keyword arguments: what changes when those do is here.
+# Every ``Generator`` of the benchmarks is built by ``make_generator``; a choice switches one
+# field of the platform's ``backend.Kernels``.
 
-def other_search_loop(platform: str) -> str:
-    """The search loop form devices of ``platform`` do not use (``backend.SEARCH_LOOP``)."""
-    from flax_captioner import backend, search
+def other_form(platform: str, field: str, dtype: str = "float32") -> str:
+    """The first unfused form of ``backend.Kernels`` field ``field`` that devices of
+    ``platform`` do not use for ``dtype`` (``backend.KERNELS``)."""
+    from flax_captioner import backend, model
 
-    return next(form for form in search.SEARCH_LOOPS if form != backend.search_loop(platform))
-
-
-def other_cross_context(platform: str) -> str:
-    """The unfused cross-attention form devices of ``platform`` do not use
-    (``backend.CROSS_CONTEXT``)."""
-    from flax_captioner import backend, decoder
-
-    return next(form for form in decoder.CROSS_CONTEXT_FORMS
-                if form not in decoder.FUSED_FORMS and form != backend.cross_context(platform))
-
-
-def other_self_attention(platform: str) -> str:
-    """The self-attention form devices of ``platform`` do not use (``backend.SELF_ATTENTION``)."""
-    from flax_captioner import backend, decoder
-
-    return next(form for form in decoder.SELF_ATTENTION_FORMS
-                if form != backend.self_attention(platform))
+    used = getattr(backend.kernels(platform, dtype), field)
+    return next(form for form in backend.FORMS[field]
+                if form not in model.FUSED_FORMS and form != used)
 
 
 def is_fused_cross_context(choices: dict[str, Any]) -> bool:
     """Whether ``choices`` run the cross-attention through a fused kernel (cuDNN's, XLA's)."""
-    from flax_captioner import decoder
+    from flax_captioner import model
 
-    return choices.get("cross_context") in decoder.FUSED_FORMS
+    return choices.get("cross_context") in model.FUSED_FORMS
 
 
 def make_generator(params: Any, config: Any, choices: dict[str, Any] | None = None,
                    **placement: Any) -> Any:
-    """A ``Generator`` with the kernel ``choices`` switched from the platform's (``{}``: the
-    library's own), and ``placement``: its ``dtype`` and ``data_parallel``."""
+    """A ``Generator`` with the ``backend.Kernels`` fields in ``choices`` switched from the
+    platform's (``{}``: the platform's own), and ``placement``: its ``dtype`` and a mesh or
+    single-device ``data_parallel`` (the benchmarks run no pmap)."""
+    import jax
+
+    from flax_captioner import backend
     from flax_captioner.generator import Generator
 
-    return Generator(params, config, **placement, **(choices or {}))
+    devices = placement["data_parallel"].devices if "data_parallel" in placement else jax.devices()
+    kernels = (backend.kernels(devices[0].platform, placement.get("dtype", "float32"), **choices)
+               if choices else None)
+    return Generator(params, config, kernels=kernels, **placement)
 
 
 # --- the other frameworks -------------------------------------------------------------------

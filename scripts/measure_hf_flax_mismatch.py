@@ -24,8 +24,9 @@ import jax
 import numpy as np
 
 from flax_captioner import parity
-from flax_captioner.decoder import DecoderSpec
-from flax_captioner.generator import GenerationSettings, build_generate_fn
+from flax_captioner.model import ModelSpec
+from flax_captioner.generator import build_generate_fn
+from flax_captioner.settings import GenerationSettings
 from flax_captioner.testing import (CHAOTIC_SEEDS, CHAOTIC_VOCAB, chaotic_pixels,
                                     make_chaotic_checkpoint)
 
@@ -70,7 +71,7 @@ def main() -> None:
 
     defaults = type("Defaults", (), dict(decoder_start_token_id=EOS, pad_token_id=EOS,
                                          eos_token_id=EOS))
-    spec = DecoderSpec.from_config(models[0][1].config)
+    spec = ModelSpec.from_config(models[0][1].config)
     # Per search kind: captions, HF Flax differing, ours differing, then the same for the
     # best caption of each image only.
     totals = {"greedy": np.zeros(6, int), "beam": np.zeros(6, int)}

@@ -3,6 +3,7 @@ the out-of-memory error, and a search with no host round trips."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,7 +19,8 @@ import pytest
 
 from flax_captioner import backend, sharding
 from flax_captioner.errors import FIXES, CaptionerError
-from flax_captioner.generator import GenerationSettings, Generator, build_generate_fn
+from flax_captioner.generator import Generator, build_generate_fn
+from flax_captioner.settings import GenerationSettings
 
 EOS = 63  # the conftest tiny checkpoint's vocabulary is 64, EOS last
 
@@ -98,70 +100,86 @@ def test_search_runs_without_host_callbacks_or_implicit_transfers(tiny_model):
                                   generator.generate(pixels, settings).sequences)
 
 
-@pytest.mark.parametrize(("name", "cpu_form", "other_form"), [
-    ("cross_context", "multiply_reduce", "einsum"),
-    ("self_attention", "einsum", "multiply_reduce"),
-])
-def test_attention_forms_are_the_platforms_and_each_gives_the_same_search(
-        tiny_model, name, cpu_form, other_form):
-    assert getattr(backend, name)("cpu") == cpu_form
-    default = Generator(tiny_model.params, tiny_model.config)
-    assert getattr(default, name) == cpu_form
-    other = Generator(tiny_model.params, tiny_model.config, **{name: other_form})
+# Every form of every field that a CPU runs (cuDNN's fused attention needs a GPU), each
+# switched alone from the portable defaults.
+CPU_FORMS = [(name, form) for name, forms in backend.FORMS.items() for form in forms
+             if form != "cudnn" and form != getattr(backend.Kernels(), name)]
+
+
+@pytest.fixture(scope="module")
+def portable_search(tiny_model):
+    """(settings, pixels, output) of a beam search with the portable ``Kernels()``."""
     settings = settings_for(num_beams=3, max_length=8)
     pixels = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
-    expected, output = default.generate(pixels, settings), other.generate(pixels, settings)
-    np.testing.assert_array_equal(output.sequences, expected.sequences)
-    np.testing.assert_allclose(output.scores, expected.scores, rtol=1e-5)
-    with pytest.raises(ValueError, match=f"{name} must be one of"):
-        Generator(tiny_model.params, tiny_model.config, **{name: "dot"})
+    generator = Generator(tiny_model.params, tiny_model.config, kernels=backend.Kernels())
+    return settings, pixels, generator.generate(pixels, settings)
 
 
-def test_fused_attention_gives_the_search_of_the_einsums_and_cudnn_only_where_it_runs(
-        tiny_model):
-    # "xla" runs jax.nn.dot_product_attention's reference in the layouts "cudnn" takes.
-    settings = settings_for(num_beams=3, max_length=8)
-    pixels = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
-    einsums = Generator(tiny_model.params, tiny_model.config)
-    assert einsums.encoder_attention == "einsum"  # CPUs' choice (backend.ENCODER_ATTENTION)
-    expected = einsums.generate(pixels, settings)
-    fused = Generator(tiny_model.params, tiny_model.config, encoder_attention="xla",
-                      cross_context="xla")
-    output = fused.generate(pixels, settings)
+@pytest.mark.parametrize(("name", "form"), CPU_FORMS, ids=lambda value: str(value))
+def test_each_kernel_form_gives_the_same_search(tiny_model, portable_search, name, form):
+    settings, pixels, expected = portable_search
+    kernels = dataclasses.replace(backend.Kernels(), **{name: form})
+    output = Generator(tiny_model.params, tiny_model.config, kernels=kernels).generate(
+        pixels, settings)
     np.testing.assert_array_equal(output.sequences, expected.sequences)
     np.testing.assert_allclose(output.scores, expected.scores, rtol=1e-5)
+
+
+def test_generator_takes_its_platforms_kernels_and_checks_the_ones_it_is_given(tiny_model):
+    platform = jax.devices()[0].platform
+    for dtype in (jnp.float32, jnp.bfloat16):
+        generator = Generator(tiny_model.params, tiny_model.config, dtype=dtype)
+        assert generator.kernels == backend.kernels(platform, dtype)
     for name in ("encoder_attention", "cross_context"):
         for dtype in (jnp.float32, jnp.bfloat16):  # cuDNN's fused attention: GPUs, bfloat16
+            cudnn = backend.Kernels(**{name: "cudnn"})
             with pytest.raises(ValueError) as error:
-                Generator(tiny_model.params, tiny_model.config, dtype=dtype, **{name: "cudnn"})
+                Generator(tiny_model.params, tiny_model.config, dtype=dtype, kernels=cudnn)
             assert str(error.value) == (f"{name} 'cudnn' runs on GPUs in bfloat16, not on "
                                         f"cpu in {jnp.dtype(dtype).name}")
-    with pytest.raises(ValueError, match="encoder_attention must be one of"):
-        Generator(tiny_model.params, tiny_model.config, encoder_attention="flash")
+            with pytest.raises(ValueError, match=f"^{name} 'cudnn' runs on GPUs in bfloat16"):
+                backend.kernels("tpu", dtype, **{name: "cudnn"})
+        backend.kernels("gpu", jnp.bfloat16, **{name: "cudnn"})  # where it runs
 
 
-def test_gpus_take_cudnn_encoder_attention_in_bfloat16_only():
-    assert backend.encoder_attention("gpu", jnp.bfloat16) == "cudnn"
-    assert backend.encoder_attention("gpu", jnp.float32) == "einsum"
-    assert backend.encoder_attention("cpu", jnp.bfloat16) == "einsum"
-    assert backend.encoder_attention("tpu", jnp.bfloat16) == "einsum"
+def test_an_unknown_form_or_field_is_refused_in_one_line():
+    for name in backend.FORMS:
+        with pytest.raises(ValueError, match=f"^{name} must be one of .*, got 'forever'$"):
+            backend.Kernels(**{name: "forever"})
+        with pytest.raises(ValueError, match=f"^{name} must be one of"):
+            backend.kernels("cpu", jnp.float32, **{name: "forever"})
+    with pytest.raises(ValueError, match="^compiler_options must map XLA option names"):
+        backend.Kernels(compiler_options="xla_gpu_enable_triton_gemm")
+    with pytest.raises(TypeError, match="flash"):
+        backend.kernels("cpu", jnp.float32, flash=True)
+
+
+def test_every_platforms_kernels_pass_its_rules_and_their_xla_options_parse(tiny_model):
+    # The table's choices are ones their platform runs; XLA rejects an option name or value
+    # it does not know on any backend, so a CPU compiles with every platform's options.
+    settings = settings_for(max_length=4)
+    pixels = np.zeros((1, 3, 32, 32), np.float32)
+    options = {kernels.compiler_options for kernels in backend.KERNELS.values()} - {()}
+    for (platform, dtype), kernels in backend.KERNELS.items():
+        assert backend.kernels(platform, dtype) == kernels
+    for compiler_options in options:
+        generator = Generator(tiny_model.params, tiny_model.config,
+                              kernels=backend.Kernels(compiler_options=compiler_options))
+        assert generator.generate(pixels, settings).sequences.shape == (1, 4)
 
 
 @pytest.mark.parametrize("mode", ["none", "mesh"])
 def test_fixed_steps_loop_compiles_to_a_trip_count_xla_knows(tiny_model, mode):
     # XLA:GPU's while thunk reads the predicate back to the host each iteration unless the
     # loop carries known_trip_count (annotated by a pass XLA:CPU runs too), and the call that
-    # launches the program then holds the host until the search ends: GPUs run "fixed_steps"
-    # for it. The other platforms' default stops when captions end.
-    assert {platform: backend.search_loop(platform) for platform in ("cpu", "gpu", "tpu")} == {
-        "cpu": "until_done", "gpu": "fixed_steps", "tpu": "until_done"}
-    assert Generator(tiny_model.params, tiny_model.config).search_loop == "until_done"
+    # launches the program then holds the host until the search ends.
     settings = settings_for(num_beams=3, max_length=8)
     pixels = np.random.default_rng(2).standard_normal((4, 3, 32, 32)).astype(np.float32)
     keys = np.zeros((4, 2), np.uint32)
     trip_counts, sequences = {}, {}
     for loop in ("until_done", "fixed_steps"):
-        generator = Generator(tiny_model.params, tiny_model.config, search_loop=loop,
+        generator = Generator(tiny_model.params, tiny_model.config,
+                              kernels=backend.Kernels(search_loop=loop),
                               data_parallel=sharding.data_parallel(mode))
         hlo = generator.program(4, settings).lower(generator.params, pixels, keys).compile(
         ).as_text()
@@ -171,8 +189,6 @@ def test_fixed_steps_loop_compiles_to_a_trip_count_xla_knows(tiny_model, mode):
         sequences[loop] = generator.generate(pixels, settings).sequences
     assert trip_counts == {"until_done": [], "fixed_steps": ["6"]}  # steps 1 .. max_length - 2
     np.testing.assert_array_equal(sequences["fixed_steps"], sequences["until_done"])
-    with pytest.raises(ValueError, match="search_loop must be one of"):
-        Generator(tiny_model.params, tiny_model.config, search_loop="forever")
 
 
 @pytest.mark.parametrize("mode", ["none", "mesh"])
@@ -181,28 +197,26 @@ def test_searches_compile_with_the_callers_xla_options(tiny_model, mode):
     pixels = np.zeros((2, 3, 32, 32), np.float32)
     # An option XLA does not know fails the compile: the options reach it.
     unknown = Generator(tiny_model.params, tiny_model.config, data_parallel=placement,
-                        compiler_options={"no_such_xla_option": 1})
+                        kernels=backend.Kernels(compiler_options={"no_such_xla_option": 1}))
     with pytest.raises(Exception, match="no_such_xla_option"):
         unknown.generate(pixels, settings_for(max_length=4))
 
 
-def test_exact_mode_on_gpus_compiles_its_matmuls_for_cublas_and_pmap_takes_no_options(
-        tiny_model):
-    assert backend.compiler_options("gpu", jnp.float32) == {"xla_gpu_enable_triton_gemm": False}
-    assert backend.compiler_options("gpu", jnp.bfloat16) == {}
-    assert backend.compiler_options("cpu", jnp.float32) == {}
-    assert Generator(tiny_model.params, tiny_model.config).compiler_options == {}
+def test_pmap_placement_compiles_with_xla_defaults_and_refuses_options_at_construction(
+        tiny_model, monkeypatch):
+    # A platform with XLA options (GPUs in float32), here the CPU's: the mesh and
+    # single-device placements take them, pmap takes none.
+    with_options = backend.Kernels(compiler_options={"xla_gpu_enable_triton_gemm": False})
+    monkeypatch.setitem(backend.KERNELS, (jax.devices()[0].platform, "float32"), with_options)
+    assert Generator(tiny_model.params, tiny_model.config).kernels == with_options
     pmapped = Generator(tiny_model.params, tiny_model.config,
                         data_parallel=sharding.data_parallel("pmap"))
-    assert pmapped.compiler_options == {}
-
-
-def test_pmap_placement_refuses_compiler_options_at_construction(tiny_model):
+    assert pmapped.kernels == dataclasses.replace(with_options, compiler_options=())
     with pytest.raises(ValueError, match="^compiler_options need the mesh or single-device "
                                          "placement: jax.pmap takes none$"):
         Generator(tiny_model.params, tiny_model.config,
                   data_parallel=sharding.data_parallel("pmap"),
-                  compiler_options={"xla_gpu_autotune_level": 0})
+                  kernels=backend.Kernels(compiler_options={"xla_gpu_autotune_level": 0}))
 
 
 class FakeDevice:
@@ -299,7 +313,8 @@ OOM_SCRIPT = textwrap.dedent("""
     import numpy as np
     from transformers import FlaxVisionEncoderDecoderModel
     from flax_captioner.errors import CaptionerError
-    from flax_captioner.generator import GenerationSettings, Generator
+    from flax_captioner.generator import Generator
+    from flax_captioner.settings import GenerationSettings
 
     model = FlaxVisionEncoderDecoderModel.from_pretrained(sys.argv[1], from_pt=True)
     generator = Generator(model.params, model.config)

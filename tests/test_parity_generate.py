@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 from flax_captioner import parity
-from flax_captioner.decoder import DecoderSpec
-from flax_captioner.generator import GenerationSettings, Generator, build_generate_fn
+from flax_captioner.backend import Kernels
+from flax_captioner.generator import Generator, build_generate_fn
+from flax_captioner.model import ModelSpec
+from flax_captioner.settings import GenerationSettings
 from flax_captioner.testing import (CHAOTIC_SEEDS, CHAOTIC_VOCAB, chaotic_pixels,
                                     make_chaotic_checkpoint)
 
@@ -66,25 +68,25 @@ def settings_for(**overrides) -> GenerationSettings:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_search(spec: DecoderSpec, settings: GenerationSettings,
-                    self_attention: str = "einsum"):
-    return jax.jit(build_generate_fn(spec, settings, self_attention=self_attention))
+def compiled_search(spec: ModelSpec, settings: GenerationSettings,
+                    kernels: Kernels = Kernels()):
+    return jax.jit(build_generate_fn(spec, settings, kernels=kernels))
 
 
 def generate(model: TinyModel, settings: GenerationSettings,
-             self_attention: str = "einsum") -> parity.GenerationOutput:
-    spec = DecoderSpec.from_config(model.config)
+             kernels: Kernels = Kernels()) -> parity.GenerationOutput:
+    spec = ModelSpec.from_config(model.config)
     keys = np.zeros((len(model.pixels), 2), np.uint32)
-    output = compiled_search(spec, settings, self_attention)(model.params, model.pixels, keys)
+    output = compiled_search(spec, settings, kernels)(model.params, model.pixels, keys)
     return parity.GenerationOutput.from_search(output, len(model.pixels), settings)
 
 
 def assert_parity(models: list[TinyModel], settings: GenerationSettings,
-                  self_attention: str = "einsum") -> list[np.ndarray]:
+                  kernels: Kernels = Kernels()) -> list[np.ndarray]:
     """Checks every caption of every checkpoint; returns our sequences per checkpoint."""
     all_sequences = []
     for seed, model in zip(CHECKPOINT_SEEDS, models):
-        ours = generate(model, settings, self_attention)
+        ours = generate(model, settings, kernels)
         report = parity.compare_outputs(parity.pytorch_generate(model.torch_model, model.pixels,
                                                                 settings), ours, settings)
         assert report.all_match, f"checkpoint seed {seed}, {settings}\n" + parity.format_report(
@@ -126,9 +128,10 @@ def test_captions_equal_pytorch_generate(models, overrides):
 
 @pytest.mark.parametrize("overrides", COVERING_GRID[:12:3] + COVERING_GRID[12:13], ids=str)
 def test_multiply_reduce_self_attention_equals_pytorch_generate(models, overrides):
-    """The other self-attention form (``backend.SELF_ATTENTION``), which a platform may switch
-    to, keeps PyTorch's captions: beams reordered at every step read the cache through rows."""
-    assert_parity(models, settings_for(**overrides), self_attention="multiply_reduce")
+    """The other self-attention form (``backend.Kernels.self_attention``), which a platform may
+    switch to, keeps PyTorch's captions: beams reordered at every step read the cache through
+    rows."""
+    assert_parity(models, settings_for(**overrides), Kernels(self_attention="multiply_reduce"))
 
 
 def test_eos_lands_at_varied_steps(models):

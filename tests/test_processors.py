@@ -19,7 +19,7 @@ import pytest
 import torch
 from scipy import stats
 
-from flax_captioner import search
+from flax_captioner import processors, search
 from flax_captioner.settings import GenerationSettings
 from test_search import (EOS, IMAGE_SEEDS, VOCAB, make_table, row_keys, search_output,
                          settings_for, torch_output)
@@ -187,7 +187,7 @@ def test_each_warper_equals_pytorch_warper(name, value, keep):
     logits[3, 5] = 30.0  # one token holds all the mass
     neutral = dict(top_k=0)  # PyTorch's default top_k=50 would act on its own
     settings = settings_for(**{**neutral, name: value})
-    ours = np.asarray(search.warp_scores(jnp.asarray(logits)[None], settings, keep))[0]
+    ours = np.asarray(processors.warp_scores(jnp.asarray(logits)[None], settings, keep))[0]
     theirs = torch_warper(name, value, keep)(None, torch.from_numpy(logits)).numpy()
     np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
     finite = np.isfinite(theirs)

@@ -232,11 +232,6 @@ def test_fixed_steps_loop_returns_what_the_until_done_loop_returns(overrides):
                 np.testing.assert_array_equal(actual, expected, err_msg=f"{name} {overrides}")
 
 
-def test_unknown_search_loop_is_one_line_error():
-    with pytest.raises(ValueError, match="search_loop must be one of"):
-        search.run_steps(lambda state: True, lambda state: state, None, 3, "forever")
-
-
 def row_keys(count: int, seed: int = 0) -> jax.Array:
     return jax.random.split(jax.random.PRNGKey(seed), count)
 

@@ -11,7 +11,7 @@ The four parts of issue 10:
    tests/test_parity_generate.py and full-size random weights, exact mode (float32, "highest")
    against PyTorch float32 with TF32 off, for beam / greedy / min_length / no_repeat_ngram:
    mismatched captions (target 0); plus beam search with the other cross- and self-attention
-   forms (``backend.CROSS_CONTEXT``, ``SELF_ATTENTION``) on the chaotic checkpoints;
+   forms (``backend.KERNELS``) on the chaotic checkpoints;
 3. generator throughput, nlpconnect architecture with random weights, 4 beams, max_length 16:
    ours at batch 64 / 256 / 1024 in float32 (exact) and bfloat16, PyTorch ``generate`` float32
    eager (TF32 off) and float16 / bfloat16 weights with SDPA attention at the same batches,

@@ -17,8 +17,7 @@ import numpy as np
 
 from flax_captioner.testing import CHAOTIC_SEEDS, chaotic_pixels
 from scripts.common import (SAMPLE_IMAGES, SHAPES_MODEL, host_cores, is_fused_cross_context,
-                            other_cross_context, other_search_loop, other_self_attention,
-                            seeded_pixels)
+                            other_form, seeded_pixels)
 
 PARTS = ("environment", "parity", "throughput", "end_to_end")
 # part -> the workers (subprocesses) that measure it
@@ -112,9 +111,10 @@ def parity_models(work: Path, profile: Profile) -> Iterator[tuple[str, Path, Cal
 
 def parity_other_forms(platform: str) -> dict[str, dict[str, Any]]:
     """Row name -> kernel choices: the cross- and self-attention forms ``platform``'s devices
-    do not use (``backend.CROSS_CONTEXT``, ``SELF_ATTENTION``), so a platform can switch to
-    either knowing its captions."""
-    other_cross, other_self = other_cross_context(platform), other_self_attention(platform)
+    do not use (``backend.KERNELS``), so a platform can switch to either knowing its
+    captions."""
+    other_cross = other_form(platform, "cross_context")
+    other_self = other_form(platform, "self_attention")
     return {f"{other_cross} cross-attention": {"cross_context": other_cross},
             f"{other_self} self-attention": {"self_attention": other_self}}
 
@@ -124,8 +124,8 @@ def throughput_variants(platform: str, gpu: bool) -> dict[str, dict[str, Any]]:
     devices; the variant's first word is its dtype.
 
     "<dtype>" is the library's choice; the others each change one choice, to decide it for
-    the platform: the other search loop (``SEARCH_LOOP``), the other cross-attention form
-    (``CROSS_CONTEXT``) and, on GPUs, bfloat16's attention forms first (the encoder's
+    the platform (``backend.KERNELS``): the other search loop, the other cross-attention form
+    and, on GPUs, bfloat16's attention forms first (the encoder's
     self-attention through the einsums instead of cuDNN's fused kernel, "bfloat16
     einsum-encoder", ``ENCODER_ATTENTION``; the cross-attention through cuDNN's,
     "bfloat16 cudnn-cross"; the decoder's self-attention as multiply-reduces, "bfloat16
@@ -136,7 +136,8 @@ def throughput_variants(platform: str, gpu: bool) -> dict[str, dict[str, Any]]:
     """
     from flax_captioner import backend
 
-    other_loop, other_cross = other_search_loop(platform), other_cross_context(platform)
+    other_loop = other_form(platform, "search_loop")
+    other_cross = other_form(platform, "cross_context")
     variants: dict[str, dict[str, Any]] = {"": {}, " " + other_loop: {"search_loop": other_loop},
                                            " " + other_cross: {"cross_context": other_cross}}
     switched = {dtype + suffix: kwargs for dtype in ("float32", "bfloat16")
@@ -148,7 +149,7 @@ def throughput_variants(platform: str, gpu: bool) -> dict[str, dict[str, Any]]:
                     "bfloat16 cudnn-cross": {"cross_context": "cudnn"}} | switched
         switched["float32 triton"] = {"compiler_options": {}}
         switched["bfloat16 cublas"] = {
-            "compiler_options": backend.compiler_options("gpu", "float32")}
+            "compiler_options": backend.kernels("gpu", "float32").compiler_options}
     return switched
 
 

@@ -88,23 +88,23 @@ def run_parity(work: Path, profile: Profile, recorder: Recorder) -> None:
     from transformers import VisionEncoderDecoderModel
 
     from flax_captioner import loading
-    from flax_captioner.decoder import DecoderSpec
-    from flax_captioner.generator import GenerationSettings
+    from flax_captioner.model import ModelSpec
+    from flax_captioner.settings import GenerationSettings
 
     check_backend(profile, recorder)
     device = torch_device(profile)
     recorder.emit("info", torch_device=torch.cuda.get_device_name(0) if device == "cuda"
                   else "cpu")
-    generators: dict[DecoderSpec, Any] = {}  # same architecture: same compiled programs
+    generators: dict[ModelSpec, Any] = {}  # same architecture: same compiled programs
     other_forms = parity_other_forms(jax.devices()[0].platform)
-    other_generators: dict[tuple[str, DecoderSpec], Any] = {}
+    other_generators: dict[tuple[str, ModelSpec], Any] = {}
     for name, directory, make_pixels, max_length in parity_models(work, profile):
         # A row is mostly its compile; the first of a model is guessed, the rest measured.
         estimate = 20.0 if profile.full_size and name.startswith("full") else 8.0
         checkpoint = loading.load_checkpoint(directory)
         pixels = make_pixels(checkpoint.preprocess_config)
         reference = VisionEncoderDecoderModel.from_pretrained(directory).to(device).eval()
-        architecture = DecoderSpec.from_config(checkpoint.model.config)
+        architecture = ModelSpec.from_config(checkpoint.model.config)
         generator = generators.get(architecture)
         swap = {}
         if generator is None:
@@ -218,7 +218,7 @@ def run_torch_throughput(work: Path, profile: Profile, recorder: Recorder) -> No
 def throughput_settings(work: Path) -> Any:
     """The throughput rows' search: the 'full' model's defaults, NUM_BEAMS, MAX_LENGTH."""
     from flax_captioner import loading
-    from flax_captioner.generator import GenerationSettings
+    from flax_captioner.settings import GenerationSettings
 
     config = loading.read_config(work / "full")
     return GenerationSettings.resolve(loading.generation_defaults(config, work / "full"),

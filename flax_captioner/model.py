@@ -31,23 +31,12 @@ from flax_captioner.errors import ModelLoadError
 Params = Any  # the nested dict of FlaxVisionEncoderDecoderModel.params
 # jax.nn.dot_product_attention implementations an attention can run through instead of this
 # module's einsums ("cudnn": one fused kernel; "xla": JAX's reference, in the same layouts).
+# The attention forms are ``backend.Kernels``' fields, checked there.
 FUSED_FORMS = ("xla", "cudnn")
-# The forms of decode_step's cross-attention: its context (probabilities x values) as a
-# float32 multiply-reduce or an einsum, or the whole attention fused; backend.CROSS_CONTEXT
-# picks one per platform.
-CROSS_CONTEXT_FORMS = ("multiply_reduce", "einsum") + FUSED_FORMS
-# The forms of the encoder's self-attention; backend.ENCODER_ATTENTION picks one per platform
-# and dtype.
-ENCODER_ATTENTION_FORMS = ("einsum",) + FUSED_FORMS
-# The forms of decode_step's self-attention over the cache read through ``rows``: einsums
-# over the gathered keys and values, or float32 multiply-reduces, which XLA can fuse the
-# gather into (each cache slot read once, no gathered copy); backend.SELF_ATTENTION picks one
-# per platform.
-SELF_ATTENTION_FORMS = ("einsum", "multiply_reduce")
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderSpec:
+class ModelSpec:
     """The architecture numbers the functions need; hashable, so static under ``jax.jit``."""
 
     num_layers: int
@@ -69,7 +58,7 @@ class DecoderSpec:
     num_channels: int
 
     @classmethod
-    def from_config(cls, config: Any) -> "DecoderSpec":
+    def from_config(cls, config: Any) -> "ModelSpec":
         """Reads a ``VisionEncoderDecoderConfig`` (ViT encoder, GPT-2 decoder).
 
         Raises:
@@ -124,8 +113,8 @@ class CrossKV:
     """Cross-attention keys and values of every decoder layer, one copy per image.
 
     One array per layer rather than one stacked [L, ...] array: reading layer ``l`` of a
-    stacked array inside the compiled step copies it (4.8 MB per layer and tensor at full
-    size, ~75 ms of a ~120 ms float32 step on a 2-core CPU).
+    stacked array inside the compiled step copies it, most of a CPU step's time
+    (docs/performance.md, "Decoder state layout").
 
     Attributes:
       key: L arrays [B, H, S, Dh] in the compute dtype; [B, S, H, Dh] for a fused
@@ -146,11 +135,9 @@ class SelfAttentionCache:
     beam ``k`` reads slot ``t`` from row ``rows[b, k, t]`` (FasterTransformer's "cache
     indirection"). Reordering beams gathers ``rows`` only: gathering the keys and values
     instead wrote a new cache every step, which XLA then copied back into the loop's buffers
-    (on one H200, bfloat16, batch 256: 0.34 ms of gather and 0.34 ms of 33 copies in a 4.0 ms
-    step, 3.14 ms with ``rows``; docs/benchmarks.md, "What the traces show"). The reads
-    through ``rows`` took 2.1 ms of a 10.8 ms step at batch 1,024 there: see
-    ``SELF_ATTENTION_FORMS``. One array per layer, like ``CrossKV``, so a step updates and
-    reads each in place.
+    (docs/performance.md, "Decoder state layout"). How a step reads through ``rows`` is
+    ``backend.Kernels.self_attention``. One array per layer, like ``CrossKV``, so a step
+    updates and reads each in place.
 
     Attributes:
       key: L arrays [B, K, H, T, Dh] in the compute dtype.
@@ -217,13 +204,6 @@ def _softmax_attention(scores: jax.Array, values: jax.Array, equation: str,
                       preferred_element_type=dtype)
 
 
-def check_encoder_attention(form: str) -> None:
-    """Raises ValueError (one line) unless ``form`` is one of ``ENCODER_ATTENTION_FORMS``."""
-    if form not in ENCODER_ATTENTION_FORMS:
-        raise ValueError(f"encoder_attention must be one of {ENCODER_ATTENTION_FORMS}, got "
-                         f"{form!r}")
-
-
 def _fused_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: jnp.dtype,
                      implementation: str) -> jax.Array:
     """``jax.nn.dot_product_attention`` over [B, T, H, Dh] queries and [B, S, H, Dh] keys and
@@ -235,12 +215,12 @@ def _fused_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: 
         scale=1.0 / math.sqrt(query.shape[-1]), implementation=implementation)
 
 
-def encode(params: Params, pixel_values: jax.Array, spec: DecoderSpec,
+def encode(params: Params, pixel_values: jax.Array, spec: ModelSpec,
            dtype: jnp.dtype = jnp.float32, attention: str = "einsum") -> jax.Array:
     """The ViT encoder: pixels [B, C, H, W] (normalized, float) -> hidden [B, S, D] float32.
 
     Equals ``VisionEncoderDecoderModel.encoder(pixel_values).last_hidden_state``.
-    ``attention``: the self-attention's form (``ENCODER_ATTENTION_FORMS``).
+    ``attention``: the self-attention's form (``backend.Kernels.encoder_attention``).
     """
     vit = params["encoder"]
     batch = pixel_values.shape[0]
@@ -277,7 +257,7 @@ def encode(params: Params, pixel_values: jax.Array, spec: DecoderSpec,
             scores = jnp.einsum("bhqd,bhkd->bhqk", query.astype(dtype), key.astype(dtype),
                                 preferred_element_type=jnp.float32) / math.sqrt(head_dim)
             # Heads-major output, then one transpose: asking the einsum for [B, S, H, Dh]
-            # directly makes XLA:CPU pick a layout ~2x slower.
+            # directly makes XLA:CPU pick a slower layout.
             context = _softmax_attention(scores, value, "bhqk,bhkd->bhqd", dtype)
             context = context.transpose(0, 2, 1, 3)  # [B, S, H, Dh]
         context = context.reshape(batch, -1, spec.encoder_hidden_size)
@@ -288,7 +268,7 @@ def encode(params: Params, pixel_values: jax.Array, spec: DecoderSpec,
     return _layer_norm(hidden, vit["layernorm"], spec.encoder_layer_norm_eps)
 
 
-def cross_kv(params: Params, encoder_hidden: jax.Array, spec: DecoderSpec,
+def cross_kv(params: Params, encoder_hidden: jax.Array, spec: ModelSpec,
              dtype: jnp.dtype = jnp.float32, cross_context: str = "multiply_reduce"
              ) -> CrossKV:
     """Cross-attention keys/values of all decoder layers from ``encoder_hidden`` [B, S, D].
@@ -310,7 +290,7 @@ def cross_kv(params: Params, encoder_hidden: jax.Array, spec: DecoderSpec,
     return CrossKV(key=tuple(keys), value=tuple(values))
 
 
-def init_cache(batch: int, beams: int, max_length: int, spec: DecoderSpec,
+def init_cache(batch: int, beams: int, max_length: int, spec: ModelSpec,
                dtype: jnp.dtype = jnp.float32) -> SelfAttentionCache:
     """An all-zero cache with L keys/values [B, K, H, T=max_length, Dh] in ``dtype``, each
     beam reading its own row."""
@@ -331,12 +311,6 @@ def _read_rows(array: jax.Array, rows: jax.Array) -> jax.Array:
     """Beam ``k``'s keys or values: ``array`` [B, K, H, T, Dh] read through ``rows``
     [B, K, T]; [B, K, H, T, Dh]."""
     return jnp.take_along_axis(array, rows[:, :, None, :, None], axis=1, mode="clip")
-
-
-def check_self_attention(form: str) -> None:
-    """Raises ValueError (one line) unless ``form`` is one of ``SELF_ATTENTION_FORMS``."""
-    if form not in SELF_ATTENTION_FORMS:
-        raise ValueError(f"self_attention must be one of {SELF_ATTENTION_FORMS}, got {form!r}")
 
 
 def _self_attention(query: jax.Array, key: jax.Array, value: jax.Array, rows: jax.Array,
@@ -360,12 +334,6 @@ def _self_attention(query: jax.Array, key: jax.Array, value: jax.Array, rows: ja
     return jnp.sum(probs[..., None] * values.astype(jnp.float32), axis=-2)
 
 
-def check_cross_context(form: str) -> None:
-    """Raises ValueError (one line) unless ``form`` is one of ``CROSS_CONTEXT_FORMS``."""
-    if form not in CROSS_CONTEXT_FORMS:
-        raise ValueError(f"cross_context must be one of {CROSS_CONTEXT_FORMS}, got {form!r}")
-
-
 def _cross_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: jnp.dtype,
                      cross_context: str) -> jax.Array:
     """Cross-attention of the K beams' queries [B, K, H, Dh] over their image's keys and
@@ -381,7 +349,7 @@ def _cross_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: 
 
 
 def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
-                cache: SelfAttentionCache, cross: CrossKV, spec: DecoderSpec,
+                cache: SelfAttentionCache, cross: CrossKV, spec: ModelSpec,
                 dtype: jnp.dtype = jnp.float32, cross_context: str = "multiply_reduce",
                 self_attention: str = "einsum") -> tuple[jax.Array, SelfAttentionCache]:
     """One GPT-2 step for every beam: returns (logits [B, K, V] float32, updated cache).
@@ -397,13 +365,11 @@ def decode_step(params: Params, tokens: jax.Array, position: jax.Array,
         values) as ``"multiply_reduce"`` (a float32 multiply and a sum over S) or
         ``"einsum"`` (a batched matmul in ``dtype``), or the whole attention through
         ``jax.nn.dot_product_attention`` (``FUSED_FORMS``), an image's K beams as its K
-        queries; ``backend.CROSS_CONTEXT`` picks one per platform, with the measurements.
+        queries (``backend.Kernels.cross_context``).
       self_attention: how the self-attention reads the cache through its rows: einsums over
         the gathered keys and values (``"einsum"``) or float32 multiply-reduces
-        (``"multiply_reduce"``); ``backend.SELF_ATTENTION`` picks one per platform.
+        (``"multiply_reduce"``; ``backend.Kernels.self_attention``).
     """
-    check_cross_context(cross_context)
-    check_self_attention(self_attention)
     gpt2 = params["decoder"]["transformer"]
     batch, beams = tokens.shape
     heads, head_dim = spec.num_heads, spec.head_dim

@@ -1,4 +1,4 @@
-"""Parity of the functional encoder / decoder step with PyTorch (and HF Flax), same weights.
+"""Parity of the model's encoder and decoder step with PyTorch (and HF Flax), same weights.
 
 Teacher forcing: tokens fed one step at a time through ``decode_step`` must give, at every
 step, the logits of PyTorch's full-sequence forward pass on the same prefix.
@@ -14,22 +14,22 @@ import numpy as np
 import pytest
 import torch
 
-from flax_captioner.decoder import (CROSS_CONTEXT_FORMS, SELF_ATTENTION_FORMS, DecoderSpec,
-                                    cast_params, cross_kv, decode_step, encode, init_cache,
-                                    reorder_cache)
+from flax_captioner.backend import FORMS
 from flax_captioner.errors import ModelLoadError
+from flax_captioner.model import (ModelSpec, cast_params, cross_kv, decode_step, encode,
+                                  init_cache, reorder_cache)
 from flax_captioner.testing import make_checkpoint, make_full_size_checkpoint
 
 TOLERANCE = 1e-4
 
 
 def load_models(directory):
-    """(PyTorch model, HF Flax model, DecoderSpec) for one checkpoint directory."""
+    """(PyTorch model, HF Flax model, ModelSpec) for one checkpoint directory."""
     from transformers import FlaxVisionEncoderDecoderModel, VisionEncoderDecoderModel
 
     torch_model = VisionEncoderDecoderModel.from_pretrained(directory).eval()
     flax_model = FlaxVisionEncoderDecoderModel.from_pretrained(directory, from_pt=True)
-    return torch_model, flax_model, DecoderSpec.from_config(flax_model.config)
+    return torch_model, flax_model, ModelSpec.from_config(flax_model.config)
 
 
 @pytest.fixture(scope="module", params=[
@@ -42,7 +42,7 @@ def tiny_models(request, tmp_path_factory):
     return load_models(directory)
 
 
-def random_pixels(spec: DecoderSpec, batch: int, seed: int = 0) -> np.ndarray:
+def random_pixels(spec: ModelSpec, batch: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     shape = (batch, spec.num_channels, spec.image_size, spec.image_size)
     return rng.uniform(-1.0, 1.0, shape).astype(np.float32)
@@ -103,11 +103,11 @@ def test_single_beam_steps_match_full_forward(tiny_models):
 
 
 # cuDNN's fused kernel needs a GPU.
-CPU_CROSS_CONTEXT_FORMS = [form for form in CROSS_CONTEXT_FORMS if form != "cudnn"]
+CPU_CROSS_CONTEXT_FORMS = [form for form in FORMS["cross_context"] if form != "cudnn"]
 # (cross_context, self_attention): every cross-attention form a CPU runs, and each other
 # self-attention form.
 CPU_ATTENTION_FORMS = ([(form, "einsum") for form in CPU_CROSS_CONTEXT_FORMS]
-                       + [("multiply_reduce", form) for form in SELF_ATTENTION_FORMS
+                       + [("multiply_reduce", form) for form in FORMS["self_attention"]
                           if form != "einsum"])
 
 
@@ -242,7 +242,7 @@ def test_spec_rejects_unsupported_config(tiny_models):
     config = flax_model.config.__class__.from_dict(flax_model.config.to_dict())
     config.decoder.add_cross_attention = False
     with pytest.raises(ModelLoadError, match="cross-attention"):
-        DecoderSpec.from_config(config)
+        ModelSpec.from_config(config)
 
 
 def test_init_cache_rejects_length_beyond_positions(tiny_models):
