@@ -98,8 +98,16 @@ class Captioner:
                                    dtype=options.dtype, parallelism=options.parallelism)
 
     def settings(self, **overrides: Any) -> GenerationSettings:
-        """Generation settings: the checkpoint's defaults with ``overrides`` applied."""
-        return GenerationSettings.resolve(self.generation_defaults, **overrides)
+        """Generation settings: the checkpoint's defaults with ``overrides`` applied, checked
+        against this model (token ids in its vocabulary, ``max_length`` within its positions)
+        before any work.
+
+        Raises:
+          OptionError: naming the setting.
+        """
+        settings = GenerationSettings.resolve(self.generation_defaults, **overrides)
+        self.generator.check(settings)
+        return settings
 
     def default_batch_size(self) -> int:
         """Images per batch when the caller sets none: 8 on CPU; on GPU/TPU a per-device

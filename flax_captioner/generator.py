@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_captioner import backend, model, search, sharding
+from flax_captioner.errors import OptionError
 
 if TYPE_CHECKING:
     from flax_captioner.settings import GenerationSettings
@@ -194,13 +195,14 @@ class Generator:
         self.compile_seconds = 0.0
 
     def check(self, settings: GenerationSettings) -> None:
-        """Raises ValueError (one line) for settings this model cannot run."""
+        """Raises OptionError (a ValueError naming the setting, one line) for settings this
+        model cannot run."""
         vocab = self.spec.vocab_size
         for name in ("decoder_start_token_id", "pad_token_id", "eos_token_id",
                      "forced_bos_token_id", "forced_eos_token_id"):
             if getattr(settings, name) is not None and getattr(settings, name) >= vocab:
-                raise ValueError(f"{name} {getattr(settings, name)} is outside the vocabulary "
-                                 f"(size {vocab})")
+                raise OptionError(name, f"{getattr(settings, name)} is outside the vocabulary "
+                                        f"(size {vocab})")
         token_lists = {
             "bad_words_ids": [t for word in settings.bad_words_ids for t in word],
             "sequence_bias": [t for ids, _ in settings.sequence_bias for t in ids],
@@ -210,11 +212,11 @@ class Generator:
         for name, tokens in token_lists.items():
             out_of_range = sorted({t for t in tokens if t >= vocab})
             if out_of_range:
-                raise ValueError(f"{name} {out_of_range} are outside the vocabulary "
-                                 f"(size {vocab})")
+                raise OptionError(name, f"{out_of_range} are outside the vocabulary "
+                                        f"(size {vocab})")
         if settings.max_length > self.spec.n_positions:
-            raise ValueError(f"max_length {settings.max_length} exceeds the decoder's "
-                             f"{self.spec.n_positions} positions")
+            raise OptionError("max_length", f"{settings.max_length} exceeds the decoder's "
+                                            f"{self.spec.n_positions} positions")
 
     def program(self, bucket: int, settings: GenerationSettings) -> sharding.Program:
         """The compiled search for ``bucket`` images (compiled on first use, then cached)."""

@@ -230,7 +230,8 @@ def _caption_batches(captioner: Captioner, batches: Iterator[feed.Batch], writer
                      row_format: _RowFormat) -> None:
     """Writes the rows of every batch through the device loop (``device_loop.run``: the
     devices run the next batch meanwhile) until the inputs or a signal end, or, in a
-    multi-process run, another process fails (two reads per batch, ~1 ms)."""
+    multi-process run, another process fails (two reads per batch; docs/scaling.md, "When a
+    process fails")."""
 
     def stopped() -> bool:
         if stop.signal_number is not None:

@@ -441,6 +441,14 @@ def test_settings_checked_after_loading_show_the_flag(tmp_path, capsys):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_settings_the_model_cannot_run_show_the_flag(tmp_path, capsys):
+    status = cli.main(caption_args(tmp_path / "out.jsonl", "--max-length", "4000"))
+    assert status == 2
+    line = one_error_line(capsys)
+    assert line.startswith("flax-captioner: error: --max-length 4000 exceeds the decoder's ")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_sigterm_while_captioning_exits_143_and_resumes(shapes_rows, tmp_path, capsys,
                                                         monkeypatch):
     """SIGTERM finishes the batches on the device, keeps their rows, exits 143; a rerun
