@@ -136,10 +136,7 @@ def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
 
     model = load_checkpoint(directory).model
     platform = jax.devices()[0].platform
-    switched = [field for field, other in (("search_loop", other_loop),
-                                           ("cross_context", other_cross),
-                                           ("self_attention", other_self)) if other]
-    choices = {field: other_form(platform, field, dtype) for field in switched}
+    choices = {switched: other_form(platform, switched, dtype)} if switched else {}
     generator = make_generator(model.params, model.config, choices, dtype=getattr(jnp, dtype))
     settings = settings_for(model.config, args, output_scores)
     generator.generate(seeded_pixels(args.batch_size, model.config.encoder.image_size,

@@ -146,7 +146,7 @@ def test_variants_switch_one_kernel_choice_each_and_their_xla_options_compile(ti
     import numpy as np
 
     from flax_captioner import loading
-    from flax_captioner.generator import GenerationSettings
+    from flax_captioner.settings import GenerationSettings
 
     gpu, cpu = plan.throughput_variants("gpu", gpu=True), plan.throughput_variants("cpu", False)
     for variants in (gpu, cpu):
