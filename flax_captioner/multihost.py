@@ -35,10 +35,6 @@ import jax
 
 from flax_captioner.errors import CaptionerError, ProcessGroupError
 
-# Silence, not total wait: a process is named only after this long without finishing or
-# progressing (a batch). Long enough for a first compile or a slow batch; a killed process is
-# usually caught sooner by JAX's heartbeat check.
-DEFAULT_TIMEOUT_S = 600.0
 # Each blocking read is this short so that Ctrl-C, which Python handles between calls,
 # stops a waiting process within a second.
 _WAIT_SLICE_S = 1.0
@@ -47,8 +43,7 @@ _MAX_ERROR_CHARS = 500
 _MAX_NAMED = 8
 
 
-def finish(name: str, *, error: BaseException | None = None,
-           timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+def finish(name: str, *, timeout_s: float, error: BaseException | None = None) -> None:
     """Reports this process's end of the run ``name`` and, after success, waits for the others.
 
     Call it once per run in every process (a no-op with one process): after success with
@@ -58,9 +53,10 @@ def finish(name: str, *, error: BaseException | None = None,
     Args:
       name: the run, the same in every process (the pipeline passes its output path); it
         begins every message.
-      error: what stopped this process, or None after success.
       timeout_s: how long a successful process waits for the others while none of the
-        unfinished ones progresses (calls ``raise_if_failed``).
+        unfinished ones progresses (calls ``raise_if_failed``); the pipeline passes
+        ``CaptionOptions.process_timeout_seconds``.
+      error: what stopped this process, or None after success.
 
     Raises:
       ProcessGroupError: another process reported a failure (the first one reported is

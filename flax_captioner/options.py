@@ -83,8 +83,10 @@ class CaptionOptions:
         False, "decode JPEGs at 1/2, 1/4 or 1/8 scale (DCT domain) when still larger than the "
                "model's input: faster on large photos, pixels close to but not equal to "
                "ViTImageProcessor's", action="store_true", default_text="off: exact")
+    # Silence, not total wait: long enough for a first compile or a slow batch; a killed
+    # process is usually caught sooner by JAX's heartbeat check.
     process_timeout_seconds: float = _option(
-        600.0, "--distributed: how long a finished process waits while no unfinished process "
+        600, "--distributed: how long a finished process waits while no unfinished process "
                "makes progress, before naming them", flag="--process-timeout", kind="seconds",
         metavar="SECONDS")
     storage_options: dict[str, Any] | None = _option(

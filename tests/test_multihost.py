@@ -345,7 +345,7 @@ def test_a_slow_process_that_progresses_is_waited_for_past_the_timeout(processes
         for _ in range(6):
             multihost.raise_if_failed("out.jsonl")
             time.sleep(0.1)
-        multihost.finish("out.jsonl")
+        multihost.finish("out.jsonl", timeout_s=10.0)
 
     started = time.monotonic()
     assert processes([None, slow_but_alive, None], timeout_s=0.3) == [None, None, None]
@@ -385,14 +385,14 @@ def test_a_working_process_hears_of_a_failure_between_batches(processes):
             try:
                 multihost.raise_if_failed("out.jsonl")
             except ProcessGroupError as error:
-                multihost.finish("out.jsonl", error=error)
+                multihost.finish("out.jsonl", timeout_s=10.0, error=error)
                 return error
             time.sleep(0.01)
         return None
 
     def working_then_done() -> None:
         multihost.raise_if_failed("out.jsonl")
-        multihost.finish("out.jsonl")
+        multihost.finish("out.jsonl", timeout_s=10.0)
 
     raised = processes([working, RuntimeError("device lost")])
     assert raised[0].process_index == 1
