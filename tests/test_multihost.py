@@ -29,6 +29,8 @@ from test_pipeline import BEAM_SETTINGS, run, write_image
 # batch plus its KILLED_PEER_TIMEOUT_S, so that the pipeline's own timeout speaks first.
 HEARTBEAT_TIMEOUT_S = 20
 KILLED_PEER_TIMEOUT_S = 4
+# How long the in-thread processes' finish waits, unless a test sets a shorter one.
+FINISH_TIMEOUT_S = 10.0
 
 PROCESS_SCRIPT = (f"HEARTBEAT_TIMEOUT_S = {HEARTBEAT_TIMEOUT_S}\n"
                   f"BEAM_SETTINGS = {BEAM_SETTINGS!r}\n") + textwrap.dedent("""
@@ -288,7 +290,8 @@ def processes(monkeypatch):
     service, here = FakeCoordinationService(), threading.local()
     monkeypatch.setattr(multihost, "_client", lambda: service)
 
-    def run(outcomes: list, name: str = "out.jsonl", timeout_s: float = 10.0) -> list:
+    def run(outcomes: list, name: str = "out.jsonl",
+            timeout_s: float = FINISH_TIMEOUT_S) -> list:
         monkeypatch.setattr(jax, "process_count", lambda: len(outcomes))
         monkeypatch.setattr(jax, "process_index", lambda: here.index)
         raised: list = [None] * len(outcomes)
@@ -345,7 +348,7 @@ def test_a_slow_process_that_progresses_is_waited_for_past_the_timeout(processes
         for _ in range(6):
             multihost.raise_if_failed("out.jsonl")
             time.sleep(0.1)
-        multihost.finish("out.jsonl", timeout_s=10.0)
+        multihost.finish("out.jsonl", timeout_s=FINISH_TIMEOUT_S)
 
     started = time.monotonic()
     assert processes([None, slow_but_alive, None], timeout_s=0.3) == [None, None, None]
@@ -385,14 +388,14 @@ def test_a_working_process_hears_of_a_failure_between_batches(processes):
             try:
                 multihost.raise_if_failed("out.jsonl")
             except ProcessGroupError as error:
-                multihost.finish("out.jsonl", timeout_s=10.0, error=error)
+                multihost.finish("out.jsonl", timeout_s=FINISH_TIMEOUT_S, error=error)
                 return error
             time.sleep(0.01)
         return None
 
     def working_then_done() -> None:
         multihost.raise_if_failed("out.jsonl")
-        multihost.finish("out.jsonl", timeout_s=10.0)
+        multihost.finish("out.jsonl", timeout_s=FINISH_TIMEOUT_S)
 
     raised = processes([working, RuntimeError("device lost")])
     assert raised[0].process_index == 1
