@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import itertools
 import os
 import time
@@ -108,6 +110,22 @@ class Captioner:
         settings = GenerationSettings.resolve(self.generation_defaults, **overrides)
         self.generator.check(settings)
         return settings
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 over what turns pixels into text: every weight (its path, dtype, shape and
+        bytes), the preprocessing and the tokenizer. Equal fingerprints caption alike, from
+        whichever file format or folder the weights were read."""
+        digest = hashlib.sha256()
+        for path, leaf in jax.tree_util.tree_flatten_with_path(self.model.params)[0]:
+            array = np.ascontiguousarray(leaf)
+            digest.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}".encode())
+            digest.update(memoryview(array).cast("B"))
+        digest.update(repr(self.preprocess_config).encode())
+        backend_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None)
+        digest.update((backend_tokenizer.to_str() if backend_tokenizer is not None
+                       else repr(sorted(self.tokenizer.get_vocab().items()))).encode())
+        return digest.hexdigest()
 
     def default_batch_size(self) -> int:
         """Images per batch when the caller sets none: 8 on CPU; on GPU/TPU a per-device

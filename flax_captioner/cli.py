@@ -5,9 +5,19 @@ loads, so ``--help`` and a typo answer at once. Errors are one line on stderr, n
 traceback; a library error's ``fix`` keys become flag hints, and an ``OptionError``'s field
 the flag that sets it. The ``caption`` flags are ``CaptionOptions``' fields.
 
-Exit status: 0 success; 1 when any image failed or a command could not finish (the work that
-succeeded is kept); 2 for usage errors (bad flags, bad settings); 128 + the signal's number
-when stopped by one (130 SIGINT, 143 SIGTERM; 141 when stdout closes early, as in ``| head``).
+Exit status, distinct for a scheduler: 0 every image captioned (the command did its work);
+1 the command could not finish, an error (the work that succeeded is kept); 2 a usage error
+(bad flags, bad settings); 3 it finished, but some inputs became error rows (``caption``) or
+could not be read (``parity``, which also exits 1 when a caption differs); 128 + the signal's
+number when stopped by one, in every phase (130 SIGINT, 143 SIGTERM; 141 when stdout closes
+early, as in ``| head``).
+
+Signals: the executable (``main(own_process=True)``) ends at once on SIGINT or SIGTERM, with
+one line on stderr, except in a caption run's captioning loop, where a first signal finishes
+the batches on the device and flushes their rows (a second ends it at once). Ending at once
+loses nothing a rerun does not redo: every output commit is atomic and resumes exactly, as
+after a kill -9. ``main`` called from Python raises and returns instead, and leaves SIGINT to
+Python.
 """
 
 from __future__ import annotations
@@ -36,10 +46,23 @@ if typing.TYPE_CHECKING:  # imported at run time only once the flags are checked
 
 PROG = "flax-captioner"
 
+# Exit statuses besides 0 and 128 + a signal's number (the module docstring says when).
+EXIT_ERROR, EXIT_USAGE, EXIT_SOME_FAILED = 1, 2, 3
+EXIT_STATUS_HELP = ("exit status: 0 every image captioned; 1 the run could not finish (an "
+                    "error; rows written so far stay); 2 a usage error; 3 the run finished, but "
+                    "some inputs became error rows; 130 (SIGINT) or 143 (SIGTERM) when stopped "
+                    "by a signal (the same command resumes)")
+# CaptionOptions fields that caption has no flag for: per-step arrays of Captioner.generate,
+# which rows do not hold (run_pipeline refuses them; rows carry --token-logprobs instead).
+CAPTION_EXCLUDED = ("output_scores", "output_logits")
+# Generation fields parity has no flag for: it compares deterministic searches.
+PARITY_EXCLUDED = ("do_sample", "seed")
+
 # errors.FIXES key -> the flags that apply it (a test keeps the keys in step).
 FIX_HINTS = {
     "start_over": "start over with --no-resume",
     "other_output": "write to another --output",
+    "extend": "add only the inputs it lacks with --extend",
     "overwrite": "replace it with --overwrite",
     "resume_processes": "rerun the stopped processes with the same --output, then "
                         f"`{PROG} merge`",
@@ -95,6 +118,25 @@ def _count(text: str) -> int:
     return value
 
 
+def _index(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _host_port(text: str) -> str:
+    """An argparse type: HOST:PORT, the port in 1-65535."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT, e.g. 10.0.0.1:1234, got {text!r}")
+    return text
+
+
 # A field's ``kind`` metadata -> the argparse type that reads its flag.
 KINDS: dict[str, Callable[[str], Any]] = {
     "count": _count, "seconds": _positive_seconds, "json": _json_value,
@@ -124,8 +166,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type,
         action = meta.get("action", "optional" if is_bool else None)
         if "default_text" in meta:
             shown = f" [{meta['default_text']}]"
-        elif default is None or action in ("store_true", "store_false"):
-            shown = ""
+        elif default in (None, "") or action in ("store_true", "store_false"):
+            shown = ""  # unset, or said by the flag itself
         else:
             shown = f" [{default}]"
         options: dict[str, Any] = {"dest": field.name, "default": default,
@@ -209,13 +251,12 @@ def _load_captioner(options: CaptionOptions) -> Captioner:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     options = _caption_options(args)
+    _check_distributed_flags(args)
     inputs = check_caption_run(args, options)
     if args.own_process:
         _import_transformers_without_torch()
     if args.distributed:
-        import jax
-
-        jax.distributed.initialize()
+        _initialize_distributed(args)
     captioner = _load_captioner(options)
     from flax_captioner.pipeline import run_pipeline
 
@@ -226,7 +267,39 @@ def cmd_caption(args: argparse.Namespace) -> int:
             print(error.stats.summary(), file=sys.stderr)
         raise
     print(stats.summary(), file=sys.stderr)
-    return 1 if stats.errors else 0
+    return EXIT_SOME_FAILED if stats.errors else 0
+
+
+# jax.distributed.initialize keyword argument -> the caption flag that sets it.
+DISTRIBUTED_FLAGS = {"coordinator_address": "--coordinator-address",
+                     "num_processes": "--num-processes", "process_id": "--process-id"}
+
+
+def _check_distributed_flags(args: argparse.Namespace) -> None:
+    """Raises ValueError (a usage error) for a process flag without --distributed, or a
+    process id past the process count; before anything loads."""
+    given = [flag for name, flag in DISTRIBUTED_FLAGS.items() if getattr(args, name) is not None]
+    if given and not args.distributed:
+        raise ValueError(f"{given[0]} is for a multi-process run: add --distributed")
+    if args.num_processes is not None and args.process_id is not None and \
+            args.process_id >= args.num_processes:
+        raise ValueError(f"--process-id must be < --num-processes ({args.num_processes}), "
+                         f"got {args.process_id}")
+
+
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` with the flags given; what they leave unset comes from
+    the cluster (Cloud TPU, SLURM, Open MPI, Kubernetes)."""
+    import jax
+
+    try:
+        jax.distributed.initialize(**{name: getattr(args, name) for name in DISTRIBUTED_FLAGS})
+    except ValueError as error:  # no cluster told what the flags leave unset
+        raise ValueError(f"--distributed: {_one_line(str(error)).rstrip('.')}; outside Cloud "
+                         "TPU, SLURM, Open MPI and Kubernetes pass --coordinator-address, "
+                         "--num-processes and --process-id") from None
+    except RuntimeError as error:  # the coordinator did not answer in time
+        raise CaptionerError(f"--distributed: {_one_line(str(error))}") from None
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -251,23 +324,45 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    options = _caption_options(args).replace(parallelism="none")
+    # Deterministic searches only: PyTorch's sampling draws other random numbers.
+    options = _caption_options(args).replace(parallelism="none", do_sample=False)
     for image in args.images:
-        if not os.path.isfile(image):
+        if _missing_local_path(image):
             raise DataError(f"{image}: no such file")
+    # The inputs caption takes; an unreadable image is reported, and the others compared.
+    from flax_captioner.preflight import check_run
+
+    inputs, _ = check_run(args.images, None, options)
     _quiet_transformers()
     from flax_captioner.loading import torch_available
-    from flax_captioner.parity import compare_with_pytorch, format_report
+    from flax_captioner.parity import compare_inputs, format_report
+    from flax_captioner.sources import iter_inputs
 
     if not torch_available():
         raise CaptionerError("parity runs PyTorch generate beside this generator; install "
                              "PyTorch (pip install 'flax-captioner[torch]')")
     captioner = _load_captioner(options)
     settings = captioner.settings(**options.generation_overrides())
-    report = compare_with_pytorch(captioner, captioner.preprocess(args.images, options),
-                                  settings)
-    print(format_report(report, names=args.images))
-    return 0 if report.all_match else 1
+    report = compare_inputs(captioner, iter_inputs(inputs, options.storage_options), settings,
+                            options)
+    print(format_report(report))
+    if not report.all_match:
+        return EXIT_ERROR
+    return EXIT_SOME_FAILED if report.unreadable else 0
+
+
+def _missing_local_path(path: str) -> bool:
+    """A local path (no URL, glob, brace pattern or ``pipe:`` command) that does not exist."""
+    import glob
+
+    from flax_captioner import storage
+    from flax_captioner.sources import PIPE_PREFIX, expand_braces
+
+    if storage.is_remote(path) or path.startswith(PIPE_PREFIX):
+        return False
+    local = storage.local_path(path)
+    return not (glob.has_magic(local) or expand_braces(local) != [local]
+                or os.path.exists(local))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -299,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Caption images. INPUT: image files, directories (recursive), glob "
                     "patterns, .txt/.csv lists of paths, WebDataset .tar shards (brace "
                     "patterns, pipe:COMMAND), or Parquet/Arrow tables of encoded images; "
-                    "local paths or fsspec URLs (s3://, gs://, hf://, https://, ...).")
+                    "local paths or fsspec URLs (s3://, gs://, hf://, https://, ...).",
+        epilog=EXIT_STATUS_HELP)
     caption.add_argument("inputs", nargs="+", metavar="INPUT")
     caption.add_argument("--output", "-o", default=None,
                          help="output file (.jsonl, .parquet or .pq; .json is refused: the "
@@ -307,7 +403,17 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--distributed", action="store_true",
                          help="multi-host: call jax.distributed.initialize() first; each "
                               "process captions its slice, process 0 merges the shards")
-    _add_dataclass_flags(caption, CaptionOptions)  # every other flag: a CaptionOptions field
+    caption.add_argument("--coordinator-address", type=_host_port, metavar="HOST:PORT",
+                         help="--distributed: process 0's address, the same in every process "
+                              "(unset: from Cloud TPU, SLURM, Open MPI or Kubernetes)")
+    caption.add_argument("--num-processes", type=_count, metavar="N",
+                         help="--distributed: the number of processes (unset: from the cluster)")
+    caption.add_argument("--process-id", type=_index, metavar="I",
+                         help="--distributed: this process's index, 0 to N - 1 (unset: from "
+                              "the cluster)")
+    # Every other flag: a CaptionOptions field.
+    _add_dataclass_flags(caption, CaptionOptions,
+                         only=lambda field: field.name not in CAPTION_EXCLUDED)
     caption.set_defaults(handler=cmd_caption)
 
     merge = commands.add_parser(
@@ -336,10 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
         "parity", help="compare captions with PyTorch generate on the same weights",
         description="Run PyTorch generate and this generator on the same images and weights; "
                     "print per image whether the tokens match, the score difference and the "
-                    "first differing step. Exit 1 when any caption differs.")
-    parity.add_argument("images", nargs="+", metavar="IMAGE")
+                    "first differing step. INPUT: what caption takes (image files, "
+                    "directories, globs, path lists, tar shards, tables).",
+        epilog="exit status: 0 every caption matches; 1 a caption differs, or the comparison "
+               "could not run; 2 a usage error; 3 every caption compared matches, but some "
+               "images could not be read (listed in the report)")
+    parity.add_argument("images", nargs="+", metavar="INPUT")
     _add_dataclass_flags(parity, CaptionOptions, only=lambda field: field.name in (
-        "model", "revision") or field.metadata.get("group") == "generation")
+        "model", "revision") or (field.metadata.get("group") == "generation"
+                                 and field.name not in PARITY_EXCLUDED))
     parity.set_defaults(handler=cmd_parity)
 
     train = commands.add_parser(
@@ -354,11 +465,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 class _Terminated(BaseException):
     """SIGTERM outside the captioning loop (which stops cleanly on its own), unwinding like
-    KeyboardInterrupt does for SIGINT."""
+    KeyboardInterrupt does for SIGINT (``main`` called from Python)."""
 
 
 def _raise_terminated(signum: int, frame: Any) -> NoReturn:
     raise _Terminated
+
+
+class _EndAtOnce:
+    """The executable's SIGINT and SIGTERM handler: one line on stderr, then the process ends
+    with 128 + the signal's number, at once.
+
+    No exception unwinds: one raised while JAX's garbage-collection callback runs is
+    swallowed (the run went on to exit 0), and one unwinding while XLA compiles crashed the
+    interpreter's exit (SIGSEGV). Ending at once is safe: every output commit is atomic, and a
+    rerun resumes from the last one, as after a kill -9. ``ends_process`` tells the captioning
+    pipeline, which finishes the batches on the device after a first signal, to call this
+    handler at a second one.
+
+    Attributes:
+      hint: what the line adds once the command is known (how to resume).
+    """
+
+    ends_process = True
+
+    def __init__(self) -> None:
+        self.hint = ""
+
+    def __call__(self, signum: int, frame: Any) -> NoReturn:
+        with contextlib.suppress(Exception):  # mid-write to stdout: a rerun redoes those rows
+            sys.stdout.flush()
+        # Decoding processes would print broken-pipe tracebacks as they answered a vanished
+        # process.
+        multiprocessing = sys.modules.get("multiprocessing")
+        for child in multiprocessing.active_children() if multiprocessing else ():
+            child.kill()
+        # On a terminal the progress bar holds the line. os.write, not print: a signal that
+        # arrives mid-print would make print a reentrant call, which raises.
+        newline = "\n" if os.isatty(2) else ""
+        os.write(2, f"{newline}{PROG}: error: interrupted by {signal.Signals(signum).name}"
+                    f"{self.hint}\n".encode())
+        os._exit(128 + signum)
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How a command stopped by a signal goes on: ``_EndAtOnce.hint``."""
+    if args.command == "caption" and args.output is not None:
+        return "; run the same command again to resume"
+    if args.command == "train":
+        return "; run the same command again to resume from the last checkpoint"
+    return ""
 
 
 def _one_line(text: str) -> str:
@@ -391,11 +547,11 @@ def _handle(args: argparse.Namespace) -> int:
     except PipelineInterrupted as error:
         return _fail(str(error), 128 + error.signal_number)
     except OptionError as error:  # a flag's value, or values that exclude each other
-        return _fail(_with_flag(error, args.command_parser), 2)
+        return _fail(_with_flag(error, args.command_parser), EXIT_USAGE)
     except CaptionerError as error:
-        return _fail(_with_hints(error), 1)
+        return _fail(_with_hints(error), EXIT_ERROR)
     except ValueError as error:  # invalid flag combinations
-        return _fail(str(error), 2)
+        return _fail(str(error), EXIT_USAGE)
     except BrokenPipeError:
         # The reader left (`| head`): stop quietly, as Unix tools do; rows written so far
         # stay. stdout goes to devnull, or the interpreter's final flush fails once more.
@@ -406,7 +562,7 @@ def _handle(args: argparse.Namespace) -> int:
         return 128 + signal.SIGPIPE
     except OSError as error:  # the environment (a full disk, permissions), not the input
         where = f"{error.filename}: " if error.filename else ""
-        return _fail(f"{where}{error.strerror or error}", 1)
+        return _fail(f"{where}{error.strerror or error}", EXIT_ERROR)
     except KeyboardInterrupt:
         return _fail("interrupted by SIGINT", 128 + signal.SIGINT)
     except _Terminated:
@@ -417,16 +573,24 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
     """Runs the command line; returns the exit status (see the module docstring).
 
     ``own_process``: the process runs this one command (the executable), so process-wide
-    choices such as ``_import_transformers_without_torch`` are allowed.
+    choices such as ``_import_transformers_without_torch`` are allowed, and SIGINT and SIGTERM
+    end it at once (``_EndAtOnce``; handlers set first, before any import), but for a first
+    signal in a caption run's captioning loop.
     """
+    end_at_once = _EndAtOnce()
+    if own_process:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, end_at_once)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error already printed
-        return exit_.code if isinstance(exit_.code, int) else 2
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     args.own_process = own_process
+    end_at_once.hint = _resume_hint(args)
     with _log_lines():
-        if threading.current_thread() is not threading.main_thread():
-            return _handle(args)  # signal handlers can only be set in the main thread
+        # The executable's handlers are set; off the main thread none can be.
+        if own_process or threading.current_thread() is not threading.main_thread():
+            return _handle(args)
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return _handle(args)

@@ -91,9 +91,8 @@ class DecodeProcesses:
                 while_doing = f"while decoding {name}"
                 kind, value = connection.recv()
             except (EOFError, OSError):
-                self._broken = (f"a decoding process ended abruptly {while_doing} (a script "
-                                "that decodes in processes must keep its work under "
-                                "'if __name__ == \"__main__\":')")
+                self._broken = f"a decoding process {_ending(self._processes[worker])} " \
+                               f"{while_doing}{_ending_hint(self._processes[worker])}"
                 raise CaptionerError(self._broken) from None
         finally:
             self._idle.put(worker)
@@ -116,6 +115,24 @@ class DecodeProcesses:
                 process.kill()
         self._memory.close()
         self._memory.unlink()
+
+
+def _ending(process: Any) -> str:
+    """How a decoding process that stopped answering ended, in words."""
+    process.join(timeout=1)
+    if process.exitcode is not None and process.exitcode < 0:
+        return f"was killed by {signal.Signals(-process.exitcode).name}"
+    return "ended abruptly"
+
+
+def _ending_hint(process: Any) -> str:
+    """What to check when a decoding process exited by itself: a script that starts them
+    runs again in each (forkserver), so its work must be guarded. A killed one (the kernel's
+    out-of-memory killer, a user) needs no such hint."""
+    if process.exitcode is not None and process.exitcode < 0:
+        return ""
+    return " (a script that decodes in processes must keep its work under " \
+           "'if __name__ == \"__main__\":')"
 
 
 def _slots(memory: shared_memory.SharedMemory, workers: int, slot_floats: int) -> np.ndarray:

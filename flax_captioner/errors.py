@@ -13,6 +13,7 @@ from typing import Any
 FIXES = {
     "start_over": "start over instead of resuming (resume=False)",
     "other_output": "write to another output",
+    "extend": "add only the inputs the output lacks (extend=True)",
     "overwrite": "replace the existing checkpoint (overwrite=True)",
     "resume_processes": "resume the processes that stopped, then merge",
     "lower_learning_rate": "lower the learning rate or add warmup steps",
@@ -78,6 +79,27 @@ class ImageReadError(CaptionerError):
         self.reason = reason
 
     def __reduce__(self) -> tuple:  # pickled back from decoding processes (decode_processes)
+        return type(self), (self.path, self.reason)
+
+
+class StorageError(CaptionerError):
+    """An object store (or other remote file system) kept failing (connection refused or
+    reset, timeouts, throttling, 5xx) for longer than the retry window: the run stops instead
+    of writing error rows for images that may be fine. The rows committed so far are kept, so
+    running the same command again continues from them.
+
+    Attributes:
+      path: the object being read or written.
+      reason: the last failure, with how long it was retried, without the path.
+    """
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}; the rows committed so far are kept, and running "
+                         "the same command again continues from them")
+        self.path = path
+        self.reason = reason
+
+    def __reduce__(self) -> tuple:  # pickled back from Ray actors
         return type(self), (self.path, self.reason)
 
 

@@ -223,8 +223,8 @@ def _decoded_in_order(items: Iterable[InputItem], executor: concurrent.futures.E
                       ) -> Iterator[tuple[InputItem, Decoded]]:
     """(item, decode result) in input order, with at most ``window`` decodes in flight.
 
-    An error raised by ``items`` is re-raised after the items before it, so consumers still
-    get (and write) everything that preceded it.
+    An error raised by ``items``, or by reading a stream member (a StorageError), is re-raised
+    after the items before it, so consumers still get (and write) everything that preceded it.
     """
     in_flight: collections.deque = collections.deque()
     iterator = iter(items)
@@ -233,12 +233,13 @@ def _decoded_in_order(items: Iterable[InputItem], executor: concurrent.futures.E
         while failure is None:
             try:
                 item = next(iterator)
+                submitted = _submit(executor, item, decode, prefetcher)
             except StopIteration:
                 break
             except Exception as error:  # re-raised below, in its place in the order
                 failure = error
                 break
-            in_flight.append((item, _submit(executor, item, decode, prefetcher)))
+            in_flight.append((item, submitted))
             if len(in_flight) >= window:
                 item, future = in_flight.popleft()
                 yield item, future.result()

@@ -48,7 +48,7 @@ class CaptionOptions:
       given a ``Captioner``, these fields are not used).
     - Input: ``batch_size``, ``decode_threads``, ``decode_processes``, ``exif_transpose``,
       ``fast_decode``, ``image_column``, ``id_column``, ``storage_options``.
-    - Output (``run_pipeline``): ``output_format``, ``resume``, ``token_logprobs``,
+    - Output (``run_pipeline``): ``output_format``, ``resume``, ``extend``, ``token_logprobs``,
       ``progress``, ``flush_seconds``, ``process_timeout_seconds``.
     - Generation: every ``GenerationSettings`` field PyTorch's ``generate`` takes, None
       meaning the checkpoint's value (its ``generation_config.json``, else the model card's
@@ -72,6 +72,10 @@ class CaptionOptions:
         default_text="on with more than 4 threads")
     resume: bool = _option(True, "start over instead of continuing an existing --output",
                            flag="--no-resume", action="store_false")
+    extend: bool = _option(
+        False, "add rows for the inputs --output lacks (matched by image name) after the "
+               "ones it holds, whatever their order; its rows' settings must be this run's",
+        action="store_true")
     token_logprobs: bool = _option(
         False, "rows also list the log-probability of every generated token",
         action="store_true")
@@ -176,6 +180,8 @@ class CaptionOptions:
             value = getattr(self, name)
             if not allowed(value):
                 raise OptionError(name, f"must be {requirement}, got {value!r}")
+        if self.extend and not self.resume:
+            raise OptionError("extend", "adds to the output's rows, which resume=False removes")
         # The settings' own rules (plain Python and numpy, no JAX); rules between settings
         # and the checkpoint's limits apply once a checkpoint is loaded.
         from flax_captioner.settings import GenerationSettings
@@ -225,6 +231,9 @@ def output_format(output: str | None, requested: str | None = None, *,
         if requested == "parquet":
             raise ValueError("Parquet output needs an output file; stdout gets JSONL")
         return "jsonl"
+    if "://" not in output and os.path.isdir(output):
+        raise ValueError(f"{output}: is a folder; name a file in it, e.g. "
+                         f"{os.path.join(output, 'captions.jsonl')}")
     suffix = os.path.splitext(output)[1].lower()
     if suffix == ".json":
         raise ValueError(f"{output}: a .json output would hold JSON Lines, which json.load "
@@ -273,6 +282,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
                        "an integer >= 1 or None (one per CPU core)"),
     "decode_processes": (_optional(_is_bool), "True, False or None (by the thread count)"),
     "resume": (_is_bool, "True or False"),
+    "extend": (_is_bool, "True or False"),
     "token_logprobs": (_is_bool, "True or False"),
     "exif_transpose": (_is_bool, "True or False"),
     "fast_decode": (_is_bool, "True or False"),

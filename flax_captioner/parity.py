@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -20,6 +20,8 @@ from flax_captioner.settings import GenerationSettings
 
 if TYPE_CHECKING:
     from flax_captioner.captioner import Captioner
+    from flax_captioner.options import CaptionOptions
+    from flax_captioner.sources import InputItem
 
 
 @dataclasses.dataclass
@@ -27,7 +29,7 @@ class ImageParity:
     """One image's comparison (R = num_return_sequences rows).
 
     Attributes:
-      index: the image's position in the batch.
+      index: the image's position among the images compared.
       tokens_match: all R sequences are equal token for token.
       score_difference: max |ours - PyTorch's| over the R scores.
       first_differing_step: the first generated-token index (1 = the token after
@@ -50,12 +52,16 @@ class ParityReport:
     ``token_score_difference``: max |ours - PyTorch's| over the per-token scores;
     ``step_score_difference``: the same over the per-step scores (``output_scores``), on the
     steps both searches ran and the entries finite in both; None where not compared.
+    ``names``: each compared image's name, when known; ``unreadable``: (name, reason) of each
+    input that could not be read, so was not compared (``compare_inputs``).
     """
 
     settings: GenerationSettings
     images: list[ImageParity]
     token_score_difference: float | None = None
     step_score_difference: float | None = None
+    names: list[str] | None = None
+    unreadable: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def images_matching(self) -> int:
@@ -231,25 +237,66 @@ def compare_with_pytorch(captioner: Captioner, pixel_values: np.ndarray,
     return compare_outputs(reference, ours, settings)
 
 
+def compare_inputs(captioner: Captioner, items: Iterable[InputItem],
+                   settings: GenerationSettings, options: CaptionOptions) -> ParityReport:
+    """``compare_with_pytorch`` over every image of ``items`` (``sources.iter_inputs``),
+    decoded as ``options`` say, a batch of ``options.batch_size`` at a time (None: the
+    captioner's default). An image that cannot be read is listed in the report's
+    ``unreadable`` and the others are compared."""
+    pytorch_model = loading.pytorch_model(captioner.checkpoint.directory,
+                                          captioner.model.params)
+    reports, names, unreadable = [], [], []
+    with captioner.batches(items, options) as batches:
+        for batch in batches:
+            for item, error in zip(batch.items, batch.errors):
+                if error is None:
+                    names.append(item.name)
+                else:
+                    unreadable.append((item.name, error.reason))
+            if batch.num_decoded:  # the pixels past them pad a last batch
+                reports.append(compare_with_pytorch(
+                    captioner, batch.pixel_values[:batch.num_decoded], settings,
+                    pytorch_model=pytorch_model))
+            batch.release()
+    images = [dataclasses.replace(image, index=index) for index, image in enumerate(
+        image for report in reports for image in report.images)]
+    return ParityReport(
+        settings=settings, images=images,
+        token_score_difference=_largest(report.token_score_difference for report in reports),
+        step_score_difference=_largest(report.step_score_difference for report in reports),
+        names=names, unreadable=unreadable)
+
+
+def _largest(values: Iterable[float | None]) -> float | None:
+    """The largest of ``values`` that are not None; None when all are."""
+    return max((value for value in values if value is not None), default=None)
+
+
 def format_report(report: ParityReport, names: Sequence[str] | None = None) -> str:
     """The settings compared (those not at their default), one line per image (named by
-    ``names`` when given), then the totals."""
+    ``names``, else by the report's own), one per unreadable input, then the totals."""
     settings = report.settings
     changed = [f"{field.name}={getattr(settings, field.name)!r}"
                for field in dataclasses.fields(settings)
                if field.default is dataclasses.MISSING
                or getattr(settings, field.name) != field.default]
     lines = [f"settings: {', '.join(changed)}"]
+    names = names if names is not None else report.names
     for image in report.images:
         name = names[image.index] if names is not None else f"image {image.index}"
         verdict = "match" if image.tokens_match else (
             f"DIFFER from generated token {image.first_differing_step}")
         lines.append(f"{name}: {verdict}, score difference {image.score_difference:.2e}")
+    lines.extend(f"{name}: NOT COMPARED, unreadable: {reason}"
+                 for name, reason in report.unreadable)
+    unreadable = len(report.unreadable)
     lines.append(
         f"images matching: {report.images_matching}/{len(report.images)}; "
         f"captions matching: {report.captions_matching}/{report.captions}; "
         f"max score difference {report.max_score_difference:.2e}"
         + "".join(f"; max {label} difference {value:.2e}" for label, value in (
             ("token score", report.token_score_difference),
-            ("step score", report.step_score_difference)) if value is not None))
+            ("step score", report.step_score_difference)) if value is not None)
+        + (f"; {unreadable} {'input' if unreadable == 1 else 'inputs'} unreadable"
+           if unreadable else ""))
     return "\n".join(lines)

@@ -7,7 +7,7 @@ and ``run_pipeline`` takes the inputs they return without listing them again.
 
 from __future__ import annotations
 
-from flax_captioner import storage
+from flax_captioner import ownership, storage
 from flax_captioner.errors import DataError
 from flax_captioner.options import CaptionOptions, output_format
 from flax_captioner.sources import PIPE_PREFIX, CheckedInputs, Inputs, check_inputs, iter_inputs
@@ -29,7 +29,9 @@ def check_run(inputs: Inputs, output: str | None,
     Raises:
       DataError: a glob matches nothing, a path list or tar shard does not exist, a
         directory holds no image files, or local inputs name no image at all.
-      OutputError: the output's directory is missing or not writable, or it is a directory.
+      OutputError: the output's directory is missing or not writable, or it is a directory;
+        it is an input; another run is writing it; it exists and is not this tool's output,
+        or holds rows of another format to resume.
       ValueError: a refused or unknown output suffix, a format it contradicts, or Parquet to
         stdout.
     """
@@ -44,4 +46,8 @@ def check_run(inputs: Inputs, output: str | None,
         raise DataError(f"{' '.join(checked.names)}: no images to caption")
     if output is not None:
         check_writable(output, storage_options)
+        ownership.check_not_input(output, checked)
+        ownership.check_unlocked(output, storage_options)
+        ownership.check_existing(output, format_, resume=options.resume,
+                                 storage_options=storage_options)
     return checked, format_

@@ -14,9 +14,12 @@ import dataclasses
 import functools
 import io
 import json
+import logging
 import os
 import pathlib
+import re
 import struct
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -41,6 +44,18 @@ ImageSource = str | os.PathLike | bytes | Image.Image
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # Every exception type PIL's decoders are known to raise on corrupt data.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
+# An error reason is one line of a row: longer text is cut to this many characters.
+REASON_CHARS = 200
+# A long quoted value inside an exception's text: PIL quotes the data it failed on (a whole
+# EXIF thumbnail, kilobytes of raw JPEG bytes, in one case).
+_QUOTED_DATA = re.compile(
+    r"""(?<!\w)b?(?:'(?:[^'\\]|\\.){48,}(?:'|$)|"(?:[^"\\]|\\.){48,}(?:"|$))""")
+# Modes whose values convert("RGB") clips to 0..255 without scaling.
+_HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+# One warning per process is enough: every such file has the same cause.
+_clipping_warned = threading.Event()
+_clipping_lock = threading.Lock()
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +197,20 @@ class ImageDecoding:
     fast: bool = False
 
 
+def short_reason(cause: BaseException | str, *, tail: bool = False) -> str:
+    """``cause`` (an exception's text, or other text such as a command's stderr) as one short
+    printable line for an error reason: whitespace collapsed, long quoted values left out (an
+    exception may quote the image data it failed on), other unprintable characters escaped,
+    and at most ``REASON_CHARS`` characters, keeping the start (or, with ``tail``, the end)."""
+    text = cause if isinstance(cause, str) else str(cause) or type(cause).__name__
+    text = _QUOTED_DATA.sub(lambda quoted: f"<{len(quoted.group())} characters left out>",
+                            " ".join(text.split()))
+    text = "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+    if len(text) <= REASON_CHARS:
+        return text
+    return "..." + text[3 - REASON_CHARS:] if tail else text[:REASON_CHARS - 3] + "..."
+
+
 def load_image(source: ImageSource, *, name: str | None = None,
                exif_transpose: bool = False,
                jpeg_draft_size: tuple[int, int] | None = None) -> Image.Image:
@@ -190,7 +219,8 @@ def load_image(source: ImageSource, *, name: str | None = None,
     Every mode goes through ``image.convert("RGB")``: palette and alpha modes drop the alpha
     channel (no compositing onto white), CMYK uses PIL's conversion, and the high-depth modes
     I;16, I and F are clipped to 0..255 without scaling (F is truncated towards zero), so a
-    16-bit photo mostly saturates to white exactly as it does for the card.
+    16-bit photo mostly saturates to white exactly as it does for the card. The first such
+    image whose values go past 0..255 is logged as a warning, once per process.
 
     Args:
       source: a path, the encoded bytes of an image file, or an in-memory PIL image.
@@ -255,17 +285,21 @@ def _open(source: str | os.PathLike | bytes, name: str | None) -> tuple[Image.Im
         raise ImageReadError(name, "empty file (0 bytes)" if empty
                              else "not an image PIL can identify") from None
     except Image.DecompressionBombError as error:
-        raise ImageReadError(name, f"over PIL's decompression-bomb limit: {error}") from None
+        raise ImageReadError(name, "over PIL's decompression-bomb limit: "
+                                   f"{short_reason(error)}") from None
     except _DECODE_ERRORS as error:
-        raise ImageReadError(name, f"cannot open: {error}") from None
+        raise ImageReadError(name, f"cannot open: {short_reason(error)}") from None
 
 
 def _exif_transposed(image: Image.Image, name: str) -> Image.Image:
-    """``ImageOps.exif_transpose``, with decoding failures as ImageReadError."""
+    """``ImageOps.exif_transpose``, with every failure as ImageReadError: PIL rewrites the
+    EXIF block, and a tag whose stored type is not its usual one raises whatever that type's
+    writer does (TypeError, ValueError, struct.error, ...)."""
     try:
         return ImageOps.exif_transpose(image)
-    except _DECODE_ERRORS as error:
-        raise ImageReadError(name, f"cannot decode: {error}") from None
+    except Exception as error:
+        raise ImageReadError(name, f"cannot apply the EXIF orientation: "
+                                   f"{short_reason(error)}") from None
 
 
 def preprocess(images: Sequence[Image.Image], config: PreprocessConfig) -> np.ndarray:
@@ -372,9 +406,30 @@ def _decode_rgb(image: Image.Image, name: str) -> Image.Image:
     """Fully decodes ``image`` (so truncation shows now) and converts it to RGB."""
     try:
         image.load()
+        if image.mode in _HIGH_DEPTH_MODES:
+            _warn_if_clipped(image, name)
         return image if image.mode == "RGB" else image.convert("RGB")
     except _DECODE_ERRORS as error:
-        raise ImageReadError(name, f"cannot decode: {error}") from None
+        raise ImageReadError(name, f"cannot decode: {short_reason(error)}") from None
+
+
+def _warn_if_clipped(image: Image.Image, name: str) -> None:
+    """Logs, once per process, that ``image`` (a high-depth mode) has values that
+    convert("RGB") clips: its pixels stay the model card's, but the caption may be of a
+    white image."""
+    if _clipping_warned.is_set():
+        return
+    low, high = image.getextrema()
+    if 0 <= low and high <= 255:
+        return
+    with _clipping_lock:
+        if _clipping_warned.is_set():
+            return
+        _clipping_warned.set()
+    logger.warning("%s: a %s image with values from %s to %s: they are clipped to 0..255 "
+                   "without scaling, as the model card's convert(\"RGB\") does, so the model "
+                   "sees a mostly white or black image (only the first such image is named)",
+                   name, image.mode, low, high)
 
 
 def _pixel_values_into(

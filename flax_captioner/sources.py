@@ -29,7 +29,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from flax_captioner import storage
-from flax_captioner.errors import DataError, ImageReadError
+from flax_captioner.errors import (CaptionerError, DataError, ImageReadError, OptionError,
+                                   StorageError)
+from flax_captioner.preprocess import short_reason
 from flax_captioner.storage import StorageOptions
 
 IMAGE_EXTENSIONS = frozenset(
@@ -48,6 +50,8 @@ _TAR_BLOCK = 512
 # Remote tar shards are read in large ranged requests: one request per 8 MiB, not per member.
 _REMOTE_BLOCK_SIZE = 8 << 20
 _TABLE_BATCH_ROWS = 64
+# Bytes of a failed ``pipe:`` command's stderr read back for its error row (its last lines).
+_STDERR_TAIL = 2000
 _BRACE_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)\}")
 _BRACE_GROUP = re.compile(r"\{([^{}]*)\}")
 
@@ -227,7 +231,7 @@ def _check_remote(spec: str, fs: Any, path: str, image_column: str | None,
                 spec.endswith("/"):
             raise DataError(f"{spec}: no such object")
         return None
-    except DataError:
+    except (DataError, OptionError):
         raise
     except PermissionError as error:  # credentials refused or missing
         raise DataError(f"{spec}: access denied: {storage.describe(error)}") from None
@@ -289,11 +293,28 @@ def iter_inputs(inputs: Inputs, storage_options: StorageOptions | None = None, *
                                                     storage_options)
             for item in _expand_spec(spec, storage_options, image_column, id_column,
                                      matches[position], early.pop(position, None)):
-                yield dataclasses.replace(item, index=next(counter))
+                yield _utf8_named(dataclasses.replace(item, index=next(counter)))
     finally:
         opener.shutdown(wait=False, cancel_futures=True)
         for pending in early.values():
             pending.add_done_callback(_close_opened)
+
+
+def _utf8_named(item: InputItem) -> InputItem:
+    """``item``, or an error item in its place when its name is not valid UTF-8.
+
+    Python hands undecodable bytes of file names (directory listings, path lists, tar members)
+    over as lone surrogates, which no output row can hold: the item is named with those bytes
+    backslash-escaped (``bad-\\xff.png``), the same name on every run, so a resume still
+    matches it.
+    """
+    try:
+        item.name.encode("utf-8")
+    except UnicodeEncodeError:
+        name = item.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return InputItem(item.index, name,
+                         read_bytes=_failing_reader(name, "file name is not valid UTF-8"))
+    return item
 
 
 def _close_opened(opened: concurrent.futures.Future) -> None:
@@ -394,9 +415,12 @@ def _object_reader(fs: Any, path: str, name: str) -> Callable[[], bytes]:
 
 
 def _remote_call(spec: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """A listing call on a file system; its failure is one DataError naming ``spec``."""
+    """A listing call on a file system, retried while the store fails (then StorageError);
+    a failure about the listing itself is one DataError naming ``spec``."""
     try:
-        return function(*args, **kwargs)
+        return storage.retrying(lambda: function(*args, **kwargs), spec)
+    except CaptionerError:  # StorageError: the store kept failing
+        raise
     except Exception as error:
         raise DataError(f"{spec}: cannot list: {storage.describe(error)}") from None
 
@@ -428,14 +452,19 @@ def _list_items(name: str, open_list: Callable[[], IO[bytes]], base: str,
         with open_list() as handle:
             for entry in _list_entries(name, handle, base):
                 yield _file_item(entry, storage_options)
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+    except (OSError, csv.Error) as error:
         raise DataError(f"{name}: cannot read the path list: "
                         f"{storage.describe(error)}") from None
 
 
 def _list_entries(list_name: str, handle: IO[bytes], base: str) -> Iterator[str]:
-    """The image paths a .txt/.lst/.csv list names, relative ones joined to ``base``."""
-    text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+    """The image paths a .txt/.lst/.csv list names, relative ones joined to ``base``.
+
+    A byte-order mark (Windows editors write one) is dropped; bytes that are not UTF-8 stay in
+    their entry as surrogates, as in a directory listing (``iter_inputs`` makes that entry an
+    error row).
+    """
+    text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="surrogateescape", newline="")
     if _extension(list_name) == ".csv":
         entries = _csv_paths(csv.reader(text))
     else:
@@ -482,7 +511,7 @@ def _member_reader(archive: tarfile.TarFile, member: tarfile.TarInfo,
         except (tarfile.TarError, OSError, ValueError) as error:
             # ValueError: the archive was closed because the stream moved past this shard.
             raise ImageReadError(name, f"cannot read the tar member: {error}") from None
-        except ImageReadError:
+        except (ImageReadError, StorageError):  # StorageError: the run stops, no error row
             raise
         except Exception as error:  # a remote read that failed mid-shard
             raise ImageReadError(name, f"cannot read the tar member: "
@@ -562,10 +591,13 @@ def _pipe_members(spec: str) -> Iterator[InputItem]:
                 process.kill()
                 process.wait()
         if status != 0:
-            errors.seek(0)
-            said = storage.describe(errors.read()[-500:].decode("utf-8", "replace"))
-            yield InputItem(-1, spec, read_bytes=_failing_reader(
-                spec, f"the command exited with status {status}: {said}"))
+            errors.seek(max(0, errors.seek(0, os.SEEK_END) - _STDERR_TAIL))
+            said = errors.read().decode("utf-8", "replace").strip()
+            ended = f"was killed by signal {-status}" if status < 0 else \
+                f"exited with status {status}"
+            reason = f"the command {ended}" + (f": {short_reason(said, tail=True)}"
+                                               if said else " (it wrote nothing on stderr)")
+            yield InputItem(-1, spec, read_bytes=_failing_reader(spec, reason))
 
 
 def _stream_members(spec: str, stream: IO[bytes]) -> Iterator[InputItem]:
@@ -589,8 +621,13 @@ def _table_schema(name: str, handle: IO[bytes]) -> pa.Schema:
     return _opened_table(name, handle)[0]
 
 
+# A stretch of a table read in one go: its row count when the file's metadata tells it (a
+# Parquet row group), else None (the rest of an Arrow table); and its record batches.
+_TablePart = tuple[int | None, Iterator[pa.RecordBatch]]
+
+
 def _opened_table(name: str, handle: IO[bytes]) -> tuple[pa.Schema, Callable[
-        [list[str]], Iterator[pa.RecordBatch]]]:
+        [list[str]], Iterator[_TablePart]]]:
     try:
         return _open_table(handle)
     except (pa.ArrowException, OSError) as error:
@@ -599,21 +636,27 @@ def _opened_table(name: str, handle: IO[bytes]) -> tuple[pa.Schema, Callable[
 
 
 def _open_table(handle: IO[bytes]) -> tuple[pa.Schema, Callable[[list[str]], Iterator[
-        pa.RecordBatch]]]:
-    """(schema, columns -> record batches) of a Parquet file, an Arrow IPC file, or an Arrow
-    IPC stream (what ``datasets`` writes)."""
+        _TablePart]]]:
+    """(schema, columns -> the table's parts) of a Parquet file (a part per row group, read
+    apart so that a damaged one costs only its own rows), an Arrow IPC file, or an Arrow IPC
+    stream (what ``datasets`` writes; one part each)."""
     magic = handle.read(6)
     handle.seek(0)
     if magic[:4] == b"PAR1":
         parquet = pq.ParquetFile(handle)
-        return parquet.schema_arrow, lambda columns: parquet.iter_batches(
-            batch_size=_TABLE_BATCH_ROWS, columns=columns)
+        return parquet.schema_arrow, lambda columns: (
+            (parquet.metadata.row_group(group).num_rows,
+             parquet.iter_batches(batch_size=_TABLE_BATCH_ROWS, row_groups=[group],
+                                  columns=columns))
+            for group in range(parquet.num_row_groups))
     if magic == b"ARROW1":
         reader = pa.ipc.open_file(handle)
-        return reader.schema, lambda columns: (
-            reader.get_batch(index).select(columns) for index in range(reader.num_record_batches))
+        return reader.schema, lambda columns: iter([(None, (
+            reader.get_batch(index).select(columns)
+            for index in range(reader.num_record_batches)))])
     stream = pa.ipc.open_stream(handle)
-    return stream.schema, lambda columns: (batch.select(columns) for batch in stream)
+    return stream.schema, lambda columns: iter([(None, (batch.select(columns)
+                                                        for batch in stream))])
 
 
 def _is_image_struct(kind: pa.DataType) -> bool:
@@ -629,12 +672,14 @@ def _table_columns(name: str, schema: pa.Schema, image_column: str | None,
     """(image column, id column or None) of a table, named or detected.
 
     Raises:
-      DataError: a named column is missing, or no column holds encoded images.
+      OptionError: a named column is missing (naming its field: a usage error).
+      DataError: no column holds encoded images.
     """
     names = schema.names
-    for column in (image_column, id_column):
+    for field, column in (("image_column", image_column), ("id_column", id_column)):
         if column is not None and column not in names:
-            raise DataError(f"{name}: no column {column!r} (columns: {', '.join(names)})")
+            raise OptionError(field, f"{column!r} is not a column of {name} (columns: "
+                                     f"{', '.join(names)})")
     if image_column is None:
         usable = [column for column in names if _is_binary(schema.field(column).type)
                   or _is_image_struct(schema.field(column).type)
@@ -653,7 +698,13 @@ def _table_columns(name: str, schema: pa.Schema, image_column: str | None,
 def _table_rows(name: str, open_table: Callable[[], IO[bytes]], base: str,
                 storage_options: StorageOptions | None, image_column: str | None,
                 id_column: str | None) -> Iterator[InputItem]:
-    """One item per row of a Parquet/Arrow table, holding that row's encoded image."""
+    """One item per row of a Parquet/Arrow table, holding that row's encoded image.
+
+    A Parquet row group that cannot be read gives an error row for each of its rows (named
+    ``table#row``), and the rows after it go on; an Arrow table that cannot be read on gives
+    one error row naming the table. A failing read of the file itself (an errno, or a
+    storage client's error) is a DataError, as a rerun may get past it.
+    """
     try:
         handle = open_table()
     except FileNotFoundError:
@@ -661,21 +712,52 @@ def _table_rows(name: str, open_table: Callable[[], IO[bytes]], base: str,
     except OSError as error:
         raise DataError(f"{name}: cannot open the table: {storage.describe(error)}") from None
     with handle:
-        schema, read_batches = _opened_table(name, handle)
+        schema, read_parts = _opened_table(name, handle)
         image_column, id_column = _table_columns(name, schema, image_column, id_column)
         columns = [image_column] + ([id_column] if id_column else [])
         row = 0
-        try:
-            for batch in read_batches(columns):
-                images = batch.column(0).to_pylist()
-                ids = batch.column(1).to_pylist() if id_column else [None] * len(images)
-                for value, identifier in zip(images, ids):
-                    yield _table_item(name, row, image_column, value, identifier, base,
-                                      storage_options)
-                    row += 1
-        except (pa.ArrowException, OSError) as error:
-            raise DataError(f"{name}: cannot read row {row}: {storage.describe(error)}") \
-                from None
+        for group, (part_rows, batches) in enumerate(read_parts(columns)):
+            first = row
+            try:
+                for batch in batches:
+                    images = batch.column(0).to_pylist()
+                    ids = batch.column(1).to_pylist() if id_column else [None] * len(images)
+                    for value, identifier in zip(images, ids):
+                        yield _table_item(name, row, image_column, value, identifier, base,
+                                          storage_options)
+                        row += 1
+            except (pa.ArrowException, OSError) as error:
+                if not _is_damage(error):
+                    raise DataError(f"{name}: cannot read row {row}: "
+                                    f"{storage.describe(error)}") from None
+                if part_rows is None:
+                    yield InputItem(-1, name, read_bytes=_failing_reader(
+                        name, f"cannot read the table from row {row} on "
+                              f"({storage.describe(error)}); the rest of it is skipped"))
+                    return
+                reason = (f"cannot read row group {group} (rows {first}-"
+                          f"{first + part_rows - 1}): {storage.describe(error)}")
+                for missing in range(row, first + part_rows):
+                    yield InputItem(-1, f"{name}#{missing}",
+                                    read_bytes=_failing_reader(f"{name}#{missing}", reason))
+                row = first + part_rows
+
+
+def _is_damage(error: BaseException) -> bool:
+    """Whether a failed table read is the file's damage, which every rerun meets again:
+    Arrow's own errors (ArrowException, or a bare OSError without an errno), not an error
+    the file system's read raised (a subclass of OSError, or an errno), which may pass."""
+    return isinstance(error, pa.ArrowException) or (type(error) is OSError
+                                                    and error.errno is None)
+
+
+def _table_path(path: str, base: str) -> str:
+    """Where a table's image path points. ``datasets`` writes the paths it was given and opens
+    a relative one from the working directory (``Image.decode_example``), so that is tried
+    first; failing that, the table's folder ``base`` (a table kept next to its images)."""
+    if storage.protocol(path) or os.path.isabs(path) or os.path.exists(path):
+        return path
+    return storage.join(base, path) if storage.protocol(base) else os.path.join(base, path)
 
 
 def _table_item(name: str, row: int, column: str, value: Any, identifier: Any, base: str,
@@ -688,8 +770,7 @@ def _table_item(name: str, row: int, column: str, value: Any, identifier: Any, b
     if isinstance(encoded, str):  # a column of paths or URLs
         path = encoded
     if path:
-        location = path if storage.protocol(path) or os.path.isabs(path) else \
-            storage.join(base, path) if storage.protocol(base) else os.path.join(base, path)
+        location = _table_path(path, base)
         item = _file_item(location, storage_options)
         return dataclasses.replace(item, name=row_name if identifier is not None else location)
     return InputItem(-1, row_name, read_bytes=_failing_reader(

@@ -5,15 +5,21 @@ Credentials and endpoints come only from fsspec's own configuration (``FSSPEC_S3
 and the like, the clouds' credential chains) plus the ``storage_options`` a caller passes;
 nothing here handles credentials itself.
 
-Remote reads retry transient failures with exponential backoff; what still fails raises one
-``ImageReadError`` naming the object. ``ByteBudget`` bounds the bytes fetched but not yet
+A missing or forbidden object raises one ``ImageReadError`` naming it (an error row). Any other
+failure is the store's, not the image's (connection refused or reset, timeouts, throttling,
+5xx): it is retried with exponential backoff for up to ``RETRY_SECONDS`` (the environment
+variable ``FLAX_CAPTIONER_RETRY_SECONDS`` overrides it), then raises ``StorageError``, which
+stops the run with its committed rows kept. ``ByteBudget`` bounds the bytes fetched but not yet
 decoded, so memory does not grow with the size of the images read.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import io
+import logging
+import os
 import random
 import re
 import threading
@@ -21,7 +27,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
-from flax_captioner.errors import DataError, ImageReadError
+from flax_captioner.errors import CaptionerError, DataError, ImageReadError, StorageError
+
+logger = logging.getLogger(__name__)
 
 StorageOptions = Mapping[str, Any]
 
@@ -32,7 +40,20 @@ _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")
 # Failures no retry can fix: the object is absent, forbidden, or not an object.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
               ValueError, TypeError)
-READ_ATTEMPTS = 4
+# OSError numbers s3fs gives a request the store refused as malformed (its 4xx answers other
+# than 403/404/409): the same request fails the same way however long it is retried.
+_PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE, errno.ENOSYS,
+                               errno.EPERM})
+# How long a failing store is retried before the run stops: outlasts a failover or a burst of
+# throttling, yet a dead endpoint is reported within minutes. Counted from the first failure;
+# the client's own retries inside the last try come on top (botocore's: about 10 s against a
+# refused connection, more when requests time out).
+RETRY_SECONDS = 120.0
+RETRY_SECONDS_VARIABLE = "FLAX_CAPTIONER_RETRY_SECONDS"
+_BACKOFF_SECONDS = 0.2
+# The longest pause between two tries (before jitter): a store that is back is noticed
+# within about this long.
+_MAX_BACKOFF_SECONDS = 10.0
 # Concurrent GETs: enough to hide an object store's latency behind a few cores' decoding.
 FETCH_THREADS = 16
 # Encoded bytes fetched but not yet decoded (a 64 MiB cap holds ~600 typical 100 kB JPEGs).
@@ -97,24 +118,79 @@ def describe(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def with_retries(action: Callable[[], Any], name: str, *, attempts: int = READ_ATTEMPTS) -> Any:
-    """``action()``, retried with exponential backoff (and jitter) on transient errors.
+def retry_seconds() -> float:
+    """How long a failing store is retried: ``$FLAX_CAPTIONER_RETRY_SECONDS``, else
+    ``RETRY_SECONDS``.
 
     Raises:
-      ImageReadError: naming ``name``: a permanent error at once, a transient one once the
-        attempts are spent.
+      DataError: the variable is not a number of seconds >= 0.
     """
-    for attempt in range(attempts):
+    value = os.environ.get(RETRY_SECONDS_VARIABLE)
+    if value is None:
+        return RETRY_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise DataError(f"{RETRY_SECONDS_VARIABLE}={value!r}: must be a number of seconds >= 0")
+    return seconds
+
+
+def _is_permanent(error: BaseException) -> bool:
+    """Whether ``error`` is about the object itself (missing, forbidden, not an object, a
+    malformed request), so retrying cannot help; else it is the store's (see ``retrying``)."""
+    return isinstance(error, _PERMANENT) or (isinstance(error, OSError)
+                                             and error.errno in _PERMANENT_ERRNOS)
+
+
+def retrying(action: Callable[[], Any], name: str, *,
+             within: float | None = None) -> Any:
+    """``action()``, retried with exponential backoff (and jitter) while it fails because of
+    the store (connection refused or reset, timeouts, throttling, 5xx), for up to ``within``
+    seconds from the first failure (None: ``retry_seconds()``). The first failure logs one
+    line: ``name``, the cause and how long it will be retried.
+
+    Raises:
+      StorageError: naming ``name``: the store still failed at the end of the window.
+      Exception: a failure about the object itself (missing, forbidden, not an object, a
+        malformed request), at once, as ``action`` raised it.
+    """
+    deadline = window = None
+    backoff = _BACKOFF_SECONDS
+    while True:
         try:
             return action()
-        except _PERMANENT as error:
-            raise ImageReadError(name, _reason(error)) from None
-        except Exception as error:  # transient: timeouts, resets, throttling, 5xx
-            if attempt == attempts - 1:
-                raise ImageReadError(
-                    name, f"{_reason(error)} (after {attempts} attempts)") from None
-            time.sleep(_BACKOFF_SECONDS * 2 ** attempt * (0.5 + random.random()))
-    raise AssertionError("unreachable")
+        except Exception as error:
+            if _is_permanent(error):
+                raise
+            now = time.monotonic()
+            if deadline is None:
+                window = retry_seconds() if within is None else within
+                deadline = now + window
+                if window > 0:
+                    logger.warning("%s: the store failed (%s); retrying for up to %g s",
+                                   name, describe(error), window)
+            if now >= deadline:
+                raise StorageError(name, f"the store still failed after {window:g} s of "
+                                         f"retries: {describe(error)}") from None
+            time.sleep(min(backoff * (0.5 + random.random()), deadline - now))
+            backoff = min(2 * backoff, _MAX_BACKOFF_SECONDS)
+
+
+def with_retries(action: Callable[[], Any], name: str, *, within: float | None = None) -> Any:
+    """``action()`` through ``retrying``, its permanent failures as ImageReadError.
+
+    Raises:
+      ImageReadError: naming ``name``: the object is missing, forbidden or not an object.
+      StorageError: naming ``name``: the store kept failing (see ``retrying``).
+    """
+    try:
+        return retrying(action, name, within=within)
+    except CaptionerError:  # StorageError, or a bad retry window: not this object's fault
+        raise
+    except Exception as error:  # permanent (``retrying`` raised it at once)
+        raise ImageReadError(name, _reason(error)) from None
 
 
 def _reason(error: BaseException) -> str:
@@ -126,13 +202,14 @@ def _reason(error: BaseException) -> str:
 
 
 def read_object(fs: Any, path: str, name: str) -> bytes:
-    """All bytes of ``path`` on ``fs``, with retries; errors name ``name``."""
+    """All bytes of ``path`` on ``fs``, through ``with_retries``; errors name ``name``."""
     return with_retries(lambda: fs.cat_file(path), name)
 
 
 def fetcher(url: str, storage_options: StorageOptions | None = None) -> Callable[[], bytes]:
     """A function reading all of ``url`` (see ``read_object``); a URL whose file system
-    cannot be opened gives a function raising ImageReadError, so it becomes an error row."""
+    cannot be opened gives a function raising ImageReadError, so it becomes an error row.
+    A store that keeps failing raises StorageError, which stops the run."""
     try:
         fs, path = filesystem(url, storage_options)
     except DataError as error:
@@ -195,8 +272,9 @@ class Prefetcher:
                executor: concurrent.futures.Executor, decode: Callable[[bytes], Any],
                failed: Callable[[ImageReadError], Any]) -> concurrent.futures.Future:
         """A future of ``decode(fetch())`` (run on ``executor``), or of ``failed(error)`` when
-        the fetch raises ImageReadError; the fetched bytes count against the budget until
-        ``decode`` returns."""
+        the fetch raises ImageReadError (an error row); any other exception of the fetch
+        (StorageError) is the future's, so the run stops. The fetched bytes count against the
+        budget until ``decode`` returns."""
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.threads,
                                                                "flax-captioner-fetch")
@@ -225,7 +303,7 @@ class Prefetcher:
             except ImageReadError as error:
                 result.set_result(failed(error))
                 return
-            except BaseException as error:  # cancelled: the consumer left
+            except BaseException as error:  # StorageError, or cancelled: the consumer left
                 result.set_exception(error)
                 return
             try:
@@ -256,6 +334,7 @@ def open_stream(fs: Any, path: str, name: str, *, block_size: int = 8 << 20) -> 
 
     Raises:
       OSError: naming the cause (FileNotFoundError for a missing object).
+      StorageError: the store kept failing (``retrying``); so does reading the stream.
     """
     try:
         size = with_retries(lambda: fs.size(path), name)
@@ -274,7 +353,8 @@ class BlockReader(io.RawIOBase):
     start of the next shard. Holds at most ``ahead + 1`` blocks.
 
     Opening starts fetching the first blocks at once (``size`` unknown: one HEAD first).
-    Read errors surface as OSError naming ``name`` (transient ones retried first).
+    A missing or forbidden object surfaces as OSError; a store that keeps failing as
+    StorageError naming ``name``, once ``retrying`` gives up.
     """
 
     def __init__(self, fs: Any, path: str, name: str, *, size: int | None = None,

@@ -17,7 +17,8 @@ dataset).
 
 Object stores: a real S3-protocol server (moto's server mode, ``moto_s3``) and a GCS emulator
 (gcp-storage-emulator, ``gcs_emulator``) on 127.0.0.1, reached through s3fs and gcsfs exactly
-as a user's bucket would be (no client mocks); they need the test extras.
+as a user's bucket would be (no client mocks); they need the test extras. ``TcpProxy`` stands
+between a client and such a server and can be taken down and brought back: an outage.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -407,3 +410,105 @@ def fsspec_env(options: dict[str, str]) -> dict[str, str]:
     """``options`` as fsspec's configuration variables, which reach every gcsfs instance a
     process makes (how a multi-host job configures its workers)."""
     return {f"FSSPEC_GCS_{name.upper()}": value for name, value in options.items()}
+
+
+class TcpProxy:
+    """Forwards connections to 127.0.0.1:``port`` to the server at ``endpoint``
+    (``http://host:port``); ``url`` is the proxy's endpoint, for a client's ``endpoint_url``.
+
+    ``down()`` is an outage as a client sees it: the port stops listening (new connections are
+    refused) and the open connections are cut. ``up()`` listens on the same port again.
+    """
+
+    def __init__(self, endpoint: str):
+        parsed = urllib.parse.urlsplit(endpoint)
+        self.target = (parsed.hostname, parsed.port)
+        self.port = 0
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._open: set[socket.socket] = set()
+        self.up()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "TcpProxy":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.down()
+
+    def up(self) -> None:
+        """Listens (again) on ``port``; does nothing while up."""
+        with self._lock:
+            if self._listener is not None:
+                return
+            listener = socket.socket()
+            # Connections cut by down() may linger in TIME_WAIT on this port: rebind anyway.
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(64)
+            self.port = listener.getsockname()[1]
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), name="tcp-proxy",
+                         daemon=True).start()
+
+    def down(self) -> None:
+        """Stops listening and cuts every open connection; does nothing while down."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            connections, self._open = self._open, set()
+        if listener is not None:
+            _cut(listener)
+        for connection in connections:
+            _cut(connection)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # down(): the listener was shut
+                return
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:
+                _cut(client)
+                continue
+            with self._lock:
+                if self._listener is not listener:  # went down meanwhile
+                    _cut(client)
+                    _cut(server)
+                    continue
+                self._open.update((client, server))
+            threading.Thread(target=self._forward, args=(client, server), name="tcp-proxy",
+                             daemon=True).start()
+
+    def _forward(self, client: socket.socket, server: socket.socket) -> None:
+        upstream = threading.Thread(target=_pump, args=(client, server), daemon=True)
+        upstream.start()
+        _pump(server, client)
+        upstream.join()
+        with self._lock:
+            self._open.difference_update((client, server))
+        client.close()
+        server.close()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    """Copies ``source`` to ``sink`` until either ends or is cut."""
+    try:
+        while data := source.recv(1 << 16):
+            sink.sendall(data)
+        sink.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def _cut(connection: socket.socket) -> None:
+    """Closes ``connection`` at once; shut first, so threads blocked on it wake up."""
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:  # not connected (any more)
+        pass
+    connection.close()

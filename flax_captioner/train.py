@@ -69,7 +69,7 @@ class TrainResult:
     Attributes:
       step: optimizer steps done (the total, counting steps before a resume).
       steps_run: optimizer steps this invocation ran (0 when resumed at the end).
-      train_loss: mean training loss over the last 20 steps read back (nan if none ran here).
+      train_loss: mean training loss over the last 20 steps read back (None if none ran here).
       evaluations: every evaluation of this invocation, in order.
       export_dir: the exported Hugging Face checkpoint; None when stopped at ``stop_at_step``.
       checkpoint_dir: the orbax checkpoints.
@@ -81,7 +81,7 @@ class TrainResult:
 
     step: int
     steps_run: int
-    train_loss: float
+    train_loss: float | None
     evaluations: list[EvalResult]
     export_dir: Path | None
     checkpoint_dir: Path
@@ -92,8 +92,11 @@ class TrainResult:
 
     def summary(self) -> str:
         """One line for the command line: step, losses, scores, where the model went."""
-        if self.steps_run:
+        if self.train_loss is not None:
             parts = [f"step {self.step}", f"train loss {self.train_loss:.4f}"]
+        elif self.export_dir is not None:
+            parts = [f"step {self.step}: the run had already finished (no training step left "
+                     "to run)"]
         else:
             parts = [f"step {self.step} (no training step left to run)"]
         if self.evaluations:
@@ -365,9 +368,9 @@ class _MetricsWindow:
         return None
 
     @property
-    def mean_loss(self) -> float:
-        """Mean of the last 20 steps' losses read back (nan before any)."""
-        return float(np.mean(self.recent_losses)) if self.recent_losses else float("nan")
+    def mean_loss(self) -> float | None:
+        """Mean of the last 20 steps' losses read back (None before any)."""
+        return float(np.mean(self.recent_losses)) if self.recent_losses else None
 
 
 class Trainer:
@@ -462,6 +465,7 @@ class Trainer:
         first_micro_step = int(state.micro_step)
         step = first_micro_step // accumulation
         total = self.plan.total_steps
+        finished_before = step == total
         target = min(config.stop_at_step, total) if config.stop_at_step > 0 else total
         evaluations = []
         window = _MetricsWindow(accumulation)
@@ -499,8 +503,13 @@ class Trainer:
         manager.close()
         export_dir = None
         if step == total:
-            if self.validation_set:
-                evaluations.append(self.evaluate(state.params, step, window.mean_loss))
+            # Run again once finished, it evaluates only if stopped before its final
+            # evaluation was logged; the export is written again (one stopped midway is not
+            # whole).
+            if self.validation_set and not (finished_before and self._evaluated(step)):
+                # The summary words the final evaluation: not logged as well.
+                evaluations.append(self.evaluate(state.params, step, window.mean_loss,
+                                                 announce=False))
             export_dir = self.export(state.params)
         seconds = time.perf_counter() - started
         return TrainResult(
@@ -529,8 +538,10 @@ class Trainer:
         return (f"{self.config.train_file}: training diverged at step {step + 1} (loss {loss}, "
                 f"or a gradient or parameter, is not finite); stopped without saving; {kept}")
 
-    def evaluate(self, params: Any, step: int, train_loss: float) -> EvalResult:
-        """Validation loss, beam-search captions and their scores; logged and written."""
+    def evaluate(self, params: Any, step: int, train_loss: float | None, *,
+                 announce: bool = True) -> EvalResult:
+        """Validation loss, beam-search captions and their scores; written to ``evals/``
+        and, when ``announce``, logged. ``train_loss``: None when no step ran here."""
         dataset = self.validation_set
         size = self.placement.padded_size(self.config.eval_batch_size)
         index_batches = [_pad_indices(np.arange(start, min(start + size, len(dataset))), size)
@@ -548,7 +559,7 @@ class Trainer:
         scores["exact_match"] = metrics.exact_match(predictions, references)
         result = EvalResult(step=step, loss=loss_sum / count, scores=scores,
                             predictions=predictions)
-        self._log_eval(result, train_loss, references)
+        self._log_eval(result, train_loss, references, announce=announce)
         return result
 
     def caption(self, params: Any, images: list[str], *, batch_size: int) -> dict[str, str]:
@@ -573,20 +584,31 @@ class Trainer:
                                  for item, text in zip(batch.items, texts)})
         return captions
 
-    def _log_eval(self, result: EvalResult, train_loss: float,
-                  references: dict[str, list[str]]) -> None:
-        record = {"step": result.step, "train_loss": train_loss, "eval_loss": result.loss,
-                  **result.scores}
-        logger.info("step %d: %s", result.step, ", ".join(
-            f"{key} {value:.4f}" for key, value in record.items() if key != "step"))
+    def _log_eval(self, result: EvalResult, train_loss: float | None,
+                  references: dict[str, list[str]], *, announce: bool) -> None:
+        # Strict JSON: a number that is not finite (or none) is null, never NaN.
+        record = {key: value if value is None or math.isfinite(value) else None
+                  for key, value in {"train_loss": train_loss, "eval_loss": result.loss,
+                                     **result.scores}.items()}
+        if announce:
+            logger.info("step %d: %s", result.step, ", ".join(
+                f"{key} {value:.4f}" for key, value in record.items() if value is not None))
         evals_dir = self.output_dir / "evals"
         evals_dir.mkdir(parents=True, exist_ok=True)
         with (evals_dir / "log.jsonl").open("a") as log:
-            log.write(json.dumps(record) + "\n")
+            log.write(json.dumps({"step": result.step, **record}, allow_nan=False) + "\n")
         with (evals_dir / f"step_{result.step:07d}.jsonl").open("w") as captions:
             for image, prediction in result.predictions.items():
                 captions.write(json.dumps({"image": image, "prediction": prediction,
                                            "references": references[image]}) + "\n")
+
+    def _evaluated(self, step: int) -> bool:
+        """Whether ``evals/log.jsonl`` holds an evaluation of ``step``."""
+        log = self.output_dir / "evals" / "log.jsonl"
+        if not log.is_file():
+            return False
+        with log.open() as lines:
+            return any(_logged_step(line) == step for line in lines)
 
     def export(self, params: Any) -> Path:
         """Writes a Hugging Face directory with Flax weights, and PyTorch weights when PyTorch
@@ -598,6 +620,14 @@ class Trainer:
                                 pytorch=self.export_pytorch)
         logger.info("exported %s", destination)
         return destination
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of an ``evals/log.jsonl`` line; None for a line cut short by a kill."""
+    try:
+        return json.loads(line).get("step")
+    except ValueError:
+        return None
 
 
 def train(config: TrainConfig) -> TrainResult:

@@ -18,13 +18,17 @@ of items done:
 - An object store URL (``s3://``, ``gs://``, ...) cannot append or rename, so both formats
   go to ``OUT.chunks/chunk-NNNNNN-RRRRRRRR.EXT`` objects (chunk number, row count), each one
   PUT (an object is there whole or not at all); closing streams the chunks into ``OUT`` (a
-  multipart upload, visible only once complete), then deletes them. A rerun finds its
-  progress by listing the chunks; a run killed between the final object and the deletion
-  finds both and keeps the final object.
+  multipart upload, visible only once complete, and discarded if the combine fails), then
+  deletes them. A rerun finds its progress by listing the chunks; a run killed between the
+  final object and the deletion finds both and keeps the final object.
+
+Beside ``OUT`` its owner's lock ``OUT.lock`` and its manifest ``OUT.manifest.json``
+(``ownership``); the writers assume the run has checked both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import json
@@ -38,6 +42,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
+import fsspec.spec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -60,6 +65,7 @@ PARQUET_SCHEMA = pa.schema([
 ])
 Row = dict[str, Any]
 
+MANIFEST_SUFFIX = ".manifest.json"
 _PART_PATTERN = re.compile(r"\.part-(\d{5})-of-(\d{5})$")
 _CHUNK_PATTERN = re.compile(r"chunk-(\d{6})-(\d{8})\.(jsonl|parquet)$")
 _READ_BATCH_ROWS = 4096
@@ -109,7 +115,9 @@ class RowWriter(Protocol):
     """Appends rows to an output; ``rows_done`` rows were already there when it was opened."""
 
     rows_done: int
-    last_image: str | None
+
+    def images(self) -> Iterator[str]:
+        """The image names of the ``rows_done`` rows there at opening, in order."""
 
     def write(self, rows: Sequence[Row]) -> None:
         """Appends ``rows``; they survive a kill once ``flush`` (or a JSONL write) returns."""
@@ -150,7 +158,9 @@ class StdoutWriter:
     """JSONL on stdout; nothing to resume from."""
 
     rows_done = 0
-    last_image = None
+
+    def images(self) -> Iterator[str]:
+        return iter(())
 
     def write(self, rows: Sequence[Row]) -> None:
         sys.stdout.write("".join(_json_line(row) for row in rows))
@@ -169,25 +179,32 @@ class JsonlWriter:
     def __init__(self, path: str, *, resume: bool):
         check_writable(path)
         self.path = path
-        self.rows_done, self.last_image = (
-            _repair_jsonl(path) if resume and os.path.exists(path) else (0, None))
+        self.rows_done = _repair_jsonl(path) if resume and os.path.exists(path) else 0
         self._file = open(path, "ab" if resume else "wb")
 
+    def images(self) -> Iterator[str]:
+        with open(self.path, "rb") as handle:
+            for line in itertools.islice(handle, self.rows_done):
+                yield _row_image(self.path, line)
+
     def write(self, rows: Sequence[Row]) -> None:
-        self._file.write("".join(_json_line(row) for row in rows).encode("utf-8"))
-        self._file.flush()
+        with _naming_errors(self.path):  # a torn last line is cut off when the run resumes
+            self._file.write("".join(_json_line(row) for row in rows).encode("utf-8"))
+            self._file.flush()
 
     def flush(self) -> None:
-        self._file.flush()
+        with _naming_errors(self.path):
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        with _naming_errors(self.path):
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
 
 
-def _repair_jsonl(path: str) -> tuple[int, str | None]:
-    """Truncates a partial last line; returns (complete rows, image of the last row)."""
+def _repair_jsonl(path: str) -> int:
+    """Truncates a partial last line; returns the complete rows."""
     block_size = 1 << 20
     with open(path, "r+b") as handle:
         size = handle.seek(0, os.SEEK_END)
@@ -203,13 +220,8 @@ def _repair_jsonl(path: str) -> tuple[int, str | None]:
             end = start
         if end < size:
             handle.truncate(end)
-        if end == 0:
-            return 0, None
         handle.seek(0)
-        rows = sum(block.count(b"\n") for block in iter(lambda: handle.read(block_size), b""))
-        handle.seek(max(0, end - block_size))
-        last_line = handle.read(end - handle.tell()).rstrip(b"\n").rsplit(b"\n", 1)[-1]
-    return rows, _row_image(path, last_line)
+        return sum(block.count(b"\n") for block in iter(lambda: handle.read(block_size), b""))
 
 
 def _row_image(path: str, line: bytes) -> str:
@@ -218,7 +230,7 @@ def _row_image(path: str, line: bytes) -> str:
         return str(row["image"])
     except (ValueError, KeyError, TypeError):
         raise OutputError(
-            f"{path}: exists but its last line is not a caption row",
+            f"{path}: holds a line that is not a caption row",
             fix=("other_output", "start_over")) from None
 
 
@@ -263,7 +275,6 @@ class ParquetChunkWriter(_ChunkBuffer):
             _remove(path)
         self._recover()
         self.rows_done = sum(pq.ParquetFile(chunk).metadata.num_rows for chunk in self._chunks())
-        self.last_image = self._last_image()
 
     def _recover(self) -> None:
         """Brings the output back to: complete chunk files only, final output absent."""
@@ -294,12 +305,9 @@ class ParquetChunkWriter(_ChunkBuffer):
     def _chunk_name(self, number: int) -> str:
         return os.path.join(self.chunk_dir, f"chunk-{number:06d}.parquet")
 
-    def _last_image(self) -> str | None:
-        chunks = self._chunks()
-        if not chunks:
-            return None
-        images = pq.read_table(chunks[-1], columns=["image"]).column("image")
-        return images[len(images) - 1].as_py() if len(images) else None
+    def images(self) -> Iterator[str]:
+        for chunk in self._chunks():
+            yield from pq.read_table(chunk, columns=["image"]).column("image").to_pylist()
 
     def _commit(self, rows: list[Row]) -> None:
         final = self._chunk_name(len(self._chunks()))
@@ -307,7 +315,15 @@ class ParquetChunkWriter(_ChunkBuffer):
 
     def close(self) -> None:
         self.flush()
-        _write_atomically(self.path, _concatenated(self._chunks()))
+        chunks = self._chunks()
+        # The output is written whole beside its chunks before they go: it needs their size.
+        needed = sum(os.path.getsize(chunk) for chunk in chunks)
+        free = shutil.disk_usage(self.chunk_dir).free
+        if needed > free:
+            raise OutputError(f"{self.path}: combining its chunks needs about "
+                              f"{needed / 1e6:.1f} MB free beside them and {free / 1e6:.1f} MB "
+                              "are; free some and run again to finish (the chunks are kept)")
+        _write_atomically(self.path, _concatenated(chunks))
         shutil.rmtree(self.chunk_dir)
 
 
@@ -326,11 +342,21 @@ def exists(path: str, storage_options: StorageOptions | None = None) -> bool:
     return os.path.exists(storage.local_path(path))
 
 
+def output_present(path: str, storage_options: StorageOptions | None = None) -> bool:
+    """Whether ``path`` holds any of an output: the file or object, or committed chunks."""
+    return exists(path, storage_options) or exists(f"{path}.chunks", storage_options)
+
+
+def manifest_path(output: str) -> str:
+    """Where the manifest of ``output`` (``ownership``) lives: beside it."""
+    return f"{output}{MANIFEST_SUFFIX}"
+
+
 class ObjectChunkWriter(_ChunkBuffer):
     """JSONL or Parquet on an object store: committed chunk objects, combined on close.
 
-    A chunk is one PUT; its name carries its row count, so resuming costs one listing and one
-    read (the last chunk, for its last image).
+    A chunk is one PUT; its name carries its row count, so resuming counts rows with one
+    listing (``images`` then reads the chunks' image names).
     """
 
     def __init__(self, url: str, output_format: str, *, resume: bool, flush_rows: int = 1024,
@@ -349,7 +375,6 @@ class ObjectChunkWriter(_ChunkBuffer):
             self._recover()
             self._chunks = self._list_chunks()
             self.rows_done = sum(rows for _, rows in self._chunks)
-            self.last_image = self._last_image()
         except (OutputError, DataError):
             raise
         except Exception as error:
@@ -409,16 +434,14 @@ class ObjectChunkWriter(_ChunkBuffer):
     def _chunk_name(self, number: int, rows: int) -> str:
         return f"{self._prefix}/chunk-{number:06d}-{rows:08d}.{self.output_format}"
 
-    def _last_image(self) -> str | None:
-        if not self._chunks:
-            return None
-        name = self._chunks[-1][0]
-        data = self.fs.cat_file(name)
-        if self.output_format == "parquet":
-            images = pq.read_table(pa.BufferReader(data), columns=["image"]).column("image")
-            return images[len(images) - 1].as_py() if len(images) else None
-        last_line = data.rstrip(b"\n").rsplit(b"\n", 1)[-1]
-        return _row_image(self.path, last_line) if last_line else None
+    def images(self) -> Iterator[str]:
+        for name, _ in self._chunks:
+            data = self.fs.cat_file(name)
+            if self.output_format == "parquet":
+                yield from pq.read_table(pa.BufferReader(data),
+                                         columns=["image"]).column("image").to_pylist()
+            else:
+                yield from (_row_image(self.path, line) for line in data.splitlines())
 
     def _commit(self, rows: list[Row]) -> None:
         name = self._chunk_name(len(self._chunks), len(rows))
@@ -434,7 +457,7 @@ class ObjectChunkWriter(_ChunkBuffer):
     def close(self) -> None:
         self.flush()
         try:
-            with self.fs.open(self._final, "wb") as handle:
+            with _upload(self.fs, self._final) as handle:
                 if self.output_format == "parquet":
                     with pq.ParquetWriter(handle, PARQUET_SCHEMA) as writer:
                         for table in _concatenated(
@@ -451,10 +474,25 @@ class ObjectChunkWriter(_ChunkBuffer):
                               f"{storage.describe(error)}") from None
 
 
+@contextlib.contextmanager
+def _upload(fs: Any, path: str) -> Iterator[Any]:
+    """A file object writing the object ``path``, which appears whole or not at all: on an
+    error the upload is discarded (closing would commit what was written so far)."""
+    handle = fs.open(path, "wb")
+    try:
+        yield handle
+    except BaseException:
+        handle.discard()
+        if isinstance(handle, fsspec.spec.AbstractBufferedFile):
+            handle.closed = True  # else closing it when collected would commit after all
+        raise
+    handle.close()
+
+
 def _put(fs: Any, url: str, name: str, payload: bytes) -> None:
     """One PUT of ``payload``, retried on transient errors."""
     try:
-        storage.with_retries(lambda: fs.pipe_file(name, payload), name)
+        storage.with_retries(lambda: fs.pipe_file(name, payload), storage.url_of(fs, name))
     except CaptionerError as error:
         raise OutputError(f"{url}: cannot commit rows: {error}") from None
 
@@ -476,14 +514,35 @@ def _concatenated(paths: Iterable[Any]) -> Iterator[pa.Table]:
 
 
 def _write_atomically(path: str, tables: pa.Table | Iterable[pa.Table]) -> None:
-    """Writes Parquet to ``path.tmp``, syncs it, and renames it to ``path``."""
+    """Writes Parquet to ``path.tmp``, syncs it, and renames it to ``path``.
+
+    Raises:
+      OutputError: the write failed, naming ``path``; the temporary file is removed.
+    """
     temporary = f"{path}.tmp"
-    with pq.ParquetWriter(temporary, PARQUET_SCHEMA) as writer:
-        for table in [tables] if isinstance(tables, pa.Table) else tables:
-            writer.write_table(table)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    with _naming_errors(path):
+        try:
+            with pq.ParquetWriter(temporary, PARQUET_SCHEMA) as writer:
+                for table in [tables] if isinstance(tables, pa.Table) else tables:
+                    writer.write_table(table)
+            with open(temporary, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            _remove(temporary)
+            raise
+
+
+@contextlib.contextmanager
+def _naming_errors(path: str) -> Iterator[None]:
+    """A write that fails (a full disk, a lost permission) as one line naming ``path``; the
+    rows committed before it stay."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as error:
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise OutputError(f"{path}: cannot write: {reason}; the rows committed before stay, "
+                          "and running again resumes") from None
 
 
 def _remove(path: str) -> None:
@@ -543,7 +602,7 @@ def write_rows(path: str, output_format: str, rows: Iterable[Row],
     upload, visible once complete); returns the count."""
     count = 0
     if storage.is_remote(path):
-        with _open_binary(path, "wb", storage_options) as handle:
+        with _upload(*_output_fs(path, storage_options)) as handle:
             if output_format == "parquet":
                 with pq.ParquetWriter(handle, PARQUET_SCHEMA) as writer:
                     for batch in _batched(rows, _ROW_GROUP_ROWS):
@@ -608,6 +667,10 @@ def merge_shards(output: str, output_format: str | None = None,
     """
     output_format = format_of(output, output_format)
     parts = find_parts(output, storage_options)
+    if exists(output, storage_options) and not exists(manifest_path(output), storage_options):
+        raise OutputError(f"{output}: exists and is not a flax-captioner output (no "
+                          f"{manifest_path(output)}); it is left as it is",
+                          fix=("other_output",))
     counts = [count_rows(part, output_format, storage_options) for part in parts]
     total = sum(counts)
     expected = [len(range(index, total, len(parts))) for index in range(len(parts))]
@@ -620,13 +683,28 @@ def merge_shards(output: str, output_format: str | None = None,
     rows = (row for group in itertools.zip_longest(*readers, fillvalue=missing)
             for row in group if row is not missing)
     written = write_rows(output, output_format, rows, storage_options)
-    for part in parts:
-        if storage.is_remote(part):
-            fs, remote = _output_fs(part, storage_options)
-            fs.rm_file(remote)
-        else:
-            os.remove(part)
+    # The parts were made alike (their runs checked it): the first one's manifest says so.
+    manifests = [manifest_path(part) for part in parts]
+    if exists(manifests[0], storage_options):
+        _copy(manifests[0], manifest_path(output), storage_options)
+    for path in parts + manifests:
+        if exists(path, storage_options):
+            if storage.is_remote(path):
+                fs, remote = _output_fs(path, storage_options)
+                fs.rm_file(remote)
+            else:
+                os.remove(storage.local_path(path))
     return written
+
+
+def _copy(source: str, destination: str, storage_options: StorageOptions | None) -> None:
+    """Copies a file or object whole (a temporary file and a rename; one server-side copy)."""
+    if storage.is_remote(source):
+        fs, remote = _output_fs(source, storage_options)
+        fs.copy(remote, _output_fs(destination, storage_options)[1])
+        return
+    shutil.copyfile(storage.local_path(source), f"{storage.local_path(destination)}.tmp")
+    os.replace(f"{storage.local_path(destination)}.tmp", storage.local_path(destination))
 
 
 def find_parts(output: str, storage_options: StorageOptions | None = None) -> list[str]:

@@ -7,11 +7,15 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -78,7 +82,7 @@ def test_cli_captions_directory_in_input_order_with_error_rows(tiny_checkpoint, 
     result = run_cli("caption", str(root), "--model", str(tiny_checkpoint), "--output",
                      str(output), "--num-beams", "2", "--max-length", "8",
                      "--parallelism", "none")
-    assert result.returncode == 1, result.stderr  # broken.jpg failed, the rest were written
+    assert result.returncode == 3, result.stderr  # broken.jpg failed, the rest were written
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert [Path(row["image"]).name for row in rows] == ["a.png", "b.jpg", "broken.jpg", "c.png"]
     assert "error" in rows[2] and "caption" not in rows[2]
@@ -118,14 +122,22 @@ def test_cli_parity_on_shipped_checkpoint(tmp_path):
     assert lines[-1].startswith("images matching: 3/3; captions matching: 3/3")
 
 
-def test_cli_parity_unreadable_image_is_one_line(tmp_path):
-    repo = Path(__file__).resolve().parents[1]
-    broken = tmp_path / "broken.jpg"
-    broken.write_text("not an image")
-    result = run_cli("parity", "--model", str(repo / "examples/shapes-captioner"), str(broken))
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        f"flax-captioner: error: {broken}:")
+def test_cli_parity_takes_a_folder_and_reports_an_unreadable_image(tmp_path):
+    """A folder is listed as caption lists it; an image that cannot be read is reported and
+    the others compared (exit 3, as a caption run with error rows)."""
+    for name in ("shapes_0.png", "shapes_1.png"):
+        shutil.copy(SAMPLES / name, tmp_path / name)
+    (tmp_path / "broken.png").write_text("not an image")
+    result = run_cli("parity", "--model", str(SHAPES), str(tmp_path), "--num-beams", "2")
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(": ")[0] for line in lines[1:-1]] == [
+        str(tmp_path / "shapes_0.png"), str(tmp_path / "shapes_1.png"),
+        str(tmp_path / "broken.png")]
+    assert lines[3].startswith(f"{tmp_path / 'broken.png'}: NOT COMPARED, unreadable: ")
+    assert lines[-1].startswith("images matching: 2/2; captions matching: 2/2")
+    assert lines[-1].endswith("; 1 input unreadable")
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,6 +180,15 @@ def test_help_imports_no_jax_transformers_or_trainer():
         assert result["stdout"].startswith(" ".join(["usage: flax-captioner", *argv[:-1]]))
         assert result["stderr"] == ""
     caption_help = " ".join(report["results"][1]["stdout"].split())
+    assert "exit status: 0 every image captioned; 1 the run could not finish" in caption_help
+    assert "3 the run finished, but some inputs became error rows" in caption_help
+    # caption refuses them (rows hold per-token log-probabilities); parity compares searches.
+    assert "--output-scores" not in caption_help and "--output-logits" not in caption_help
+    parity_help = report["results"][4]["stdout"]
+    assert "--do-sample" not in parity_help and "--seed" not in parity_help
+    assert "--output-scores" in parity_help
+    # An unset option shows no default, not "[]".
+    assert "[]" not in report["results"][5]["stdout"]
     # The defaults the help states are backend.py's (which --help must not import).
     assert (f"[{backend.CPU_BATCH_SIZE} on CPU; {backend.ACCELERATOR_BATCH_PER_DEVICE} per "
             "GPU/TPU chip, fewer if its memory is short]") in caption_help
@@ -242,6 +263,26 @@ BAD_INPUTS = [
     ("no inputs", ["caption"], 2, "the following arguments are required: INPUT"),
     ("unknown command", ["bogus"], 2, "invalid choice: 'bogus'"),
     ("unknown flag", ["caption", "IMAGES", "--beams", "2"], 2, "unrecognized arguments"),
+    ("caption output scores", ["caption", "IMAGES", "--output-scores"], 2,
+     "unrecognized arguments: --output-scores"),
+    ("parity sampling", ["parity", "IMAGE", "--do-sample"], 2,
+     "unrecognized arguments: --do-sample"),
+    ("wrong image column", ["caption", "TABLE", "--image-column", "photo"], 2,
+     "--image-column 'photo' is not a column of "),
+    ("wrong id column", ["caption", "TABLE", "--id-column", "name"], 2,
+     "--id-column 'name' is not a column of "),
+    ("process id without distributed", ["caption", "IMAGES", "--process-id", "0"], 2,
+     "--process-id is for a multi-process run: add --distributed"),
+    ("process id past the count", ["caption", "IMAGES", "--distributed", "--num-processes",
+                                   "2", "--process-id", "2"], 2,
+     "--process-id must be < --num-processes (2), got 2"),
+    ("coordinator without a port", ["caption", "IMAGES", "--distributed",
+                                    "--coordinator-address", "10.0.0.1"], 2,
+     "argument --coordinator-address: must be HOST:PORT, e.g. 10.0.0.1:1234, got '10.0.0.1'"),
+    ("no processes", ["caption", "IMAGES", "--distributed", "--num-processes", "0"], 2,
+     "argument --num-processes: must be an integer >= 1, got '0'"),
+    ("negative process id", ["caption", "IMAGES", "--distributed", "--process-id", "-1"], 2,
+     "argument --process-id: must be an integer >= 0, got '-1'"),
     # inputs and outputs (exit 1: the arguments parse, the run cannot start)
     ("empty directory", ["caption", "EMPTY"], 1, "empty: no image files in this directory"),
     ("empty path list", ["caption", "LIST"], 1, "list.txt: no images to caption"),
@@ -250,8 +291,8 @@ BAD_INPUTS = [
     ("missing directory", ["caption", "EMPTY/gone/"], 1, "gone/: no such directory"),
     ("output in a missing folder", ["caption", "IMAGES", "-o", "EMPTY/no/out.jsonl"], 1,
      "cannot write the output: directory"),
-    ("output is a folder", ["caption", "IMAGES", "-o", "EMPTY", "--format", "jsonl"], 1,
-     "cannot write the output: it is a directory"),
+    ("output is a folder", ["caption", "IMAGES", "-o", "EMPTY", "--format", "jsonl"], 2,
+     "empty: is a folder; name a file in it, e.g. "),
     ("parity missing image", ["parity", "EMPTY/missing.png"], 1, "missing.png: no such file"),
     # training flags: TrainConfig.validate, the field shown as its flag
     ("negative learning rate", ["train", "TRAIN", "--learning-rate", "-1"], 2,
@@ -305,9 +346,12 @@ def bad_inputs(tmp_path_factory) -> dict:
     csv = root / "out.csv"
     csv.write_text("kept,as,it,was\n")
     (root / "list.txt").write_text("")
+    table = root / "images.parquet"
+    pq.write_table(pa.table({"key": ["a"], "jpg": [(SAMPLES / "shapes_0.png").read_bytes()]}),
+                   table)
     places = {"IMAGES": str(SAMPLES), "IMAGE": str(SAMPLES / "shapes_0.png"),
               "EMPTY": str(root / "empty"), "CSV": str(csv), "SHAPES": str(SHAPES),
-              "LIST": str(root / "list.txt")}
+              "LIST": str(root / "list.txt"), "TABLE": str(table)}
 
     def fill(arg: str) -> list[str]:
         if arg == "TRAIN":
@@ -349,12 +393,13 @@ def test_caption_flags_are_the_caption_options_fields_with_their_defaults():
     is the field's: the command line and the Python API share every default."""
     args = cli.build_parser().parse_args(["caption", "x.png"])
     actions = {action.dest: action for action in args.command_parser._actions
-               if action.option_strings and action.dest not in ("help", "output", "distributed")}
+               if action.option_strings and action.dest not in (
+                   "help", "output", "distributed", *cli.DISTRIBUTED_FLAGS)}
     fields = {field.name: field for field in dataclasses.fields(CaptionOptions)}
     python_only = {name for name, field in fields.items() if cli.flag_of(field) is None}
     assert python_only == {"progress", "flush_seconds", "min_new_tokens",
                            "decoder_start_token_id", "pad_token_id", "eos_token_id"}
-    assert set(actions) == set(fields) - python_only
+    assert set(actions) == set(fields) - python_only - set(cli.CAPTION_EXCLUDED)
     for name, action in actions.items():
         assert action.option_strings[0] == cli.flag_of(fields[name])
         assert action.default == fields[name].default, name
@@ -420,16 +465,19 @@ def one_error_line(capsys) -> str:
     return lines[-1]
 
 
-def test_resume_onto_other_inputs_names_the_flags_and_keeps_rows(shapes_rows, tmp_path, capsys):
+def test_resume_onto_other_inputs_names_the_flags_and_keeps_rows(tmp_path, capsys):
     output = tmp_path / "captions.jsonl"
-    output.write_text("".join(json.dumps(row) + "\n" for row in shapes_rows[:3]))
-    before = output.read_bytes()
     args = caption_args(output)
+    args[1] = str(SAMPLES / "shapes_0.png")
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    before = output.read_bytes()
     args[1] = str(SAMPLES / "shapes_5.png")
     assert cli.main(args) == 1
     line = one_error_line(capsys)
-    assert "do not match these inputs" in line
-    assert line.endswith("; write to another --output or start over with --no-resume")
+    assert "row 1 of its 1 is" in line and "it was made from other inputs" in line
+    assert line.endswith("; add only the inputs it lacks with --extend or start over with "
+                         "--no-resume or write to another --output")
     assert output.read_bytes() == before
 
 
@@ -511,6 +559,145 @@ def test_model_without_tokenizer_is_one_line(tmp_path, capsys):
         "vocab.json", "merges.txt", "tokenizer*.json", "special_tokens_map.json"))
     assert cli.main(["caption", str(SAMPLES / "shapes_0.png"), "--model", str(model)]) == 1
     assert one_error_line(capsys).startswith(f"flax-captioner: error: {model}")
+
+
+def test_exit_status_3_means_finished_with_error_rows_and_the_summary_says_it(tmp_path,
+                                                                              capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    output = tmp_path / "captions.jsonl"
+    args = caption_args(output)
+    args[1] = str(broken)
+    assert cli.main(args) == 3
+    summary = capsys.readouterr().err.strip().splitlines()[-1]
+    # Nothing was captioned: no rate (error rows never reach the device).
+    assert summary.startswith("captioned 0 images (1 error) in ") and "images/s" not in summary
+    assert json.loads(output.read_text())["error"]
+
+
+def test_summary_words_counts_and_rates_captioning_without_compilation():
+    from flax_captioner.pipeline import PipelineStats
+
+    stats = PipelineStats(captioned=10, errors=5, wall_seconds=7.0, compile_seconds=2.0,
+                          decode_threads=1)
+    assert stats.images_per_second == 2.0
+    assert stats.summary().startswith(
+        "captioned 10 images (5 errors) in 7.0 s, 2.00 images/s excluding compilation; ")
+    assert " over 1 thread, " in stats.summary()
+    one = PipelineStats(captioned=1, errors=1, resumed=3, wall_seconds=1.0, decode_threads=2,
+                        decode_processes=True).summary()
+    assert one.startswith("captioned 1 image (1 error, 3 already done) in 1.0 s, ")
+    assert " over 2 processes, " in one
+
+
+def test_the_progress_bar_has_a_total_and_says_compiling_first(tmp_path, capsys):
+    from flax_captioner.pipeline import run_pipeline
+
+    captioner = Captioner.from_pretrained(SHAPES, parallelism="none")
+    run_pipeline([str(SAMPLES)], str(tmp_path / "out.jsonl"),
+                 CaptionOptions(progress=True, batch_size=4, num_beams=1), captioner)
+    drawn = capsys.readouterr().err.split("\r")
+    assert any(line.startswith("compiling:   0%|") and "| 0/8 [" in line for line in drawn)
+    assert any(line.startswith("100%|") and "| 8/8 [" in line for line in drawn)
+
+
+def test_the_progress_total_counts_local_inputs_that_are_cheap_to_list(tmp_path):
+    from flax_captioner import pipeline, sources
+
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{SAMPLES / 'shapes_0.png'}\n{SAMPLES / 'shapes_1.png'}\n")
+    checked = sources.check_inputs([str(SAMPLES), str(listed), str(tmp_path / "gone.png")])
+    assert pipeline._progress_total(checked, 0, 1) == 11
+    assert pipeline._progress_total(checked, 1, 3) == 4  # inputs 1, 4, 7 and 10
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as archive:
+        archive.add(SAMPLES / "shapes_0.png", arcname="a.png")
+    # Counting a shard's members means reading it: no total.
+    assert pipeline._progress_total(sources.check_inputs([str(shard)]), 0, 1) is None
+
+
+# ---------------------------------------------------------------------------------------
+# --distributed from the command line
+# ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_distributed_flags_start_two_processes_on_localhost(tmp_path, shapes_rows,
+                                                            subprocess_env):
+    """Two processes on this host, named by the flags as on hosts no cluster describes: each
+    captions every other image, process 0 merges the parts into one run's rows."""
+    output = tmp_path / "merged.jsonl"
+    address = f"127.0.0.1:{free_port()}"
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "flax_captioner.cli", *caption_args(output, "--batch-size", "3"),
+         "--distributed", "--coordinator-address", address, "--num-processes", "2",
+         "--process-id", str(index)],
+        cwd=REPO, env={**subprocess_env, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True) for index in range(2)]
+    try:
+        stderrs = [process.communicate(timeout=300)[1] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, stderr in zip(processes, stderrs):
+        assert process.returncode == 0, stderr[-3000:]
+        assert stderr.strip().splitlines()[-1].startswith("captioned 4 images (0 errors) in ")
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [(row["image"], row["caption"]) for row in rows] == [
+        (row["image"], row["caption"]) for row in shapes_rows]
+    assert not list(tmp_path.glob("merged.jsonl.part-*"))
+
+
+def test_distributed_without_a_cluster_or_flags_is_a_usage_error(tmp_path):
+    cluster_variables = ("SLURM_", "OMPI_", "KUBERNETES_", "TPU_", "JAX_COORDINATOR")
+    result = subprocess.run(
+        [sys.executable, "-m", "flax_captioner.cli", "caption", str(SAMPLES), "--model",
+         str(SHAPES), "-o", str(tmp_path / "out.jsonl"), "--distributed"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**{name: value for name, value in os.environ.items()
+                if not name.startswith(cluster_variables)}, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert result.stderr == (
+        "flax-captioner: error: --distributed: coordinator_address should be defined; outside "
+        "Cloud TPU, SLURM, Open MPI and Kubernetes pass --coordinator-address, --num-processes "
+        "and --process-id\n")
+
+
+# ---------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_finished_training_run_run_again_says_so_and_logs_strict_json(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--model", str(SHAPES), "--train-file", str(SAMPLES / "captions.jsonl"),
+            "--validation-file", str(SAMPLES / "captions.jsonl"), "--output-dir", str(run),
+            "--max-steps", "1", "--batch-size", "4", "--eval-batch-size", "8",
+            "--num-beams", "1", "--max-length", "8", "--no-progress"]
+    assert cli.main(args) == 0
+    first = capsys.readouterr().err
+    # The final evaluation's numbers are printed once: in the summary, not also in a log line.
+    assert first.count("eval loss") == 1 and "eval_loss" not in first
+    assert first.strip().splitlines()[-1].startswith("step 1, train loss ")
+    assert cli.main(args) == 0
+    second = capsys.readouterr().err
+    assert second.strip().splitlines()[-1].startswith(
+        f"step 1: the run had already finished (no training step left to run), exported to "
+        f"{run / 'export'}")
+    assert "nan" not in second.lower().replace(str(run).lower(), "")
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    log = (run / "evals" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line, parse_constant=refuse)["step"] for line in log] == [1]
 
 
 # ---------------------------------------------------------------------------------------

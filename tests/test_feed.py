@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import signal
 import threading
 
 import numpy as np
@@ -259,6 +260,18 @@ def test_a_dead_decoding_process_names_its_image_and_stops_the_pool():
         for _ in range(2):
             with pytest.raises(CaptionerError, match=r"while decoding crasher \("):
                 processes.decode(png_bytes(1), "after")
+    finally:
+        processes.close()
+
+
+def test_a_killed_decoding_process_is_named_as_killed_not_blamed_on_the_script():
+    processes = DecodeProcesses(1, CONFIG, ImageDecoding())
+    try:
+        processes.decode(png_bytes(0), "decoded before")
+        os.kill(processes._processes[0].pid, signal.SIGKILL)  # as the out-of-memory killer
+        with pytest.raises(CaptionerError, match=r"^a decoding process was killed by SIGKILL "
+                                                 r"(before it got|while decoding) next$"):
+            processes.decode(png_bytes(1), "next")
     finally:
         processes.close()
 

@@ -182,7 +182,9 @@ def test_two_processes_merge_their_parts_on_an_object_store(
             assert returncode == 0, stderr[-3000:]
         store.invalidate_cache()
         assert store.cat_file("captions/merged.jsonl") == single.read_bytes()
-        assert store.find("captions") == ["captions/merged.jsonl"]
+        # The parts' manifests became the merged output's; no lock or part is left.
+        assert store.find("captions") == ["captions/merged.jsonl",
+                                          "captions/merged.jsonl.manifest.json"]
 
 
 def assert_rerun_resumes(captioner, captioner_source, images, output, env, tmp_path, *,

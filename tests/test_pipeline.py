@@ -261,11 +261,13 @@ def test_unwritable_output_fails_before_any_work(captioner, image_dir, tmp_path)
 
     (tmp_path / "a_file").write_text("")
     for output, cause in [(tmp_path / "missing_dir" / "out.jsonl", "does not exist"),
-                          (tmp_path / "a_file" / "out.jsonl", "does not exist"),
-                          (image_dir, "is a directory")]:
+                          (tmp_path / "a_file" / "out.jsonl", "does not exist")]:
         with pytest.raises(OutputError, match=cause) as raised:
             run(NeverCalled(), [image_dir], output, output_format="jsonl")
         assert "\n" not in str(raised.value) and str(output) in str(raised.value)
+    with pytest.raises(ValueError, match=f"^{tmp_path}: is a folder; name a file in it, e.g. "
+                                         f"{tmp_path}/captions.jsonl$"):
+        run(NeverCalled(), [image_dir], tmp_path, output_format="jsonl")
 
 
 def test_glob_without_match_fails_before_any_work(tmp_path, captioner):
@@ -379,7 +381,7 @@ def test_resume_rejects_an_output_of_other_inputs(captioner, image_dir, tmp_path
     images = sorted_images(image_dir)
     output = tmp_path / "out.jsonl"
     run(captioner, images[:4], output)
-    with pytest.raises(OutputError, match="do not match these inputs"):
+    with pytest.raises(OutputError, match="made from other inputs"):
         run(captioner, images[1:], output)
     stats = run(captioner, images[1:], output, resume=False)
     assert stats.resumed == 0 and len(jsonl_rows(output)) == 12

@@ -235,10 +235,13 @@ def test_a_command_line_run_lists_a_glob_once_and_checks_each_shard_once(
                  "--storage-options", json.dumps(options),
                  "-o", "s3://data/out/globbed.jsonl"]) == 0
     assert len(list(read_rows("s3://data/out/globbed.jsonl", "jsonl", options))) == 5
-    # The writer asks once whether a finished output is there to extend.
+    # Whether the output holds anything (the object, its chunks) is asked before the load
+    # and again under its lock; the writer asks once more whether a finished output is there
+    # to extend.
     assert sorted(calls) == [("exists", f"data/checked/part-{shard}.tar") for shard in range(3)] \
-        + [("exists", "data/out/globbed.jsonl"), ("glob", "data/globbed/*.jpg")] \
-        + [("probe", "data/out/globbed.jsonl")] * 2
+        + [("exists", "data/out/globbed.jsonl")] * 3 \
+        + [("exists", "data/out/globbed.jsonl.chunks")] * 2 \
+        + [("glob", "data/globbed/*.jpg")] + [("probe", "data/out/globbed.jsonl")] * 2
 
 
 def test_refused_credentials_fail_before_any_work_in_one_line(bucket, endpoint, images):
