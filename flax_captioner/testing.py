@@ -24,12 +24,14 @@ between a client and such a server and can be taken down and brought back: an ou
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.parse
@@ -310,6 +312,17 @@ def write_shapes_jpegs(directory: str | Path, count: int, *, seed: int = 0,
         image.save(paths[-1], quality=quality)
         captions.append(caption)
     return paths, captions
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar shard (WebDataset's layout) holding ``members`` (name, bytes) in order."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
 
 
 # --- local object stores --------------------------------------------------------------------

@@ -274,30 +274,29 @@ class ParquetChunkWriter(_ChunkBuffer):
             shutil.rmtree(self.chunk_dir, ignore_errors=True)
             _remove(path)
         self._recover()
-        self.rows_done = sum(pq.ParquetFile(chunk).metadata.num_rows for chunk in self._chunks())
+        self.rows_done = sum(pq.ParquetFile(part).metadata.num_rows for part in self._parts())
 
     def _recover(self) -> None:
-        """Brings the output back to: complete chunk files only, final output absent."""
+        """Brings the output back to: complete chunk files, or the finished output alone."""
         _remove(f"{self.path}.tmp")
         if os.path.exists(self.path) and os.path.isdir(self.chunk_dir):
             # Killed after combining but before removing the chunks: the output is complete.
             shutil.rmtree(self.chunk_dir)
-        try:
-            os.makedirs(self.chunk_dir, exist_ok=True)
-        except OSError as error:
-            raise OutputError(
-                f"{self.chunk_dir}: cannot create the chunk directory: {error.strerror}") from None
-        for stray in glob.glob(os.path.join(self.chunk_dir, "*.tmp")):
+        for stray in glob.glob(os.path.join(glob.escape(self.chunk_dir), "*.tmp")):
             os.remove(stray)
         if os.path.exists(self.path):
-            # A finished output to extend: it becomes the first chunk.
             try:
                 pq.ParquetFile(self.path).schema_arrow.field("image")
             except (pa.ArrowException, KeyError, OSError):
                 raise OutputError(
                     f"{self.path}: exists but is not a Parquet file of caption rows",
                     fix=("other_output", "start_over")) from None
-            os.replace(self.path, self._chunk_name(0))
+
+    def _parts(self) -> list[str]:
+        """The files holding the rows so far, in order: a finished output (left as it is
+        until a row is added, so a run refused after opening it has changed nothing), else
+        the chunks."""
+        return [self.path] if os.path.exists(self.path) else self._chunks()
 
     def _chunks(self) -> list[str]:
         return sorted(glob.glob(os.path.join(self.chunk_dir, "chunk-*.parquet")))
@@ -306,25 +305,34 @@ class ParquetChunkWriter(_ChunkBuffer):
         return os.path.join(self.chunk_dir, f"chunk-{number:06d}.parquet")
 
     def images(self) -> Iterator[str]:
-        for chunk in self._chunks():
-            yield from pq.read_table(chunk, columns=["image"]).column("image").to_pylist()
+        for part in self._parts():
+            yield from pq.read_table(part, columns=["image"]).column("image").to_pylist()
 
     def _commit(self, rows: list[Row]) -> None:
+        try:
+            os.makedirs(self.chunk_dir, exist_ok=True)
+        except OSError as error:
+            raise OutputError(
+                f"{self.chunk_dir}: cannot create the chunk directory: {error.strerror}") from None
+        if os.path.exists(self.path):  # a finished output to extend becomes the first chunk
+            os.replace(self.path, self._chunk_name(0))
         final = self._chunk_name(len(self._chunks()))
         _write_atomically(final, pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA))
 
     def close(self) -> None:
         self.flush()
+        if os.path.exists(self.path):  # finished before, and nothing added
+            return
         chunks = self._chunks()
         # The output is written whole beside its chunks before they go: it needs their size.
         needed = sum(os.path.getsize(chunk) for chunk in chunks)
-        free = shutil.disk_usage(self.chunk_dir).free
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.path))).free
         if needed > free:
             raise OutputError(f"{self.path}: combining its chunks needs about "
                               f"{needed / 1e6:.1f} MB free beside them and {free / 1e6:.1f} MB "
                               "are; free some and run again to finish (the chunks are kept)")
         _write_atomically(self.path, _concatenated(chunks))
-        shutil.rmtree(self.chunk_dir)
+        shutil.rmtree(self.chunk_dir, ignore_errors=True)
 
 
 def _output_fs(path: str, storage_options: StorageOptions | None) -> tuple[Any, str]:
@@ -374,7 +382,10 @@ class ObjectChunkWriter(_ChunkBuffer):
                     self.fs.rm_file(self._final)
             self._recover()
             self._chunks = self._list_chunks()
-            self.rows_done = sum(rows for _, rows in self._chunks)
+            # A finished output: left as it is until a row is added (``_commit``).
+            self._finished_rows = self._count_final() if self.fs.exists(self._final) else None
+            self.rows_done = (self._finished_rows if self._finished_rows is not None
+                              else sum(rows for _, rows in self._chunks))
         except (OutputError, DataError):
             raise
         except Exception as error:
@@ -399,18 +410,11 @@ class ObjectChunkWriter(_ChunkBuffer):
             self.fs.rm_file(name)
 
     def _recover(self) -> None:
-        """Brings the output back to: committed chunks only, final object absent."""
-        if not self.fs.exists(self._final):
-            return
-        if self._list_chunks():
+        """Brings the output back to: committed chunks, or the finished object alone."""
+        if self.fs.exists(self._final) and self._list_chunks():
             # Killed after writing the final object but before deleting the chunks (or after
             # copying a finished output into chunk 0): the final object holds every row.
             self._remove_chunks()
-        # A finished output to extend: it becomes chunk 0 (copied, then the final removed;
-        # a kill in between leaves both, which the branch above resolves).
-        rows = self._count_final()
-        self.fs.copy(self._final, self._chunk_name(0, rows))
-        self.fs.rm_file(self._final)
 
     def _count_final(self) -> int:
         try:
@@ -435,7 +439,9 @@ class ObjectChunkWriter(_ChunkBuffer):
         return f"{self._prefix}/chunk-{number:06d}-{rows:08d}.{self.output_format}"
 
     def images(self) -> Iterator[str]:
-        for name, _ in self._chunks:
+        parts = [self._final] if self._finished_rows is not None else [
+            name for name, _ in self._chunks]
+        for name in parts:
             data = self.fs.cat_file(name)
             if self.output_format == "parquet":
                 yield from pq.read_table(pa.BufferReader(data),
@@ -444,6 +450,13 @@ class ObjectChunkWriter(_ChunkBuffer):
                 yield from (_row_image(self.path, line) for line in data.splitlines())
 
     def _commit(self, rows: list[Row]) -> None:
+        if self._finished_rows is not None:
+            # A finished output to extend becomes chunk 0 (copied, then the final removed; a
+            # kill in between leaves both, which ``_recover`` resolves).
+            first = self._chunk_name(0, self._finished_rows)
+            self.fs.copy(self._final, first)
+            self.fs.rm_file(self._final)
+            self._chunks, self._finished_rows = [(first, self.rows_done)], None
         name = self._chunk_name(len(self._chunks), len(rows))
         if self.output_format == "parquet":
             buffer = pa.BufferOutputStream()
@@ -456,6 +469,8 @@ class ObjectChunkWriter(_ChunkBuffer):
 
     def close(self) -> None:
         self.flush()
+        if self._finished_rows is not None:  # finished before, and nothing added
+            return
         try:
             with _upload(self.fs, self._final) as handle:
                 if self.output_format == "parquet":

@@ -285,17 +285,20 @@ def test_a_resume_with_another_model_is_refused(captioner, tmp_path):
     assert pq.read_table(output).num_rows == 2
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_a_resume_over_changed_inputs_is_refused_and_extend_adds_only_new_ones(
-        captioner, tmp_path):
+        captioner, tmp_path, suffix):
     directory = tmp_path / "images"
     images = write_images(directory, 5)
-    output = tmp_path / "out.jsonl"
+    output = tmp_path / f"out{suffix}"
     run(captioner, [directory], output)
+    before = output.read_bytes()
     os.remove(images[1])  # one captioned file gone, one new one
     added = write_images(directory, 1, start=50)
     with pytest.raises(OutputError, match=r"row 2 of its 5 is .*img001\.png' where these "
                                           r"inputs give .*img002\.png'.*other inputs"):
         run(captioner, [directory], output)
+    assert output.read_bytes() == before and not Path(f"{output}.chunks").exists()
     stats = run(captioner, [directory], output, extend=True)
     assert (stats.resumed, stats.captioned) == (5, 1)
     assert [row["image"] for row in rows(output)] == images + added

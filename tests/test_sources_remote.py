@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import sys
-import tarfile
 import threading
 import time
 
@@ -23,6 +22,7 @@ from flax_captioner.errors import (DataError, ImageReadError, OptionError, Outpu
                                    StorageError)
 from flax_captioner.preprocess import PreprocessConfig, load_and_preprocess_one
 from flax_captioner.sources import check_inputs, expand_braces, iter_inputs, sample_key
+from flax_captioner.testing import tar_bytes
 
 CONFIG = PreprocessConfig(size=(4, 4))
 
@@ -31,16 +31,6 @@ def png(seed: int) -> bytes:
     pixels = np.random.RandomState(seed).randint(0, 256, (5, 6, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            archive.addfile(info, io.BytesIO(payload))
     return buffer.getvalue()
 
 

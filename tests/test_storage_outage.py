@@ -27,7 +27,7 @@ from flax_captioner.options import CaptionOptions
 from flax_captioner.pipeline import run_pipeline
 from flax_captioner.preprocess import PreprocessConfig
 from flax_captioner.sources import InputItem, iter_inputs
-from flax_captioner.testing import TcpProxy, moto_s3, write_shapes_jpegs
+from flax_captioner.testing import TcpProxy, moto_s3, tar_bytes, write_shapes_jpegs
 from flax_captioner.writers import read_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -296,15 +296,9 @@ def test_an_outage_longer_than_the_window_stops_the_command_and_a_rerun_finishes
 def shard_with_filler(images: list[Path], filler_after: int) -> bytes:
     """A tar shard of ``images`` with a 2 MB non-image member after the first
     ``filler_after``: reading on past it needs blocks fetched after the outage began."""
-    buffer = io.BytesIO()
     members = [(path.name, path.read_bytes()) for path in images]
     members.insert(filler_after, ("filler.bin", np.random.RandomState(0).bytes(2_000_000)))
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            archive.addfile(info, io.BytesIO(payload))
-    return buffer.getvalue()
+    return tar_bytes(members)
 
 
 def test_an_outage_mid_shard_stops_the_run_and_a_rerun_finishes_the_shard(

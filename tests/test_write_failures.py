@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,27 +18,22 @@ SAMPLES = Path(__file__).resolve().parent.parent / "examples" / "images"
 SHAPES = Path(__file__).resolve().parent.parent / "examples" / "shapes-captioner"
 
 
-def limit_file_size(limit: int):
-    """What a full disk does to a write, for real: the kernel refuses bytes past ``limit``
-    (EFBIG; SIGXFSZ ignored, so the write fails instead of killing the process)."""
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
-
-
-def caption(output: Path, limit: int | None = None):
-    """The 8 sample images four times over: 32 rows, about 4 KB of JSONL."""
-    return subprocess.run(
-        [sys.executable, "-m", "flax_captioner.cli", "caption", *[str(SAMPLES)] * 4,
-         "--model", str(SHAPES), "-o", str(output), "--batch-size", "2"],
-        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        timeout=300, preexec_fn=None if limit is None else limit_file_size(limit))
+def caption(output: Path, limit_kib: int | None = None):
+    """The 8 sample images four times over: 32 rows, about 4 KB of JSONL. ``limit_kib``: what
+    a full disk does to a write, for real: the kernel refuses bytes past that size (EFBIG;
+    SIGXFSZ ignored, so the write fails instead of killing the process)."""
+    command = [sys.executable, "-m", "flax_captioner.cli", "caption", *[str(SAMPLES)] * 4,
+               "--model", str(SHAPES), "-o", str(output), "--batch-size", "2"]
+    if limit_kib is not None:
+        command = ["bash", "-c", f"trap '' XFSZ; ulimit -f {limit_kib}; exec \"$@\"",
+                   "bash", *command]
+    return subprocess.run(command, capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
 
 
 def test_a_failing_write_names_the_file_and_the_run_resumes(tmp_path):
     output = tmp_path / "out.jsonl"
-    failed = caption(output, limit=2000)  # room for the manifest, not for every row
+    failed = caption(output, limit_kib=2)  # room for the manifest, not for every row
     lines = failed.stderr.strip().splitlines()
     assert failed.returncode == 1 and len(lines) == 1, failed.stderr
     assert lines[0].startswith(f"flax-captioner: error: {output}: cannot write: File too large")
