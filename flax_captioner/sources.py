@@ -214,29 +214,35 @@ def _check_local(spec: str, image_column: str | None,
 
 def _check_remote(spec: str, fs: Any, path: str, image_column: str | None,
                   id_column: str | None) -> tuple[str, ...] | None:
-    """Checks the URL ``spec`` (``path`` on ``fs``) for ``check_inputs``; returns a glob's
-    sorted matches."""
+    """Checks the URL ``spec`` (``path`` on ``fs``) for ``check_inputs``, retried while the
+    store fails (``storage.retrying``); returns a glob's sorted matches."""
     try:
-        if glob.has_magic(path):
-            return _sorted_matches(spec, fs.glob(path), "objects")
-        if fs.exists(path):
-            if _extension(path) in TABLE_EXTENSIONS:
-                with fs.open(path, "rb") as handle:
-                    _table_columns(spec, _table_schema(spec, handle), image_column, id_column)
-            return None
-        root = path.strip("/").split("/", 1)[0]
-        if root and storage.protocol(spec) in ("s3", "s3a", "gs", "gcs") and not fs.exists(root):
-            raise DataError(f"{spec}: bucket {root} does not exist")
-        if _extension(path) in LIST_EXTENSIONS | TAR_EXTENSIONS | TABLE_EXTENSIONS or \
-                spec.endswith("/"):
-            raise DataError(f"{spec}: no such object")
-        return None
-    except (DataError, OptionError):
+        return storage.retrying(lambda: _check_remote_once(spec, fs, path, image_column,
+                                                           id_column), spec)
+    except (DataError, OptionError, StorageError):
         raise
     except PermissionError as error:  # credentials refused or missing
         raise DataError(f"{spec}: access denied: {storage.describe(error)}") from None
-    except Exception as error:  # endpoint unreachable, ...
+    except Exception as error:  # a request the store refused as malformed, ...
         raise DataError(f"{spec}: cannot access: {storage.describe(error)}") from None
+
+
+def _check_remote_once(spec: str, fs: Any, path: str, image_column: str | None,
+                       id_column: str | None) -> tuple[str, ...] | None:
+    if glob.has_magic(path):
+        return _sorted_matches(spec, fs.glob(path), "objects")
+    if fs.exists(path):
+        if _extension(path) in TABLE_EXTENSIONS:
+            with fs.open(path, "rb") as handle:
+                _table_columns(spec, _table_schema(spec, handle), image_column, id_column)
+        return None
+    root = path.strip("/").split("/", 1)[0]
+    if root and storage.protocol(spec) in ("s3", "s3a", "gs", "gcs") and not fs.exists(root):
+        raise DataError(f"{spec}: bucket {root} does not exist")
+    if _extension(path) in LIST_EXTENSIONS | TAR_EXTENSIONS | TABLE_EXTENSIONS or \
+            spec.endswith("/"):
+        raise DataError(f"{spec}: no such object")
+    return None
 
 
 def _sorted_matches(spec: str, matches: Iterable[str], kind: str) -> tuple[str, ...]:

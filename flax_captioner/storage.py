@@ -38,8 +38,9 @@ EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "hf": "hf", "http"
           "https": "http"}
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")
 # Failures no retry can fix: the object is absent, forbidden, or not an object.
+# CaptionerError: a decision about the input (no such bucket, a missing column), not the store.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-              ValueError, TypeError)
+              ValueError, TypeError, CaptionerError)
 # OSError numbers s3fs gives a request the store refused as malformed (its 4xx answers other
 # than 403/404/409): the same request fails the same way however long it is retried.
 _PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE, errno.ENOSYS,

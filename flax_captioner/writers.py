@@ -380,10 +380,15 @@ class ObjectChunkWriter(_ChunkBuffer):
                 self._remove_chunks()
                 if self.fs.exists(self._final):
                     self.fs.rm_file(self._final)
-            self._recover()
+            finished = self.fs.exists(self._final)
+            if finished and self._list_chunks():
+                # Killed after writing the final object but before deleting the chunks (or
+                # after copying a finished output into chunk 0): the final object holds every
+                # row.
+                self._remove_chunks()
             self._chunks = self._list_chunks()
             # A finished output: left as it is until a row is added (``_commit``).
-            self._finished_rows = self._count_final() if self.fs.exists(self._final) else None
+            self._finished_rows = self._count_final() if finished else None
             self.rows_done = (self._finished_rows if self._finished_rows is not None
                               else sum(rows for _, rows in self._chunks))
         except (OutputError, DataError):
@@ -408,13 +413,6 @@ class ObjectChunkWriter(_ChunkBuffer):
     def _remove_chunks(self) -> None:
         for name, _ in self._list_chunks():
             self.fs.rm_file(name)
-
-    def _recover(self) -> None:
-        """Brings the output back to: committed chunks, or the finished object alone."""
-        if self.fs.exists(self._final) and self._list_chunks():
-            # Killed after writing the final object but before deleting the chunks (or after
-            # copying a finished output into chunk 0): the final object holds every row.
-            self._remove_chunks()
 
     def _count_final(self) -> int:
         try:
@@ -452,7 +450,7 @@ class ObjectChunkWriter(_ChunkBuffer):
     def _commit(self, rows: list[Row]) -> None:
         if self._finished_rows is not None:
             # A finished output to extend becomes chunk 0 (copied, then the final removed; a
-            # kill in between leaves both, which ``_recover`` resolves).
+            # kill in between leaves both, which opening resolves).
             first = self._chunk_name(0, self._finished_rows)
             self.fs.copy(self._final, first)
             self.fs.rm_file(self._final)
