@@ -200,7 +200,7 @@ def test_stdout_output_is_jsonl_with_progress_on_stderr_and_the_summary_returned
     rows = [json.loads(line) for line in captured.out.splitlines()]
     assert [row["image"] for row in rows] == sorted_images(image_dir / "a")
     assert stats.captioned == len(rows) == 7
-    assert "7img" in captured.err and "img/s" in captured.err  # the tqdm bar
+    assert "7/7" in captured.err and "img/s" in captured.err  # the tqdm bar, with its total
     assert stats.summary().startswith("captioned 7 images (0 errors) in ")
     assert "captioned 7 images" not in captured.err  # the library prints no summary
 
