@@ -30,7 +30,7 @@ ImageInput = str | os.PathLike | bytes | Image.Image
 class Captioner:
     """A ViT-GPT2 captioner: images in, captions out.
 
-    Holds the checkpoint (``model``, ``tokenizer``, ``preprocess_config``,
+    Holds the checkpoint (``params``, ``config``, ``tokenizer``, ``preprocess_config``,
     ``generation_defaults``) and a compiled ``Generator`` whose programs are cached per
     (batch bucket, generation settings).
     """
@@ -43,14 +43,15 @@ class Captioner:
         parallelism: str = CaptionOptions.parallelism,
     ):
         self.checkpoint = checkpoint
-        self.model = checkpoint.model
+        self.params = checkpoint.params  # float32, whatever ``dtype`` computes in
+        self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.preprocess_config = checkpoint.preprocess_config
         self.generation_defaults = checkpoint.generation_defaults
         self.parallelism = parallelism
         placement = sharding.data_parallel(parallelism)
         backend.warn_if_slow_bfloat16(dtype, placement.devices)
-        self.generator = Generator(self.model.params, self.model.config, dtype=dtype,
+        self.generator = Generator(self.params, self.config, dtype=dtype,
                                    data_parallel=placement)
         # Seconds from_pretrained took (reading the checkpoint, placing the weights).
         self.load_seconds = 0.0
@@ -117,7 +118,7 @@ class Captioner:
         bytes), the preprocessing and the tokenizer. Equal fingerprints caption alike, from
         whichever file format or folder the weights were read."""
         digest = hashlib.sha256()
-        for path, leaf in jax.tree_util.tree_flatten_with_path(self.model.params)[0]:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]:
             array = np.ascontiguousarray(leaf)
             digest.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}".encode())
             digest.update(memoryview(array).cast("B"))
@@ -138,7 +139,7 @@ class Captioner:
             vocab_size=spec.vocab_size, image_size=spec.image_size,
             num_beams=settings.num_beams, max_length=settings.max_length,
             dtype=self.generator.dtype)
-        weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(self.model.params))
+        weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(self.params))
         return backend.default_batch_size(self.generator.data_parallel.devices,
                                           image_bytes=image_bytes, weight_bytes=weight_bytes)
 

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from flax_captioner.errors import CaptionerError
-from flax_captioner.preprocess import ImageDecoding, PreprocessConfig, load_and_preprocess_one
+from flax_captioner.preprocess import (ImageDecoding, OnClipped, PreprocessConfig,
+                                       load_and_preprocess_one)
 
 # Decode workers up to which threads decode as fast as processes, without the processes'
 # start-up and memory (docs/performance.md, "Decode processes vs threads").
@@ -42,10 +43,15 @@ class DecodeProcesses:
     """``workers`` decoding processes, each with a pipe and a shared-memory pixel slot.
 
     ``decode`` may be called from up to ``workers`` threads at once; each call has a process
-    to itself. ``close`` ends the processes and frees the shared memory.
+    to itself. ``close`` ends the processes and frees the shared memory. A process reports an
+    image that converting to RGB clips with its answer, and the calling thread hands that
+    report to ``on_clipped`` (a run's ``ClippingWarning``: one warning per run, not per
+    process).
     """
 
-    def __init__(self, workers: int, config: PreprocessConfig, decoding: ImageDecoding):
+    def __init__(self, workers: int, config: PreprocessConfig, decoding: ImageDecoding, *,
+                 on_clipped: OnClipped | None = None):
+        self._on_clipped = on_clipped
         height, width = config.size
         # do_resize=False leaves each image its own size: its pixels travel through the pipe.
         slot_floats = 3 * height * width if config.do_resize else 0
@@ -89,13 +95,15 @@ class DecodeProcesses:
             try:
                 connection.send((source, name))  # a source that does not pickle raises here
                 while_doing = f"while decoding {name}"
-                kind, value = connection.recv()
+                kind, value, clipped = connection.recv()
             except (EOFError, OSError):
                 self._broken = f"a decoding process {_ending(self._processes[worker])} " \
                                f"{while_doing}{_ending_hint(self._processes[worker])}"
                 raise CaptionerError(self._broken) from None
         finally:
             self._idle.put(worker)
+        if clipped is not None and self._on_clipped is not None:
+            self._on_clipped(*clipped)
         if kind == "error":
             raise value
         if kind == "pixels":  # larger than a slot: sent whole
@@ -143,24 +151,29 @@ def _slots(memory: shared_memory.SharedMemory, workers: int, slot_floats: int) -
 def _serve(connection: Connection, memory_name: str, workers: int, slot_floats: int,
            worker: int, config: PreprocessConfig, decoding: ImageDecoding) -> None:
     """A worker process: decodes each (source, name) it receives into slot ``worker`` and
-    answers ("shape", shape), ("pixels", pixels) when they do not fit the slot, or ("error",
-    the exception); ends on None or when the pipe closes."""
+    answers ("shape", shape, clipped), ("pixels", pixels, clipped) when they do not fit the
+    slot, or ("error", the exception, None); ``clipped`` is None, or the (name, mode, low,
+    high) of an image that converting to RGB clips, for the caller's ``on_clipped``. Ends on
+    None or when the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
     memory = shared_memory.SharedMemory(name=memory_name)
     slot = _slots(memory, workers, slot_floats)[worker]
     try:
         while (request := connection.recv()) is not None:
             source, name = request
+            clipped = []
             try:
-                pixels = load_and_preprocess_one(source, config, name=name, decoding=decoding)
+                pixels = load_and_preprocess_one(source, config, name=name, decoding=decoding,
+                                                 on_clipped=lambda *report: clipped.append(report))
             except Exception as error:  # raised again by the calling thread
-                connection.send(("error", error))
+                connection.send(("error", error, None))
                 continue
+            report = clipped[0] if clipped else None
             if pixels.size > slot.size:
-                connection.send(("pixels", pixels))
+                connection.send(("pixels", pixels, report))
             else:
                 slot[:pixels.size] = pixels.ravel()
-                connection.send(("shape", pixels.shape))
+                connection.send(("shape", pixels.shape, report))
     except EOFError:  # the caller has gone
         pass
     finally:

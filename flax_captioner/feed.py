@@ -34,7 +34,8 @@ import numpy as np
 from flax_captioner import storage
 from flax_captioner.decode_processes import DecodeProcesses
 from flax_captioner.errors import ImageReadError
-from flax_captioner.preprocess import ImageDecoding, PreprocessConfig, load_and_preprocess_one
+from flax_captioner.preprocess import (ClippingWarning, ImageDecoding, OnClipped,
+                                       PreprocessConfig, load_and_preprocess_one)
 from flax_captioner.sources import InputItem
 
 # Batches ready ahead of the consumer. One hides a batch's decoding behind the device's work on
@@ -105,11 +106,12 @@ class _BatchBuffers:
 
 def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig, *,
                 decoding: ImageDecoding = ImageDecoding(),
-                processes: DecodeProcesses | None = None) -> np.ndarray:
+                processes: DecodeProcesses | None = None,
+                on_clipped: OnClipped | None = None) -> np.ndarray:
     """float32[3, H, W] of one item: ``encoded`` (its stream or fetched bytes, already read),
     its in-memory ``data``, or the file or URL at ``item.name``; decoded on ``processes``
-    when given (with the ``config`` and ``decoding`` the pool was built with). Safe to call
-    from many threads.
+    when given (with the ``config``, ``decoding`` and ``on_clipped`` the pool was built
+    with). ``on_clipped`` as in ``preprocess.load_image``. Safe to call from many threads.
 
     Raises:
       ImageReadError: naming ``item.name`` and the cause.
@@ -121,7 +123,8 @@ def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig
         source = storage.local_path(item.name)
     if processes is not None:
         return processes.decode(source, item.name)
-    return load_and_preprocess_one(source, config, name=item.name, decoding=decoding)
+    return load_and_preprocess_one(source, config, name=item.name, decoding=decoding,
+                                   on_clipped=on_clipped)
 
 
 def decode_threads(num_threads: int | None) -> int:
@@ -140,7 +143,9 @@ def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: in
     A batch holds ``batch_size`` decoded images plus the failed items among them, so failures
     never shrink what the device gets. The last batch may hold fewer; once a full batch has
     been yielded it is padded to ``batch_size`` rows, so a compiled program serves it (the
-    first batch of a short input is left at its size: nothing is compiled yet).
+    first batch of a short input is left at its size: nothing is compiled yet). The first
+    high-depth image that converting to RGB clips is logged as a warning, once per feed (a
+    captioning run has one feed): ``preprocess.ClippingWarning``.
 
     Args:
       items: the inputs, in order; consumed lazily on the reader thread (so errors raised by
@@ -172,25 +177,28 @@ def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: in
     threads = decode_threads(num_threads)
     # Enough queued decodes to keep every thread busy through a whole batch.
     window = 2 * max(batch_size, threads)
+    clipping = ClippingWarning()  # this feed's own: each run warns once
     with contextlib.ExitStack() as stack:
         processes = None
         if decode_processes:  # closed after the threads that use it have stopped
-            processes = DecodeProcesses(threads, config, decoding)
+            processes = DecodeProcesses(threads, config, decoding, on_clipped=clipping)
             stack.callback(processes.close)
         executor = concurrent.futures.ThreadPoolExecutor(threads, "flax-captioner-decode")
         stack.callback(executor.shutdown, cancel_futures=True)
         decode = functools.partial(_decode_timed, config=config, decoding=decoding,
-                                   processes=processes)
+                                   processes=processes, on_clipped=clipping)
         decoded = _decoded_in_order(items, executor, window, decode)
         yield stack.enter_context(_in_background(_group(decoded, config, batch_size, pad_first),
                                                  prefetch))
 
 
 def _decode_timed(item: InputItem, encoded: bytes | None, *, config: PreprocessConfig,
-                  decoding: ImageDecoding, processes: DecodeProcesses | None) -> Decoded:
+                  decoding: ImageDecoding, processes: DecodeProcesses | None,
+                  on_clipped: OnClipped) -> Decoded:
     started = time.perf_counter()
     try:
-        pixels = decode_item(item, encoded, config, decoding=decoding, processes=processes)
+        pixels = decode_item(item, encoded, config, decoding=decoding, processes=processes,
+                             on_clipped=on_clipped)
         error = None
     except ImageReadError as read_error:
         pixels, error = None, read_error

@@ -1,16 +1,17 @@
-"""Checkpoints in and out: hub id or local directory -> FlaxVisionEncoderDecoderModel, and back.
+"""Checkpoints in and out: hub id or local directory -> parameter tree and config, and back.
 
 A checkpoint directory holds ``config.json`` (a vision-encoder-decoder config), weights
 (``flax_model.msgpack``, ``model.safetensors`` or ``pytorch_model.bin``), a tokenizer and a
-``preprocessor_config.json``. PyTorch weights are converted to Flax on load; ``.bin`` files are
-pickles and need PyTorch, safetensors do not.
+``preprocessor_config.json``. The weights become the parameter tree of
+``FlaxVisionEncoderDecoderModel`` (``modules.py`` declares it); PyTorch weights are converted
+on load; ``.bin`` files are pickles and need PyTorch, safetensors and msgpack do not.
+transformers supplies the configs, the tokenizer and the PyTorch model, never a Flax class.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -18,18 +19,20 @@ import pickle
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from flax_captioner import modules
 from flax_captioner.defaults import DEFAULT_MODEL
 from flax_captioner.errors import ModelLoadError
 from flax_captioner.preprocess import PreprocessConfig
+
+logger = logging.getLogger(__name__)
 
 FLAX_WEIGHTS = "flax_model.msgpack"
 SAFETENSORS_WEIGHTS = "model.safetensors"
@@ -75,21 +78,24 @@ class GenerationDefaults:
 
 @dataclasses.dataclass
 class LoadedCheckpoint:
-    """What ``load_checkpoint`` returns: the model and everything needed around it.
+    """What ``load_checkpoint`` returns: the weights and everything needed around them.
 
     Attributes:
-      model: the Flax model; its ``params`` hold the weights (float32 on the host device).
+      params: the parameter tree (float32 on the default device).
+      config: the ``VisionEncoderDecoderConfig``.
       tokenizer: the checkpoint's tokenizer (a transformers fast tokenizer).
       preprocess_config: resize/rescale/normalise settings from ``preprocessor_config.json``.
       generation_defaults: decoder_start / pad / eos ids and the card's search settings.
-      directory: the local directory the files were read from (a hub cache snapshot for ids).
+      directory: the local directory the files were read from (a hub cache snapshot for
+        ids); None for weights built in memory.
     """
 
-    model: Any
+    params: Any
+    config: Any
     tokenizer: Any
     preprocess_config: PreprocessConfig
     generation_defaults: GenerationDefaults
-    directory: Path
+    directory: Path | None
 
 
 def resolve_directory(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
@@ -141,7 +147,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
     except RepositoryNotFoundError:
         raise ModelLoadError(
             f"{repo_id}: no such model on the hub (or it is private: run "
-            "`huggingface-cli login`); for a local directory, check the path") from None
+            "`hf auth login`); for a local directory, check the path") from None
     raise ModelLoadError(f"{repo_id}: the hub repo has none of {', '.join(WEIGHT_FILES)}")
 
 
@@ -183,14 +189,21 @@ def generation_defaults(config: Any, directory: Path | None = None) -> Generatio
     Raises:
       ModelLoadError: no usable token ids; an unreadable file; several EOS ids.
     """
+    def token_id(owner: Any, name: str) -> Any:  # transformers 5 leaves unset ids undefined
+        return getattr(owner, name, None)
+
     decoder = config.decoder
-    eos = config.eos_token_id if config.eos_token_id is not None else decoder.eos_token_id
-    start = config.decoder_start_token_id
+    eos = token_id(config, "eos_token_id")
+    if eos is None:
+        eos = token_id(decoder, "eos_token_id")
+    start = token_id(config, "decoder_start_token_id")
     if start is None:
-        start = decoder.bos_token_id
-    pad = config.pad_token_id
+        start = token_id(decoder, "bos_token_id")
+    pad = token_id(config, "pad_token_id")
     if pad is None:
-        pad = decoder.pad_token_id if decoder.pad_token_id is not None else eos
+        pad = token_id(decoder, "pad_token_id")
+    if pad is None:
+        pad = eos
     file_values = _generation_config_values(directory) if directory is not None else {}
     eos = file_values.pop("eos_token_id", eos)
     start = file_values.pop("decoder_start_token_id", start)
@@ -241,7 +254,6 @@ def load_checkpoint(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     *,
     revision: str | None = None,
-    dtype: Any = jnp.float32,
 ) -> LoadedCheckpoint:
     """Loads a captioner checkpoint from a hub id or a local directory.
 
@@ -263,9 +275,10 @@ def load_checkpoint(
     tokenizer = _load_tokenizer(directory, config)
     preprocess_config = PreprocessConfig.from_pretrained(directory)
     defaults = generation_defaults(config, directory)
-    model = _load_flax_model(directory, config, weights, dtype)
+    params = _load_params(directory, config, weights)
     return LoadedCheckpoint(
-        model=model,
+        params=params,
+        config=config,
         tokenizer=tokenizer,
         preprocess_config=preprocess_config,
         generation_defaults=defaults,
@@ -273,86 +286,52 @@ def load_checkpoint(
     )
 
 
-@contextlib.contextmanager
-def quiet_flax_deprecation() -> Iterator[None]:
-    """Drops transformers' "TensorFlow and JAX classes are deprecated" notice inside the block.
+def parameter_shapes(directory: Path, config: Any) -> dict[tuple[str, ...], Any]:
+    """``{key path: jax.ShapeDtypeStruct}`` of the model ``config`` describes.
 
-    Wrap code that builds a transformers Flax model: this package pins transformers < 5 on
-    purpose, so the notice is noise to its users. Only that record of that logger is dropped,
-    and only inside the block; the rest of the program keeps transformers' logging as it was
-    (transformers logs this notice once per process, so later Flax models stay quiet too).
+    Raises:
+      ModelLoadError: ``config.json`` describes no model the modules can build.
     """
-    logger = logging.getLogger("transformers.modeling_flax_utils")
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("TensorFlow and JAX classes are deprecated")
-
-    logger.addFilter(keep)
     try:
-        yield
-    finally:
-        logger.removeFilter(keep)
+        return flatten_dict(modules.param_shapes(config))
+    except (ModelLoadError, ValueError, TypeError, AttributeError) as error:
+        raise ModelLoadError(
+            f"{directory / 'config.json'}: describes no buildable model ({_first_line(error)})"
+        ) from None
 
 
-def abstract_model(config: Any, dtype: Any = jnp.float32) -> Any:
-    """A ``FlaxVisionEncoderDecoderModel`` whose ``params`` are ``jax.ShapeDtypeStruct`` leaves.
-
-    transformers builds this class only with ``_do_init=True``: its constructor initialises
-    every weight at random, op by op (about 192 small XLA compiles), and ``from_pretrained``
-    then overwrites them, which dominated loading (docs/results/history.md, "Start-up and
-    compilation"). The constructor takes
-    its parameters from ``init_weights``; for this one instance that method is traced with
-    ``jax.eval_shape`` (what the base class does for ``_do_init=False``), so nothing is
-    computed. Assign the real weights with ``model.params = params``.
-    """
-    with quiet_flax_deprecation():
-        from transformers import FlaxVisionEncoderDecoderModel
-
-        model = FlaxVisionEncoderDecoderModel.__new__(FlaxVisionEncoderDecoderModel)
-        init_weights = model.init_weights
-        model.init_weights = lambda rng, input_shape, params=None: jax.eval_shape(
-            functools.partial(init_weights, input_shape=input_shape), rng)
-        FlaxVisionEncoderDecoderModel.__init__(model, config, dtype=dtype)
-        del model.init_weights  # the class's own method again
-    return model
+def _load_params(directory: Path, config: Any, weights: Path) -> Any:
+    """``weights`` as the parameter tree (float32, on the default device)."""
+    _require_torch_for(weights)
+    shapes = parameter_shapes(directory, config)
+    flat = _read_weights(weights, shapes)
+    return jax.device_put(_checked_params(flat, shapes, weights, config))
 
 
-def _load_flax_model(directory: Path, config: Any, weights: Path, dtype: Any) -> Any:
-    """The model with ``weights`` (float32, on the default device) as its ``params``."""
+def _require_torch_for(weights: Path) -> None:
     if weights.name == PYTORCH_WEIGHTS and not torch_available():
         raise ModelLoadError(
             f"{weights}: PyTorch pickle weights need PyTorch to read; install it "
             "(pip install 'flax-captioner[torch]') or convert the checkpoint once where "
             "PyTorch is installed (flax-captioner convert)")
-    try:
-        model = abstract_model(config, dtype)
-    except (ValueError, TypeError) as error:  # settings the Flax modules cannot be built with
-        raise ModelLoadError(
-            f"{directory / 'config.json'}: describes no buildable model ({_first_line(error)})"
-        ) from None
-    shapes = flatten_dict(model.params_shape_tree)
-    flat = _read_weights(weights, shapes)
-    model.params = jax.device_put(_checked_params(flat, shapes, weights, config))
-    if (directory / GENERATION_CONFIG).is_file():  # what from_pretrained gives model.generate
-        from transformers import GenerationConfig
-
-        try:
-            model.generation_config = GenerationConfig.from_pretrained(directory)
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(
-                f"{directory / GENERATION_CONFIG}: unreadable ({_first_line(error)})") from None
-    return model
 
 
-def _read_weights(weights: Path,
-                  shapes: Mapping[tuple[str, ...], Any]) -> dict[tuple[str, ...], np.ndarray]:
-    """The weights file as ``{Flax key path: array}`` in Flax names and layouts.
+# Maps a weights file's key path to the model's (None: not a weight of this model).
+Rename = Callable[[tuple[str, ...]], tuple[str, ...] | None]
+
+
+def _read_weights(weights: Path, shapes: Mapping[tuple[str, ...], Any],
+                  rename: Rename = lambda key: key) -> dict[tuple[str, ...], np.ndarray]:
+    """The weights file as ``{Flax key path: array}`` in Flax names and layouts, each key
+    passed through ``rename`` first (the part checkpoints of ``load_pretrained_parts``).
 
     Raises:
       ModelLoadError: the file is truncated, corrupt or not of its suffix's format.
     """
     from safetensors import SafetensorError
 
+    _require_torch_for(weights)
+    pytorch_format = weights.name == PYTORCH_WEIGHTS
     try:
         if weights.name == FLAX_WEIGHTS:
             from flax.serialization import msgpack_restore
@@ -360,31 +339,36 @@ def _read_weights(weights: Path,
             state = msgpack_restore(weights.read_bytes())
             if not isinstance(state, dict):
                 raise ValueError(f"holds a {type(state).__name__}, not a parameter tree")
-            return flatten_dict(state)
-        if weights.name == PYTORCH_WEIGHTS:
+            flat = flatten_dict(state)
+        elif pytorch_format:
             import torch
 
             state = torch.load(weights, map_location="cpu", weights_only=True)
             # torch has no numpy bfloat16; the weights end up float32 anyway.
-            return _pytorch_to_flax({name: (tensor.float() if tensor.is_floating_point()
-                                            else tensor).numpy()
-                                     for name, tensor in state.items()}, shapes)
-        from safetensors import safe_open
+            flat = {tuple(name.split(".")): (tensor.float() if tensor.is_floating_point()
+                                             else tensor).numpy()
+                    for name, tensor in state.items()}
+        else:
+            from safetensors import safe_open
 
-        # framework="flax" reads bfloat16 too (numpy's reader cannot).
-        with safe_open(weights, framework="flax") as file:
-            pytorch_format = (file.metadata() or {}).get("format") == "pt"
-            state = {name: np.asarray(file.get_tensor(name)) for name in file.keys()}
+            # framework="flax" reads bfloat16 too (numpy's reader cannot).
+            with safe_open(weights, framework="flax") as file:
+                pytorch_format = (file.metadata() or {}).get("format") == "pt"
+                flat = {tuple(name.split(".")): np.asarray(file.get_tensor(name))
+                        for name in file.keys()}
     except (OSError, ValueError, RuntimeError, EOFError, KeyError, AttributeError,
             pickle.UnpicklingError, SafetensorError) as error:
         # torch.load reports a truncated zip as RuntimeError and garbage as KeyError/EOFError.
         raise ModelLoadError(f"{weights}: truncated or corrupt ({_first_line(error)})") from None
-    if pytorch_format:
-        return _pytorch_to_flax(state, shapes)
-    return {tuple(name.split(".")): value for name, value in state.items()}
+    renamed = {}
+    for key, value in flat.items():
+        new_key = rename(key)
+        if new_key is not None:
+            renamed[new_key] = value
+    return _pytorch_to_flax(renamed, shapes) if pytorch_format else renamed
 
 
-def _pytorch_to_flax(state: Mapping[str, np.ndarray],
+def _pytorch_to_flax(state: Mapping[tuple[str, ...], np.ndarray],
                      shapes: Mapping[tuple[str, ...], Any]) -> dict[tuple[str, ...], np.ndarray]:
     """PyTorch names and layouts -> Flax's, by the rules of transformers'
     ``convert_pytorch_state_dict_to_flax``, decided against the model's parameter ``shapes``:
@@ -394,8 +378,7 @@ def _pytorch_to_flax(state: Mapping[str, np.ndarray],
     ``[in, out]`` -> FlaxConv1D's ``[out, in]``).
     """
     flat = {}
-    for name, value in state.items():
-        key = tuple(name.split("."))
+    for key, value in state.items():
         if key[-1] == "weight":
             prefix = key[:-1]
             if prefix + ("scale",) in shapes:
@@ -407,6 +390,73 @@ def _pytorch_to_flax(state: Mapping[str, np.ndarray],
                 value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
         flat[key] = value
     return flat
+
+
+def load_pretrained_parts(encoder: str | os.PathLike, decoder: str | os.PathLike, *,
+                          seed: int = 0) -> tuple[Any, Any]:
+    """A captioner joined from a pretrained ViT and a pretrained GPT-2, as transformers'
+    ``from_encoder_decoder_pretrained`` joins them: ``(params, config)``.
+
+    The decoder gains cross-attention, whose weights (and the ViT pooler's, when its
+    checkpoint has none) are drawn fresh from ``seed``; every other weight comes from the two
+    checkpoints, in any of the weight formats (a ``vit.`` or ``transformer.`` prefix, a
+    classifier or an LM head in them is handled).
+
+    Raises:
+      ModelLoadError: a part that is not a ViT / GPT-2 checkpoint, unreadable, or lacking
+        weights its config implies.
+    """
+    from transformers import AutoConfig, VisionEncoderDecoderConfig
+
+    parts = {}
+    for role, name, model_type in (("encoder", encoder, "vit"), ("decoder", decoder, "gpt2")):
+        directory = resolve_directory(name)
+        path = directory / "config.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{directory}: no config.json; not a checkpoint directory")
+        try:
+            part_config = AutoConfig.from_pretrained(directory)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"{path}: unreadable ({_first_line(error)})") from None
+        if part_config.model_type != model_type:
+            raise ModelLoadError(f"{path}: model_type {part_config.model_type!r}; the {role} "
+                                 f"must be a {model_type} checkpoint")
+        parts[role] = directory, part_config
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(parts["encoder"][1],
+                                                                     parts["decoder"][1])
+    shapes = parameter_shapes(parts["decoder"][0], config)
+    fresh = flatten_dict(jax.device_get(modules.init_params(config, seed)))
+    renames: dict[str, Rename] = {
+        "encoder": lambda key: (None if key[0] == "classifier"
+                                else ("encoder",) + (key[1:] if key[0] == "vit" else key)),
+        "decoder": lambda key: (None if key[0] == "lm_head" else ("decoder", "transformer")
+                                + (key[1:] if key[0] == "transformer" else key))}
+    joined = {}
+    for role, (directory, _) in parts.items():
+        weights = weights_file(directory)
+        flat = {key: value for key, value in _read_weights(weights, shapes, renames[role]).items()
+                if key in shapes}
+        missing = [key for key in shapes if key[0] == role and key not in flat
+                   and not _fresh_in_join(key)]
+        if missing:
+            raise ModelLoadError(f"{weights}: lacks {_count(missing, 'weight')} its config "
+                                 f"implies ({_key_list(missing)})")
+        for key, value in flat.items():
+            if value.shape != shapes[key].shape:
+                raise ModelLoadError(f"{weights}: {'/'.join(key)} has shape {value.shape}, "
+                                     f"its config implies {shapes[key].shape}")
+        joined.update(flat)
+    drawn = [key for key in shapes if key not in joined]
+    logger.info("joined %s and %s; %s drawn fresh (%s)", encoder, decoder,
+                _count(drawn, "weight"), _key_list(drawn))
+    params = {key: np.asarray(joined.get(key, fresh[key]), np.float32) for key in shapes}
+    return jax.device_put(unflatten_dict(params)), config
+
+
+def _fresh_in_join(key: tuple[str, ...]) -> bool:
+    """Weights a joined model may draw fresh: cross-attention, and the unused ViT pooler."""
+    return ("crossattention" in key or "ln_cross_attn" in key
+            or key[:2] == ("encoder", "pooler"))
 
 
 def _checked_params(flat: Mapping[tuple[str, ...], np.ndarray],
@@ -481,21 +531,27 @@ def torch_available() -> bool:
 
 
 def save_checkpoint(
-    model: Any,
+    params: Any,
+    config: Any,
     tokenizer: Any,
     preprocess_config: PreprocessConfig,
     destination: str | os.PathLike,
     *,
-    params: Any = None,
+    generation_config: Any = None,
     flax: bool = True,
     pytorch: bool = False,
 ) -> Path:
-    """Writes a checkpoint directory: config, tokenizer, preprocessor config and weights.
+    """Writes a checkpoint directory: config, generation config, tokenizer, preprocessor
+    config and weights.
 
-    ``flax`` writes ``flax_model.msgpack`` (loads without PyTorch); ``pytorch`` writes
-    ``model.safetensors`` that ``VisionEncoderDecoderModel.from_pretrained`` loads (needs
-    PyTorch here). ``params`` defaults to ``model.params``.
+    ``flax`` writes ``flax_model.msgpack`` (the Flax lineage's file; loads without PyTorch);
+    ``pytorch`` writes ``model.safetensors`` that ``VisionEncoderDecoderModel.from_pretrained``
+    loads (needs PyTorch here). ``generation_config`` (a ``GenerationConfig``) defaults to
+    the one transformers derives from ``config``.
     """
+    from flax.serialization import to_bytes
+    from transformers import GenerationConfig
+
     destination = Path(destination)
     if pytorch and not torch_available():
         raise ModelLoadError(f"{destination}: writing PyTorch weights needs PyTorch; install it "
@@ -503,44 +559,75 @@ def save_checkpoint(
     destination.mkdir(parents=True, exist_ok=True)
     for stale in WEIGHT_FILES:  # a replaced checkpoint must not leave weights that win on load
         (destination / stale).unlink(missing_ok=True)
-    params = model.params if params is None else params
-    model.save_pretrained(destination, params=params)
+    config.save_pretrained(destination)
+    (generation_config or GenerationConfig.from_model_config(config)).save_pretrained(destination)
+    if flax:
+        (destination / FLAX_WEIGHTS).write_bytes(to_bytes(jax.device_get(params)))
     if pytorch:
         _write_pytorch_weights(destination, params)
-    if not flax:
-        (destination / FLAX_WEIGHTS).unlink()
     tokenizer.save_pretrained(destination)
     preprocess_config.save_pretrained(destination)
     return destination
 
 
-def pytorch_model(directory: str | os.PathLike, params: Any) -> Any:
-    """A PyTorch ``VisionEncoderDecoderModel`` (eval mode) with the Flax ``params``.
-
-    ``directory`` supplies ``config.json``. transformers' ``from_pretrained(from_flax=True)``
-    builds the model on the meta device and then fails to copy into it (4.57), so the model
-    is built from the config and filled.
+def read_generation_config(directory: Path) -> Any:
+    """``directory``'s ``generation_config.json`` as a ``GenerationConfig``; None without one.
 
     Raises:
-      ModelLoadError: ``params`` do not fit the model ``config.json`` describes.
+      ModelLoadError: the file is unreadable.
     """
-    from transformers import VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+    if not (directory / GENERATION_CONFIG).is_file():
+        return None
+    from transformers import GenerationConfig
 
-    config = VisionEncoderDecoderConfig.from_pretrained(directory)
-    model = VisionEncoderDecoderModel(config)
     try:
-        missing, unexpected = model.load_state_dict(_flax_to_pytorch(params), strict=False)
-    except RuntimeError as error:  # "Error(s) in loading state_dict ...", then one line a shape
-        raise ModelLoadError(f"{directory}: the weights do not fit config.json "
-                             f"({str(error).strip().splitlines()[-1].strip()})") from None
-    # The LM head is the embedding matrix itself when tied, so loading the embedding fills it.
-    tied = {"decoder.lm_head.weight"} if config.decoder.tie_word_embeddings else set()
-    absent = sorted(set(missing) - tied)
-    if absent or unexpected:
-        names, kind = (absent, "missing") if absent else (sorted(unexpected), "unexpected")
-        raise ModelLoadError(f"{directory}: the weights do not fit config.json "
-                             f"({names[0]} is {kind}; {len(names)} in all)")
-    return model.eval()
+        return GenerationConfig.from_pretrained(directory)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"{directory / GENERATION_CONFIG}: unreadable ({_first_line(error)})") from None
+
+
+def pytorch_model(config: Any, params: Any) -> Any:
+    """A PyTorch ``VisionEncoderDecoderModel`` (eval mode) of ``config`` with the Flax
+    ``params``. The weights go in through ``from_pretrained(state_dict=...)`` under their
+    file names, which every transformers release maps to its own modules (5.x renamed the
+    ViT's in memory, so ``load_state_dict`` would miss them).
+
+    Raises:
+      ModelLoadError: ``params`` do not fit the model ``config`` describes.
+    """
+    from transformers import VisionEncoderDecoderModel
+
+    shapes = flatten_dict(modules.param_shapes(config))
+    flat = flatten_dict(params)
+    missing = sorted(key for key in shapes if key not in flat)
+    unexpected = sorted(key for key in flat if key not in shapes)
+    wrong = [key for key in shapes if key in flat and flat[key].shape != shapes[key].shape]
+    if missing or unexpected:
+        names, kind = (missing, "missing") if missing else (unexpected, "unexpected")
+        raise ModelLoadError(f"the weights do not fit the model config "
+                             f"({'/'.join(names[0])} is {kind}; {len(names)} in all)")
+    if wrong:
+        raise ModelLoadError(f"the weights do not fit the model config ({'/'.join(wrong[0])} "
+                             f"has shape {flat[wrong[0]].shape}, the config implies "
+                             f"{shapes[wrong[0]].shape})")
+    with _no_progress_bars():  # transformers 5 draws one while it loads a state dict
+        return VisionEncoderDecoderModel.from_pretrained(
+            None, config=config, state_dict=_flax_to_pytorch(params)).eval()
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off inside the block, as they were after it."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def _flax_to_pytorch(params: Any) -> dict[str, Any]:
@@ -565,8 +652,11 @@ def _flax_to_pytorch(params: Any) -> dict[str, Any]:
 
 def _write_pytorch_weights(directory: Path, params: Any) -> None:
     """Writes ``params`` as PyTorch ``model.safetensors`` into ``directory`` (config already there)."""
+    from transformers import VisionEncoderDecoderConfig
+
+    config = VisionEncoderDecoderConfig.from_pretrained(directory)
     with tempfile.TemporaryDirectory() as scratch:
-        pytorch_model(directory, params).save_pretrained(scratch, safe_serialization=True)
+        pytorch_model(config, params).save_pretrained(scratch, safe_serialization=True)
         shutil.copy(Path(scratch) / SAFETENSORS_WEIGHTS, directory / SAFETENSORS_WEIGHTS)
 
 
@@ -594,5 +684,7 @@ def convert(
         raise ModelLoadError(f"{destination}: already holds a checkpoint",
                              fix=("overwrite",))
     loaded = load_checkpoint(source, revision=revision)
-    return save_checkpoint(loaded.model, loaded.tokenizer, loaded.preprocess_config,
-                           destination, flax=not to_pytorch, pytorch=to_pytorch)
+    return save_checkpoint(loaded.params, loaded.config, loaded.tokenizer,
+                           loaded.preprocess_config, destination,
+                           generation_config=read_generation_config(loaded.directory),
+                           flax=not to_pytorch, pytorch=to_pytorch)

@@ -229,8 +229,7 @@ def compare_with_pytorch(captioner: Captioner, pixel_values: np.ndarray,
         (built from the captioner's parameters when omitted).
     """
     if pytorch_model is None:  # the very weights the captioner holds, whatever their file format
-        pytorch_model = loading.pytorch_model(captioner.checkpoint.directory,
-                                              captioner.model.params)
+        pytorch_model = loading.pytorch_model(captioner.config, captioner.params)
     reference = pytorch_generate(pytorch_model, pixel_values, settings)
     with jax.default_matmul_precision("highest"):
         ours = captioner.generator.generate(pixel_values, settings)
@@ -243,8 +242,7 @@ def compare_inputs(captioner: Captioner, items: Iterable[InputItem],
     decoded as ``options`` say, a batch of ``options.batch_size`` at a time (None: the
     captioner's default). An image that cannot be read is listed in the report's
     ``unreadable`` and the others are compared."""
-    pytorch_model = loading.pytorch_model(captioner.checkpoint.directory,
-                                          captioner.model.params)
+    pytorch_model = loading.pytorch_model(captioner.config, captioner.params)
     reports, names, unreadable = [], [], []
     with captioner.batches(items, options) as batches:
         for batch in batches:

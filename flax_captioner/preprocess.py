@@ -21,7 +21,7 @@ import re
 import struct
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,9 +52,8 @@ _QUOTED_DATA = re.compile(
     r"""(?<!\w)b?(?:'(?:[^'\\]|\\.){48,}(?:'|$)|"(?:[^"\\]|\\.){48,}(?:"|$))""")
 # Modes whose values convert("RGB") clips to 0..255 without scaling.
 _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
-# One warning per process is enough: every such file has the same cause.
-_clipping_warned = threading.Event()
-_clipping_lock = threading.Lock()
+# What ``load_image`` tells its ``on_clipped``: (image name, mode, lowest value, highest value).
+OnClipped = Callable[[str, str, float, float], None]
 logger = logging.getLogger(__name__)
 
 
@@ -197,6 +196,27 @@ class ImageDecoding:
     fast: bool = False
 
 
+class ClippingWarning:
+    """An ``on_clipped`` for ``load_image`` that logs the first image reported to it, and only
+    that one: every such image has the same cause. A run makes its own (``feed.batches`` does,
+    one per feed), so each run names its first such image, however many decode threads or
+    processes report to it; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def __call__(self, name: str, mode: str, low: float, high: float) -> None:
+        with self._lock:
+            if self._warned:
+                return
+            self._warned = True
+        logger.warning("%s: a %s image with values from %s to %s: they are clipped to 0..255 "
+                       "without scaling, as the model card's convert(\"RGB\") does, so the "
+                       "model sees a mostly white or black image (only the first such image "
+                       "is named)", name, mode, low, high)
+
+
 def short_reason(cause: BaseException | str, *, tail: bool = False) -> str:
     """``cause`` (an exception's text, or other text such as a command's stderr) as one short
     printable line for an error reason: whitespace collapsed, long quoted values left out (an
@@ -213,14 +233,16 @@ def short_reason(cause: BaseException | str, *, tail: bool = False) -> str:
 
 def load_image(source: ImageSource, *, name: str | None = None,
                exif_transpose: bool = False,
-               jpeg_draft_size: tuple[int, int] | None = None) -> Image.Image:
+               jpeg_draft_size: tuple[int, int] | None = None,
+               on_clipped: OnClipped | None = None) -> Image.Image:
     """Decodes an image fully and converts it to RGB, as the model card does.
 
     Every mode goes through ``image.convert("RGB")``: palette and alpha modes drop the alpha
     channel (no compositing onto white), CMYK uses PIL's conversion, and the high-depth modes
     I;16, I and F are clipped to 0..255 without scaling (F is truncated towards zero), so a
-    16-bit photo mostly saturates to white exactly as it does for the card. The first such
-    image whose values go past 0..255 is logged as a warning, once per process.
+    16-bit photo mostly saturates to white exactly as it does for the card. Such an image
+    whose values go past 0..255 is reported to ``on_clipped`` (a run passes its
+    ``ClippingWarning``, which logs the first one).
 
     Args:
       source: a path, the encoded bytes of an image file, or an in-memory PIL image.
@@ -233,6 +255,8 @@ def load_image(source: ImageSource, *, name: str | None = None,
         1/2, 1/4 or 1/8 of its size in the DCT domain (``Image.draft``), the largest reduction
         that keeps both sides at least this large. Other formats and in-memory images are
         unaffected. None (default): full-size decoding, the model card's pixels.
+      on_clipped: called with (name, mode, lowest value, highest value) when a high-depth
+        image has values that the conversion clips. None (default): not checked.
 
     Returns:
       A loaded RGB image (the image itself when it is a loaded RGB image already).
@@ -259,7 +283,7 @@ def load_image(source: ImageSource, *, name: str | None = None,
             image.draft(None, jpeg_draft_size)  # a no-op for other formats
         if exif_transpose:
             image = _exif_transposed(image, name)
-        return _decode_rgb(image, name)
+        return _decode_rgb(image, name, on_clipped)
 
 
 def _open(source: str | os.PathLike | bytes, name: str | None) -> tuple[Image.Image, str]:
@@ -333,9 +357,10 @@ def preprocess(images: Sequence[Image.Image], config: PreprocessConfig) -> np.nd
 
 def load_and_preprocess_one(source: ImageSource, config: PreprocessConfig, *,
                             name: str | None = None,
-                            decoding: ImageDecoding = ImageDecoding()) -> np.ndarray:
+                            decoding: ImageDecoding = ImageDecoding(),
+                            on_clipped: OnClipped | None = None) -> np.ndarray:
     """``load_image`` then ``preprocess`` for one image; safe to call from many threads at once
-    (``feed`` runs it on its decode threads).
+    (``feed`` runs it on its decode threads). ``on_clipped`` as in ``load_image``.
 
     Returns:
       float32 [3, H, W].
@@ -348,7 +373,7 @@ def load_and_preprocess_one(source: ImageSource, config: PreprocessConfig, *,
         side = max(config.size)  # square, so an EXIF rotation cannot leave a side short
         draft = (side, side)
     image = load_image(source, name=name, exif_transpose=decoding.exif_transpose,
-                       jpeg_draft_size=draft)
+                       jpeg_draft_size=draft, on_clipped=on_clipped)
     height, width = config.size if config.do_resize else (image.height, image.width)
     pixel_values = np.empty((3, height, width), np.float32)
     _pixel_values_into(image, config, _pixel_lut(config), pixel_values)
@@ -402,34 +427,18 @@ def _pixel_lut(config: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(levels, np.float32)
 
 
-def _decode_rgb(image: Image.Image, name: str) -> Image.Image:
-    """Fully decodes ``image`` (so truncation shows now) and converts it to RGB."""
+def _decode_rgb(image: Image.Image, name: str, on_clipped: OnClipped | None) -> Image.Image:
+    """Fully decodes ``image`` (so truncation shows now) and converts it to RGB, reporting a
+    high-depth image whose values the conversion clips to ``on_clipped``."""
     try:
         image.load()
-        if image.mode in _HIGH_DEPTH_MODES:
-            _warn_if_clipped(image, name)
+        if on_clipped is not None and image.mode in _HIGH_DEPTH_MODES:
+            low, high = image.getextrema()
+            if low < 0 or high > 255:
+                on_clipped(name, image.mode, low, high)
         return image if image.mode == "RGB" else image.convert("RGB")
     except _DECODE_ERRORS as error:
         raise ImageReadError(name, f"cannot decode: {short_reason(error)}") from None
-
-
-def _warn_if_clipped(image: Image.Image, name: str) -> None:
-    """Logs, once per process, that ``image`` (a high-depth mode) has values that
-    convert("RGB") clips: its pixels stay the model card's, but the caption may be of a
-    white image."""
-    if _clipping_warned.is_set():
-        return
-    low, high = image.getextrema()
-    if 0 <= low and high <= 255:
-        return
-    with _clipping_lock:
-        if _clipping_warned.is_set():
-            return
-        _clipping_warned.set()
-    logger.warning("%s: a %s image with values from %s to %s: they are clipped to 0..255 "
-                   "without scaling, as the model card's convert(\"RGB\") does, so the model "
-                   "sees a mostly white or black image (only the first such image is named)",
-                   name, image.mode, low, high)
 
 
 def _pixel_values_into(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import io
+import json
 import logging
 import os
 import random
@@ -38,9 +39,18 @@ EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "hf": "hf", "http"
           "https": "http"}
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")
 # Failures no retry can fix: the object is absent, forbidden, or not an object.
-# CaptionerError: a decision about the input (no such bucket, a missing column), not the store.
+# ValueError: a name that is not an object's (s3fs: "Attempt to open non key-like path", an
+# invalid bucket name; aiohttp's InvalidURL) or a request refused as malformed (gcsfs: a 400
+# "Bad Request ... invalid"). CaptionerError: a decision about the input (no such bucket, a
+# missing column), not the store. TypeError is not here: no client raises one about an object,
+# only about a response (gcsfs indexes a 5xx body that is JSON but not an object) or from a
+# client bug, which as error rows would mark every image bad for good.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-              ValueError, TypeError, CaptionerError)
+              ValueError, CaptionerError)
+# ValueErrors that are a response the client could not decode: the store's failure, retried.
+# gcsfs decodes a 5xx page as UTF-8 (json.loads for its message) before its own retries see
+# it, so a load balancer's Latin-1 "503 Service Unavailable" page raises UnicodeDecodeError.
+_UNDECODED_RESPONSE = (UnicodeDecodeError, json.JSONDecodeError)
 # OSError numbers s3fs gives a request the store refused as malformed (its 4xx answers other
 # than 403/404/409): the same request fails the same way however long it is retried.
 _PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE, errno.ENOSYS,
@@ -141,6 +151,8 @@ def retry_seconds() -> float:
 def _is_permanent(error: BaseException) -> bool:
     """Whether ``error`` is about the object itself (missing, forbidden, not an object, a
     malformed request), so retrying cannot help; else it is the store's (see ``retrying``)."""
+    if isinstance(error, _UNDECODED_RESPONSE):
+        return False
     return isinstance(error, _PERMANENT) or (isinstance(error, OSError)
                                              and error.errno in _PERMANENT_ERRNOS)
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax.traverse_util import flatten_dict
 from PIL import Image, ImageDraw
 
 EOS_TOKEN = "<|endoftext|>"
@@ -92,33 +93,42 @@ def write_preprocessor_config(directory: Path, image_size: int) -> None:
     (directory / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
 
 
-def redraw_random_weights(model: Any, seed: int) -> None:
-    """Replaces the random weights of a freshly initialized model by numpy draws from ``seed``.
+def random_pytorch_state(config: Any, seed: int) -> dict[str, np.ndarray]:
+    """Random weights for ``config`` as a PyTorch state dict (file names and layouts),
+    numpy draws from ``seed``.
 
-    The same seed gives the same checkpoint under every torch release: torch's own
-    ``trunc_normal_`` (the ViT's initializer) draws different values for one seed in
-    different releases, so the suite's chaotic checkpoints were other checkpoints on the
-    device image, whose torch differs. Each tensor keeps Hugging Face's
-    initializer's scale: ``initializer_range`` of its half of the model, divided by
-    sqrt(2 x layers) for GPT-2's ``c_proj`` weights. Constant tensors (layer norms, biases)
-    stay as initialized.
+    The same seed gives the same checkpoint under every torch and transformers release:
+    torch's own ``trunc_normal_`` (the ViT's initializer) draws different values for one seed
+    in different releases, and transformers 5 renamed the ViT's parameters in memory, which
+    reorders them. So the draws follow the sorted file names, which stay. Each tensor keeps
+    Hugging Face's initializer's scale: ``initializer_range`` of its half of the model,
+    divided by sqrt(2 x layers) for GPT-2's ``c_proj`` weights; biases are zeros and layer
+    norm scales ones, as initialized.
     """
-    import torch
+    from flax_captioner import modules
 
+    torch_names = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+    shapes = {}
+    for key, leaf in flatten_dict(modules.param_shapes(config)).items():
+        shape = tuple(leaf.shape)
+        if key[-1] == "kernel":  # Flax [h, w, in, out] / [in, out] -> PyTorch's order
+            shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
+        shapes[".".join(key[:-1] + (torch_names.get(key[-1], key[-1]),))] = (shape, key[-1])
     rng = np.random.default_rng(seed)
-    encoder, decoder = model.config.encoder, model.config.decoder
-    with torch.no_grad():
-        for name, parameter in sorted(model.named_parameters()):
-            if bool((parameter == parameter.flatten()[0]).all()):
-                continue
-            if name.startswith("encoder."):
-                std = encoder.initializer_range
-            elif name.endswith("c_proj.weight"):
-                std = decoder.initializer_range / np.sqrt(2 * decoder.n_layer)
-            else:
-                std = decoder.initializer_range
-            draw = rng.standard_normal(tuple(parameter.shape), dtype=np.float32) * np.float32(std)
-            parameter.copy_(torch.from_numpy(draw))
+    encoder, decoder = config.encoder, config.decoder
+    state = {}
+    for name, (shape, kind) in sorted(shapes.items()):
+        if kind in ("bias", "scale"):
+            state[name] = np.full(shape, 1.0 if kind == "scale" else 0.0, np.float32)
+            continue
+        if name.startswith("encoder."):
+            std = encoder.initializer_range
+        elif name.endswith("c_proj.weight"):
+            std = decoder.initializer_range / np.sqrt(2 * decoder.n_layer)
+        else:
+            std = decoder.initializer_range
+        state[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+    return state
 
 
 def make_checkpoint(
@@ -144,6 +154,7 @@ def make_checkpoint(
     distribution, so EOS lands at varied steps). ``weights`` is ``"safetensors"`` or
     ``"bin"`` (a PyTorch pickle, as the nlpconnect checkpoint ships).
     """
+    import torch
     from transformers import (GPT2Config, ViTConfig, VisionEncoderDecoderConfig,
                               VisionEncoderDecoderModel)
 
@@ -163,9 +174,18 @@ def make_checkpoint(
     config.decoder_start_token_id = eos_id
     config.pad_token_id = eos_id
     config.eos_token_id = eos_id
-    model = VisionEncoderDecoderModel(config).eval()
-    redraw_random_weights(model, seed)
-    model.save_pretrained(directory, safe_serialization=(weights == "safetensors"))
+    state = random_pytorch_state(config, seed)
+    if weights == "safetensors":
+        model = VisionEncoderDecoderModel.from_pretrained(
+            None, config=config, state_dict={name: torch.from_numpy(value)
+                                             for name, value in state.items()})
+        model.save_pretrained(directory)
+    else:  # a pickle, as the nlpconnect checkpoint ships it (tied LM head included);
+        # transformers 5 writes safetensors whatever it is asked
+        config.save_pretrained(directory)
+        state["decoder.lm_head.weight"] = state["decoder.transformer.wte.weight"]
+        torch.save({name: torch.from_numpy(value) for name, value in state.items()},
+                   directory / "pytorch_model.bin")
     # generation_config.json would carry PyTorch-only defaults; the nlpconnect repo has none.
     (directory / "generation_config.json").unlink(missing_ok=True)
     write_word_tokenizer(directory, vocab_size)

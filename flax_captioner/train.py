@@ -1,4 +1,4 @@
-"""Fine-tuning a FlaxVisionEncoderDecoderModel with optax: data-parallel, resumable, evaluated.
+"""Fine-tuning the captioner with optax: data-parallel, resumable, evaluated.
 
 The recipe is the one the nlpconnect checkpoint was trained with (transformers'
 ``run_image_captioning_flax.py``): AdamW whose weight decay skips biases and LayerNorm, a
@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from tqdm.auto import tqdm
 
-from flax_captioner import device_loop, feed, loading, metrics, sharding, train_data
+from flax_captioner import device_loop, feed, loading, metrics, modules, sharding, train_data
 from flax_captioner.errors import DataError, ModelLoadError, NonFiniteLossError
 from flax_captioner.generator import Generator
 from flax_captioner.preprocess import PreprocessConfig
@@ -130,18 +130,33 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class ModelBundle:
-    """A model to train and what belongs with it (token ids are the model config's)."""
+    """A model to train and what belongs with it (token ids are the model config's).
 
-    model: Any
+    Attributes:
+      params: the starting parameter tree (float32).
+      config: its ``VisionEncoderDecoderConfig``.
+      tokenizer: the decoder's tokenizer.
+      preprocess_config: the encoder's preprocessing.
+      generation_config: the starting checkpoint's ``GenerationConfig``, exported with the
+        model; None: derived from ``config``.
+    """
+
+    params: Any
+    config: Any
     tokenizer: Any
     preprocess_config: PreprocessConfig
+    generation_config: Any = None
+
+    def module(self) -> modules.VisionEncoderDecoder:
+        """The Flax module training runs (float32, dropout as the config sets it)."""
+        return modules.VisionEncoderDecoder(modules.ModuleConfig.from_config(self.config))
 
 
 def build_model(config: TrainConfig) -> ModelBundle:
     """Loads ``config.model``, or joins ``config.encoder`` and ``config.decoder``.
 
-    A joined model gets fresh cross-attention and, as in the recipe, decoder_start = bos
-    and pad = eos of the decoder.
+    A joined model gets fresh cross-attention (drawn from ``config.seed``) and, as in the
+    recipe, decoder_start = bos and pad = eos of the decoder.
 
     Raises:
       ModelLoadError: neither or both ways given, or a checkpoint that does not load.
@@ -151,24 +166,26 @@ def build_model(config: TrainConfig) -> ModelBundle:
                              "decoder to join")
     if config.model:
         checkpoint = loading.load_checkpoint(config.model)
-        return ModelBundle(checkpoint.model, checkpoint.tokenizer, checkpoint.preprocess_config)
-    from transformers import AutoTokenizer, FlaxVisionEncoderDecoderModel
+        return ModelBundle(checkpoint.params, checkpoint.config, checkpoint.tokenizer,
+                           checkpoint.preprocess_config,
+                           loading.read_generation_config(checkpoint.directory))
+    from transformers import AutoTokenizer
 
+    params, model_config = loading.load_pretrained_parts(config.encoder, config.decoder,
+                                                         seed=config.seed)
+    decoder_dir = loading.resolve_directory(config.decoder)
     try:
-        with loading.quiet_flax_deprecation():
-            model = FlaxVisionEncoderDecoderModel.from_encoder_decoder_pretrained(
-                config.encoder, config.decoder)
-        tokenizer = AutoTokenizer.from_pretrained(config.decoder)
+        tokenizer = AutoTokenizer.from_pretrained(decoder_dir)
     except (OSError, ValueError) as error:
-        raise ModelLoadError(f"{config.encoder} + {config.decoder}: could not be loaded "
+        raise ModelLoadError(f"{config.decoder}: its tokenizer could not be loaded "
                              f"({str(error).strip().splitlines()[0]})") from error
-    decoder = model.config.decoder
-    model.config.decoder_start_token_id = decoder.bos_token_id
-    model.config.pad_token_id = decoder.eos_token_id
-    model.config.eos_token_id = decoder.eos_token_id
+    decoder = model_config.decoder
+    model_config.decoder_start_token_id = decoder.bos_token_id
+    model_config.pad_token_id = decoder.eos_token_id
+    model_config.eos_token_id = decoder.eos_token_id
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return ModelBundle(model, tokenizer, PreprocessConfig.from_pretrained(
+    return ModelBundle(params, model_config, tokenizer, PreprocessConfig.from_pretrained(
         loading.resolve_directory(config.encoder)))
 
 
@@ -227,18 +244,21 @@ def token_loss(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array,
     return jnp.sum(losses * loss_mask), jnp.sum(loss_mask)
 
 
-def _model_logits(model: Any, params: Any, batch: dict[str, jax.Array], *, train: bool,
+def _model_logits(model: modules.VisionEncoderDecoder, params: Any,
+                  batch: dict[str, jax.Array], *, train: bool,
                   dropout_rng: jax.Array | None = None) -> jax.Array:
-    return model(pixel_values=batch["pixel_values"], decoder_input_ids=batch["decoder_input_ids"],
-                 decoder_attention_mask=batch["decoder_attention_mask"], params=params,
-                 dropout_rng=dropout_rng, train=train).logits
+    """Teacher-forced logits float32[B, T, V]; dropout on when ``train``."""
+    return model.apply({"params": params}, batch["pixel_values"], batch["decoder_input_ids"],
+                       batch["decoder_attention_mask"], deterministic=not train,
+                       rngs={"dropout": dropout_rng} if train else None)
 
 
 def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Any,
+def train_step(state: TrainState, batch: dict[str, jax.Array], *,
+               model: modules.VisionEncoderDecoder,
                optimizer: optax.GradientTransformation, label_smoothing: float
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One micro-batch: gradients of the global-token-mean loss, fed to the optimizer.
@@ -272,7 +292,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: Any,
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
-def eval_loss_step(params: Any, batch: dict[str, jax.Array], *, model: Any,
+def eval_loss_step(params: Any, batch: dict[str, jax.Array], *,
+                   model: modules.VisionEncoderDecoder,
                    label_smoothing: float) -> tuple[jax.Array, jax.Array]:
     """Teacher-forced (loss_sum, token_count) of one batch (shapes as in ``train_step``)."""
     logits = _model_logits(model, params, batch, train=False)
@@ -386,7 +407,7 @@ class Trainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.bundle = build_model(config)
-        token_ids = loading.generation_defaults(self.bundle.model.config)
+        token_ids = loading.generation_defaults(self.bundle.config)
         self.token_ids = {"decoder_start_token_id": token_ids.decoder_start_token_id,
                           "pad_token_id": token_ids.pad_token_id,
                           "eos_token_id": token_ids.eos_token_id}
@@ -399,7 +420,7 @@ class Trainer:
         self.placement = sharding.MeshDataParallel(jax.local_devices())
         self.optimizer = make_optimizer(config, self.plan.total_steps)
         self.schedule = learning_rate_schedule(config, self.plan.total_steps)
-        model = self.bundle.model
+        model = self.bundle.module()
         self.train_step_fn = jax.jit(
             functools.partial(train_step, model=model, optimizer=self.optimizer,
                               label_smoothing=config.label_smoothing),
@@ -407,9 +428,10 @@ class Trainer:
         self.eval_loss_fn = jax.jit(functools.partial(
             eval_loss_step, model=model, label_smoothing=config.label_smoothing))
         # Evaluation captions go through the one captioning path, fed each evaluation's params.
-        self.generator = Generator(model.params, model.config, data_parallel=self.placement)
+        self.generator = Generator(self.bundle.params, self.bundle.config,
+                                   data_parallel=self.placement)
         self.caption_settings = GenerationSettings.resolve(
-            loading.generation_defaults(model.config), num_beams=config.num_beams,
+            loading.generation_defaults(self.bundle.config), num_beams=config.num_beams,
             max_length=config.max_length)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.export_pytorch = loading.torch_available()
@@ -427,7 +449,7 @@ class Trainer:
 
     def start_state(self, manager: ocp.CheckpointManager) -> TrainState:
         """The newest checkpoint's state, or step 0; replicated over the mesh."""
-        state = initial_state(self.bundle.model.params, self.optimizer, self.config.seed)
+        state = initial_state(self.bundle.params, self.optimizer, self.config.seed)
         state = jax.device_put(state, self.placement.replicated)
         if manager.latest_step() is not None:
             state = _restore(manager, state)
@@ -614,10 +636,10 @@ class Trainer:
         """Writes a Hugging Face directory with Flax weights, and PyTorch weights when PyTorch
         is installed."""
         destination = Path(self.config.export_dir or self.output_dir / "export")
-        loading.save_checkpoint(self.bundle.model, self.bundle.tokenizer,
+        loading.save_checkpoint(jax.device_get(params), self.bundle.config, self.bundle.tokenizer,
                                 self.bundle.preprocess_config, destination,
-                                params=jax.device_get(params), flax=True,
-                                pytorch=self.export_pytorch)
+                                generation_config=self.bundle.generation_config,
+                                flax=True, pytorch=self.export_pytorch)
         logger.info("exported %s", destination)
         return destination
 

@@ -56,7 +56,7 @@ class TrainConfig:
     adam_epsilon: float = _field(1e-8, "AdamW epsilon")
     max_grad_norm: float = _field(1.0, "clip gradients to this global norm; 0: no clipping")
     label_smoothing: float = _field(0.0, "label smoothing factor")
-    seed: int = _field(42, "seed of data order and dropout")
+    seed: int = _field(42, "seed of data order, dropout and a joined model's new weights")
     save_every: int = _field(500, "save a checkpoint every N steps (and at the end)")
     keep_checkpoints: int = _field(3, "checkpoints kept (the newest)")
     eval_every: int = _field(0, "evaluate every N steps; 0: at the end only")

@@ -111,13 +111,18 @@ def prepare_pytorch(directory: Path, args: argparse.Namespace, dtype: str):
 
 
 def prepare_hf_flax(directory: Path, args: argparse.Namespace, dtype: str):
-    """HF Flax ``generate`` under ``jax.jit``, compiled for the benchmark's batch."""
+    """HF Flax ``generate`` under ``jax.jit``, compiled for the benchmark's batch
+    (``FlaxVisionEncoderDecoderModel`` of the loaded weights, computing in ``dtype``;
+    transformers < 5 only)."""
     import jax
     import jax.numpy as jnp
 
+    from flax_captioner import hf_flax
     from flax_captioner.loading import load_checkpoint
 
-    model = load_checkpoint(directory, dtype=getattr(jnp, dtype)).model
+    checkpoint = load_checkpoint(directory)
+    model = hf_flax.to_flax_model(checkpoint.params, checkpoint.config,
+                                  dtype=getattr(jnp, dtype))
     shape = jax.ShapeDtypeStruct((args.batch_size, 3, model.config.encoder.image_size,
                                   model.config.encoder.image_size), jnp.float32)
     generate, compile_seconds = hf_flax_generate(model, settings_for(model.config, args), shape)
@@ -134,12 +139,13 @@ def prepare_ours(directory: Path, args: argparse.Namespace, dtype: str,
 
     from flax_captioner.loading import load_checkpoint
 
-    model = load_checkpoint(directory).model
+    checkpoint = load_checkpoint(directory)
     platform = jax.devices()[0].platform
     choices = {switched: other_form(platform, switched, dtype)} if switched else {}
-    generator = make_generator(model.params, model.config, choices, dtype=getattr(jnp, dtype))
-    settings = settings_for(model.config, args, output_scores)
-    generator.generate(seeded_pixels(args.batch_size, model.config.encoder.image_size,
+    generator = make_generator(checkpoint.params, checkpoint.config, choices,
+                               dtype=getattr(jnp, dtype))
+    settings = settings_for(checkpoint.config, args, output_scores)
+    generator.generate(seeded_pixels(args.batch_size, checkpoint.config.encoder.image_size,
                                      args.seed), settings)
     return generator.compile_seconds, lambda pixels: generator.generate(pixels,
                                                                         settings).sequences
@@ -240,12 +246,17 @@ class Worker:
 
 def build_checkpoint(directory: Path) -> Path:
     """The full-size random-weight checkpoint (the test suite's seeded builder), plus a
-    ``flax_model.msgpack`` so the JAX workers load without PyTorch."""
-    from transformers import FlaxVisionEncoderDecoderModel
+    ``flax_model.msgpack`` so the JAX workers load without PyTorch. The PyTorch weights
+    stay beside it (the PyTorch worker loads them); the JAX workers load the msgpack, which
+    ``loading`` prefers."""
+    import jax
+    from flax.serialization import to_bytes
+
+    from flax_captioner import loading
 
     make_full_size_checkpoint(directory)
-    FlaxVisionEncoderDecoderModel.from_pretrained(directory, from_pt=True).save_pretrained(
-        directory)
+    params = loading.load_checkpoint(directory).params
+    (directory / loading.FLAX_WEIGHTS).write_bytes(to_bytes(jax.device_get(params)))
     return directory
 
 
@@ -351,6 +362,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def hf_flax_available() -> bool:
+    """Whether HF Flax can be measured; says on stderr why not where it cannot (the
+    installed transformers has no Flax classes: 5.0 removed them)."""
+    from flax_captioner import hf_flax
+
+    if hf_flax.available():
+        return True
+    import transformers
+
+    print(f"hf-flax skipped: transformers {transformers.__version__} has no "
+          "FlaxVisionEncoderDecoderModel (removed in 5.0; install transformers<5 to "
+          "measure it)", file=sys.stderr, flush=True)
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
@@ -359,8 +385,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     with tempfile.TemporaryDirectory() as scratch:
         directory = args.checkpoint or build_checkpoint(Path(scratch) / "model")
+        frameworks = args.frameworks.split(",")
+        if "hf-flax" in frameworks and not hf_flax_available():
+            frameworks.remove("hf-flax")
         runs = [(framework, "float32" if framework == "pytorch" else args.dtype)
-                for framework in args.frameworks.split(",")]
+                for framework in frameworks]
         if "ours" in args.frameworks.split(",") and not args.no_dtype_check:
             runs.append(("ours", "bfloat16" if args.dtype == "float32" else "float32"))
         if args.output_scores:

@@ -5,7 +5,9 @@ distributions, EOS at varied steps; the same ones tests/test_parity_generate.py 
 captions the same random images with PyTorch ``VisionEncoderDecoderModel.generate``,
 ``FlaxVisionEncoderDecoderModel.generate`` and ``flax_captioner``'s generator over a grid of
 num_beams x length_penalty x early_stopping (plus greedy), float32 at the highest matmul
-precision, and prints the share of returned captions that differ from PyTorch's.
+precision, and prints the share of returned captions that differ from PyTorch's. HF Flax is
+``flax_captioner.hf_flax.to_flax_model`` of the loaded weights: transformers < 5 only (5.0
+removed its Flax classes; the script says so and exits there).
 
     python -m scripts.measure_hf_flax_mismatch [--images 8] [--seeds 9 16 37] [--max-length 19]
 
@@ -23,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from flax_captioner import parity
+from flax_captioner import hf_flax, loading, parity
 from flax_captioner.model import ModelSpec
 from flax_captioner.generator import build_generate_fn
 from flax_captioner.settings import GenerationSettings
@@ -57,16 +59,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(CHAOTIC_SEEDS))
     parser.add_argument("--max-length", type=int, default=19)
     args = parser.parse_args()
+    if not hf_flax.available():
+        import transformers
+
+        raise SystemExit(f"measure_hf_flax_mismatch: transformers {transformers.__version__} "
+                         "has no FlaxVisionEncoderDecoderModel (removed in 5.0); install "
+                         "transformers<5 to measure HF Flax")
     jax.config.update("jax_default_matmul_precision", "highest")
 
-    from transformers import FlaxVisionEncoderDecoderModel, VisionEncoderDecoderModel
+    from transformers import VisionEncoderDecoderModel
 
     models = []
     with tempfile.TemporaryDirectory() as workdir:
         for seed in args.seeds:
             directory = make_chaotic_checkpoint(Path(workdir) / f"seed{seed}", seed)
+            checkpoint = loading.load_checkpoint(directory)
             models.append((VisionEncoderDecoderModel.from_pretrained(directory).eval(),
-                           FlaxVisionEncoderDecoderModel.from_pretrained(directory, from_pt=True),
+                           hf_flax.to_flax_model(checkpoint.params, checkpoint.config),
                            chaotic_pixels(seed, args.images)))
 
     defaults = type("Defaults", (), dict(decoder_start_token_id=EOS, pad_token_id=EOS,

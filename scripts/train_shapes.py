@@ -66,25 +66,54 @@ def train_tokenizer(captions: list[str], directory: Path) -> object:
 
 def write_pretrained_parts(work_dir: Path, tokenizer: object,
                            sizes: TinySizes) -> tuple[Path, Path]:
-    """Writes a random tiny ViT (with preprocessor config) and GPT-2 (with tokenizer)."""
-    from transformers import FlaxGPT2LMHeadModel, FlaxViTModel, GPT2Config, ViTConfig
+    """Writes a random tiny ViT (with preprocessor config) and GPT-2 (with tokenizer) as
+    pretrained directories, in the Flax lineage's files (``config.json`` and
+    ``flax_model.msgpack`` of ``FlaxViTModel`` / ``FlaxGPT2LMHeadModel``'s parameter trees).
 
+    The weights are the project's own modules' initialisation (``modules.init_params``, HF's
+    initialisers) of the joined captioner, seeded with MODEL_SEED: the encoder's tree as is,
+    the decoder's without the cross-attention a plain GPT-2 does not have (training draws it
+    fresh when it joins the two).
+    """
+    import copy
+
+    import jax
+    from flax.serialization import to_bytes
+    from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig
+
+    from flax_captioner import modules
+    from flax_captioner.loading import FLAX_WEIGHTS
     from flax_captioner.preprocess import PreprocessConfig
 
     encoder_dir, decoder_dir = work_dir / "encoder", work_dir / "decoder"
-    encoder = FlaxViTModel(ViTConfig(
+    vit_config = ViTConfig(
         image_size=IMAGE_SIZE, patch_size=sizes.patch, hidden_size=sizes.hidden,
         num_hidden_layers=sizes.encoder_layers, num_attention_heads=sizes.heads,
-        intermediate_size=4 * sizes.hidden), seed=MODEL_SEED)
-    encoder.save_pretrained(encoder_dir)
-    PreprocessConfig(size=(IMAGE_SIZE, IMAGE_SIZE)).save_pretrained(encoder_dir)
+        intermediate_size=4 * sizes.hidden)
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    decoder = FlaxGPT2LMHeadModel(GPT2Config(
+    gpt2_config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=sizes.max_positions, n_embd=sizes.hidden,
         n_layer=sizes.decoder_layers, n_head=sizes.heads, bos_token_id=eos_id,
-        eos_token_id=eos_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-        seed=MODEL_SEED)
-    decoder.save_pretrained(decoder_dir)
+        eos_token_id=eos_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    # Joining sets is_decoder and add_cross_attention on the decoder config it is given:
+    # copies, so the GPT-2 directory keeps a plain GPT-2 config.
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        copy.deepcopy(vit_config), copy.deepcopy(gpt2_config))
+    params = jax.device_get(modules.init_params(config, MODEL_SEED))
+
+    encoder_dir.mkdir(parents=True, exist_ok=True)
+    vit_config.save_pretrained(encoder_dir)
+    (encoder_dir / FLAX_WEIGHTS).write_bytes(to_bytes(params["encoder"]))
+    PreprocessConfig(size=(IMAGE_SIZE, IMAGE_SIZE)).save_pretrained(encoder_dir)
+
+    decoder_dir.mkdir(parents=True, exist_ok=True)
+    gpt2_config.save_pretrained(decoder_dir)
+    transformer = params["decoder"]["transformer"]
+    blocks = {index: {name: value for name, value in block.items()
+                      if name not in ("crossattention", "ln_cross_attn")}
+              for index, block in transformer["h"].items()}
+    (decoder_dir / FLAX_WEIGHTS).write_bytes(
+        to_bytes({"transformer": {**transformer, "h": blocks}}))
     tokenizer.save_pretrained(decoder_dir)
     return encoder_dir, decoder_dir
 

@@ -159,7 +159,7 @@ def test_variants_switch_one_kernel_choice_each_and_their_xla_options_compile(ti
                    or "cudnn" in choices.values() for choices in cpu.values())
     assert any("compiler_options" in choices for choices in gpu.values())
     # XLA rejects an option name or value it does not know, on any backend: these it knows.
-    model = loading.load_checkpoint(tiny_checkpoint).model
+    model = loading.load_checkpoint(tiny_checkpoint)
     settings = GenerationSettings.resolve(loading.generation_defaults(model.config),
                                           max_length=4)
     for name, choices in gpu.items():

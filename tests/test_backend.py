@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_captioner import backend, sharding
+from flax_captioner import backend, loading, sharding
 from flax_captioner.errors import FIXES, CaptionerError
 from flax_captioner.generator import Generator, build_generate_fn
 from flax_captioner.settings import GenerationSettings
@@ -27,9 +27,7 @@ EOS = 63  # the conftest tiny checkpoint's vocabulary is 64, EOS last
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_checkpoint):
-    from transformers import FlaxVisionEncoderDecoderModel
-
-    return FlaxVisionEncoderDecoderModel.from_pretrained(tiny_checkpoint, from_pt=True)
+    return loading.load_checkpoint(tiny_checkpoint)
 
 
 def settings_for(**overrides) -> GenerationSettings:
@@ -311,12 +309,12 @@ def test_out_of_memory_error_from_a_real_resource_exhausted():
 OOM_SCRIPT = textwrap.dedent("""
     import ctypes, json, resource, sys
     import numpy as np
-    from transformers import FlaxVisionEncoderDecoderModel
     from flax_captioner.errors import CaptionerError
     from flax_captioner.generator import Generator
+    from flax_captioner.loading import load_checkpoint
     from flax_captioner.settings import GenerationSettings
 
-    model = FlaxVisionEncoderDecoderModel.from_pretrained(sys.argv[1], from_pt=True)
+    model = load_checkpoint(sys.argv[1])
     generator = Generator(model.params, model.config)
     ids = dict(decoder_start_token_id=63, pad_token_id=63, eos_token_id=63)
     settings = GenerationSettings.resolve(type("D", (), ids), num_beams=2, max_length=6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import os
 import signal
 import threading
@@ -92,6 +93,31 @@ def test_every_decoded_image_lands_in_its_row_in_input_order(processes):
     assert [item.index for item in decoded] == [i for i in range(23) if i % 5 != 4]
     expected = np.stack([load_and_preprocess_one(item.data, CONFIG) for item in decoded])
     np.testing.assert_array_equal(np.concatenate([pixels for *_, pixels in got]), expected)
+
+
+def sixteen_bit_png(seed: int) -> bytes:
+    """A 16-bit grey PNG (mode I;16) with values far above 255: converting it clips them."""
+    buffer = io.BytesIO()
+    values = np.random.RandomState(seed).randint(256, 65536, (5, 6)).astype(np.uint16)
+    Image.fromarray(values).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_clipped_16_bit_images_are_warned_about_once_per_feed(processes, caplog):
+    # Each process of the pool decodes some of the images: the warning still comes once,
+    # from the feed (the run), and each feed warns again.
+    items = [InputItem(index, f"deep{index}", data=sixteen_bit_png(index)) for index in range(6)]
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="flax_captioner"):
+            with feed.batches(items, CONFIG, 2, num_threads=2,
+                              decode_processes=processes) as batches:
+                assert sum(batch.num_decoded for batch in batches) == 6
+        messages = [record.getMessage() for record in caplog.records]
+        assert len(messages) == 1
+        assert messages[0].split(":")[0] in {item.name for item in items}
+        assert "clipped to 0..255" in messages[0]
 
 
 def test_own_size_images_of_different_sizes_in_one_batch_are_a_one_line_error():

@@ -1,4 +1,4 @@
-"""Parity of the model's encoder and decoder step with PyTorch (and HF Flax), same weights.
+"""Parity of the model's encoder, decoder step and training modules with PyTorch (and HF Flax).
 
 Teacher forcing: tokens fed one step at a time through ``decode_step`` must give, at every
 step, the logits of PyTorch's full-sequence forward pass on the same prefix.
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from flax_captioner import hf_flax, loading, modules
 from flax_captioner.backend import FORMS
 from flax_captioner.errors import ModelLoadError
 from flax_captioner.model import (ModelSpec, cast_params, cross_kv, decode_step, encode,
@@ -24,12 +25,16 @@ TOLERANCE = 1e-4
 
 
 def load_models(directory):
-    """(PyTorch model, HF Flax model, ModelSpec) for one checkpoint directory."""
-    from transformers import FlaxVisionEncoderDecoderModel, VisionEncoderDecoderModel
+    """(PyTorch model, the loaded checkpoint, ModelSpec) for one checkpoint directory."""
+    from transformers import VisionEncoderDecoderModel
 
     torch_model = VisionEncoderDecoderModel.from_pretrained(directory).eval()
-    flax_model = FlaxVisionEncoderDecoderModel.from_pretrained(directory, from_pt=True)
-    return torch_model, flax_model, ModelSpec.from_config(flax_model.config)
+    checkpoint = loading.load_checkpoint(directory)
+    return torch_model, checkpoint, ModelSpec.from_config(checkpoint.config)
+
+
+needs_hf_flax = pytest.mark.skipif(not hf_flax.available(),
+                                   reason="transformers >= 5 has no FlaxVisionEncoderDecoderModel")
 
 
 @pytest.fixture(scope="module", params=[
@@ -64,28 +69,20 @@ def jit_decode_step(params, tokens, position, cache, cross, spec, dtype=jnp.floa
                        self_attention)
 
 
-def test_encoder_matches_pytorch_and_hf_flax(tiny_models):
-    torch_model, flax_model, spec = tiny_models
+def test_encoder_matches_pytorch(tiny_models):
+    torch_model, checkpoint, spec = tiny_models
     pixels = random_pixels(spec, batch=3)
-    ours = np.asarray(jax.jit(encode, static_argnames="spec")(flax_model.params, pixels,
+    ours = np.asarray(jax.jit(encode, static_argnames="spec")(checkpoint.params, pixels,
                                                               spec=spec))
     with torch.no_grad():
         expected = torch_model.encoder(torch.from_numpy(pixels)).last_hidden_state.numpy()
-    hf_flax = flax_model.encode(pixels).last_hidden_state
     assert ours.shape == (3, spec.encoder_length, spec.encoder_hidden_size)
     np.testing.assert_allclose(ours, expected, atol=TOLERANCE, rtol=0)
-    np.testing.assert_allclose(ours, hf_flax, atol=TOLERANCE, rtol=0)
 
 
-def test_single_beam_steps_match_full_forward(tiny_models):
-    torch_model, flax_model, spec = tiny_models
-    batch, length = 2, 9
-    pixels = random_pixels(spec, batch, seed=1)
-    rng = np.random.default_rng(1)
-    tokens = rng.integers(0, spec.vocab_size, (batch, length)).astype(np.int32)
-    tokens[:, 0] = spec.vocab_size - 1  # decoder start = EOS, as in the checkpoints
-
-    params = flax_model.params
+def single_beam_step_logits(params, spec, pixels, tokens) -> np.ndarray:
+    """decode_step run position by position with one beam: float32[B, T, V]."""
+    batch, length = tokens.shape
     cross = cross_kv(params, encode(params, pixels, spec), spec)
     cache = init_cache(batch, 1, length, spec)
     steps = []
@@ -93,13 +90,58 @@ def test_single_beam_steps_match_full_forward(tiny_models):
         logits, cache = jit_decode_step(params, jnp.asarray(tokens[:, position:position + 1]),
                                         jnp.int32(position), cache, cross, spec)
         steps.append(np.asarray(logits[:, 0]))
-    ours = np.stack(steps, axis=1)  # [B, T, V]
+    return np.stack(steps, axis=1)
+
+
+def start_tokens(spec, batch: int, length: int, seed: int) -> np.ndarray:
+    tokens = np.random.default_rng(seed).integers(0, spec.vocab_size, (batch, length))
+    tokens[:, 0] = spec.vocab_size - 1  # decoder start = EOS, as in the checkpoints
+    return tokens.astype(np.int32)
+
+
+def test_single_beam_steps_and_the_training_modules_match_full_forward(tiny_models):
+    """The cached step (generation) and the teacher-forced modules (training) are two uses
+    of one arithmetic: both equal PyTorch's full forward pass, and each other."""
+    torch_model, checkpoint, spec = tiny_models
+    batch, length = 2, 9
+    pixels = random_pixels(spec, batch, seed=1)
+    tokens = start_tokens(spec, batch, length, seed=1)
+    ours = single_beam_step_logits(checkpoint.params, spec, pixels, tokens)
+    modules_logits = np.asarray(modules.teacher_forced_logits(
+        checkpoint.params, checkpoint.config, pixels, tokens))
 
     expected = torch_logits(torch_model, pixels, tokens)
-    hf_flax = flax_model(pixels, decoder_input_ids=tokens).logits
     assert ours.dtype == np.float32 and ours.shape == (batch, length, spec.vocab_size)
     np.testing.assert_allclose(ours, expected, atol=TOLERANCE, rtol=0)
-    np.testing.assert_allclose(ours, hf_flax, atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(modules_logits, expected, atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(modules_logits, ours, atol=5e-5, rtol=0)  # summation order
+
+
+@needs_hf_flax
+def test_encoder_steps_and_modules_match_hf_flax(tiny_models):
+    """The interop lineage: transformers' own Flax model, built from the PyTorch weights by
+    transformers itself, has the same parameter tree and the same numbers."""
+    from transformers import FlaxVisionEncoderDecoderModel
+
+    torch_model, checkpoint, spec = tiny_models
+    hf_model = FlaxVisionEncoderDecoderModel.from_pretrained(checkpoint.directory, from_pt=True)
+    assert jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), hf_model.params) == jax.tree.map(
+        lambda leaf: (leaf.shape, leaf.dtype), modules.param_shapes(checkpoint.config))
+    pixels = random_pixels(spec, batch=2, seed=1)
+    tokens = start_tokens(spec, 2, 9, seed=1)
+    mask = np.ones_like(tokens)
+    mask[1, 6:] = 0  # padding, as training batches have
+    np.testing.assert_allclose(
+        np.asarray(encode(checkpoint.params, pixels, spec)),
+        hf_model.encode(pixels).last_hidden_state, atol=TOLERANCE, rtol=0)
+    expected = hf_model(pixels, decoder_input_ids=tokens, decoder_attention_mask=mask).logits
+    ours = modules.teacher_forced_logits(checkpoint.params, checkpoint.config, pixels, tokens,
+                                         mask)
+    np.testing.assert_allclose(np.asarray(ours)[0], expected[0], atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(np.asarray(ours)[1, :6], expected[1, :6], atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(single_beam_step_logits(checkpoint.params, spec, pixels, tokens),
+                               hf_model(pixels, decoder_input_ids=tokens).logits,
+                               atol=TOLERANCE, rtol=0)
 
 
 # cuDNN's fused kernel needs a GPU.
@@ -116,7 +158,7 @@ def test_beams_with_expansion_and_reorder_match_full_forward(tiny_models, cross_
                                                              self_attention):
     """Step 0 with one beam, expand to K, different tokens per beam, reorder mid-way; every
     form of the cross- and self-attention a CPU runs."""
-    torch_model, flax_model, spec = tiny_models
+    torch_model, checkpoint, spec = tiny_models
     batch, beams, length, reorder_at = 2, 3, 8, 4
     pixels = random_pixels(spec, batch, seed=2)
     rng = np.random.default_rng(2)
@@ -126,7 +168,7 @@ def test_beams_with_expansion_and_reorder_match_full_forward(tiny_models, cross_
     parents = rng.integers(0, beams, (batch, beams)).astype(np.int32)
     parents[0] = [2, 2, 0]
 
-    params = flax_model.params
+    params = checkpoint.params
     cross = cross_kv(params, encode(params, pixels, spec), spec, cross_context=cross_context)
     cache = init_cache(batch, 1, length, spec)
     logits, cache = jit_decode_step(params, jnp.asarray(fed[:, :1, 0]), jnp.int32(0), cache,
@@ -167,13 +209,13 @@ def test_beams_with_expansion_and_reorder_match_full_forward(tiny_models, cross_
                                atol=TOLERANCE, rtol=0)
 
 
-def bfloat16_and_float32_logits(flax_model, spec, pixels, tokens,
+def bfloat16_and_float32_logits(checkpoint, spec, pixels, tokens,
                                 cross_context="multiply_reduce", self_attention="einsum"):
     """Teacher-forced logits [B, K, T, V] for tokens [B, K, T] in both compute dtypes."""
     batch, beams, length = tokens.shape
     results = []
     for dtype in (jnp.bfloat16, jnp.float32):
-        params = cast_params(flax_model.params, dtype)
+        params = cast_params(checkpoint.params, dtype)
         cross = cross_kv(params, encode(params, pixels, spec, dtype), spec, dtype,
                          cross_context)
         assert all(key.dtype == dtype for key in cross.key)
@@ -190,10 +232,10 @@ def bfloat16_and_float32_logits(flax_model, spec, pixels, tokens,
 
 @pytest.mark.parametrize(("cross_context", "self_attention"), CPU_ATTENTION_FORMS)
 def test_bfloat16_logits_close_to_float32(tiny_models, cross_context, self_attention):
-    _, flax_model, spec = tiny_models
+    _, checkpoint, spec = tiny_models
     pixels = random_pixels(spec, batch=2, seed=3)
     tokens = np.random.default_rng(3).integers(0, spec.vocab_size, (2, 2, 8)).astype(np.int32)
-    half, full = bfloat16_and_float32_logits(flax_model, spec, pixels, tokens, cross_context,
+    half, full = bfloat16_and_float32_logits(checkpoint, spec, pixels, tokens, cross_context,
                                              self_attention)
     assert half.dtype == np.float32
     spread = full.max() - full.min()
@@ -207,9 +249,9 @@ def test_fused_attention_in_its_layouts_matches_the_einsums(tiny_models, dtype):
     """The encoder's self-attention and the beams' cross-attention through
     ``jax.nn.dot_product_attention`` ("xla" here; "cudnn" takes the same [B, T, H, Dh]
     layouts on GPUs): the einsums' encoder states, cross K/V and step logits."""
-    _, flax_model, spec = tiny_models
+    _, checkpoint, spec = tiny_models
     batch, beams, length = 2, 3, 6
-    params = cast_params(flax_model.params, dtype)
+    params = cast_params(checkpoint.params, dtype)
     pixels = random_pixels(spec, batch, seed=4)
     tokens = np.random.default_rng(4).integers(0, spec.vocab_size, (batch, beams, length))
     outputs = {}
@@ -238,8 +280,8 @@ def test_fused_attention_in_its_layouts_matches_the_einsums(tiny_models, dtype):
 
 
 def test_spec_rejects_unsupported_config(tiny_models):
-    _, flax_model, _ = tiny_models
-    config = flax_model.config.__class__.from_dict(flax_model.config.to_dict())
+    _, checkpoint, _ = tiny_models
+    config = checkpoint.config.__class__.from_dict(checkpoint.config.to_dict())
     config.decoder.add_cross_attention = False
     with pytest.raises(ModelLoadError, match="cross-attention"):
         ModelSpec.from_config(config)
@@ -259,13 +301,13 @@ def full_size_models(tmp_path_factory):
 @pytest.mark.slow
 def test_full_size_model_matches_pytorch(full_size_models):
     """The nlpconnect architecture (random weights): encoder states, 4 cached steps, bf16."""
-    torch_model, flax_model, spec = full_size_models
+    torch_model, checkpoint, spec = full_size_models
     batch, length = 2, 4
     pixels = random_pixels(spec, batch, seed=4)
     tokens = np.random.default_rng(4).integers(0, spec.vocab_size, (batch, length))
     tokens[:, 0] = spec.vocab_size - 1
 
-    params = flax_model.params
+    params = checkpoint.params
     encoder_hidden = jax.jit(encode, static_argnames="spec")(params, pixels, spec=spec)
     with torch.no_grad():
         torch_output = torch_model(pixel_values=torch.from_numpy(pixels),
@@ -287,6 +329,6 @@ def test_full_size_model_matches_pytorch(full_size_models):
 
     # bfloat16 with K > 1 takes XLA:CPU dot paths the tiny models do not reach.
     beam_tokens = np.stack([tokens, tokens[:, ::-1]], axis=1).astype(np.int32)  # [B, 2, T]
-    half, full = bfloat16_and_float32_logits(flax_model, spec, pixels, beam_tokens)
+    half, full = bfloat16_and_float32_logits(checkpoint, spec, pixels, beam_tokens)
     assert np.abs(half - full).max() < 0.05 * (full.max() - full.min())
     assert (half.argmax(-1) == full.argmax(-1)).mean() >= 0.8

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from flax_captioner import parity
+from flax_captioner import loading, parity
 from flax_captioner.backend import Kernels
 from flax_captioner.generator import Generator, build_generate_fn
 from flax_captioner.model import ModelSpec
@@ -49,15 +49,15 @@ class TinyModel:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> list[TinyModel]:
-    from transformers import FlaxVisionEncoderDecoderModel, VisionEncoderDecoderModel
+    from transformers import VisionEncoderDecoderModel
 
     loaded = []
     for seed in CHECKPOINT_SEEDS:
         directory = make_chaotic_checkpoint(
             tmp_path_factory.mktemp(f"chaotic{seed}") / "model", seed)
-        flax_model = FlaxVisionEncoderDecoderModel.from_pretrained(directory, from_pt=True)
+        checkpoint = loading.load_checkpoint(directory)
         loaded.append(TinyModel(VisionEncoderDecoderModel.from_pretrained(directory).eval(),
-                                flax_model.params, flax_model.config,
+                                checkpoint.params, checkpoint.config,
                                 chaotic_pixels(seed, IMAGES)))
     return loaded
 

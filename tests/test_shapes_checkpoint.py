@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flax_captioner import modules
 from flax_captioner.captioner import Captioner
 from flax_captioner.metrics import exact_match
 from flax_captioner.testing import make_dataset
@@ -52,7 +53,8 @@ def test_pytorch_logits_match_flax(captioner, samples):
     ids = captioner.tokenizer([row["caption"] for row in samples], padding=True)["input_ids"]
     start = captioner.generation_defaults.decoder_start_token_id
     decoder_ids = np.array([[start] + row for row in ids], np.int32)
-    flax_logits = captioner.model(pixels, decoder_ids).logits
+    flax_logits = modules.teacher_forced_logits(captioner.params, captioner.config, pixels,
+                                                decoder_ids)
     with torch.no_grad():
         torch_logits = torch_model(pixel_values=torch.from_numpy(pixels),
                                    decoder_input_ids=torch.from_numpy(decoder_ids).long()).logits

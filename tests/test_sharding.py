@@ -172,7 +172,7 @@ GENERATOR_SCRIPT = textwrap.dedent("""
                   "pmap4": (data_parallel("pmap", devices[:4]), [beam])}
     results = {}
     for name, (placement, settings_list) in placements.items():
-        generator = Generator(checkpoint.model, checkpoint.model.config, data_parallel=placement)
+        generator = Generator(checkpoint.params, checkpoint.config, data_parallel=placement)
         for settings in settings_list:
             for batch in (5, 7):
                 pixels = np.random.RandomState(batch).uniform(-1, 1, (batch, 3, 32, 32))

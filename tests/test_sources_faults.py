@@ -9,7 +9,6 @@ import logging
 import os
 import struct
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -234,11 +233,10 @@ def test_error_reasons_never_carry_the_image_data(captioner, tmp_path):
     assert stats.errors == 2
 
 
-def test_a_16_bit_png_keeps_its_pixels_and_is_warned_about_once(captioner, tmp_path,
-                                                               monkeypatch, caplog):
-    monkeypatch.setattr(preprocess, "_clipping_warned", threading.Event())
+def test_a_16_bit_png_keeps_its_pixels_and_is_warned_about_once_per_run(captioner, tmp_path,
+                                                                       caplog):
     deep = []
-    for seed in range(2):
+    for seed in range(3):
         values = np.random.RandomState(seed).randint(0, 65536, (14, 20)).astype(np.uint16)
         Image.fromarray(values).save(tmp_path / f"deep{seed}.png")
         deep.append(tmp_path / f"deep{seed}.png")
@@ -246,17 +244,23 @@ def test_a_16_bit_png_keeps_its_pixels_and_is_warned_about_once(captioner, tmp_p
         assert opened.mode == "I;16"
     dark = tmp_path / "dark.png"  # 16 bits, every value within 0..255: nothing is clipped
     Image.fromarray(np.full((14, 20), 200, np.uint16)).save(dark)
-    output = tmp_path / "out.jsonl"
 
-    with caplog.at_level(logging.WARNING, logger="flax_captioner"):
-        stats = run(captioner, [dark, *deep], output)
-
-    assert stats.captioned == 3
-    warnings = [record.getMessage() for record in caplog.records
+    def warnings_of_a_run(output) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="flax_captioner"):
+            stats = run(captioner, [dark, *deep], output)
+        assert stats.captioned == 4
+        return [record.getMessage() for record in caplog.records
                 if record.name.startswith("flax_captioner")]
-    assert len(warnings) == 1
-    assert warnings[0].startswith(f"{deep[0]}: a I;16 image with values from ")
-    assert "clipped to 0..255" in warnings[0]
+
+    # Three clipped images on two decode threads: one warning, naming the first one decoded.
+    first = warnings_of_a_run(tmp_path / "first.jsonl")
+    assert len(first) == 1
+    assert any(first[0].startswith(f"{path}: a I;16 image with values from ") for path in deep)
+    assert "clipped to 0..255" in first[0]
+    # The warning is the run's, not the process's: the next run in this process warns again.
+    second = warnings_of_a_run(tmp_path / "second.jsonl")
+    assert len(second) == 1 and "clipped to 0..255" in second[0]
     # The pixels stay the model card's: Image.open(path).convert("RGB"), clipped.
     config = PreprocessConfig()
     with Image.open(deep[0]) as opened:

@@ -6,6 +6,7 @@ server (moto on 127.0.0.1) reached through a TCP proxy that is taken down mid-ru
 from __future__ import annotations
 
 import errno
+import http.server
 import io
 import itertools
 import json
@@ -86,6 +87,8 @@ def test_a_store_still_failing_after_the_window_is_one_storage_error(quick_backo
     (FileNotFoundError("b/z.jpg"), "no such object"),
     (PermissionError("Forbidden"), "access denied: Forbidden"),
     (OSError(errno.EINVAL, "InvalidRange"), "cannot read the object: [Errno 22] InvalidRange"),
+    (ValueError("Attempt to open non key-like path: b"),  # s3fs, for a bucket's name
+     "cannot read the object: Attempt to open non key-like path: b"),
 ])
 def test_failures_about_the_object_are_error_rows_at_once(error, reason):
     calls = []
@@ -97,6 +100,25 @@ def test_failures_about_the_object_are_error_rows_at_once(error, reason):
     with pytest.raises(ImageReadError) as raised:
         storage.with_retries(fail, "s3://b/z.jpg", within=30)
     assert raised.value.reason == reason and len(calls) == 1
+
+
+@pytest.mark.parametrize("error", [
+    UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid continuation byte"),
+    json.JSONDecodeError("Expecting value", "<html>", 0),
+    TypeError("string indices must be integers, not 'str'"),
+], ids=["not UTF-8", "not JSON", "JSON but not an object"])
+def test_a_response_the_client_cannot_decode_is_the_stores_failure(error, quick_backoff):
+    """What gcsfs raises for a 5xx page it cannot read (the test below has it from a real
+    client): retried like any failure of the store, never an error row."""
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise error
+        return b"ok"
+
+    assert storage.with_retries(flaky, "gs://b/x.jpg", within=30) == b"ok" and len(calls) == 3
 
 
 def test_the_window_comes_from_the_environment(monkeypatch, quick_backoff):
@@ -326,3 +348,71 @@ def test_an_outage_mid_shard_stops_the_run_and_a_rerun_finishes_the_shard(
                          captioner)
     assert stats.resumed == len(kept) and stats.errors == 0
     assert_each_image_once(list(read_rows(output, "jsonl")), names)
+
+
+# --- a real GCS emulator behind a load balancer that answers 503 ----------------------------
+
+@pytest.fixture(scope="module")
+def gcs():
+    pytest.importorskip("gcsfs")
+    pytest.importorskip("gcp_storage_emulator")
+    from flax_captioner.testing import gcs_emulator
+
+    with gcs_emulator("data") as options:
+        yield options
+
+
+def maintenance_server(page: bytes) -> http.server.ThreadingHTTPServer:
+    """What a load balancer answers while the store behind it is down: 503 and ``page``."""
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            self.send_response(503)
+            self.send_header("Content-Type", "text/html; charset=iso-8859-1")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(page)
+
+        do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("page, cause", [
+    ("<html>Service momentanément indisponible</html>".encode("latin-1"),
+     "'utf-8' codec can't decode byte 0xe9"),
+    (b'"unavailable"', "string indices must be integers"),
+], ids=["Latin-1 page", "JSON string"])
+def test_a_load_balancers_503_page_is_retried_not_an_error_row(gcs, page, cause, quick_backoff,
+                                                               caplog):
+    """gcsfs reads a 5xx page's message before its own retries see it: a page that is not
+    UTF-8 raises UnicodeDecodeError (a ValueError), JSON that is not an object TypeError. Both
+    are the store's failure: retried until the store is back, not an error row."""
+    import gcsfs
+
+    gcsfs.GCSFileSystem(**gcs, skip_instance_cache=True).pipe_file("data/lb.png", png(0))
+    server = maintenance_server(page)
+    try:
+        with TcpProxy(gcs["endpoint_url"]) as proxy:
+            store, proxy.target = proxy.target, server.server_address  # the store is down
+            back = threading.Timer(1.0, setattr, (proxy, "target", store))
+            back.start()
+            try:
+                fetch = storage.fetcher("gs://data/lb.png",
+                                        {**gcs, "endpoint_url": proxy.url})
+                started = time.monotonic()
+                assert fetch() == png(0)
+                assert time.monotonic() - started >= 1.0
+            finally:
+                back.cancel()
+    finally:
+        server.shutdown()
+        server.server_close()
+    (wait,) = waits(caplog)
+    assert wait.startswith("gs://data/lb.png: the store failed (") and cause in wait

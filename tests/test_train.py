@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flax_captioner import loading, train_data
+from flax_captioner import loading, modules, train_data
 from flax_captioner.errors import DataError, NonFiniteLossError
 from flax_captioner.preprocess import PreprocessConfig
 from flax_captioner.train import (TrainConfig, Trainer, decay_mask, initial_state,
@@ -110,7 +110,7 @@ def test_padding_rows_get_zero_loss_weight(tiny_checkpoint, dataset_file):
 
 
 def test_decay_mask_skips_biases_and_layer_norms(tiny_checkpoint):
-    params = loading.load_checkpoint(tiny_checkpoint).model.params
+    params = loading.load_checkpoint(tiny_checkpoint).params
     flat = {"/".join(path): decayed for path, decayed
             in jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]
             for path in [tuple(str(getattr(key, "key", key)) for key in path)]}
@@ -143,7 +143,7 @@ def test_token_loss_smoothing_scores_a_sure_right_answer_zero_and_masks_padding(
 def test_one_train_step_lowers_the_loss_on_a_fixed_batch(tiny_checkpoint, dataset_file, tmp_path):
     trainer = Trainer(tiny_config(tiny_checkpoint, dataset_file, tmp_path, warmup_steps=0,
                                   label_smoothing=0.0))
-    state = jax.device_put(initial_state(trainer.bundle.model.params, trainer.optimizer, 0),
+    state = jax.device_put(initial_state(trainer.bundle.params, trainer.optimizer, 0),
                            trainer.placement.replicated)
     batch = trainer.placement.put_batch(trainer.train_batch(0))
     losses = []
@@ -199,7 +199,8 @@ def test_exported_checkpoint_logits_match_in_pytorch(uninterrupted):
     torch_model = VisionEncoderDecoderModel.from_pretrained(result.export_dir).eval()
     pixels = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
     decoder_ids = np.array([[63, 1, 2, 3], [63, 4, 5, 6]], np.int32)
-    flax_logits = flax_checkpoint.model(pixels, decoder_ids).logits
+    flax_logits = modules.teacher_forced_logits(flax_checkpoint.params, flax_checkpoint.config,
+                                                pixels, decoder_ids)
     with torch.no_grad():
         torch_logits = torch_model(pixel_values=torch.from_numpy(pixels),
                                    decoder_input_ids=torch.from_numpy(decoder_ids).long()).logits
@@ -339,7 +340,7 @@ STEP_SCRIPT = textwrap.dedent("""
     results = {}
     for count in (1, 2, 4):
         trainer.placement = MeshDataParallel(jax.devices()[:count])
-        state = jax.device_put(initial_state(trainer.bundle.model.params, trainer.optimizer, 0),
+        state = jax.device_put(initial_state(trainer.bundle.params, trainer.optimizer, 0),
                                trainer.placement.replicated)
         batch = trainer.placement.put_batch(trainer.train_batch(0))
         state, step_metrics = trainer.train_step_fn(state, batch)

@@ -5,6 +5,7 @@ loses nothing."""
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import multiprocessing
 import statistics
@@ -104,14 +105,14 @@ def run_parity(work: Path, profile: Profile, recorder: Recorder) -> None:
         checkpoint = loading.load_checkpoint(directory)
         pixels = make_pixels(checkpoint.preprocess_config)
         reference = VisionEncoderDecoderModel.from_pretrained(directory).to(device).eval()
-        architecture = ModelSpec.from_config(checkpoint.model.config)
+        architecture = ModelSpec.from_config(checkpoint.config)
         generator = generators.get(architecture)
         swap = {}
         if generator is None:
             generator = generators[architecture] = make_generator(
-                checkpoint.model.params, checkpoint.model.config)
+                checkpoint.params, checkpoint.config)
         else:  # the compiled programs of the first model with these shapes, other weights
-            swap = {"params": generator.data_parallel.replicate(checkpoint.model.params)}
+            swap = {"params": generator.data_parallel.replicate(checkpoint.params)}
             estimate = 2.0
         for setting, overrides in parity_settings(max_length):
             if not recorder.fits(f"parity {name} {setting}", estimate):
@@ -131,13 +132,13 @@ def run_parity(work: Path, profile: Profile, recorder: Recorder) -> None:
                 continue
             if (form, architecture) not in other_generators:
                 other_generators[form, architecture] = make_generator(
-                    checkpoint.model.params, checkpoint.model.config, switched)
+                    checkpoint.params, checkpoint.config, switched)
             other = other_generators[form, architecture]
             settings = GenerationSettings.resolve(checkpoint.generation_defaults,
                                                   **parity_settings(max_length)[0][1])
             started = time.perf_counter()
             ours = other.generate(pixels, settings, params=other.data_parallel.replicate(
-                checkpoint.model.params)).sequences
+                checkpoint.params)).sequences
             theirs = torch_generate(reference, pixels, settings, device)
             differs = np.flatnonzero((ours != theirs).any(axis=1))
             recorder.emit("parity", model=name, setting=f"beam, {form}",
@@ -244,7 +245,7 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
     import jax
     import jax.numpy as jnp
 
-    from flax_captioner import backend, loading, sharding
+    from flax_captioner import backend, hf_flax, loading, sharding
     from flax_captioner.errors import CaptionerError
     from flax_captioner.generator import enable_compilation_cache
 
@@ -253,15 +254,21 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
     enable_compilation_cache(work / "jax-cache")
     checkpoint = loading.load_checkpoint(work / "full")
     settings = throughput_settings(work)
-    image_size = checkpoint.model.config.encoder.image_size
+    image_size = checkpoint.config.encoder.image_size
     variants = throughput_variants(jax.devices()[0].platform, profile.name == "gpu")
     generators: dict[str, Any] = {}
+
+    @functools.cache
+    def hf_flax_model() -> Any:
+        """transformers' ``FlaxVisionEncoderDecoderModel`` holding the checkpoint's weights
+        (built once, on its first row)."""
+        return hf_flax.to_flax_model(checkpoint.params, checkpoint.config)
 
     def generator_for(variant: str) -> Any:
         if variant not in generators:
             dtype = variant.split()[0]
             generators[variant] = make_generator(
-                checkpoint.model.params, checkpoint.model.config, variants[variant],
+                checkpoint.params, checkpoint.config, variants[variant],
                 dtype=getattr(jnp, dtype), data_parallel=sharding.data_parallel("mesh"))
         return generators[variant]
 
@@ -284,6 +291,14 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
                                   lambda: generator.generate(pixels, settings).sequences,
                                   work / "traces" / f"{dtype}-{batch}"))
             continue
+        if framework == "hf-flax" and not hf_flax.available():
+            import transformers
+
+            recorder.emit("skipped", what=what,
+                          why=f"transformers {transformers.__version__} has no "
+                          "FlaxVisionEncoderDecoderModel (removed in 5.0); HF Flax is "
+                          "measured only where transformers < 5 is installed")
+            continue
         kind = (framework, dtype.split()[0])
         # A variant that changes XLA's options has its own compile estimate.
         compiled_as = (framework, dtype) if (framework, dtype) in compile_estimate else kind
@@ -304,8 +319,8 @@ def run_jax_throughput(work: Path, profile: Profile, recorder: Recorder) -> None
                 _, first = timed(call)  # compiles ahead of running, timed apart
                 compile_seconds = generator.compile_seconds - compiled_before
             else:  # float32 at "highest" precision, as ours in the exact mode
-                generate, compile_seconds = hf_flax_generate(checkpoint.model, settings, pixels,
-                                                             precision="highest")
+                generate, compile_seconds = hf_flax_generate(hf_flax_model(), settings,
+                                                             pixels, precision="highest")
                 call = lambda: generate(pixels)  # noqa: E731
                 _, first = timed(call)
             seconds = [timed(call)[1] for _ in range(profile.repeats)]
