@@ -4,7 +4,7 @@ A checkpoint directory holds ``config.json`` (a vision-encoder-decoder config), 
 (``flax_model.msgpack``, ``model.safetensors`` or ``pytorch_model.bin``), a tokenizer and a
 ``preprocessor_config.json``. The weights become the parameter tree of
 ``FlaxVisionEncoderDecoderModel`` (``modules.py`` declares it); PyTorch weights are converted
-on load; ``.bin`` files are pickles and need PyTorch, safetensors and msgpack do not.
+on load; none of the three formats needs PyTorch (``torch_pickle`` reads ``.bin`` files).
 transformers supplies the configs, the tokenizer and the PyTorch model, never a Flax class.
 """
 
@@ -19,6 +19,7 @@ import pickle
 import shutil
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from flax_captioner import modules
+from flax_captioner import modules, torch_pickle
 from flax_captioner.defaults import DEFAULT_MODEL
 from flax_captioner.errors import ModelLoadError
 from flax_captioner.preprocess import PreprocessConfig
@@ -302,18 +303,9 @@ def parameter_shapes(directory: Path, config: Any) -> dict[tuple[str, ...], Any]
 
 def _load_params(directory: Path, config: Any, weights: Path) -> Any:
     """``weights`` as the parameter tree (float32, on the default device)."""
-    _require_torch_for(weights)
     shapes = parameter_shapes(directory, config)
     flat = _read_weights(weights, shapes)
     return jax.device_put(_checked_params(flat, shapes, weights, config))
-
-
-def _require_torch_for(weights: Path) -> None:
-    if weights.name == PYTORCH_WEIGHTS and not torch_available():
-        raise ModelLoadError(
-            f"{weights}: PyTorch pickle weights need PyTorch to read; install it "
-            "(pip install 'flax-captioner[torch]') or convert the checkpoint once where "
-            "PyTorch is installed (flax-captioner convert)")
 
 
 # Maps a weights file's key path to the model's (None: not a weight of this model).
@@ -330,7 +322,6 @@ def _read_weights(weights: Path, shapes: Mapping[tuple[str, ...], Any],
     """
     from safetensors import SafetensorError
 
-    _require_torch_for(weights)
     pytorch_format = weights.name == PYTORCH_WEIGHTS
     try:
         if weights.name == FLAX_WEIGHTS:
@@ -341,13 +332,8 @@ def _read_weights(weights: Path, shapes: Mapping[tuple[str, ...], Any],
                 raise ValueError(f"holds a {type(state).__name__}, not a parameter tree")
             flat = flatten_dict(state)
         elif pytorch_format:
-            import torch
-
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            # torch has no numpy bfloat16; the weights end up float32 anyway.
-            flat = {tuple(name.split(".")): (tensor.float() if tensor.is_floating_point()
-                                             else tensor).numpy()
-                    for name, tensor in state.items()}
+            flat = {tuple(name.split(".")): value
+                    for name, value in _read_pytorch_pickle(weights).items()}
         else:
             from safetensors import safe_open
 
@@ -357,7 +343,7 @@ def _read_weights(weights: Path, shapes: Mapping[tuple[str, ...], Any],
                 flat = {tuple(name.split(".")): np.asarray(file.get_tensor(name))
                         for name in file.keys()}
     except (OSError, ValueError, RuntimeError, EOFError, KeyError, AttributeError,
-            pickle.UnpicklingError, SafetensorError) as error:
+            pickle.UnpicklingError, zipfile.BadZipFile, SafetensorError) as error:
         # torch.load reports a truncated zip as RuntimeError and garbage as KeyError/EOFError.
         raise ModelLoadError(f"{weights}: truncated or corrupt ({_first_line(error)})") from None
     renamed = {}
@@ -366,6 +352,30 @@ def _read_weights(weights: Path, shapes: Mapping[tuple[str, ...], Any],
         if new_key is not None:
             renamed[new_key] = value
     return _pytorch_to_flax(renamed, shapes) if pytorch_format else renamed
+
+
+def _read_pytorch_pickle(weights: Path) -> dict[str, np.ndarray]:
+    """A ``pytorch_model.bin`` state dict, read without PyTorch (``torch_pickle``) unless the
+    file predates torch's zip format.
+
+    Raises:
+      ModelLoadError: an old-format file and no PyTorch to read it.
+    """
+    try:
+        return torch_pickle.load_state_dict(weights)
+    except torch_pickle.NotAZipCheckpoint:
+        if not torch_available():
+            raise ModelLoadError(
+                f"{weights}: PyTorch pickle weights of the format before torch 1.6 need "
+                "PyTorch to read; install it (pip install 'flax-captioner[torch]') or convert "
+                "the checkpoint once where PyTorch is installed (flax-captioner convert)"
+            ) from None
+    import torch
+
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    # torch has no numpy bfloat16; the weights end up float32 anyway.
+    return {name: (tensor.float() if tensor.is_floating_point() else tensor).numpy()
+            for name, tensor in state.items()}
 
 
 def _pytorch_to_flax(state: Mapping[tuple[str, ...], np.ndarray],

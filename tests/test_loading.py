@@ -94,10 +94,57 @@ def test_config_that_is_not_vision_encoder_decoder(tmp_path):
         loading.load_checkpoint(tmp_path)
 
 
-def test_bin_weights_without_pytorch(tiny_bin_checkpoint, monkeypatch):
+def test_bin_weights_load_without_pytorch(tiny_bin_checkpoint, tmp_path):
+    """torch.save's zip format is read without PyTorch, to the same weights torch reads."""
+    from flax.traverse_util import flatten_dict
+
+    script = ("import sys; sys.modules['torch'] = None\n"
+              "import numpy as np\n"
+              "from flax.traverse_util import flatten_dict\n"
+              "from flax_captioner.loading import load_checkpoint\n"
+              "params = flatten_dict(load_checkpoint(sys.argv[1]).params, sep='/')\n"
+              "np.savez(sys.argv[2], **params)\n")
+    subprocess.run([sys.executable, "-c", script, str(tiny_bin_checkpoint),
+                    str(tmp_path / "params.npz")], check=True)
+    without_torch = np.load(tmp_path / "params.npz")
+    state = torch.load(tiny_bin_checkpoint / "pytorch_model.bin", weights_only=True)
+    assert "decoder.lm_head.weight" in state  # the tied head, as the nlpconnect file has it
+    expected = flatten_dict(loading.load_checkpoint(tiny_bin_checkpoint).params, sep="/")
+    assert set(without_torch.files) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(without_torch[name], value, err_msg=name)
+    np.testing.assert_array_equal(
+        without_torch["decoder/transformer/h/0/attn/c_attn/kernel"],
+        state["decoder.transformer.h.0.attn.c_attn.weight"].numpy().T)
+
+
+def test_old_format_bin_weights_need_pytorch_and_say_so(tiny_bin_checkpoint, tmp_path,
+                                                        monkeypatch):
+    directory = _copy_checkpoint(tiny_bin_checkpoint, tmp_path / "model")
+    state = torch.load(directory / "pytorch_model.bin", weights_only=True)
+    torch.save(state, directory / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert flatten_params(loading.load_checkpoint(directory)) == flatten_params(
+        loading.load_checkpoint(tiny_bin_checkpoint))
     monkeypatch.setattr(loading, "torch_available", lambda: False)
-    with pytest.raises(ModelLoadError, match="need PyTorch"):
-        loading.load_checkpoint(tiny_bin_checkpoint)
+    with pytest.raises(ModelLoadError, match=r"pytorch_model.bin: PyTorch pickle weights of "
+                                             r"the format before torch 1.6 need PyTorch"):
+        loading.load_checkpoint(directory)
+
+
+def test_a_pickle_that_holds_more_than_tensors_is_refused(tiny_bin_checkpoint, tmp_path):
+    """As torch.load(weights_only=True): a weights file cannot run code."""
+    directory = _copy_checkpoint(tiny_bin_checkpoint, tmp_path / "model")
+    torch.save({"weights": torch.zeros(2), "hook": os.getcwd},
+               directory / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=r"pytorch_model.bin: truncated or corrupt "
+                                             r"\(holds posix.getcwd, not only tensors\)"):
+        loading.load_checkpoint(directory)
+
+
+def flatten_params(loaded: loading.LoadedCheckpoint) -> dict:
+    from flax.traverse_util import flatten_dict
+
+    return {key: np.asarray(value).tobytes() for key, value in flatten_dict(loaded.params).items()}
 
 
 def test_weights_are_checked_against_abstract_shapes_not_random_weights(tiny_checkpoint,
