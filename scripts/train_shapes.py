@@ -28,7 +28,9 @@ from scripts.common import SAMPLE_IMAGES, SHAPES_MODEL
 # (13 words + EOS) fits the card's max_length=16.
 TOKENIZER_VOCAB_SIZE = 320
 DATA_SEED = 0
-MODEL_SEED = 0
+# The starting draw of the parts, the cross-attention and the data order; the recipe depends
+# on it (docs/training.md, "Starting draws").
+MODEL_SEED = 1
 SAMPLE_SEED = 7
 NUM_SAMPLES = 8
 
