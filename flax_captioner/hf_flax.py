@@ -26,9 +26,8 @@ from flax_captioner.preprocess import PreprocessConfig
 def available() -> bool:
     """Whether the installed transformers provides ``FlaxVisionEncoderDecoderModel``."""
     try:
-        with _quiet_flax_deprecation():
-            from transformers import FlaxVisionEncoderDecoderModel  # noqa: F401
-    except ImportError:
+        _model_class()
+    except ModelLoadError:
         return False
     return True
 
