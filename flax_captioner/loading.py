@@ -640,8 +640,19 @@ def _no_progress_bars() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
+def pytorch_layout(key: tuple[str, ...], ndim: int) -> tuple[str, tuple[int, ...] | None]:
+    """The PyTorch name of the Flax parameter at ``key`` (``ndim`` axes), and the axis order
+    that turns its Flax layout into PyTorch's (None: the same): the inverse of
+    ``_pytorch_to_flax``'s rules."""
+    if key[-1] == "kernel":
+        return ".".join(key[:-1] + ("weight",)), ((3, 2, 0, 1) if ndim == 4 else (1, 0))
+    if key[-1] in ("scale", "embedding"):
+        return ".".join(key[:-1] + ("weight",)), None
+    return ".".join(key), None
+
+
 def _flax_to_pytorch(params: Any) -> dict[str, Any]:
-    """Flax names and layouts -> PyTorch's: the inverse of ``_pytorch_to_flax``.
+    """Flax names and layouts -> PyTorch's (``pytorch_layout``).
 
     Each array is copied into a fresh writable float32 buffer: ``torch.from_numpy`` on the
     read-only view a JAX array gives warns that the array is not writable.
@@ -651,12 +662,10 @@ def _flax_to_pytorch(params: Any) -> dict[str, Any]:
     state = {}
     for key, value in flatten_dict(params).items():
         value = np.array(value, np.float32)  # a copy: writable, owned, bfloat16 widened
-        if key[-1] == "kernel":
-            value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-            key = key[:-1] + ("weight",)
-        elif key[-1] in ("scale", "embedding"):
-            key = key[:-1] + ("weight",)
-        state[".".join(key)] = torch.from_numpy(np.ascontiguousarray(value))
+        name, axes = pytorch_layout(key, value.ndim)
+        if axes is not None:
+            value = value.transpose(axes)
+        state[name] = torch.from_numpy(np.ascontiguousarray(value))
     return state
 
 

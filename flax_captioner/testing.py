@@ -105,15 +105,13 @@ def random_pytorch_state(config: Any, seed: int) -> dict[str, np.ndarray]:
     divided by sqrt(2 x layers) for GPT-2's ``c_proj`` weights; biases are zeros and layer
     norm scales ones, as initialized.
     """
-    from flax_captioner import modules
+    from flax_captioner import loading, modules
 
-    torch_names = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
     shapes = {}
     for key, leaf in flatten_dict(modules.param_shapes(config)).items():
-        shape = tuple(leaf.shape)
-        if key[-1] == "kernel":  # Flax [h, w, in, out] / [in, out] -> PyTorch's order
-            shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
-        shapes[".".join(key[:-1] + (torch_names.get(key[-1], key[-1]),))] = (shape, key[-1])
+        name, axes = loading.pytorch_layout(key, len(leaf.shape))
+        shape = tuple(leaf.shape[axis] for axis in axes) if axes else tuple(leaf.shape)
+        shapes[name] = (shape, key[-1])
     rng = np.random.default_rng(seed)
     encoder, decoder = config.encoder, config.decoder
     state = {}
