@@ -15,8 +15,10 @@ import jax
 import numpy as np
 from PIL import Image
 
-from flax_captioner import backend, device_loop, feed, loading, sharding, sources, storage
+from flax_captioner import (backend, device_loop, feed, loading, nvimagecodec, resize, sharding,
+                            sources, storage)
 from flax_captioner.decode_processes import use_processes
+from flax_captioner.errors import OptionError
 from flax_captioner.generator import GenerationOutput, Generator, enable_compilation_cache
 from flax_captioner.options import CaptionOptions
 from flax_captioner.preprocess import ImageDecoding
@@ -148,15 +150,31 @@ class Captioner:
                 pad_first: bool = False) -> contextlib.AbstractContextManager[Iterator[feed.Batch]]:
         """``feed.batches`` of ``items`` as ``options`` decode them: ``options.batch_size``
         images per batch (``batch_size`` instead when given; None for both:
-        ``default_batch_size()``), on ``decode_workers(options)``, with its EXIF and fast
-        decoding choices. ``pad_first`` as in ``feed.batches``."""
+        ``default_batch_size()``), on ``decode_workers(options)``, with its EXIF, fast
+        decoding, device resize and JPEG decoder choices. ``pad_first`` as in
+        ``feed.batches``.
+
+        Raises:
+          OptionError: ``resize_on_device`` for a preprocessing the device cannot reproduce;
+            ``jpeg_decoder="nvimagecodec"`` without the package.
+        """
         threads, processes = decode_workers(options)
+        jpeg_decoder = options.jpeg_decoder or ("nvimagecodec" if nvimagecodec.available()
+                                                 else "pillow")
+        if jpeg_decoder == "nvimagecodec" and not nvimagecodec.available():
+            raise OptionError("jpeg_decoder", "nvimagecodec: NVIDIA nvImageCodec is not "
+                              "installed (pip install 'flax-captioner[nvimagecodec]')")
+        if options.resize_on_device and not resize.supported(self.preprocess_config):
+            raise OptionError("resize_on_device", "cannot reproduce this checkpoint's "
+                              f"preprocessing: {resize.unsupported_reason(self.preprocess_config)}")
         return feed.batches(
             items, self.preprocess_config,
             batch_size or options.batch_size or self.default_batch_size(),
             num_threads=threads, decode_processes=processes, pad_first=pad_first,
             decoding=ImageDecoding(exif_transpose=options.exif_transpose,
-                                   fast=options.fast_decode))
+                                   fast=options.fast_decode,
+                                   device_resize=options.resize_on_device,
+                                   jpeg_decoder=jpeg_decoder))
 
     def preprocess(self, images: ImageInput | Iterable[ImageInput],
                    options: CaptionOptions | None = None, **overrides: Any) -> np.ndarray:
@@ -168,7 +186,9 @@ class Captioner:
           ImageReadError: naming the first input that cannot be read.
           OptionError: a bad option.
         """
-        options = (options or CaptionOptions()).replace(**overrides)
+        # The host resizes: pixel values are what this returns (resize_on_device ignored).
+        options = (options or CaptionOptions()).replace(
+            **{**overrides, "resize_on_device": False})
         items = list(_items(images, options))
         with self.batches(items, options, batch_size=max(len(items), 1)) as batches:
             batch = next(batches, None)

@@ -5,7 +5,7 @@ Decode threads scale until the GIL binds, processes do not; so with more than
 
 Each decode thread hands its image to a process of its own and waits for it (without holding
 the GIL), over a pipe of their own: only the source (a path or encoded bytes) and the image's
-name go one way, its pixels' shape the other. The process writes the pixels into a
+name go one way, its pixels' shape and dtype the other. The process writes the pixels into a
 shared-memory slot of its own, since pixels sent back through a pipe cap the rate, and a
 ``concurrent.futures`` pool would pass each image through two more threads of the caller.
 Measurements: docs/performance.md, "Decode processes vs threads".
@@ -19,6 +19,7 @@ import math
 import multiprocessing
 import queue
 import signal
+from collections.abc import Callable
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from typing import Any
@@ -26,12 +27,19 @@ from typing import Any
 import numpy as np
 
 from flax_captioner.errors import CaptionerError
-from flax_captioner.preprocess import (ImageDecoding, OnClipped, PreprocessConfig,
-                                       load_and_preprocess_one)
+from flax_captioner.preprocess import (CANVAS_SIDES, ImageDecoding, OnClipped,
+                                       PreprocessConfig, load_and_preprocess_one,
+                                       load_decoded_one)
 
 # Decode workers up to which threads decode as fast as processes, without the processes'
 # start-up and memory (docs/performance.md, "Decode processes vs threads").
 THREADS_UP_TO = 4
+
+
+def decode_function(decoding: ImageDecoding) -> Callable[..., np.ndarray]:
+    """What a decode worker runs on each image: ``load_decoded_one`` when the device resizes
+    (``decoding.device_resize``), else ``load_and_preprocess_one``."""
+    return load_decoded_one if decoding.device_resize else load_and_preprocess_one
 
 
 def use_processes(workers: int) -> bool:
@@ -54,10 +62,11 @@ class DecodeProcesses:
         self._on_clipped = on_clipped
         height, width = config.size
         # do_resize=False leaves each image its own size: its pixels travel through the pipe.
-        slot_floats = 3 * height * width if config.do_resize else 0
+        slot_bytes = (CANVAS_SIDES[-1] ** 2 * 3 if decoding.device_resize
+                      else 3 * height * width * 4 if config.do_resize else 0)
         self._memory = shared_memory.SharedMemory(create=True,
-                                                  size=max(workers * slot_floats * 4, 1))
-        self._slots = _slots(self._memory, workers, slot_floats)
+                                                  size=max(workers * slot_bytes, 1))
+        self._slots = _slots(self._memory, workers, slot_bytes)
         # Not fork: it would copy the locks of JAX's threads mid-use. Like spawn, forkserver
         # starts each process by importing the caller's main script again (as __mp_main__),
         # so that script must keep its work under ``if __name__ == "__main__":``.
@@ -70,7 +79,7 @@ class DecodeProcesses:
             ours, theirs = context.Pipe()
             process = context.Process(
                 target=_serve, daemon=True, name=f"flax-captioner-decode-{worker}",
-                args=(theirs, self._memory.name, workers, slot_floats, worker, config, decoding))
+                args=(theirs, self._memory.name, workers, slot_bytes, worker, config, decoding))
             process.start()
             theirs.close()
             self._connections.append(ours)
@@ -78,8 +87,9 @@ class DecodeProcesses:
             self._idle.put(worker)
 
     def decode(self, source: Any, name: str | None) -> np.ndarray:
-        """``load_and_preprocess_one(source, config, name=name, decoding=decoding)`` on a
-        worker process, with the pool's ``config`` and ``decoding``: float32[3, H, W].
+        """``decode_function(decoding)(source, config, name=name, decoding=decoding)`` on a
+        worker process, with the pool's ``config`` and ``decoding``: float32[3, H, W]
+        (uint8[h, w, 3] with ``decoding.device_resize``).
 
         Raises:
           ImageReadError: as ``load_and_preprocess_one``.
@@ -108,7 +118,9 @@ class DecodeProcesses:
             raise value
         if kind == "pixels":  # larger than a slot: sent whole
             return value
-        return self._slots[worker, :math.prod(value)].reshape(value).copy()
+        shape, dtype = value
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        return self._slots[worker, :size].view(dtype).reshape(shape).copy()
 
     def close(self) -> None:
         for connection in self._connections:
@@ -143,37 +155,38 @@ def _ending_hint(process: Any) -> str:
            "'if __name__ == \"__main__\":')"
 
 
-def _slots(memory: shared_memory.SharedMemory, workers: int, slot_floats: int) -> np.ndarray:
-    """The pool's shared memory as both sides see it: float32[workers, slot_floats]."""
-    return np.ndarray((workers, slot_floats), np.float32, buffer=memory.buf)
+def _slots(memory: shared_memory.SharedMemory, workers: int, slot_bytes: int) -> np.ndarray:
+    """The pool's shared memory as both sides see it: uint8[workers, slot_bytes]."""
+    return np.ndarray((workers, slot_bytes), np.uint8, buffer=memory.buf)
 
 
-def _serve(connection: Connection, memory_name: str, workers: int, slot_floats: int,
+def _serve(connection: Connection, memory_name: str, workers: int, slot_bytes: int,
            worker: int, config: PreprocessConfig, decoding: ImageDecoding) -> None:
     """A worker process: decodes each (source, name) it receives into slot ``worker`` and
-    answers ("shape", shape, clipped), ("pixels", pixels, clipped) when they do not fit the
+    answers ("shape", (shape, dtype), clipped), ("pixels", pixels, clipped) when they do not fit the
     slot, or ("error", the exception, None); ``clipped`` is None, or the (name, mode, low,
     high) of an image that converting to RGB clips, for the caller's ``on_clipped``. Ends on
     None or when the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
     memory = shared_memory.SharedMemory(name=memory_name)
-    slot = _slots(memory, workers, slot_floats)[worker]
+    slot = _slots(memory, workers, slot_bytes)[worker]
+    decode = decode_function(decoding)
     try:
         while (request := connection.recv()) is not None:
             source, name = request
             clipped = []
             try:
-                pixels = load_and_preprocess_one(source, config, name=name, decoding=decoding,
-                                                 on_clipped=lambda *report: clipped.append(report))
+                pixels = decode(source, config, name=name, decoding=decoding,
+                                on_clipped=lambda *report: clipped.append(report))
             except Exception as error:  # raised again by the calling thread
                 connection.send(("error", error, None))
                 continue
             report = clipped[0] if clipped else None
-            if pixels.size > slot.size:
+            if pixels.nbytes > slot.size:
                 connection.send(("pixels", pixels, report))
             else:
-                slot[:pixels.size] = pixels.ravel()
-                connection.send(("shape", pixels.shape, report))
+                slot[:pixels.nbytes] = np.ascontiguousarray(pixels).reshape(-1).view(np.uint8)
+                connection.send(("shape", (pixels.shape, pixels.dtype.str), report))
     except EOFError:  # the caller has gone
         pass
     finally:

@@ -6,8 +6,10 @@ One feed serves every consumer of images: the captioning pipeline, ``Captioner.c
     InputItems, in order
       -> reader thread: reads stream members (tar) in order, queues their decoding
       -> decode threads: load_image + preprocess -> float32[3, H, W], or the ImageReadError
-         (or each hands that work to a process: decode_processes.py)
-      -> Batch: ``batch_size`` decoded images, the failed items riding along in input order
+         (or each hands that work to a process: decode_processes.py); with
+         ``ImageDecoding.device_resize``, load_image only -> uint8[h, w, 3]
+      -> Batch: ``batch_size`` decoded images (float32 pixel values, or uint8 canvases that
+         the compiled program resizes: resize.py), the failed items riding along in order
       -> at most ``prefetch`` ready batches wait for the consumer
 
 Memory is bounded whatever the input size: at most ``window`` images are queued or decoding
@@ -31,11 +33,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from flax_captioner import storage
-from flax_captioner.decode_processes import DecodeProcesses
+from flax_captioner import nvimagecodec, resize, storage
+from flax_captioner.decode_processes import DecodeProcesses, decode_function
 from flax_captioner.errors import ImageReadError
-from flax_captioner.preprocess import (ClippingWarning, ImageDecoding, OnClipped,
-                                       PreprocessConfig, load_and_preprocess_one)
+from flax_captioner.preprocess import ClippingWarning, ImageDecoding, OnClipped, PreprocessConfig
 from flax_captioner.sources import InputItem
 
 # Batches ready ahead of the consumer. One hides a batch's decoding behind the device's work on
@@ -56,7 +57,9 @@ class Batch:
         ``pixel_values``), else the ImageReadError saying why not.
       pixel_values: float32[P, 3, H, W]: the G decoded images in input order, then P - G
         copies of the first one, padding a last partial batch to the size already compiled
-        (see ``batches``). P = G for every other batch.
+        (see ``batches``). P = G for every other batch. With ``ImageDecoding.device_resize``
+        a ``resize.Canvases`` of those P images instead, which ``Generator.dispatch`` takes
+        alike.
       num_decoded: G, the decoded images (0 when every item of a last batch failed).
       decode_seconds: decode-thread time spent on these items.
       recycle: gives ``pixel_values``' memory back to the feed (``release``); None once
@@ -65,7 +68,7 @@ class Batch:
 
     items: list[InputItem]
     errors: list[ImageReadError | None]
-    pixel_values: np.ndarray
+    pixel_values: np.ndarray | resize.Canvases
     num_decoded: int
     decode_seconds: float
     recycle: Callable[[], None] | None = dataclasses.field(default=None, repr=False)
@@ -80,7 +83,8 @@ class Batch:
 
 
 class _BatchBuffers:
-    """float32[P, 3, H, W] batch arrays, each reused once its batch is released.
+    """Batch arrays (float32[P, 3, H, W], or uint8[P, C, C, 3] canvases), each reused once
+    its batch is released.
 
     A fresh array per batch cost more than the copies into it: the kernel zeroes each new page
     on first touch, in the calling process (docs/performance.md, "Decode processes vs
@@ -90,14 +94,14 @@ class _BatchBuffers:
     def __init__(self) -> None:
         self._free: queue.SimpleQueue = queue.SimpleQueue()
 
-    def take(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A float32 array of ``shape``: a released one when there is one, else a new one."""
+    def take(self, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+        """An array of ``shape``: a released one when there is one, else a new one."""
         while True:
             try:
                 buffer = self._free.get_nowait()
             except queue.Empty:
-                return np.empty(shape, np.float32)
-            if buffer.shape == shape:  # else: another shape (own-size images), dropped
+                return np.empty(shape, dtype)
+            if buffer.shape == shape and buffer.dtype == dtype:  # else: dropped
                 return buffer
 
     def give_back(self, buffer: np.ndarray) -> None:
@@ -108,7 +112,8 @@ def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig
                 decoding: ImageDecoding = ImageDecoding(),
                 processes: DecodeProcesses | None = None,
                 on_clipped: OnClipped | None = None) -> np.ndarray:
-    """float32[3, H, W] of one item: ``encoded`` (its stream or fetched bytes, already read),
+    """float32[3, H, W] of one item (``decoding.device_resize``: its uint8[h, w, 3] pixels,
+    ``preprocess.load_decoded_one``): ``encoded`` (its stream or fetched bytes, already read),
     its in-memory ``data``, or the file or URL at ``item.name``; decoded on ``processes``
     when given (with the ``config``, ``decoding`` and ``on_clipped`` the pool was built
     with). ``on_clipped`` as in ``preprocess.load_image``. Safe to call from many threads.
@@ -123,8 +128,8 @@ def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig
         source = storage.local_path(item.name)
     if processes is not None:
         return processes.decode(source, item.name)
-    return load_and_preprocess_one(source, config, name=item.name, decoding=decoding,
-                                   on_clipped=on_clipped)
+    return decode_function(decoding)(source, config, name=item.name, decoding=decoding,
+                                     on_clipped=on_clipped)
 
 
 def decode_threads(num_threads: int | None) -> int:
@@ -168,12 +173,17 @@ def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: in
       An iterator of Batches; leaving the context stops the threads (unread work is dropped).
 
     Raises:
-      ValueError: ``batch_size``, ``num_threads`` or ``prefetch`` below 1.
+      ValueError: ``batch_size``, ``num_threads`` or ``prefetch`` below 1, or
+        ``decoding.device_resize`` for a ``config`` the device cannot reproduce.
     """
     for name, value in (("batch_size", batch_size), ("num_threads", num_threads),
                         ("prefetch", prefetch)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
+    if decoding.device_resize and not resize.supported(config):
+        raise ValueError(resize.unsupported_reason(config))
+    if decoding.jpeg_decoder == "nvimagecodec":
+        nvimagecodec.available()  # imported here, quietly, before any decode thread runs
     threads = decode_threads(num_threads)
     # Enough queued decodes to keep every thread busy through a whole batch.
     window = 2 * max(batch_size, threads)
@@ -188,8 +198,8 @@ def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: in
         decode = functools.partial(_decode_timed, config=config, decoding=decoding,
                                    processes=processes, on_clipped=clipping)
         decoded = _decoded_in_order(items, executor, window, decode)
-        yield stack.enter_context(_in_background(_group(decoded, config, batch_size, pad_first),
-                                                 prefetch))
+        yield stack.enter_context(_in_background(
+            _group(decoded, config, batch_size, pad_first, decoding.device_resize), prefetch))
 
 
 def _decode_timed(item: InputItem, encoded: bytes | None, *, config: PreprocessConfig,
@@ -259,41 +269,36 @@ def _decoded_in_order(items: Iterable[InputItem], executor: concurrent.futures.E
 
 
 def _group(decoded: Iterator[tuple[InputItem, Decoded]], config: PreprocessConfig,
-           batch_size: int, pad_first: bool) -> Iterator[Batch]:
+           batch_size: int, pad_first: bool, on_device: bool) -> Iterator[Batch]:
+    """Batches of ``batch_size`` decoded images (``batches``): float32 pixel values
+    (``_PixelRows``), or, with ``on_device``, uint8 canvases (``_CanvasRows``)."""
     buffers = _BatchBuffers()
+    rows_type = _CanvasRows if on_device else _PixelRows
+    rows = rows_type(config, batch_size, buffers)
     items: list[InputItem] = []
     errors: list[ImageReadError | None] = []
-    pixels: np.ndarray | None = None  # float32[batch_size, 3, H, W], filled up to ``count``
-    count, seconds = 0, 0.0
+    seconds = 0.0
     pad_short = pad_first  # pad a short batch: from the start, or once a full one went out
 
     def batch(pad: bool) -> Batch:
-        if pixels is None:
+        if not rows.count:
             height, width = config.size
             return Batch(items, errors, np.zeros((0, 3, height, width), np.float32), 0, seconds)
-        if pad:  # with copies of a real image: see sharding.pad_to_multiple
-            pixels[count:] = pixels[0]
-        return Batch(items, errors, pixels[:batch_size if pad else count], count, seconds,
-                     functools.partial(buffers.give_back, pixels))
+        pixels, buffer = rows.finish(pad)
+        return Batch(items, errors, pixels, rows.count, seconds,
+                     functools.partial(buffers.give_back, buffer))
 
     try:
         for item, (item_pixels, error, item_seconds) in decoded:
             if item_pixels is not None:
-                if pixels is None:
-                    pixels = buffers.take((batch_size, *item_pixels.shape))
-                elif item_pixels.shape != pixels.shape[1:]:
-                    raise ValueError(
-                        f"{item.name}: pixels of shape {list(item_pixels.shape)}, but the "
-                        f"batch's are {list(pixels.shape[1:])} (do_resize is false, so the "
-                        "images of a batch must share one size)")
-                pixels[count] = item_pixels
-                count += 1
+                rows.add(item, item_pixels)
             items.append(item)
             errors.append(error)
             seconds += item_seconds
-            if count == batch_size:
+            if rows.count == batch_size:
                 yield batch(pad=False)
-                items, errors, pixels, count, seconds = [], [], None, 0, 0.0
+                items, errors, seconds = [], [], 0.0
+                rows = rows_type(config, batch_size, buffers)
                 pad_short = True
     except Exception:  # the inputs failed: the items before the failure still go out
         if items:
@@ -301,6 +306,61 @@ def _group(decoded: Iterator[tuple[InputItem, Decoded]], config: PreprocessConfi
         raise
     if items:
         yield batch(pad=pad_short)
+
+
+class _PixelRows:
+    """One batch's float32[3, H, W] images, each copied into the batch array as it comes (so
+    only the batch array holds them)."""
+
+    def __init__(self, config: PreprocessConfig, batch_size: int, buffers: _BatchBuffers):
+        self.batch_size, self.buffers = batch_size, buffers
+        self.pixels: np.ndarray | None = None  # float32[batch_size, 3, H, W]
+        self.count = 0
+
+    def add(self, item: InputItem, image: np.ndarray) -> None:
+        if self.pixels is None:
+            self.pixels = self.buffers.take((self.batch_size, *image.shape))
+        elif image.shape != self.pixels.shape[1:]:
+            raise ValueError(
+                f"{item.name}: pixels of shape {list(image.shape)}, but the batch's are "
+                f"{list(self.pixels.shape[1:])} (do_resize is false, so the images of a batch "
+                "must share one size)")
+        self.pixels[self.count] = image
+        self.count += 1
+
+    def finish(self, pad: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(float32[P, 3, H, W], its buffer); padding rows copy a real image (see
+        sharding.pad_to_multiple)."""
+        if pad:
+            self.pixels[self.count:] = self.pixels[0]
+        return self.pixels[:self.batch_size if pad else self.count], self.pixels
+
+
+class _CanvasRows:
+    """One batch's uint8[h, w, 3] images, kept until the batch is whole: its canvas side is
+    the smallest that holds the largest (``resize.canvas_side``)."""
+
+    def __init__(self, config: PreprocessConfig, batch_size: int, buffers: _BatchBuffers):
+        self.config, self.batch_size, self.buffers = config, batch_size, buffers
+        self.images: list[np.ndarray] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.images)
+
+    def add(self, item: InputItem, image: np.ndarray) -> None:
+        self.images.append(image)
+
+    def finish(self, pad: bool) -> tuple[resize.Canvases, np.ndarray]:
+        """(``resize.Canvases`` of P images, their buffer); padding rows copy the first."""
+        images = self.images + self.images[:1] * (self.batch_size - self.count if pad else 0)
+        sizes = [image.shape[:2] for image in images]
+        side = max(resize.canvas_side(*size) for size in sizes)
+        canvases = self.buffers.take((len(images), side, side, 3), np.uint8)
+        for canvas, image in zip(canvases, images):  # past each image: never read, not cleared
+            canvas[:image.shape[0], :image.shape[1]] = image
+        coefficients = resize.batch_coefficients(sizes, side, self.config)
+        return resize.Canvases(canvases, coefficients, self.config), canvases
 
 
 @contextlib.contextmanager

@@ -1,5 +1,8 @@
 """The compiled generator: pixels -> encoder -> cross K/V (once per image) -> search -> tokens.
 
+With ``resize.Canvases`` as input the program starts one stage earlier: uint8 canvases ->
+PIL's resize and the normalisation (``resize.pixel_values``) -> pixels -> ...
+
 ``build_generate_fn`` returns one pure function, so the whole caption search compiles to one
 XLA program that ``jax.jit``, a mesh-sharded ``jit`` or ``pmap`` can wrap (batch axis 0 in
 and out). ``Generator`` is the one stateful piece: parameters on device and a cache of
@@ -19,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_captioner import backend, model, search, sharding
+from flax_captioner import backend, model, preprocess, resize, search, sharding
 from flax_captioner.errors import OptionError
 
 if TYPE_CHECKING:
@@ -118,6 +121,22 @@ def build_generate_fn(spec: model.ModelSpec, settings: GenerationSettings,
     return generate_fn
 
 
+def _resizing_first(generate_fn: GenerateFn,
+                    config: preprocess.PreprocessConfig) -> Callable[..., search.SearchOutput]:
+    """``generate_fn`` of canvases: ``fn(params, canvases, *coefficients, row_keys)`` runs
+    ``resize.pixel_values`` (``config``'s resize and lookup table) then ``generate_fn``."""
+    lut = preprocess.pixel_lut(config)
+
+    def generate_from_canvases(params: Any, canvases: jax.Array,
+                               *coefficients_and_keys: jax.Array) -> search.SearchOutput:
+        *coefficients, row_keys = coefficients_and_keys
+        pixel_values = resize.pixel_values(canvases, resize.Coefficients(*coefficients),
+                                           jnp.asarray(lut))  # float32[B, 3, H, W]
+        return generate_fn(params, pixel_values, row_keys)
+
+    return generate_from_canvases
+
+
 def bucket_size(batch: int, num_shards: int = 1) -> int:
     """The padded batch a program is compiled for: the next power of two, then rounded up to
     a multiple of ``num_shards`` (so a few programs serve every batch size)."""
@@ -190,7 +209,7 @@ class Generator:
             self.data_parallel.wrap(lambda params: params, dict(kernels.compiler_options))
         self.kernels = kernels
         self.params = self.data_parallel.replicate(params)
-        self._programs: dict[tuple[int, GenerationSettings, Any], sharding.Program] = {}
+        self._programs: dict[tuple[Any, ...], sharding.Program] = {}
         # Seconds spent compiling programs (ahead of their first call, so running is apart).
         self.compile_seconds = 0.0
 
@@ -218,18 +237,24 @@ class Generator:
             raise OptionError("max_length", f"{settings.max_length} exceeds the decoder's "
                                             f"{self.spec.n_positions} positions")
 
-    def program(self, bucket: int, settings: GenerationSettings) -> sharding.Program:
-        """The compiled search for ``bucket`` images (compiled on first use, then cached)."""
+    def program(self, bucket: int, settings: GenerationSettings,
+                canvas: tuple[int, preprocess.PreprocessConfig] | None = None
+                ) -> sharding.Program:
+        """The compiled search for ``bucket`` images (compiled on first use, then cached):
+        of float32 pixel values, or with ``canvas`` (side, config) of ``resize.Canvases``
+        arrays (``Canvases.arrays``), which it resizes first."""
         # Traced at the dtype's own precision ("highest" for float32, so not TF32 on GPUs),
         # whatever the caller's jax config (backend.py). Nothing is donated: the pixels cannot
         # alias any output (tokens and scores, of other shapes) and the params are reused.
         # The search has no host callbacks or transfers (tests/test_backend.py checks the
         # compiled HLO and runs it under jax.transfer_guard("disallow")).
         precision = backend.matmul_precision(self.dtype)
-        key = (bucket, settings, precision)
+        key = (bucket, settings, precision, canvas)
         if key not in self._programs:
             self.check(settings)
             generate_fn = build_generate_fn(self.spec, settings, self.dtype, self.kernels)
+            if canvas is not None:
+                generate_fn = _resizing_first(generate_fn, canvas[1])
             self._programs[key] = self.data_parallel.wrap(
                 backend.at_precision(generate_fn, precision), dict(self.kernels.compiler_options))
         return self._programs[key]
@@ -260,34 +285,45 @@ class Generator:
         return self.dispatch(pixel_values, settings, rng=rng, first_index=first_index,
                              params=params).result()
 
-    def dispatch(self, pixel_values: np.ndarray | jax.Array, settings: GenerationSettings, *,
-                 rng: jax.Array | None = None, first_index: int = 0,
-                 params: Any = None) -> Dispatched:
+    def dispatch(self, pixel_values: np.ndarray | jax.Array | resize.Canvases,
+                 settings: GenerationSettings, *, rng: jax.Array | None = None,
+                 first_index: int = 0, params: Any = None) -> Dispatched:
         """Starts ``generate``'s search on the devices and returns without waiting for it
         (compiling first, timed, when the program is new); ``Dispatched.result`` waits. The
-        arguments and errors are ``generate``'s; running out of memory may surface in either.
+        arguments and errors are ``generate``'s, except that ``pixel_values`` may also be
+        ``resize.Canvases`` (the feed's with ``ImageDecoding.device_resize``), which the
+        program resizes and normalises first; running out of memory may surface in either.
         """
-        pixel_values = np.asarray(pixel_values, np.float32)
         size, channels = self.spec.image_size, self.spec.num_channels
-        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (channels, size, size):
-            raise ValueError(f"pixel_values must have shape [B, {channels}, {size}, {size}], "
-                             f"got {list(pixel_values.shape)}")
-        batch = pixel_values.shape[0]
+        if isinstance(pixel_values, resize.Canvases):
+            config = pixel_values.config
+            if config.size != (size, size):
+                raise ValueError(f"canvases resize to {config.size}, but the encoder takes "
+                                 f"{size}x{size} images")
+            batch_args = pixel_values.arrays
+            canvas = (pixel_values.pixels.shape[1], config)
+        else:
+            batch_args = (np.asarray(pixel_values, np.float32),)
+            canvas = None
+            if batch_args[0].ndim != 4 or batch_args[0].shape[1:] != (channels, size, size):
+                raise ValueError(f"pixel_values must have shape [B, {channels}, {size}, "
+                                 f"{size}], got {list(batch_args[0].shape)}")
+        batch = batch_args[0].shape[0]
         bucket = bucket_size(batch, self.num_shards) if batch else 0
         dispatched = Dispatched(None, batch, bucket, self.num_shards, settings)
         if batch == 0:
             return dispatched
         programs_before = len(self._programs)
-        program = self.program(bucket, settings)
-        padded = sharding.pad_to_multiple(pixel_values, bucket)
+        program = self.program(bucket, settings, canvas)
+        padded = [sharding.pad_to_multiple(array, bucket) for array in batch_args]
         keys = image_keys(rng, first_index, bucket)
         params = self.params if params is None else params
         with dispatched.out_of_memory_as_error():
             if len(self._programs) > programs_before:  # a new program: compile it, timed
                 started = time.perf_counter()
-                program.compile(params, padded, keys)
+                program.compile(params, *padded, keys)
                 self.compile_seconds += time.perf_counter() - started
-            return dataclasses.replace(dispatched, output=program(params, padded, keys))
+            return dataclasses.replace(dispatched, output=program(params, *padded, keys))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ from flax_captioner.errors import OptionError
 DTYPES = ("float32", "bfloat16")
 PARALLELISM = ("mesh", "pmap", "none")
 OUTPUT_FORMATS = ("jsonl", "parquet")
+JPEG_DECODERS = ("pillow", "nvimagecodec")
 # output suffix -> format; a .json output is refused (``output_format``).
 OUTPUT_SUFFIXES = {".jsonl": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -47,7 +48,8 @@ class CaptionOptions:
       what ``Captioner.from_options`` loads (``run_pipeline`` and ``CaptionImages`` load it;
       given a ``Captioner``, these fields are not used).
     - Input: ``batch_size``, ``decode_threads``, ``decode_processes``, ``exif_transpose``,
-      ``fast_decode``, ``image_column``, ``id_column``, ``storage_options``.
+      ``fast_decode``, ``resize_on_device``, ``jpeg_decoder``, ``image_column``,
+      ``id_column``, ``storage_options``.
     - Output (``run_pipeline``): ``output_format``, ``resume``, ``extend``, ``token_logprobs``,
       ``progress``, ``flush_seconds``, ``process_timeout_seconds``.
     - Generation: every ``GenerationSettings`` field PyTorch's ``generate`` takes, None
@@ -87,6 +89,18 @@ class CaptionOptions:
         False, "decode JPEGs at 1/2, 1/4 or 1/8 scale (DCT domain) when still larger than the "
                "model's input: faster on large photos, pixels close to but not equal to "
                "ViTImageProcessor's", action="store_true", default_text="off: exact")
+    resize_on_device: bool = _option(
+        False, "the host only decodes images; the compiled program resizes and normalises "
+               "them with PIL's own arithmetic (the same pixel values, bit for bit)",
+        action="store_true",
+        default_text="off: the host resizes, faster on CPUs (docs/performance.md, \"Resizing "
+                     "on the device\")")
+    jpeg_decoder: str | None = _option(
+        None, "JPEG decoder: nvimagecodec (NVIDIA nvImageCodec's CPU decoder) gives Pillow's "
+              "pixels bit for bit, faster, on the JPEG kinds it takes; Pillow decodes the "
+              "rest", choices=JPEG_DECODERS,
+        default_text="nvimagecodec when installed (pip install 'flax-captioner[nvimagecodec]'), "
+                     "else pillow")
     # Silence, not total wait: long enough for a first compile or a slow batch; a killed
     # process is usually caught sooner by JAX's heartbeat check.
     process_timeout_seconds: float = _option(
@@ -286,6 +300,9 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "token_logprobs": (_is_bool, "True or False"),
     "exif_transpose": (_is_bool, "True or False"),
     "fast_decode": (_is_bool, "True or False"),
+    "resize_on_device": (_is_bool, "True or False"),
+    "jpeg_decoder": (_optional(lambda v: v in JPEG_DECODERS),
+                     "pillow, nvimagecodec or None (nvimagecodec when installed)"),
     "process_timeout_seconds": (lambda v: _is_finite(v) and v > 0, "a number of seconds > 0"),
     "storage_options": (_optional(lambda v: isinstance(v, dict)), "a dict or None"),
     "image_column": (_optional(_is_string), "a column name or None (detected)"),

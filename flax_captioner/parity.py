@@ -244,7 +244,9 @@ def compare_inputs(captioner: Captioner, items: Iterable[InputItem],
     ``unreadable`` and the others are compared."""
     pytorch_model = loading.pytorch_model(captioner.config, captioner.params)
     reports, names, unreadable = [], [], []
-    with captioner.batches(items, options) as batches:
+    # PyTorch takes float32 pixel values, so the host resizes (resize_on_device gives the
+    # same values bit for bit).
+    with captioner.batches(items, options.replace(resize_on_device=False)) as batches:
         for batch in batches:
             for item, error in zip(batch.items, batch.errors):
                 if error is None:

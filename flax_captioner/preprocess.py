@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from flax_captioner import nvimagecodec
 from flax_captioner.errors import ImageReadError, ModelLoadError
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
@@ -52,6 +53,11 @@ _QUOTED_DATA = re.compile(
     r"""(?<!\w)b?(?:'(?:[^'\\]|\\.){48,}(?:'|$)|"(?:[^"\\]|\\.){48,}(?:"|$))""")
 # Modes whose values convert("RGB") clips to 0..255 without scaling.
 _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+# Square canvases the host pads decoded uint8 images into when the compiled program resizes
+# them (``ImageDecoding.device_resize``, resize.py): thumbnails and model-sized inputs, Flickr's
+# 500 px, COCO's 640 px, larger photos. The device's work grows with the side squared, so each
+# image takes the smallest that holds it; a larger photo is resized here instead.
+CANVAS_SIDES = (256, 512, 640, 1024)
 # What ``load_image`` tells its ``on_clipped``: (image name, mode, lowest value, highest value).
 OnClipped = Callable[[str, str, float, float], None]
 logger = logging.getLogger(__name__)
@@ -190,10 +196,19 @@ class ImageDecoding:
         still covers the model's input size on both sides, then resize as usual. Pixels come
         close to ViTImageProcessor's, not equal; docs/performance.md, "Fast decode", has its
         speed and caption agreement with the exact path.
+      device_resize: the host only decodes (``load_decoded_one``: uint8 pixels) and the
+        compiled program resizes and normalises them with PIL's own arithmetic (resize.py):
+        the same float32 values bit for bit.
+      jpeg_decoder: "pillow", or "nvimagecodec": NVIDIA nvImageCodec's CPU decoder
+        (``nvimagecodec.py``) decodes the JPEGs whose pixels it gives equal to Pillow's,
+        faster; Pillow decodes the rest, and every JPEG when EXIF rotation or fast decoding
+        is asked for.
     """
 
     exif_transpose: bool = False
     fast: bool = False
+    device_resize: bool = False
+    jpeg_decoder: str = "pillow"
 
 
 class ClippingWarning:
@@ -348,10 +363,10 @@ def preprocess(images: Sequence[Image.Image], config: PreprocessConfig) -> np.nd
     """
     rgb_images = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
     height, width = config.size if config.do_resize else _common_size(rgb_images, config)
-    pixel_lut = _pixel_lut(config)
+    lut = pixel_lut(config)
     pixel_values = np.empty((len(rgb_images), 3, height, width), np.float32)
     for image, row in zip(rgb_images, pixel_values):
-        _pixel_values_into(image, config, pixel_lut, row)
+        _pixel_values_into(image, config, lut, row)
     return pixel_values
 
 
@@ -368,16 +383,70 @@ def load_and_preprocess_one(source: ImageSource, config: PreprocessConfig, *,
     Raises:
       ImageReadError: see ``load_image``.
     """
+    image = _load_for(source, config, name, decoding, on_clipped)
+    height, width = config.size if config.do_resize else (image.height, image.width)
+    pixel_values = np.empty((3, height, width), np.float32)
+    _pixel_values_into(image, config, pixel_lut(config), pixel_values)
+    return pixel_values
+
+
+def load_decoded_one(source: ImageSource, config: PreprocessConfig, *,
+                     name: str | None = None,
+                     decoding: ImageDecoding = ImageDecoding(),
+                     on_clipped: OnClipped | None = None) -> np.ndarray:
+    """``load_image`` only, for a program that resizes on the device (``resize.py``): the
+    image's uint8 RGB pixels. A photo larger than the largest of ``CANVAS_SIDES`` is resized
+    here to ``config.size`` with PIL (the device then copies it: an unchanged size is PIL's
+    identity), so no canvas the size of a huge photo is built. Thread-safe.
+
+    Returns:
+      uint8 [h, w, 3].
+
+    Raises:
+      ImageReadError: see ``load_image``.
+    """
+    pixels = _nvimagecodec_pixels(source, config, decoding)
+    if pixels is not None and max(pixels.shape[:2]) <= CANVAS_SIDES[-1]:
+        return pixels
+    image = (Image.fromarray(pixels) if pixels is not None
+             else _load_for(source, config, name, decoding, on_clipped))
+    if max(image.size) > CANVAS_SIDES[-1]:
+        height, width = config.size
+        image = image.resize((width, height), resample=config.resample)
+    return np.asarray(image)
+
+
+def _load_for(source: ImageSource, config: PreprocessConfig, name: str | None,
+              decoding: ImageDecoding, on_clipped: OnClipped | None) -> Image.Image:
+    """``load_image`` as ``decoding`` says, for ``config``'s input size."""
+    pixels = _nvimagecodec_pixels(source, config, decoding)
+    if pixels is not None:
+        return Image.fromarray(pixels)
     draft = None
     if decoding.fast and config.do_resize:
         side = max(config.size)  # square, so an EXIF rotation cannot leave a side short
         draft = (side, side)
-    image = load_image(source, name=name, exif_transpose=decoding.exif_transpose,
-                       jpeg_draft_size=draft, on_clipped=on_clipped)
-    height, width = config.size if config.do_resize else (image.height, image.width)
-    pixel_values = np.empty((3, height, width), np.float32)
-    _pixel_values_into(image, config, _pixel_lut(config), pixel_values)
-    return pixel_values
+    return load_image(source, name=name, exif_transpose=decoding.exif_transpose,
+                      jpeg_draft_size=draft, on_clipped=on_clipped)
+
+
+def _nvimagecodec_pixels(source: ImageSource, config: PreprocessConfig,
+                         decoding: ImageDecoding) -> np.ndarray | None:
+    """uint8[h, w, 3] from nvImageCodec when ``decoding`` asks for it and it takes ``source``
+    (``nvimagecodec.decode_jpeg``); None: Pillow decodes it (and words any error)."""
+    if (decoding.jpeg_decoder != "nvimagecodec" or decoding.exif_transpose
+            or (decoding.fast and config.do_resize) or isinstance(source, Image.Image)):
+        return None
+    if not isinstance(source, (bytes, bytearray, memoryview)):
+        try:
+            with open(source, "rb") as file:  # another format: only its first bytes are read
+                head = file.read(len(nvimagecodec.JPEG_START))
+                if head != nvimagecodec.JPEG_START:
+                    return None
+                source = head + file.read()
+        except (OSError, ValueError):  # Pillow names the problem
+            return None
+    return nvimagecodec.decode_jpeg(source)
 
 
 def _size_from_config(size: Any) -> tuple[int, int]:
@@ -410,7 +479,7 @@ def _per_channel(value: Any, default: tuple[float, float, float], name: str) -> 
 
 
 @functools.lru_cache(maxsize=16)
-def _pixel_lut(config: PreprocessConfig) -> np.ndarray:
+def pixel_lut(config: PreprocessConfig) -> np.ndarray:
     """float32 [3, 256]: the output value of each uint8 level in each channel.
 
     Computed the way ViTImageProcessor computes every pixel: rescale in float64, cast to

@@ -238,11 +238,13 @@ def test_smoke_run_measures_every_part_and_renders_markdown(tmp_path):
         assert (tmp_path / "traces" / f"{profiled['variant']}-{profiled['batch']}.xplane.pb"
                 ).is_file()
 
-    # End to end: the three ways of decoding, every image captioned.
+    # End to end: the four ways of decoding (resizing on the host or the device), every image
+    # captioned, the same captions with the host's or the device's resize.
     pipelines = {(row["decode"], row["workers"]): row
                  for row in parts["end_to_end"]["pipelines"]}
-    assert set(pipelines) == {("exact", "threads"), ("exact", "processes"),
-                              ("fast", "processes")}
+    assert set(pipelines) == set(plan.PIPELINES) == {
+        ("exact", "threads"), ("exact", "processes"), ("device-resize", "processes"),
+        ("device-resize-nvimagecodec", "processes"), ("fast", "processes")}
     for pipeline in pipelines.values():
         assert pipeline["images"] == pipeline["captioned"] == profile.e2e_images
         assert pipeline["errors"] == 0 and pipeline["input_wait_seconds"] >= 0
@@ -252,8 +254,12 @@ def test_smoke_run_measures_every_part_and_renders_markdown(tmp_path):
     scaling = {(row["decode"], row["mode"], row["workers"])
                for row in parts["end_to_end"]["decode_scaling"]}
     assert scaling == {(decode, mode, workers) for decode, mode in (
-        ("exact", "threads"), ("exact", "processes"), ("fast", "threads"))
+        ("exact", "threads"), ("exact", "processes"), ("decode-only", "processes"),
+        ("decode-only-nvimagecodec", "processes"), ("fast", "threads"))
         for workers in profile.decode_workers}
+    [pixels] = parts["end_to_end"]["device_resize_pixels"]
+    assert pixels["bit_identical"] is True and pixels["values_differing"] == 0
+    assert pixels["images"] == profile.e2e_batch and pixels["platform"] == "cpu"
 
     # The targets are read from the rows.
     targets = {target["target"]: target for target in result["targets"]}

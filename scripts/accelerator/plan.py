@@ -24,6 +24,23 @@ PARTS = ("environment", "parity", "throughput", "end_to_end")
 WORKERS = {"parity": ("parity",), "throughput": ("torch_throughput", "jax_throughput"),
            "end_to_end": ("end_to_end",)}
 NUM_BEAMS, MAX_LENGTH = 4, 16
+# The end-to-end pipelines, (decode, decode workers), in the order they run: "exact" decodes
+# and preprocesses on the host (Pillow), "device-resize" only decodes there
+# (--resize-on-device), "-nvimagecodec" with NVIDIA nvImageCodec's CPU decoder
+# (--jpeg-decoder), "fast" decodes JPEGs at reduced scale (--fast-decode).
+PIPELINES = (("exact", "threads"), ("exact", "processes"), ("device-resize", "processes"),
+             ("device-resize-nvimagecodec", "processes"), ("fast", "processes"))
+# The host's decode scaling rows, (workers' kind, decode); "decode-only" is what the host does
+# for the device-resize pipelines.
+DECODE_SCALING = (("threads", "exact"), ("processes", "exact"), ("processes", "decode-only"),
+                  ("processes", "decode-only-nvimagecodec"), ("threads", "fast"))
+
+
+def decode_options(decode: str) -> dict[str, Any]:
+    """The ``CaptionOptions`` fields of a ``PIPELINES`` or ``DECODE_SCALING`` decode name."""
+    return {"fast_decode": decode == "fast",
+            "resize_on_device": decode.startswith(("device-resize", "decode-only")),
+            "jpeg_decoder": "nvimagecodec" if decode.endswith("nvimagecodec") else "pillow"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from scripts.accelerator.plan import (MAX_LENGTH, NUM_BEAMS, Profile, parity_models,
+from scripts.accelerator.plan import (DECODE_SCALING, MAX_LENGTH, NUM_BEAMS, PIPELINES, Profile,
+                                      decode_options, parity_models,
                                       parity_other_forms, parity_settings, throughput_estimates,
                                       throughput_plan, throughput_variants)
 from scripts.accelerator.traces import profiled_call
@@ -381,10 +382,12 @@ def streamed_run(generator: Any, pixels: np.ndarray, settings: Any,
 
 def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
     """Photo-like JPEGs through ``run_pipeline`` (exact decoding on threads, then on
-    processes, then fast decoding on processes), then the host's decode scaling."""
+    processes; the host decoding only, the program resizing, on processes; fast decoding on
+    processes), the device resize's pixels against the host's, then the host's decode
+    scaling."""
     import jax.numpy as jnp
 
-    from flax_captioner import CaptionOptions, loading
+    from flax_captioner import CaptionOptions, loading, nvimagecodec
     from flax_captioner.captioner import Captioner
     from flax_captioner.generator import enable_compilation_cache
     from flax_captioner.pipeline import run_pipeline
@@ -403,13 +406,20 @@ def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
         captioner = Captioner(loading.load_checkpoint(work / "full"), dtype=jnp.bfloat16)
         common = CaptionOptions(batch_size=profile.e2e_batch, decode_threads=cores,
                                 decode_processes=False, resume=False, progress=False,
+                                jpeg_decoder="pillow",
                                 num_beams=NUM_BEAMS, max_length=MAX_LENGTH)
-        # The first batch compiles (or loads the throughput worker's program from the cache).
-        _, warmup = timed(lambda: run_pipeline(paths[:profile.e2e_batch],
-                                               str(work / "warmup.jsonl"), common, captioner))
+        # The first batch compiles (or loads the throughput worker's program from the cache);
+        # so does the program that resizes on the device, a program of its own.
+        _, warmup = timed(lambda: [run_pipeline(
+            paths[:profile.e2e_batch], str(work / f"warmup-{on_device}.jsonl"),
+            common.replace(resize_on_device=on_device), captioner) for on_device in (False, True)])
         wall = None
-        for decode, workers in (("exact", "threads"), ("exact", "processes"),
-                                ("fast", "processes")):
+        for decode, workers in PIPELINES:
+            options = decode_options(decode)
+            if options["jpeg_decoder"] == "nvimagecodec" and not nvimagecodec.available():
+                recorder.emit("skipped", what=f"end-to-end pipeline, {decode}",
+                              why="nvImageCodec is not installed (flax-captioner[nvimagecodec])")
+                continue
             if wall is not None and not recorder.fits(
                     f"end-to-end pipeline, {decode} decode on {workers}", 1.2 * wall + 5):
                 break
@@ -418,7 +428,7 @@ def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
             # one core's worth, the host process itself bounds the pipeline.
             cpu = process_cpu_seconds()
             stats = run_pipeline(paths, str(work / f"captions-{decode}-{workers}.jsonl"),
-                                 common.replace(fast_decode=decode == "fast",
+                                 common.replace(**options,
                                                 decode_processes=workers == "processes"),
                                  captioner)
             wall = stats.wall_seconds
@@ -428,7 +438,31 @@ def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
                           **pipeline_rates(stats, len(paths)))
     from flax_captioner.preprocess import PreprocessConfig
 
-    decode_scaling(paths, PreprocessConfig.from_pretrained(work / "full"), profile, recorder)
+    config = PreprocessConfig.from_pretrained(work / "full")
+    if recorder.fits("device resize pixels", 5):
+        recorder.emit("pixels", **device_resize_agreement(paths, config, profile.e2e_batch))
+    decode_scaling(paths, config, profile, recorder)
+
+
+def device_resize_agreement(paths: list[str], config: Any, batch: int) -> dict[str, Any]:
+    """The program's resize (``resize.pixel_values`` on the default device) against the host's
+    ``preprocess`` on the first ``batch`` distinct JPEGs: bit-identical float32 or not."""
+    import jax
+
+    from flax_captioner import feed, resize
+    from flax_captioner.preprocess import ImageDecoding, load_image, pixel_lut, preprocess
+    from flax_captioner.sources import InputItem
+
+    items = [InputItem(index, path) for index, path in enumerate(paths[:batch])]
+    with feed.batches(items, config, len(items),
+                      decoding=ImageDecoding(device_resize=True)) as batches:
+        canvases = next(batches).pixel_values
+    device = np.asarray(jax.jit(resize.pixel_values)(canvases.pixels, canvases.coefficients,
+                                                     pixel_lut(config)))
+    host = preprocess([load_image(path) for path in paths[:batch]], config)
+    return {"images": len(items), "canvas_side": canvases.pixels.shape[1],
+            "platform": jax.default_backend(), "bit_identical": bool(np.array_equal(device, host)),
+            "values_differing": int(np.sum(device != host))}
 
 
 def pipeline_rates(stats: Any, images: int) -> dict[str, Any]:
@@ -452,24 +486,36 @@ def pipeline_rates(stats: Any, images: int) -> dict[str, Any]:
     return row
 
 
-def _decode_paths(paths: list[str], config: Any, fast: bool) -> int:
-    """Decodes + preprocesses ``paths`` in a worker; returns the bytes produced (the pixels
-    stay in the worker: shipping them back would measure pickling, not decoding)."""
-    from flax_captioner.preprocess import ImageDecoding, load_and_preprocess_one
+def _decode_paths(paths: list[str], config: Any, decode: str) -> int:
+    """Decodes ``paths`` in a worker as the feed's ``decode`` path does ("exact", "fast": and
+    preprocesses; "decode-only...": what is left to the host when the program resizes);
+    returns the bytes produced (the pixels stay in the worker: shipping them back would
+    measure pickling, not decoding)."""
+    from flax_captioner.decode_processes import decode_function
+    from flax_captioner.preprocess import ImageDecoding
 
-    decoding = ImageDecoding(fast=fast)
-    return sum(load_and_preprocess_one(path, config, decoding=decoding).nbytes
+    options = decode_options(decode)
+    decoding = ImageDecoding(fast=options["fast_decode"],
+                             device_resize=options["resize_on_device"],
+                             jpeg_decoder=options["jpeg_decoder"])
+    return sum(decode_function(decoding)(path, config, decoding=decoding).nbytes
                for path in paths)
 
 
 def decode_scaling(paths: list[str], config: Any, profile: Profile,
                    recorder: Recorder) -> None:
     """Decode (PIL decode + resize + normalise) images/s against workers: the exact path on
-    threads and on processes (forkserver, as ``decode_processes`` starts them), the fast path
-    (``--fast-decode``) on threads; every row runs the same function over the same chunks (four
-    per worker)."""
+    threads and on processes (forkserver, as ``decode_processes`` starts them), decoding only
+    (``--resize-on-device``) on processes, the fast path (``--fast-decode``) on threads; every
+    row runs the same function over the same chunks (four per worker)."""
+    from flax_captioner import nvimagecodec
+
     forkserver = multiprocessing.get_context("forkserver")
-    for mode, decode in (("threads", "exact"), ("processes", "exact"), ("threads", "fast")):
+    for mode, decode in DECODE_SCALING:
+        if decode_options(decode)["jpeg_decoder"] == "nvimagecodec" and not nvimagecodec.available():
+            recorder.emit("skipped", what=f"decode {decode} {mode}",
+                          why="nvImageCodec is not installed (flax-captioner[nvimagecodec])")
+            continue
         for workers in profile.decode_workers:
             images = paths[:min(len(paths), 160 * workers)]
             if not recorder.fits(f"decode {decode} {mode} {workers}",
@@ -478,12 +524,12 @@ def decode_scaling(paths: list[str], config: Any, profile: Profile,
             chunks = [images[start::4 * workers] for start in range(4 * workers)]
             pool = (concurrent.futures.ThreadPoolExecutor(workers) if mode == "threads" else
                     concurrent.futures.ProcessPoolExecutor(workers, mp_context=forkserver))
-            configs, fast = [config] * len(chunks), [decode == "fast"] * len(chunks)
+            configs, decodes = [config] * len(chunks), [decode] * len(chunks)
             with pool:
                 list(pool.map(_decode_paths, [[path] for path in images[:workers]], configs,
-                              fast))
+                              decodes))
                 _, seconds = timed(lambda: list(pool.map(_decode_paths, chunks, configs,
-                                                         fast)))
+                                                         decodes)))
             recorder.emit("decode", mode=mode, decode=decode, workers=workers,
                           images=len(images), seconds=seconds,
                           images_per_second=len(images) / seconds)
