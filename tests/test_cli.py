@@ -520,6 +520,9 @@ def test_sigterm_while_captioning_exits_143_and_resumes(shapes_rows, tmp_path, c
 
 _SIGNAL_WHILE_LOADING = """
 import os, signal, sys, time
+# Ctrl-C as a terminal delivers it: a test run started in the background (`pytest &`) hands
+# its children SIGINT ignored, and Python then keeps it ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from flax_captioner import cli, errors
 def load(args):
     os.kill(os.getpid(), getattr(signal, sys.argv[1]))
