@@ -409,7 +409,7 @@ def load_decoded_one(source: ImageSource, config: PreprocessConfig, *,
     if pixels is not None and max(pixels.shape[:2]) <= CANVAS_SIDES[-1]:
         return pixels
     image = (Image.fromarray(pixels) if pixels is not None
-             else _load_for(source, config, name, decoding, on_clipped))
+             else _load_pillow(source, config, name, decoding, on_clipped))
     if max(image.size) > CANVAS_SIDES[-1]:
         height, width = config.size
         image = image.resize((width, height), resample=config.resample)
@@ -418,10 +418,17 @@ def load_decoded_one(source: ImageSource, config: PreprocessConfig, *,
 
 def _load_for(source: ImageSource, config: PreprocessConfig, name: str | None,
               decoding: ImageDecoding, on_clipped: OnClipped | None) -> Image.Image:
-    """``load_image`` as ``decoding`` says, for ``config``'s input size."""
+    """``load_image`` as ``decoding`` says, for ``config``'s input size: nvImageCodec's
+    pixels where it takes the image, else Pillow's."""
     pixels = _nvimagecodec_pixels(source, config, decoding)
     if pixels is not None:
         return Image.fromarray(pixels)
+    return _load_pillow(source, config, name, decoding, on_clipped)
+
+
+def _load_pillow(source: ImageSource, config: PreprocessConfig, name: str | None,
+                 decoding: ImageDecoding, on_clipped: OnClipped | None) -> Image.Image:
+    """``load_image`` (Pillow) with ``decoding``'s EXIF and fast-decode choices."""
     draft = None
     if decoding.fast and config.do_resize:
         side = max(config.size)  # square, so an EXIF rotation cannot leave a side short
