@@ -387,7 +387,7 @@ def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
     scaling."""
     import jax.numpy as jnp
 
-    from flax_captioner import CaptionOptions, loading, nvimagecodec
+    from flax_captioner import CaptionOptions, loading
     from flax_captioner.captioner import Captioner
     from flax_captioner.generator import enable_compilation_cache
     from flax_captioner.pipeline import run_pipeline
@@ -416,9 +416,7 @@ def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
         wall = None
         for decode, workers in PIPELINES:
             options = decode_options(decode)
-            if options["jpeg_decoder"] == "nvimagecodec" and not nvimagecodec.available():
-                recorder.emit("skipped", what=f"end-to-end pipeline, {decode}",
-                              why="nvImageCodec is not installed (flax-captioner[nvimagecodec])")
+            if not decoder_installed(decode, f"end-to-end pipeline, {decode}", recorder):
                 continue
             if wall is not None and not recorder.fits(
                     f"end-to-end pipeline, {decode} decode on {workers}", 1.2 * wall + 5):
@@ -465,6 +463,18 @@ def device_resize_agreement(paths: list[str], config: Any, batch: int) -> dict[s
             "values_differing": int(np.sum(device != host))}
 
 
+def decoder_installed(decode: str, what: str, recorder: Recorder) -> bool:
+    """Whether the JPEG decoder of ``decode`` (``decode_options``) is installed here; records
+    ``what`` as skipped when not."""
+    from flax_captioner import nvimagecodec
+
+    if decode_options(decode)["jpeg_decoder"] != "nvimagecodec" or nvimagecodec.available():
+        return True
+    recorder.emit("skipped", what=what,
+                  why="nvImageCodec is not installed (flax-captioner[nvimagecodec])")
+    return False
+
+
 def pipeline_rates(stats: Any, images: int) -> dict[str, Any]:
     """The pipeline's summary plus the two rates that bound it: decoding (images per second
     of all decode threads together) and the device (images per second of device time); the
@@ -508,13 +518,9 @@ def decode_scaling(paths: list[str], config: Any, profile: Profile,
     threads and on processes (forkserver, as ``decode_processes`` starts them), decoding only
     (``--resize-on-device``) on processes, the fast path (``--fast-decode``) on threads; every
     row runs the same function over the same chunks (four per worker)."""
-    from flax_captioner import nvimagecodec
-
     forkserver = multiprocessing.get_context("forkserver")
     for mode, decode in DECODE_SCALING:
-        if decode_options(decode)["jpeg_decoder"] == "nvimagecodec" and not nvimagecodec.available():
-            recorder.emit("skipped", what=f"decode {decode} {mode}",
-                          why="nvImageCodec is not installed (flax-captioner[nvimagecodec])")
+        if not decoder_installed(decode, f"decode {decode} {mode}", recorder):
             continue
         for workers in profile.decode_workers:
             images = paths[:min(len(paths), 160 * workers)]
