@@ -10,17 +10,28 @@ shared-memory slot of its own, since pixels sent back through a pipe cap the rat
 ``concurrent.futures`` pool would pass each image through two more threads of the caller.
 Measurements: docs/performance.md, "Decode processes vs threads".
 
+The processes are fresh interpreters running this module (``subprocess``), not
+``multiprocessing``'s: its spawn and forkserver start methods import the caller's main script
+again in every process (a script that imports JAX paid seconds per process, and had to keep
+its work under ``if __name__ == "__main__":``), and fork would copy the locks of JAX's threads
+mid-use. The shared memory is an unlinked temporary file, mapped by both sides: nothing is
+left behind even when the caller is killed.
+
 This module imports no JAX: the worker processes import it, not the rest of the package.
 """
 
 from __future__ import annotations
 
 import math
-import multiprocessing
+import mmap
+import os
 import queue
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
-from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -64,27 +75,27 @@ class DecodeProcesses:
         # do_resize=False leaves each image its own size: its pixels travel through the pipe.
         slot_bytes = (CANVAS_SIDES[-1] ** 2 * 3 if decoding.device_resize
                       else 3 * height * width * 4 if config.do_resize else 0)
-        self._memory = shared_memory.SharedMemory(create=True,
-                                                  size=max(workers * slot_bytes, 1))
-        self._slots = _slots(self._memory, workers, slot_bytes)
-        # Not fork: it would copy the locks of JAX's threads mid-use. Like spawn, forkserver
-        # starts each process by importing the caller's main script again (as __mp_main__),
-        # so that script must keep its work under ``if __name__ == "__main__":``.
-        context = multiprocessing.get_context("forkserver")
-        self._connections: list[Connection] = []
-        self._processes = []
+        memory_bytes = max(workers * slot_bytes, 1)
+        # In memory where there is a memory file system (/dev/shm), unlinked at once.
+        with tempfile.TemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                                    prefix="flax-captioner-decode-") as memory_file:
+            memory_file.truncate(memory_bytes)
+            self._memory = mmap.mmap(memory_file.fileno(), memory_bytes)
+            self._slots = _slots(self._memory, workers, slot_bytes)
+            self._connections: list[Connection] = []
+            self._processes: list[subprocess.Popen] = []
+            for worker in range(workers):
+                ours, theirs = socket.socketpair()
+                with theirs:
+                    self._processes.append(_start_worker(theirs.fileno(),
+                                                         memory_file.fileno()))
+                connection = Connection(ours.detach())
+                connection.send((memory_bytes, workers, slot_bytes, worker, config, decoding))
+                self._connections.append(connection)
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
-        self._broken: str | None = None
         for worker in range(workers):
-            ours, theirs = context.Pipe()
-            process = context.Process(
-                target=_serve, daemon=True, name=f"flax-captioner-decode-{worker}",
-                args=(theirs, self._memory.name, workers, slot_bytes, worker, config, decoding))
-            process.start()
-            theirs.close()
-            self._connections.append(ours)
-            self._processes.append(process)
             self._idle.put(worker)
+        self._broken: str | None = None
 
     def decode(self, source: Any, name: str | None) -> np.ndarray:
         """``decode_function(decoding)(source, config, name=name, decoding=decoding)`` on a
@@ -107,8 +118,8 @@ class DecodeProcesses:
                 while_doing = f"while decoding {name}"
                 kind, value, clipped = connection.recv()
             except (EOFError, OSError):
-                self._broken = f"a decoding process {_ending(self._processes[worker])} " \
-                               f"{while_doing}{_ending_hint(self._processes[worker])}"
+                self._broken = (f"a decoding process {_ending(self._processes[worker])} "
+                                f"{while_doing}")
                 raise CaptionerError(self._broken) from None
         finally:
             self._idle.put(worker)
@@ -130,45 +141,61 @@ class DecodeProcesses:
                 pass
             connection.close()
         for process in self._processes:
-            process.join(timeout=5)
-            if process.is_alive():
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
+        del self._slots
         self._memory.close()
-        self._memory.unlink()
 
 
-def _ending(process: Any) -> str:
+# A worker: this module on an interpreter of its own, with the caller's import path.
+_WORKER_MAIN = ("import sys; sys.path[:] = sys.argv[3:]; "
+                "from flax_captioner.decode_processes import _serve; "
+                "_serve(int(sys.argv[1]), int(sys.argv[2]))")
+
+
+def _start_worker(connection_fd: int, memory_fd: int) -> subprocess.Popen:
+    """A worker process serving the pipe ``connection_fd`` with the memory file ``memory_fd``.
+    In a session of its own, so a terminal's Ctrl-C reaches the caller only (which ends the
+    workers by closing their pipes)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _WORKER_MAIN, str(connection_fd), str(memory_fd), *sys.path],
+        pass_fds=(connection_fd, memory_fd), stdin=subprocess.DEVNULL,
+        start_new_session=True)
+
+
+def _ending(process: subprocess.Popen) -> str:
     """How a decoding process that stopped answering ended, in words."""
-    process.join(timeout=1)
-    if process.exitcode is not None and process.exitcode < 0:
-        return f"was killed by {signal.Signals(-process.exitcode).name}"
-    return "ended abruptly"
+    try:
+        process.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        return "stopped answering"
+    if process.returncode < 0:
+        return f"was killed by {signal.Signals(-process.returncode).name}"
+    return f"ended abruptly (exit status {process.returncode})"
 
 
-def _ending_hint(process: Any) -> str:
-    """What to check when a decoding process exited by itself: a script that starts them
-    runs again in each (forkserver), so its work must be guarded. A killed one (the kernel's
-    out-of-memory killer, a user) needs no such hint."""
-    if process.exitcode is not None and process.exitcode < 0:
-        return ""
-    return " (a script that decodes in processes must keep its work under " \
-           "'if __name__ == \"__main__\":')"
-
-
-def _slots(memory: shared_memory.SharedMemory, workers: int, slot_bytes: int) -> np.ndarray:
+def _slots(memory: mmap.mmap, workers: int, slot_bytes: int) -> np.ndarray:
     """The pool's shared memory as both sides see it: uint8[workers, slot_bytes]."""
-    return np.ndarray((workers, slot_bytes), np.uint8, buffer=memory.buf)
+    return np.ndarray((workers, slot_bytes), np.uint8, buffer=memory)
 
 
-def _serve(connection: Connection, memory_name: str, workers: int, slot_bytes: int,
-           worker: int, config: PreprocessConfig, decoding: ImageDecoding) -> None:
-    """A worker process: decodes each (source, name) it receives into slot ``worker`` and
-    answers ("shape", (shape, dtype), clipped), ("pixels", pixels, clipped) when they do not fit the
-    slot, or ("error", the exception, None); ``clipped`` is None, or the (name, mode, low,
-    high) of an image that converting to RGB clips, for the caller's ``on_clipped``. Ends on
-    None or when the pipe closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
-    memory = shared_memory.SharedMemory(name=memory_name)
+def _serve(connection_fd: int, memory_fd: int) -> None:
+    """A worker process (``_WORKER_MAIN``): takes its memory size, slot and preprocessing from
+    the first message, then decodes each (source, name) it receives into slot ``worker`` and
+    answers ("shape", (shape, dtype), clipped), ("pixels", pixels, clipped) when they do not
+    fit the slot, or ("error", the exception, None); ``clipped`` is None, or the (name, mode,
+    low, high) of an image that converting to RGB clips, for the caller's ``on_clipped``.
+    Ends on None or when the pipe closes."""
+    connection = Connection(connection_fd)
+    try:
+        memory_bytes, workers, slot_bytes, worker, config, decoding = connection.recv()
+    except EOFError:  # the caller has gone before the first message
+        return
+    memory = mmap.mmap(memory_fd, memory_bytes)
+    os.close(memory_fd)
     slot = _slots(memory, workers, slot_bytes)[worker]
     decode = decode_function(decoding)
     try:

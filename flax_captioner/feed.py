@@ -162,9 +162,7 @@ def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: in
       decoding: how files become RGB images (EXIF orientation, fast JPEG decoding).
       decode_processes: each decode thread hands its images to a worker process
         (``decode_processes.py``): faster past ``decode_processes.THREADS_UP_TO`` threads
-        (docs/performance.md, "Decode processes vs threads"). Python starts those
-        processes by importing the calling script again, so its work must sit under
-        ``if __name__ == "__main__":``.
+        (docs/performance.md, "Decode processes vs threads").
       pad_first: pad a short batch to ``batch_size`` rows even before a full one: a resumed
         run then runs the programs of the run it resumes (XLA compiles one per batch shape,
         and another shape may round the scores differently in their last digits).

@@ -69,8 +69,7 @@ class CaptionOptions:
         None, "image decoding threads", flag="--threads", kind="count", metavar="N",
         default_text="all cores")
     decode_processes: bool | None = _option(
-        None, "each decoding thread hands its images to a worker process, past Python's GIL "
-              "(a script doing so keeps its work under 'if __name__ == \"__main__\":')",
+        None, "each decoding thread hands its images to a worker process, past Python's GIL",
         default_text="on with more than 4 threads")
     resume: bool = _option(True, "start over instead of continuing an existing --output",
                            flag="--no-resume", action="store_false")

@@ -120,9 +120,7 @@ def run_pipeline(inputs: Inputs, output: str | None, options: CaptionOptions | N
         ``batch_size`` images per batch are split over this process's local devices; every
         batch is full but the last, which is padded to ``batch_size`` once a full batch has
         compiled, so it reuses that program. ``resume`` continues after the rows ``output``
-        already holds. Decoding in processes (``decode_processes``) starts them by
-        importing the calling script again, so its work must sit under
-        ``if __name__ == "__main__":``. Sampling folds each image's input index into
+        already holds. Sampling folds each image's input index into
         ``seed``'s key, so a resumed run samples what an uninterrupted one would. With
         ``num_return_sequences`` > 1 each row also lists every returned sequence, ranked;
         ``token_logprobs`` adds each generated token's log-probability, EOS included.

@@ -40,6 +40,20 @@ def process_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def host_cpu_seconds() -> float | None:
+    """CPU seconds the whole host has been busy since boot, every process and core together
+    (Linux's /proc/stat: user, nice, system, irq, softirq, steal); None where there is no
+    /proc/stat. On a machine left to one benchmark, a difference over a run is that run's CPU,
+    its worker processes' included."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:9]]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def rotated(items: Sequence[T], turn: int) -> list[T]:
     """``items`` starting at ``turn`` (mod their count): taking turns in a rotating order,
     a slow spell of a shared machine falls on every contender alike."""

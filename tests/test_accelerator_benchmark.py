@@ -251,12 +251,22 @@ def test_smoke_run_measures_every_part_and_renders_markdown(tmp_path):
         assert 0 <= pipeline["rows_seconds"] < pipeline["wall_seconds"]
         assert pipeline["images_per_second"] > 0 and pipeline["bound"] in ("decode", "device")
         assert pipeline["caller_cpu_ms_per_image"] > 0  # the feed's own cost, on this host
-    scaling = {(row["decode"], row["mode"], row["workers"])
+        # The whole host's (decode processes included): at least the caller's.
+        assert pipeline["host_cpu_ms_per_image"] >= pipeline["caller_cpu_ms_per_image"] / 2
+        assert pipeline["host_cores_busy"] > 0
+    scaling = {(row["decode"], row["mode"], row["workers"]): row
                for row in parts["end_to_end"]["decode_scaling"]}
-    assert scaling == {(decode, mode, workers) for decode, mode in (
+    assert set(scaling) == {(decode, mode, workers) for decode, mode in (
         ("exact", "threads"), ("exact", "processes"), ("decode-only", "processes"),
         ("decode-only-nvimagecodec", "processes"), ("fast", "threads"))
-        for workers in profile.decode_workers}
+        for workers in profile.decode_workers} | {
+        (decode, "feed", profile.decode_workers[-1]) for decode in ("exact", "decode-only")}
+    for row in scaling.values():
+        assert row["images_per_second"] > 0 and row["host_cpu_ms_per_image"] >= 0
+    # The feed alone: every image after its first batch timed, its start-up apart.
+    for decode in ("exact", "decode-only"):
+        feed_row = scaling[decode, "feed", profile.decode_workers[-1]]
+        assert feed_row["images"] == profile.e2e_images and feed_row["start_seconds"] > 0
     [pixels] = parts["end_to_end"]["device_resize_pixels"]
     assert pixels["bit_identical"] is True and pixels["values_differing"] == 0
     assert pixels["images"] == profile.e2e_batch and pixels["platform"] == "cpu"

@@ -31,9 +31,11 @@ NUM_BEAMS, MAX_LENGTH = 4, 16
 PIPELINES = (("exact", "threads"), ("exact", "processes"), ("device-resize", "processes"),
              ("device-resize-nvimagecodec", "processes"), ("fast", "processes"))
 # The host's decode scaling rows, (workers' kind, decode); "decode-only" is what the host does
-# for the device-resize pipelines.
+# for the device-resize pipelines; "feed" is the captioning feed on decode processes, without
+# the device: what the host side of a pipeline gives by itself.
 DECODE_SCALING = (("threads", "exact"), ("processes", "exact"), ("processes", "decode-only"),
-                  ("processes", "decode-only-nvimagecodec"), ("threads", "fast"))
+                  ("processes", "decode-only-nvimagecodec"), ("threads", "fast"),
+                  ("feed", "exact"), ("feed", "decode-only"))
 
 
 def decode_options(decode: str) -> dict[str, Any]:

@@ -228,18 +228,20 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "is not counted, so this is an upper bound); the smaller bounds the run. Rows "
                 "s: the loop's own time (detokenize, build and write rows), while the next "
                 "batch runs on the device. Caller CPU: this process's CPU per image, all its "
-                "threads (not the decode processes').", "",
+                "threads (not the decode processes'). Host CPU: every process's, per image; "
+                "cores busy: the host's CPU seconds per second of the run.", "",
                 markdown_table(
                     ["decode", "on", "images", "batch", "dtype", "images/s", "wall s",
                      "device waited for input s", "rows s", "decode threads",
                      "decode capacity img/s", "device img/s", "bound",
-                     "caller CPU ms/image"],
+                     "caller CPU ms/image", "host CPU ms/image", "host cores busy"],
                     [[r["decode"], r["workers"], r["images"], r["batch"], r["dtype"],
                       r["images_per_second"],
                       r["wall_seconds"], r["input_wait_seconds"], r.get("rows_seconds"),
                       r["decode_threads"], r["decode_capacity_images_per_second"],
                       r["device_images_per_second"], r["bound"],
-                      r.get("caller_cpu_ms_per_image")] for r in e2e["pipelines"]]),
+                      r.get("caller_cpu_ms_per_image"), r.get("host_cpu_ms_per_image"),
+                      r.get("host_cores_busy")] for r in e2e["pipelines"]]),
                 ""]
     for check in e2e.get("device_resize_pixels", []):
         out += [f"Device resize on {check['platform']}: {check['images']} JPEGs in "
@@ -252,12 +254,18 @@ def render_markdown(report: dict[str, Any]) -> str:
                   if row["workers"] == 1}
         out += ["### Host decode scaling (PIL decode, + resize + normalise but for decode-only)",
                 "",
+                "Mode feed: the captioning feed alone on decode processes (no device), timed "
+                "from its first batch; start s: starting its processes and decoding that "
+                "batch.", "",
                 markdown_table(["decode", "mode", "workers", "images", "images/s",
-                                "x one worker"],
+                                "x one worker", "host CPU ms/image", "host cores busy",
+                                "start s"],
                                [[r["decode"], r["mode"], r["workers"], r["images"],
                                  r["images_per_second"],
                                  r["images_per_second"] / single[r["mode"], r["decode"]]
-                                 if single.get((r["mode"], r["decode"])) else None]
+                                 if single.get((r["mode"], r["decode"])) else None,
+                                 r.get("host_cpu_ms_per_image"), r.get("host_cores_busy"),
+                                 r.get("start_seconds")]
                                 for r in scaling]), ""]
 
     notes = []

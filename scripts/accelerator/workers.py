@@ -21,8 +21,8 @@ from scripts.accelerator.plan import (DECODE_SCALING, MAX_LENGTH, NUM_BEAMS, PIP
                                       parity_other_forms, parity_settings, throughput_estimates,
                                       throughput_plan, throughput_variants)
 from scripts.accelerator.traces import profiled_call
-from scripts.common import (host_cores, hf_flax_generate, jsonable, make_generator,
-                            process_cpu_seconds, seeded_pixels, timed, torch_generate,
+from scripts.common import (host_cores, host_cpu_seconds, hf_flax_generate, jsonable,
+                            make_generator, process_cpu_seconds, seeded_pixels, timed, torch_generate,
                             write_photo_jpegs)
 
 
@@ -423,8 +423,10 @@ def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
                 break
             # This process's CPU, every thread (the feed's, the device loop's, the JAX
             # runtime's), not the decode processes': at 1,000 / (ms per image) images/s on
-            # one core's worth, the host process itself bounds the pipeline.
-            cpu = process_cpu_seconds()
+            # one core's worth, the host process itself bounds the pipeline. The host's CPU,
+            # every process: where the host's time per image goes, and how many cores it kept
+            # busy.
+            cpu, host_cpu = process_cpu_seconds(), host_cpu_seconds()
             stats = run_pipeline(paths, str(work / f"captions-{decode}-{workers}.jsonl"),
                                  common.replace(**options,
                                                 decode_processes=workers == "processes"),
@@ -433,6 +435,7 @@ def run_end_to_end(work: Path, profile: Profile, recorder: Recorder) -> None:
             recorder.emit("pipeline", decode=decode, workers=workers, dtype="bfloat16",
                           batch=profile.e2e_batch, images=len(paths), warmup_seconds=warmup,
                           caller_cpu_ms_per_image=1e3 * (process_cpu_seconds() - cpu) / len(paths),
+                          **host_cpu_use(host_cpu, len(paths), stats.wall_seconds),
                           **pipeline_rates(stats, len(paths)))
     from flax_captioner.preprocess import PreprocessConfig
 
@@ -475,6 +478,16 @@ def decoder_installed(decode: str, what: str, recorder: Recorder) -> bool:
     return False
 
 
+def host_cpu_use(before: float | None, images: int, seconds: float) -> dict[str, Any]:
+    """The host's CPU per image since ``host_cpu_seconds()`` gave ``before``, and the cores
+    it kept busy on average over ``seconds`` (None without /proc/stat)."""
+    after = host_cpu_seconds()
+    if before is None or after is None:
+        return {"host_cpu_ms_per_image": None, "host_cores_busy": None}
+    return {"host_cpu_ms_per_image": 1e3 * (after - before) / images,
+            "host_cores_busy": (after - before) / seconds}
+
+
 def pipeline_rates(stats: Any, images: int) -> dict[str, Any]:
     """The pipeline's summary plus the two rates that bound it: decoding (images per second
     of all decode threads together) and the device (images per second of device time); the
@@ -515,17 +528,28 @@ def _decode_paths(paths: list[str], config: Any, decode: str) -> int:
 def decode_scaling(paths: list[str], config: Any, profile: Profile,
                    recorder: Recorder) -> None:
     """Decode (PIL decode + resize + normalise) images/s against workers: the exact path on
-    threads and on processes (forkserver, as ``decode_processes`` starts them), decoding only
-    (``--resize-on-device``) on processes, the fast path (``--fast-decode``) on threads; every
-    row runs the same function over the same chunks (four per worker)."""
+    threads and on processes (a ``concurrent.futures`` pool), decoding only
+    (``--resize-on-device``) on processes, the fast path (``--fast-decode``) on threads, every
+    row running the same function over the same chunks (four per worker); then the captioning
+    feed itself (``feed_rate``). Each row with the host's CPU per image."""
     forkserver = multiprocessing.get_context("forkserver")
     for mode, decode in DECODE_SCALING:
         if not decoder_installed(decode, f"decode {decode} {mode}", recorder):
             continue
-        for workers in profile.decode_workers:
+        # The feed at the most workers only (the pipelines' count): its rows are the
+        # pipelines' host side, to set beside them and beside the processes' rows.
+        counts = profile.decode_workers[-1:] if mode == "feed" else profile.decode_workers
+        for workers in counts:
             images = paths[:min(len(paths), 160 * workers)]
+            if mode == "feed":  # a batch to start on, then at least four to time
+                images = paths[:min(len(paths), max(len(images), 5 * profile.e2e_batch))]
             if not recorder.fits(f"decode {decode} {mode} {workers}",
                                  len(images) / (100 * workers) + 2):
+                continue
+            if mode == "feed":
+                recorder.emit("decode", mode=mode, decode=decode, workers=workers,
+                              images=len(images), **feed_rate(images, config, decode, workers,
+                                                              profile.e2e_batch))
                 continue
             chunks = [images[start::4 * workers] for start in range(4 * workers)]
             pool = (concurrent.futures.ThreadPoolExecutor(workers) if mode == "threads" else
@@ -534,11 +558,46 @@ def decode_scaling(paths: list[str], config: Any, profile: Profile,
             with pool:
                 list(pool.map(_decode_paths, [[path] for path in images[:workers]], configs,
                               decodes))
+                host_cpu = host_cpu_seconds()
                 _, seconds = timed(lambda: list(pool.map(_decode_paths, chunks, configs,
                                                          decodes)))
             recorder.emit("decode", mode=mode, decode=decode, workers=workers,
                           images=len(images), seconds=seconds,
-                          images_per_second=len(images) / seconds)
+                          images_per_second=len(images) / seconds,
+                          **host_cpu_use(host_cpu, len(images), seconds))
+
+
+def feed_rate(paths: list[str], config: Any, decode: str, workers: int,
+              batch: int) -> dict[str, Any]:
+    """The captioning feed alone (``feed.batches`` on ``workers`` decode processes, batches
+    released as soon as they arrive, no device): the pipelines' host side without their
+    device loop. ``start_seconds``: entering the feed (starting its processes) to the first
+    batch; the rate and the host's CPU count from there on, as the rows above count from
+    warmed-up workers."""
+    from flax_captioner import feed
+    from flax_captioner.preprocess import ImageDecoding
+    from flax_captioner.sources import InputItem
+
+    options = decode_options(decode)
+    decoding = ImageDecoding(fast=options["fast_decode"],
+                             device_resize=options["resize_on_device"],
+                             jpeg_decoder=options["jpeg_decoder"])
+    items = [InputItem(index, path) for index, path in enumerate(paths)]
+    started = time.perf_counter()
+    first = host_cpu = None
+    images = 0
+    with feed.batches(items, config, batch, num_threads=workers, decoding=decoding,
+                      decode_processes=True) as batches:
+        for decoded in batches:
+            if first is None:
+                first, host_cpu = time.perf_counter(), host_cpu_seconds()
+            else:
+                images += decoded.num_decoded
+            decoded.release()
+    seconds = time.perf_counter() - first
+    return {"start_seconds": first - started, "seconds": seconds,
+            "images_per_second": images / seconds if images else None,
+            **host_cpu_use(host_cpu, max(images, 1), seconds)}
 
 
 WORKER_FUNCTIONS = {"parity": run_parity, "torch_throughput": run_torch_throughput,
