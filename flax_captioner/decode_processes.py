@@ -31,8 +31,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import numpy as np
@@ -58,10 +59,17 @@ def use_processes(workers: int) -> bool:
     return workers > THREADS_UP_TO
 
 
-class DecodeProcesses:
-    """``workers`` decoding processes, each with a pipe and a shared-memory pixel slot.
+# Images each process holds at once, each over a channel (a pipe and a slot) of its own: while
+# the caller takes one image's pixels and sends the next, the process decodes the other
+# instead of waiting on the caller's threads.
+CHANNELS_PER_PROCESS = 2
 
-    ``decode`` may be called from up to ``workers`` threads at once; each call has a process
+
+class DecodeProcesses:
+    """``workers`` decoding processes, each serving ``CHANNELS_PER_PROCESS`` channels (a pipe
+    and a shared-memory pixel slot each).
+
+    ``decode`` may be called from up to ``channels`` threads at once; each call has a channel
     to itself. ``close`` ends the processes and frees the shared memory. A process reports an
     image that converting to RGB clips with its answer, and the calling thread hands that
     report to ``on_clipped`` (a run's ``ClippingWarning``: one warning per run, not per
@@ -71,67 +79,74 @@ class DecodeProcesses:
     def __init__(self, workers: int, config: PreprocessConfig, decoding: ImageDecoding, *,
                  on_clipped: OnClipped | None = None):
         self._on_clipped = on_clipped
+        self.channels = workers * CHANNELS_PER_PROCESS
         height, width = config.size
         # do_resize=False leaves each image its own size: its pixels travel through the pipe.
         slot_bytes = (CANVAS_SIDES[-1] ** 2 * 3 if decoding.device_resize
                       else 3 * height * width * 4 if config.do_resize else 0)
-        memory_bytes = max(workers * slot_bytes, 1)
+        memory_bytes = max(self.channels * slot_bytes, 1)
         # In memory where there is a memory file system (/dev/shm), unlinked at once.
         with tempfile.TemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None,
                                     prefix="flax-captioner-decode-") as memory_file:
             memory_file.truncate(memory_bytes)
             self._memory = mmap.mmap(memory_file.fileno(), memory_bytes)
-            self._slots = _slots(self._memory, workers, slot_bytes)
-            self._connections: list[Connection] = []
+            self._slots = _slots(self._memory, self.channels, slot_bytes)
+            # Channel c belongs to process c % workers: the first ``workers`` channels taken
+            # are on distinct processes.
+            self._connections: list[Connection] = [None] * self.channels  # type: ignore
             self._processes: list[subprocess.Popen] = []
             for worker in range(workers):
-                ours, theirs = socket.socketpair()
-                with theirs:
-                    self._processes.append(_start_worker(theirs.fileno(),
-                                                         memory_file.fileno()))
-                connection = Connection(ours.detach())
-                connection.send((memory_bytes, workers, slot_bytes, worker, config, decoding))
-                self._connections.append(connection)
+                channels = range(worker, self.channels, workers)
+                pairs = [socket.socketpair() for _ in channels]
+                self._processes.append(_start_worker([theirs.fileno() for _, theirs in pairs],
+                                                     memory_file.fileno()))
+                for channel, (ours, theirs) in zip(channels, pairs):
+                    theirs.close()
+                    connection = Connection(ours.detach())
+                    connection.send((memory_bytes, self.channels, slot_bytes, channel, config,
+                                     decoding))
+                    self._connections[channel] = connection
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
-        for worker in range(workers):
-            self._idle.put(worker)
+        for channel in range(self.channels):
+            self._idle.put(channel)
         self._broken: str | None = None
 
-    def decode(self, source: Any, name: str | None) -> np.ndarray:
+    def decode(self, source: Any, name: str | None) -> tuple[np.ndarray, float]:
         """``decode_function(decoding)(source, config, name=name, decoding=decoding)`` on a
         worker process, with the pool's ``config`` and ``decoding``: float32[3, H, W]
-        (uint8[h, w, 3] with ``decoding.device_resize``).
+        (uint8[h, w, 3] with ``decoding.device_resize``), and the seconds the process spent
+        on it.
 
         Raises:
           ImageReadError: as ``load_and_preprocess_one``.
           CaptionerError: a worker process died; it names the image that process was
             decoding, and every later call raises it too (the pool cannot go on).
         """
-        worker = self._idle.get()
+        channel = self._idle.get()
         while_doing = f"before it got {name}"
         try:
             if self._broken is not None:
                 raise CaptionerError(self._broken)
-            connection = self._connections[worker]
+            connection = self._connections[channel]
             try:
                 connection.send((source, name))  # a source that does not pickle raises here
                 while_doing = f"while decoding {name}"
-                kind, value, clipped = connection.recv()
+                kind, value, clipped, seconds = connection.recv()
             except (EOFError, OSError):
-                self._broken = (f"a decoding process {_ending(self._processes[worker])} "
-                                f"{while_doing}")
+                process = self._processes[channel % len(self._processes)]
+                self._broken = f"a decoding process {_ending(process)} {while_doing}"
                 raise CaptionerError(self._broken) from None
         finally:
-            self._idle.put(worker)
+            self._idle.put(channel)
         if clipped is not None and self._on_clipped is not None:
             self._on_clipped(*clipped)
         if kind == "error":
             raise value
         if kind == "pixels":  # larger than a slot: sent whole
-            return value
+            return value, seconds
         shape, dtype = value
         size = math.prod(shape) * np.dtype(dtype).itemsize
-        return self._slots[worker, :size].view(dtype).reshape(shape).copy()
+        return self._slots[channel, :size].view(dtype).reshape(shape).copy(), seconds
 
     def close(self) -> None:
         for connection in self._connections:
@@ -153,17 +168,24 @@ class DecodeProcesses:
 # A worker: this module on an interpreter of its own, with the caller's import path.
 _WORKER_MAIN = ("import sys; sys.path[:] = sys.argv[3:]; "
                 "from flax_captioner.decode_processes import _serve; "
-                "_serve(int(sys.argv[1]), int(sys.argv[2]))")
+                "_serve([int(fd) for fd in sys.argv[1].split(',')], int(sys.argv[2]))")
 
 
-def _start_worker(connection_fd: int, memory_fd: int) -> subprocess.Popen:
-    """A worker process serving the pipe ``connection_fd`` with the memory file ``memory_fd``.
-    In a session of its own, so a terminal's Ctrl-C reaches the caller only (which ends the
-    workers by closing their pipes)."""
+# glibc's allocator in a worker: images up to 32 MB come from the heap, whose top stays
+# mapped, instead of fresh pages the kernel zeroes for every image (which left decoding to
+# the luck of how allocations interleave; docs/performance.md, "Decode processes vs threads").
+_WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20)}
+
+
+def _start_worker(connection_fds: list[int], memory_fd: int) -> subprocess.Popen:
+    """A worker process serving the pipes ``connection_fds`` with the memory file
+    ``memory_fd``. In a session of its own, so a terminal's Ctrl-C reaches the caller only
+    (which ends the workers by closing their pipes)."""
     return subprocess.Popen(
-        [sys.executable, "-c", _WORKER_MAIN, str(connection_fd), str(memory_fd), *sys.path],
-        pass_fds=(connection_fd, memory_fd), stdin=subprocess.DEVNULL,
-        start_new_session=True)
+        [sys.executable, "-c", _WORKER_MAIN, ",".join(map(str, connection_fds)),
+         str(memory_fd), *sys.path],
+        pass_fds=(*connection_fds, memory_fd), stdin=subprocess.DEVNULL,
+        start_new_session=True, env={**os.environ, **_WORKER_MALLOC})
 
 
 def _ending(process: subprocess.Popen) -> str:
@@ -177,45 +199,63 @@ def _ending(process: subprocess.Popen) -> str:
     return f"ended abruptly (exit status {process.returncode})"
 
 
-def _slots(memory: mmap.mmap, workers: int, slot_bytes: int) -> np.ndarray:
-    """The pool's shared memory as both sides see it: uint8[workers, slot_bytes]."""
-    return np.ndarray((workers, slot_bytes), np.uint8, buffer=memory)
+def _slots(memory: mmap.mmap, channels: int, slot_bytes: int) -> np.ndarray:
+    """The pool's shared memory as both sides see it: uint8[channels, slot_bytes]."""
+    return np.ndarray((channels, slot_bytes), np.uint8, buffer=memory)
 
 
-def _serve(connection_fd: int, memory_fd: int) -> None:
-    """A worker process (``_WORKER_MAIN``): takes its memory size, slot and preprocessing from
-    the first message, then decodes each (source, name) it receives into slot ``worker`` and
-    answers ("shape", (shape, dtype), clipped), ("pixels", pixels, clipped) when they do not
-    fit the slot, or ("error", the exception, None); ``clipped`` is None, or the (name, mode,
+def _serve(connection_fds: list[int], memory_fd: int) -> None:
+    """A worker process (``_WORKER_MAIN``): takes each channel's memory size, slot and
+    preprocessing from its first message, then, one image at a time from whichever channel has
+    one, decodes each (source, name) into that channel's slot and answers ("shape", (shape,
+    dtype), clipped, seconds), ("pixels", pixels, clipped, seconds) when they do not fit the
+    slot, or ("error", the exception, None, seconds); ``clipped`` is None, or the (name, mode,
     low, high) of an image that converting to RGB clips, for the caller's ``on_clipped``.
-    Ends on None or when the pipe closes."""
-    connection = Connection(connection_fd)
-    try:
-        memory_bytes, workers, slot_bytes, worker, config, decoding = connection.recv()
-    except EOFError:  # the caller has gone before the first message
-        return
-    memory = mmap.mmap(memory_fd, memory_bytes)
+    A channel ends on None or when its pipe closes; the process, when all have."""
+    slots: dict[Connection, tuple[np.ndarray, PreprocessConfig, ImageDecoding]] = {}
+    memory = None
+    for fd in connection_fds:
+        connection = Connection(fd)
+        try:
+            memory_bytes, channels, slot_bytes, channel, config, decoding = connection.recv()
+        except EOFError:  # the caller has gone before the first message
+            continue
+        if memory is None:
+            memory = mmap.mmap(memory_fd, memory_bytes)
+        slots[connection] = _slots(memory, channels, slot_bytes)[channel], config, decoding
     os.close(memory_fd)
-    slot = _slots(memory, workers, slot_bytes)[worker]
-    decode = decode_function(decoding)
-    try:
-        while (request := connection.recv()) is not None:
-            source, name = request
-            clipped = []
+    while slots:
+        for connection in wait(list(slots)):
             try:
-                pixels = decode(source, config, name=name, decoding=decoding,
-                                on_clipped=lambda *report: clipped.append(report))
-            except Exception as error:  # raised again by the calling thread
-                connection.send(("error", error, None))
+                request = connection.recv()
+            except EOFError:  # the caller has gone
+                request = None
+            if request is None:
+                del slots[connection]
+                connection.close()
                 continue
-            report = clipped[0] if clipped else None
-            if pixels.nbytes > slot.size:
-                connection.send(("pixels", pixels, report))
-            else:
-                slot[:pixels.nbytes] = np.ascontiguousarray(pixels).reshape(-1).view(np.uint8)
-                connection.send(("shape", (pixels.shape, pixels.dtype.str), report))
-    except EOFError:  # the caller has gone
-        pass
-    finally:
-        del slot
-        memory.close()
+            slot, config, decoding = slots[connection]
+            connection.send(_decode_into(slot, request, config, decoding))
+
+
+def _decode_into(slot: np.ndarray, request: tuple[Any, str | None], config: PreprocessConfig,
+                 decoding: ImageDecoding) -> tuple[str, Any, Any, float]:
+    """One request's answer (``_serve``), its pixels written into ``slot`` where they fit."""
+    source, name = request
+    started = time.perf_counter()
+    clipped = []
+    # Preprocessed pixels go straight into the slot; decoded ones are PIL's array, copied.
+    into = ({} if decoding.device_resize or not config.do_resize else
+            {"out": slot.view(np.float32).reshape(3, *config.size)})
+    try:
+        pixels = decode_function(decoding)(source, config, name=name, decoding=decoding,
+                                           on_clipped=lambda *report: clipped.append(report),
+                                           **into)
+    except Exception as error:  # raised again by the calling thread
+        return "error", error, None, time.perf_counter() - started
+    report = clipped[0] if clipped else None
+    if pixels.nbytes > slot.size:
+        return "pixels", pixels, report, time.perf_counter() - started
+    if not into:
+        slot[:pixels.nbytes] = np.ascontiguousarray(pixels).reshape(-1).view(np.uint8)
+    return "shape", (pixels.shape, pixels.dtype.str), report, time.perf_counter() - started

@@ -61,7 +61,8 @@ class Batch:
         a ``resize.Canvases`` of those P images instead, which ``Generator.dispatch`` takes
         alike.
       num_decoded: G, the decoded images (0 when every item of a last batch failed).
-      decode_seconds: decode-thread time spent on these items.
+      decode_seconds: time spent decoding these items (by the decode threads, or by the
+        processes they hand them to).
       recycle: gives ``pixel_values``' memory back to the feed (``release``); None once
         released, and for a batch without pixels.
     """
@@ -111,16 +112,18 @@ class _BatchBuffers:
 def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig, *,
                 decoding: ImageDecoding = ImageDecoding(),
                 processes: DecodeProcesses | None = None,
-                on_clipped: OnClipped | None = None) -> np.ndarray:
+                on_clipped: OnClipped | None = None) -> tuple[np.ndarray, float]:
     """float32[3, H, W] of one item (``decoding.device_resize``: its uint8[h, w, 3] pixels,
-    ``preprocess.load_decoded_one``): ``encoded`` (its stream or fetched bytes, already read),
-    its in-memory ``data``, or the file or URL at ``item.name``; decoded on ``processes``
-    when given (with the ``config``, ``decoding`` and ``on_clipped`` the pool was built
-    with). ``on_clipped`` as in ``preprocess.load_image``. Safe to call from many threads.
+    ``preprocess.load_decoded_one``) and the seconds its decoding took: ``encoded`` (its
+    stream or fetched bytes, already read), its in-memory ``data``, or the file or URL at
+    ``item.name``; decoded on ``processes`` when given (with the ``config``, ``decoding`` and
+    ``on_clipped`` the pool was built with; the seconds are then the process's). ``on_clipped``
+    as in ``preprocess.load_image``. Safe to call from many threads.
 
     Raises:
       ImageReadError: naming ``item.name`` and the cause.
     """
+    started = time.perf_counter()
     source = encoded if encoded is not None else item.data
     if source is None and storage.is_remote(item.name):  # an item built without ``fetch``
         source = storage.fetcher(item.name)()
@@ -128,8 +131,9 @@ def decode_item(item: InputItem, encoded: bytes | None, config: PreprocessConfig
         source = storage.local_path(item.name)
     if processes is not None:
         return processes.decode(source, item.name)
-    return decode_function(decoding)(source, config, name=item.name, decoding=decoding,
-                                     on_clipped=on_clipped)
+    pixels = decode_function(decoding)(source, config, name=item.name, decoding=decoding,
+                                       on_clipped=on_clipped)
+    return pixels, time.perf_counter() - started
 
 
 def decode_threads(num_threads: int | None) -> int:
@@ -191,7 +195,9 @@ def batches(items: Iterable[InputItem], config: PreprocessConfig, batch_size: in
         if decode_processes:  # closed after the threads that use it have stopped
             processes = DecodeProcesses(threads, config, decoding, on_clipped=clipping)
             stack.callback(processes.close)
-        executor = concurrent.futures.ThreadPoolExecutor(threads, "flax-captioner-decode")
+        # A thread per channel of the processes: each waits on its own image.
+        executor = concurrent.futures.ThreadPoolExecutor(
+            threads if processes is None else processes.channels, "flax-captioner-decode")
         stack.callback(executor.shutdown, cancel_futures=True)
         decode = functools.partial(_decode_timed, config=config, decoding=decoding,
                                    processes=processes, on_clipped=clipping)
@@ -205,12 +211,11 @@ def _decode_timed(item: InputItem, encoded: bytes | None, *, config: PreprocessC
                   on_clipped: OnClipped) -> Decoded:
     started = time.perf_counter()
     try:
-        pixels = decode_item(item, encoded, config, decoding=decoding, processes=processes,
-                             on_clipped=on_clipped)
-        error = None
-    except ImageReadError as read_error:
-        pixels, error = None, read_error
-    return pixels, error, time.perf_counter() - started
+        pixels, seconds = decode_item(item, encoded, config, decoding=decoding,
+                                      processes=processes, on_clipped=on_clipped)
+        return pixels, None, seconds
+    except ImageReadError as error:
+        return None, error, time.perf_counter() - started
 
 
 def _submit(executor: concurrent.futures.Executor, item: InputItem,

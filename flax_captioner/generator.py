@@ -161,7 +161,12 @@ def image_keys(rng: jax.Array | None, first_index: int, count: int) -> np.ndarra
         if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
             rng = jax.random.key_data(rng)
         indices = np.arange(first_index, first_index + count, dtype=np.uint32)
-        return np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices))
+        return np.asarray(_fold_in_each(rng, indices))
+
+
+# Compiled once per batch size: run op by op, the vmap was traced again for every batch, on the
+# thread that feeds the devices.
+_fold_in_each = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
 
 
 def enable_compilation_cache(path: str | os.PathLike) -> None:

@@ -47,7 +47,8 @@ class PipelineStats:
       errors: error rows written in this run (unreadable images, damaged tar shards).
       resumed: rows already in the output from earlier runs, skipped.
       wall_seconds: the run, from the first input read to the last row flushed.
-      decode_seconds: image decoding + preprocessing, summed over the decoding threads.
+      decode_seconds: image decoding + preprocessing, summed over the decoding threads (or
+        the processes they hand images to).
       device_seconds: time the device loop spent on the model: dispatching batches (their
         pixels copied to the devices) and waiting for their outputs, compilation excluded.
         A batch also runs while the loop reads the next one and writes the rows of the one

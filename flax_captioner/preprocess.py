@@ -373,21 +373,27 @@ def preprocess(images: Sequence[Image.Image], config: PreprocessConfig) -> np.nd
 def load_and_preprocess_one(source: ImageSource, config: PreprocessConfig, *,
                             name: str | None = None,
                             decoding: ImageDecoding = ImageDecoding(),
-                            on_clipped: OnClipped | None = None) -> np.ndarray:
+                            on_clipped: OnClipped | None = None,
+                            out: np.ndarray | None = None) -> np.ndarray:
     """``load_image`` then ``preprocess`` for one image; safe to call from many threads at once
     (``feed`` runs it on its decode threads). ``on_clipped`` as in ``load_image``.
 
+    Args:
+      out: float32 [3, H, W] to write the pixel values into (a decode process's shared slot:
+        no array per image, whose fresh pages the kernel would zero); None: a new array.
+
     Returns:
-      float32 [3, H, W].
+      float32 [3, H, W]: ``out`` when given.
 
     Raises:
       ImageReadError: see ``load_image``.
     """
     image = _load_for(source, config, name, decoding, on_clipped)
     height, width = config.size if config.do_resize else (image.height, image.width)
-    pixel_values = np.empty((3, height, width), np.float32)
-    _pixel_values_into(image, config, pixel_lut(config), pixel_values)
-    return pixel_values
+    if out is None or out.shape != (3, height, width) or out.dtype != np.float32:
+        out = np.empty((3, height, width), np.float32)
+    _pixel_values_into(image, config, pixel_lut(config), out)
+    return out
 
 
 def load_decoded_one(source: ImageSource, config: PreprocessConfig, *,
