@@ -93,7 +93,7 @@ class DecodeProcesses:
             self._slots = _slots(self._memory, self.channels, slot_bytes)
             # Channel c belongs to process c % workers: the first ``workers`` channels taken
             # are on distinct processes.
-            self._connections: list[Connection] = [None] * self.channels  # type: ignore
+            connections: dict[int, Connection] = {}
             self._processes: list[subprocess.Popen] = []
             for worker in range(workers):
                 channels = range(worker, self.channels, workers)
@@ -102,10 +102,10 @@ class DecodeProcesses:
                                                      memory_file.fileno()))
                 for channel, (ours, theirs) in zip(channels, pairs):
                     theirs.close()
-                    connection = Connection(ours.detach())
-                    connection.send((memory_bytes, self.channels, slot_bytes, channel, config,
-                                     decoding))
-                    self._connections[channel] = connection
+                    connections[channel] = Connection(ours.detach())
+                    connections[channel].send((memory_bytes, self.channels, slot_bytes,
+                                               channel, config, decoding))
+            self._connections = [connections[channel] for channel in range(self.channels)]
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         for channel in range(self.channels):
             self._idle.put(channel)
