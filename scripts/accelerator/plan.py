@@ -30,12 +30,13 @@ NUM_BEAMS, MAX_LENGTH = 4, 16
 # (--jpeg-decoder), "fast" decodes JPEGs at reduced scale (--fast-decode).
 PIPELINES = (("exact", "threads"), ("exact", "processes"), ("device-resize", "processes"),
              ("device-resize-nvimagecodec", "processes"), ("fast", "processes"))
-# The host's decode scaling rows, (workers' kind, decode); "decode-only" is what the host does
-# for the device-resize pipelines; "feed" is the captioning feed on decode processes, without
-# the device: what the host side of a pipeline gives by itself.
-DECODE_SCALING = (("threads", "exact"), ("processes", "exact"), ("processes", "decode-only"),
-                  ("processes", "decode-only-nvimagecodec"), ("threads", "fast"),
-                  ("feed", "exact"), ("feed", "decode-only"))
+# The host's decode scaling rows, (workers' kind, decode), in the order they run (a short
+# budget drops the last): "feed" is the captioning feed on decode processes without the
+# device, what the host side of a pipeline gives by itself, beside the processes decoding
+# alone; "decode-only" is what the host does for the device-resize pipelines.
+DECODE_SCALING = (("processes", "exact"), ("feed", "exact"), ("feed", "decode-only"),
+                  ("threads", "exact"), ("processes", "decode-only"),
+                  ("processes", "decode-only-nvimagecodec"), ("threads", "fast"))
 
 
 def decode_options(decode: str) -> dict[str, Any]:
