@@ -183,7 +183,7 @@ def _start_worker(connection_fds: list[int], memory_fd: int) -> subprocess.Popen
     (which ends the workers by closing their pipes)."""
     return subprocess.Popen(
         [sys.executable, "-c", _WORKER_MAIN, ",".join(map(str, connection_fds)),
-         str(memory_fd), *sys.path],
+         str(memory_fd), *(entry for entry in sys.path if isinstance(entry, str))],
         pass_fds=(*connection_fds, memory_fd), stdin=subprocess.DEVNULL,
         start_new_session=True, env={**os.environ, **_WORKER_MALLOC})
 
