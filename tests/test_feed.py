@@ -8,6 +8,8 @@ import itertools
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -326,6 +328,42 @@ def test_decoding_processes_that_die_together_each_name_their_image():
     assert sorted(messages) == [
         "a decoding process ended abruptly (exit status 1) while decoding a",
         "a decoding process ended abruptly (exit status 1) while decoding b"], messages
+
+
+def test_decode_processes_import_with_the_callers_path(tmp_path, monkeypatch):
+    # A source whose class lives in a module that only the caller's import path reaches (set
+    # at run time, not through PYTHONPATH): the processes unpickle it with that path. Each
+    # process is a fresh interpreter, and nothing of the caller's main script is run again.
+    (tmp_path / "caller_only_module.py").write_text("class Encoded(bytes):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import caller_only_module
+
+    processes = DecodeProcesses(1, CONFIG, ImageDecoding())
+    try:
+        pixels, seconds = processes.decode(caller_only_module.Encoded(png_bytes(0)), "encoded")
+    finally:
+        processes.close()
+    np.testing.assert_array_equal(pixels, load_and_preprocess_one(png_bytes(0), CONFIG))
+    assert seconds > 0
+
+
+def test_a_script_decodes_in_processes_without_a_main_guard(tmp_path):
+    # Its work at the top level, as a first script is written: the processes do not run it
+    # again (multiprocessing's spawn and forkserver children would, and fail).
+    png = tmp_path / "image.png"
+    png.write_bytes(png_bytes(0))
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "from flax_captioner import feed\n"
+        "from flax_captioner.preprocess import PreprocessConfig\n"
+        "from flax_captioner.sources import InputItem\n"
+        f"items = [InputItem(index, {str(png)!r}) for index in range(6)]\n"
+        "with feed.batches(items, PreprocessConfig(size=(4, 4)), 3, num_threads=2,\n"
+        "                  decode_processes=True) as batches:\n"
+        "    print('decoded', sum(batch.num_decoded for batch in batches))\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "decoded 6\n", "")
 
 
 def test_decode_processes_leave_no_shared_memory_behind(tmp_path):
