@@ -509,18 +509,24 @@ def pipeline_rates(stats: Any, images: int) -> dict[str, Any]:
     return row
 
 
+def image_decoding(decode: str) -> Any:
+    """The ``preprocess.ImageDecoding`` of a ``PIPELINES`` or ``DECODE_SCALING`` decode name
+    (``decode_options``), for the rows that use the feed or the decode functions directly."""
+    from flax_captioner.preprocess import ImageDecoding
+
+    options = decode_options(decode)
+    return ImageDecoding(fast=options["fast_decode"], device_resize=options["resize_on_device"],
+                         jpeg_decoder=options["jpeg_decoder"])
+
+
 def _decode_paths(paths: list[str], config: Any, decode: str) -> int:
     """Decodes ``paths`` in a worker as the feed's ``decode`` path does ("exact", "fast": and
     preprocesses; "decode-only...": what is left to the host when the program resizes);
     returns the bytes produced (the pixels stay in the worker: shipping them back would
     measure pickling, not decoding)."""
     from flax_captioner.decode_processes import decode_function
-    from flax_captioner.preprocess import ImageDecoding
 
-    options = decode_options(decode)
-    decoding = ImageDecoding(fast=options["fast_decode"],
-                             device_resize=options["resize_on_device"],
-                             jpeg_decoder=options["jpeg_decoder"])
+    decoding = image_decoding(decode)
     return sum(decode_function(decoding)(path, config, decoding=decoding).nbytes
                for path in paths)
 
@@ -575,13 +581,9 @@ def feed_rate(paths: list[str], config: Any, decode: str, workers: int,
     batch; the rate and the host's CPU count from there on, as the rows above count from
     warmed-up workers."""
     from flax_captioner import feed
-    from flax_captioner.preprocess import ImageDecoding
     from flax_captioner.sources import InputItem
 
-    options = decode_options(decode)
-    decoding = ImageDecoding(fast=options["fast_decode"],
-                             device_resize=options["resize_on_device"],
-                             jpeg_decoder=options["jpeg_decoder"])
+    decoding = image_decoding(decode)
     items = [InputItem(index, path) for index, path in enumerate(paths)]
     started = time.perf_counter()
     first = host_cpu = None
